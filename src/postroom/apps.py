@@ -1,0 +1,91 @@
+"""App credentials: what an application uses to hand mail in (SMTP AUTH user + secret).
+
+Secrets are shown once at creation and stored argon2id-hashed. Verifications that succeeded
+are remembered briefly (keyed by a SHA-256 of the secret, never the secret) so a client that
+authenticates on every connection does not pay argon2's deliberate cost each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from postroom.exceptions import MessageError
+from postroom.store.schema import apps
+
+NAME_RULE = "1-64 characters: letters, digits, '.', '_', '-', '@'"
+_CACHE_TTL = 300.0
+_hasher = PasswordHasher()  # argon2id, library defaults (RFC 9106 recommendations)
+
+
+def _check_name(name: str) -> None:
+    ok = 1 <= len(name) <= 64 and all(c.isalnum() or c in "._-@" for c in name) and name.isascii()
+    if not ok:
+        raise MessageError(f"invalid app name {name!r}: {NAME_RULE}", code="app.name")
+
+
+class Apps:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._ok: dict[str, tuple[bytes, float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> str:
+        """Create an app; returns its secret (the only time it is visible)."""
+        _check_name(name)
+        secret = secrets.token_urlsafe(24)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(apps).values(
+                        name=name, secret_hash=_hasher.hash(secret), created_at=time.time()
+                    )
+                )
+        except IntegrityError as err:
+            raise MessageError(
+                f"an app named {name!r} exists; remove it first or pick another name",
+                code="app.exists",
+            ) from err
+        return secret
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            self._ok.pop(name, None)
+        with self.engine.begin() as conn:
+            return bool(conn.execute(delete(apps).where(apps.c.name == name)).rowcount)
+
+    def list(self) -> list[dict[str, object]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(apps.c.name, apps.c.created_at, apps.c.last_used_at).order_by(apps.c.name)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def verify(self, name: str, secret: str) -> bool:
+        digest = hashlib.sha256(f"{name}\0{secret}".encode()).digest()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._ok.get(name)
+        if hit is not None and hit[1] > now and secrets.compare_digest(hit[0], digest):
+            return True
+        with self.engine.connect() as conn:
+            stored = conn.execute(select(apps.c.secret_hash).where(apps.c.name == name)).scalar()
+        if stored is None:
+            _hasher.hash(secret)  # same cost as a real check: no user enumeration by timing
+            return False
+        try:
+            _hasher.verify(stored, secret)
+        except (VerificationError, InvalidHashError):
+            return False
+        with self._lock:
+            self._ok[name] = (digest, now + _CACHE_TTL)
+        with self.engine.begin() as conn:
+            conn.execute(update(apps).where(apps.c.name == name).values(last_used_at=time.time()))
+        return True

@@ -1,0 +1,104 @@
+"""First run: the commented configuration file, the data folder, a self-signed certificate."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+CONFIG_TEMPLATE = '''\
+# postroom.toml — written by Postroom on first run. Every key is optional; the values shown
+# commented out are the defaults. Environment variables override this file:
+# POSTROOM_SERVER__SMTP_LISTEN=127.0.0.1:2600, POSTROOM_DELIVERY__CONCURRENCY=20, ...
+
+[server]
+# data_dir = "postroom-data"            # database, encryption key, certificate (relative to this file)
+# database = ""                         # default sqlite:///<data_dir>/postroom.db
+# smtp_listen = "127.0.0.1:2525"        # where apps hand mail in (STARTTLS offered)
+# smtps_listen = ""                     # optional implicit-TLS port, e.g. "127.0.0.1:4465"
+# hostname = "<this machine's name>"    # banner and EHLO name
+# tls_cert = ""                         # PEM certificate + key; default: self-signed in data_dir/tls
+# tls_key = ""
+# max_message_size = 36700160           # bytes; larger messages get 552
+# max_recipients = 1000                 # per message; more get 452
+# trusted_networks = ["127.0.0.1/32", "::1/128"]
+# trusted_without_auth = true           # trusted clients may send without AUTH; others must
+#                                       # authenticate (`postroom app add NAME`), over TLS
+# auth_failure_delay = 2.0              # seconds before answering a failed AUTH
+# max_auth_failures = 3                 # then the session is closed
+# worker = true                         # deliver from inside `postroom serve`
+
+[delivery]
+# concurrency = 10                      # messages delivered at once
+# min_backoff = 300                     # first retry after 5 min, doubling...
+# max_backoff = 4000                    # ...up to about 67 min between tries
+# max_lifetime = 432000                 # give up after 5 days
+# lease_seconds = 600                   # a crashed worker's mail is picked up after this
+
+# Add the provider you deliver through. Until a connection exists, mail is accepted and
+# kept in the queue; it is delivered once you add one and restart.
+#
+# [[connections]]
+# name = "primary"
+# transport = "smtp"
+# host = "smtp.example.com"
+# port = 587
+# security = "starttls"                 # none | starttls | smtps
+# auth = "plain"                        # none | auto | plain | login | cram-md5 | xoauth2 | oauthbearer
+# username = "me@example.com"
+# password_env = "PRIMARY_PASSWORD"     # or password_file = "/run/secrets/smtp",
+#                                       # or `postroom connection set-password primary`
+# ca_file = "/etc/ssl/my-ca.pem"        # a private CA; verification is always on unless
+#                                       # tls_verify = false
+'''
+
+
+def write_config_template(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(CONFIG_TEMPLATE)
+
+
+def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
+    """Make a self-signed certificate for STARTTLS if there is none. True if made."""
+    if cert.exists() and key.exists():
+        return False
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [
+        x509.DNSName(hostname or "localhost"),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(pkey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(pkey, hashes.SHA256())
+    )
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            pkey.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return True

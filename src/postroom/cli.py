@@ -1,0 +1,400 @@
+"""The `postroom` command (Typer + Rich)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import getpass
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from postroom import settings as settings_mod
+from postroom.exceptions import ConfigError, MessageError, PostroomError
+
+app = typer.Typer(
+    help="Postroom: the mail room for your applications. Apps hand mail in; Postroom keeps it "
+    "safe, delivers it through your provider, logs every attempt and explains failures.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+apps_cli = typer.Typer(help="Credentials apps use to hand mail in (SMTP AUTH).",
+                       no_args_is_help=True)
+conn_cli = typer.Typer(help="Connections to your providers.", no_args_is_help=True)
+app.add_typer(apps_cli, name="app")
+app.add_typer(conn_cli, name="connection")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Configuration file (default: $POSTROOM_CONFIG or "
+                 "./postroom.toml)", show_default=False),
+]
+T = TypeVar("T")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _fail(err: PostroomError) -> None:
+    _console(stderr=True).print(f"[bold red]error[/] [dim]({err.code})[/]: {err.message}",
+                                markup=True, soft_wrap=True)
+    raise typer.Exit(2 if isinstance(err, ConfigError) else 1)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except PostroomError as err:
+        _fail(err)
+        raise  # unreachable: _fail exits
+
+
+def _instance(config: Path | None, *, create: bool = False) -> Any:
+    from postroom.runtime import Instance
+
+    return _guard(lambda: Instance(settings_mod.load(config, create=create)))
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+_STATUS_STYLE = {"sent": "green", "partial": "yellow", "deferred": "yellow", "failed": "red",
+                 "queued": "cyan", "sending": "cyan"}
+
+
+def _parse_since(value: str) -> float:
+    m = re.fullmatch(r"(\d+)([smhdw])", value.strip())
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        return time.time() - n * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError as err:
+        raise MessageError(f"--since {value!r}: use 30m, 2h, 7d or a date like 2026-11-21",
+                           code="cli.since") from err
+
+
+# -- long-running processes ------------------------------------------------------------------
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Accept mail over SMTP and deliver it (creates config, data, key and certificate on first
+    run)."""
+    from postroom.server import serve as run
+
+    cfg = settings_mod.config_path_from(config, __import__("os").environ)
+    created = not cfg.exists()
+    settings = _guard(lambda: settings_mod.load(config, create=True))
+    if created:
+        _console(stderr=True).print(f"created {cfg} (commented; add your provider there)")
+    _guard(lambda: asyncio.run(run(settings)))
+
+
+@app.command()
+def worker(config: ConfigOpt = None) -> None:
+    """Run a delivery worker alone, sharing the queue with `serve` (scale-out)."""
+    from postroom.server import work
+
+    settings = _guard(lambda: settings_mod.load(config))
+    _guard(lambda: asyncio.run(work(settings)))
+
+
+# -- sending ------------------------------------------------------------------------------
+def _deliver_now(inst: Any, msg_id: str) -> dict[str, Any]:
+    from postroom.queue.sql import worker_id
+    from postroom.queue.worker import Worker
+
+    async def go() -> dict[str, Any]:
+        transports = inst.transports()
+        w = Worker(inst.queue, transports, inst.settings.delivery, inst.default_connection)
+        try:
+            claimed = await inst.queue.claim(w.owner, 1, inst.settings.delivery.lease_seconds,
+                                             only=msg_id)
+            if not claimed:
+                raise MessageError(f"message {msg_id} is not waiting for delivery",
+                                   code="message.not_waiting")
+            return await w.deliver(claimed[0])
+        finally:
+            for t in transports.values():
+                await t.aclose()
+            await inst.queue.writer.aclose()
+
+    _ = worker_id
+    result: dict[str, Any] = _guard(lambda: asyncio.run(go()))
+    return result
+
+
+def _print_attempt(a: dict[str, Any]) -> None:
+    con = _console()
+    style = _STATUS_STYLE.get(a["outcome"], "white")
+    con.print(f"[bold]attempt[/] via [bold]{a['connection']}[/] {_when(a['started_at'])} "
+              f"({(a['ended_at'] - a['started_at']) * 1000:.0f} ms): [{style}]{a['outcome']}[/]")
+    if a.get("error_code"):
+        con.print(f"  error [dim]({a['error_code']})[/]: {a.get('reply_text') or ''}")
+    for rcpt, r in (a.get("recipients") or {}).items():
+        con.print(f"  {rcpt}: {r.get('code')} {r.get('reply', '')} → {r.get('state')}",
+                  markup=False)
+    if a.get("transcript"):
+        con.print("  [dim]transcript:[/]")
+        for line in a["transcript"].splitlines():
+            con.print(f"    {line}", markup=False, highlight=False)
+
+
+@app.command()
+def send(
+    to: Annotated[list[str] | None, typer.Option("--to", help="Recipient (repeat)")] = None,
+    sender: Annotated[str | None, typer.Option("--from", help="Sender address")] = None,
+    cc: Annotated[list[str] | None, typer.Option("--cc")] = None,
+    bcc: Annotated[list[str] | None, typer.Option("--bcc")] = None,
+    subject: Annotated[str, typer.Option("--subject", "-s")] = "",
+    text: Annotated[str | None, typer.Option("--text", help="Plain-text body")] = None,
+    html: Annotated[str | None, typer.Option("--html", help="HTML body")] = None,
+    attach: Annotated[list[Path] | None, typer.Option("--attach", help="File (repeat)")] = None,
+    connection: Annotated[str | None, typer.Option("--connection",
+                                                   help="Deliver through this connection")] = None,
+    now: Annotated[bool, typer.Option("--now", help="Deliver at once and show the transcript")]
+    = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Queue a message composed from flags, or raw MIME from stdin (with --to/--from)."""
+    from postroom.envelope import Envelope, validate_address
+    from postroom.message import compose
+
+    inst = _instance(config)
+    rcpts = [*(to or []), *(cc or []), *(bcc or [])]
+
+    def build() -> Envelope:
+        if not sender:
+            raise MessageError("--from is required", code="cli.from")
+        if not rcpts:
+            raise MessageError("give at least one --to, --cc or --bcc", code="cli.to")
+        for a in [sender, *rcpts]:
+            validate_address(a)
+        if text is None and html is None and not attach and not sys.stdin.isatty():
+            raw = sys.stdin.buffer.read()
+            raw = re.sub(rb"\r?\n", b"\r\n", raw)  # sendmail-style input: normalise to CRLF
+        else:
+            raw = compose(sender=sender, to=to or [], cc=cc or [], subject=subject, text=text,
+                          html=html, attachments=attach or [])
+        if connection:
+            inst.settings.connection(connection)
+        return Envelope(sender, rcpts, raw, source="cli", connection=connection)
+
+    env = _guard(build)
+    msg_id = _guard(lambda: inst.queue.enqueue_sync(env))
+    _console().print(f"queued {msg_id}")
+    if now:
+        attempt = _deliver_now(inst, msg_id)
+        _print_attempt(attempt)
+        if attempt["outcome"] != "sent":
+            raise typer.Exit(1)
+
+
+@app.command()
+def test(
+    connection: Annotated[str, typer.Argument(help="Connection name")],
+    to: Annotated[str, typer.Option("--to", help="Where the test message goes")],
+    sender: Annotated[str | None, typer.Option("--from", help="Sender (default: the "
+                                                "connection's username)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Send a test message through CONNECTION now and show the transcript."""
+    from postroom.envelope import Envelope, validate_address
+    from postroom.message import compose
+
+    inst = _instance(config)
+    conn = _guard(lambda: inst.settings.connection(connection))
+    frm = sender or getattr(conn, "username", None) or f"postroom@{inst.settings.server.hostname}"
+
+    def build() -> Envelope:
+        validate_address(frm)
+        validate_address(to)
+        raw = compose(sender=frm, to=[to], subject=f"Postroom test via {connection}",
+                      text=f"This is a test message from Postroom through connection "
+                      f"{connection!r}. If you can read it, delivery works.\n")
+        return Envelope(frm, [to], raw, source="cli:test", connection=connection)
+
+    env = _guard(build)
+    msg_id = _guard(lambda: inst.queue.enqueue_sync(env))
+    attempt = _deliver_now(inst, msg_id)
+    _print_attempt(attempt)
+    if attempt["outcome"] != "sent":
+        raise typer.Exit(1)
+
+
+# -- the log ----------------------------------------------------------------------------------
+@app.command("log")
+def log_cmd(
+    status: Annotated[str | None, typer.Option(help="queued|sending|sent|partial|deferred|failed")]
+    = None,
+    to: Annotated[str | None, typer.Option("--to", help="Recipient contains")] = None,
+    sender: Annotated[str | None, typer.Option("--from", help="Sender contains")] = None,
+    since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or a date")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """List messages, newest first."""
+    from postroom.store.schema import STATUSES
+
+    if status and status not in STATUSES:
+        _fail(MessageError(f"--status {status!r}: use one of {', '.join(STATUSES)}",
+                           code="cli.status"))
+    inst = _instance(config)
+    since_ts = _guard(lambda: _parse_since(since)) if since else None
+    rows = _guard(lambda: inst.queue.search(status=status, to=to, sender=sender, since=since_ts,
+                                            limit=limit))
+    if as_json:
+        for r in rows:
+            print(json.dumps(r, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} message(s)", title_justify="left")
+    for col in ("id", "created", "status", "from", "to", "subject", "tries", "last error"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        style = _STATUS_STYLE.get(r["status"], "white")
+        table.add_row(r["id"][:12], _when(r["created_at"]), f"[{style}]{r['status']}[/]",
+                      r["sender"] or "<>", ", ".join(r["recipients"]), r["subject"],
+                      str(r["attempt_count"]), (r["last_error"] or "")[:80])
+    _console().print(table)
+
+
+@app.command()
+def show(
+    msg_id: Annotated[str, typer.Argument(metavar="ID", help="Message id (or a unique prefix)")],
+    raw: Annotated[bool, typer.Option("--raw", help="Print the MIME message as stored")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """A message with its recipients, attempts and transcripts."""
+    inst = _instance(config)
+    m = _guard(lambda: inst.queue.get(msg_id))
+    if m is None:
+        _fail(MessageError(f"no message {msg_id!r}; list them with `postroom log`",
+                           code="message.unknown"))
+    if raw:
+        sys.stdout.buffer.write(m["raw"] or b"")
+        return
+    if as_json:
+        m["raw"] = None if m["raw"] is None else m["raw"].decode("utf-8", "replace")
+        print(json.dumps(m, default=str, indent=2))
+        return
+    con = _console()
+    style = _STATUS_STYLE.get(m["status"], "white")
+    con.print(f"[bold]{m['id']}[/]  [{style}]{m['status']}[/]  queued {_when(m['created_at'])}"
+              f"  from {m['source']}")
+    con.print(f"Message-ID {m['message_id']}  Subject: {m['subject']}", markup=False)
+    con.print(f"envelope: <{m['sender']}> → {', '.join(m['recipients'])}  ({m['size']} bytes)",
+              markup=False)
+    for rcpt, st in m["rcpt_status"].items():
+        con.print(f"  {rcpt}: {st.get('state')} {st.get('code', '')} {st.get('reply', '')}",
+                  markup=False)
+    if m["status"] == "deferred":
+        con.print(f"next attempt {_when(m['next_attempt_at'])}")
+    for a in m["attempts"]:
+        _print_attempt(a)
+
+
+@app.command()
+def resend(
+    msg_id: Annotated[str, typer.Argument(metavar="ID")],
+    to: Annotated[list[str] | None, typer.Option("--to", help="Other recipient(s)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Queue a logged message again (as a new log entry), optionally to other recipients."""
+    from postroom.envelope import validate_address
+
+    inst = _instance(config)
+    for a in to or []:
+        _guard(lambda a=a: validate_address(a))
+    new_id = _guard(lambda: inst.queue.resend_sync(msg_id, to or None))
+    _console().print(f"queued {new_id} (copy of {msg_id})")
+
+
+# -- apps and connections -----------------------------------------------------------------------
+@apps_cli.command("add")
+def app_add(name: str, config: ConfigOpt = None) -> None:
+    """Create an app; prints its SMTP AUTH secret once."""
+    inst = _instance(config)
+    secret = _guard(lambda: inst.apps.add(name))
+    con = _console()
+    con.print(f"app [bold]{name}[/] created. SMTP AUTH username: {name}")
+    con.print(f"secret (shown only now): [bold]{secret}[/]")
+
+
+@apps_cli.command("list")
+def app_list(config: ConfigOpt = None) -> None:
+    """List apps."""
+    from rich.table import Table
+
+    inst = _instance(config)
+    table = Table("name", "created", "last used")
+    for a in _guard(inst.apps.list):
+        table.add_row(str(a["name"]), _when(a["created_at"]),  # type: ignore[arg-type]
+                      _when(a["last_used_at"]))  # type: ignore[arg-type]
+    _console().print(table)
+
+
+@apps_cli.command("remove")
+def app_remove(name: str, config: ConfigOpt = None) -> None:
+    """Remove an app: its credentials stop working at once."""
+    inst = _instance(config)
+    if not _guard(lambda: inst.apps.remove(name)):
+        _fail(MessageError(f"no app named {name!r}", code="app.unknown"))
+    _console().print(f"app {name} removed")
+
+
+@conn_cli.command("list")
+def conn_list(config: ConfigOpt = None) -> None:
+    """List configured connections."""
+    from rich.table import Table
+
+    settings = _guard(lambda: settings_mod.load(config))
+    table = Table("name", "transport", "server", "security", "auth")
+    for c in settings.connections:
+        host = getattr(c, "host", "-")
+        port = getattr(c, "effective_port", "")
+        table.add_row(c.name, c.transport, f"{host}:{port}" if port else str(host),
+                      getattr(c, "security", "-"), getattr(c, "effective_auth", "-"))
+    _console().print(table)
+
+
+@conn_cli.command("set-password")
+def conn_set_password(
+    name: str,
+    password_stdin: Annotated[bool, typer.Option("--stdin", help="Read it from stdin")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Store a connection's password encrypted in the database."""
+    inst = _instance(config)
+    _guard(lambda: inst.settings.connection(name))
+    if password_stdin:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    else:
+        secret = getpass.getpass(f"password for {name}: ")
+    if not secret:
+        _fail(MessageError("empty password; nothing stored", code="cli.password"))
+    _guard(lambda: inst.secrets.set(f"connection:{name}:password", secret))
+    _console().print(f"password for {name} stored encrypted")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Postroom's one exception tree.
+
+Every error Postroom raises is a :class:`PostroomError`. Each carries a stable ``code``
+(used in logs, the API, the CLI and the advice catalog) and ``permanent``: ``True`` means
+retrying the same thing cannot help (fail the message), ``False`` means a later try may
+succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``from err``.
+
+::
+
+    PostroomError
+    ├── ConfigError                  bad configuration value (names the key and the fix)
+    ├── StoreError                   the database failed
+    ├── MessageError                 a message or address we cannot accept as given
+    └── DeliveryError                one delivery attempt failed
+        ├── ConnectError             DNS, refused, unreachable, connect timeout
+        ├── TimeoutError_            the server stopped answering mid-session
+        ├── TLSError                 handshake or certificate verification failed
+        ├── AuthError                credentials rejected or mechanism unusable
+        ├── SenderRejected           MAIL FROM refused
+        ├── RecipientsRejected       every RCPT TO refused
+        ├── DataRejected             the message content refused after DATA
+        ├── ProtocolError            the server spoke something we do not understand
+        └── UnsupportedFeature       the message needs something the server lacks (SMTPUTF8)
+"""
+
+from __future__ import annotations
+
+
+class PostroomError(Exception):
+    """Base of every Postroom error."""
+
+    code: str = "error"
+    permanent: bool = True
+
+    def __init__(
+        self, message: str, *, code: str | None = None, permanent: bool | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if permanent is not None:
+            self.permanent = permanent
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(PostroomError):
+    """A configuration value is missing or wrong; the message says which key and the fix."""
+
+    code = "config"
+
+
+class StoreError(PostroomError):
+    """The message store (database) failed."""
+
+    code = "store"
+    permanent = False
+
+
+class MessageError(PostroomError):
+    """A message, address or header that cannot be accepted as given."""
+
+    code = "message.invalid"
+
+
+class DeliveryError(PostroomError):
+    """One delivery attempt failed. ``reply_code``/``reply_text`` hold the server's answer."""
+
+    code = "delivery"
+    permanent = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        permanent: bool | None = None,
+        reply_code: int | None = None,
+        reply_text: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, permanent=permanent)
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+        # Filled in by the transport: the session so far (secrets redacted), and whether
+        # the message data had been sent when it failed (an ambiguous outcome).
+        self.transcript = ""
+        self.after_data = False
+
+    @classmethod
+    def from_reply(
+        cls, what: str, reply_code: int, reply_text: str, *, code: str | None = None
+    ) -> DeliveryError:
+        """Build an error from an SMTP reply: 5xx is permanent, anything else transient."""
+        return cls(
+            f"{what}: {reply_code} {reply_text}",
+            code=code,
+            permanent=500 <= reply_code < 600,
+            reply_code=reply_code,
+            reply_text=reply_text,
+        )
+
+
+class ConnectError(DeliveryError):
+    code = "connect"
+
+
+class TimeoutError_(DeliveryError):  # noqa: N801 - avoid shadowing the builtin
+    code = "timeout"
+
+
+class TLSError(DeliveryError):
+    code = "tls"
+
+
+class AuthError(DeliveryError):
+    code = "auth"
+
+
+class SenderRejected(DeliveryError):
+    code = "sender.rejected"
+
+
+class RecipientsRejected(DeliveryError):
+    code = "recipients.rejected"
+
+
+class DataRejected(DeliveryError):
+    code = "data.rejected"
+
+
+class ProtocolError(DeliveryError):
+    code = "protocol"
+
+
+class UnsupportedFeature(DeliveryError):
+    code = "unsupported"
+    permanent = True

@@ -1,0 +1,239 @@
+"""The SMTP listener (aiosmtpd): validate, enqueue durably, answer. Nothing else.
+
+Policy, deny by default:
+- clients in ``trusted_networks`` may send without AUTH (when ``trusted_without_auth``);
+  everyone else must authenticate as an app first — never an open relay;
+- AUTH is only offered and accepted over TLS, except to loopback clients;
+- failed AUTH is answered after a delay, and the session is closed after a few failures;
+- bare CR or LF in DATA is refused (SMTP smuggling, as Postfix ``smtpd_forbid_bare_newline``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope as SmtpEnvelope, LoginPassword, Session
+
+from postroom.apps import Apps
+from postroom.envelope import Envelope, validate_address
+from postroom.exceptions import MessageError, PostroomError
+from postroom.queue.sql import Queue
+from postroom.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """True if ``data`` holds a CR not followed by LF or an LF not preceded by CR."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+
+
+class Policy:
+    def __init__(self, server: ServerSettings) -> None:
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in server.trusted_networks]
+        self.trusted_without_auth = server.trusted_without_auth
+        self.max_recipients = server.max_recipients
+        self.max_size = server.max_message_size
+        self.auth_failure_delay = server.auth_failure_delay
+        self.max_auth_failures = server.max_auth_failures
+
+    def is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        return ip is not None and any(ip in net for net in self.trusted)
+
+
+def _peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(peer[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+class PostroomSMTP(SMTP):  # type: ignore[misc]
+    """aiosmtpd's SMTP with per-peer policy decided when the client connects."""
+
+    def __init__(self, handler: Handler, *, implicit_tls: bool, **kw: Any) -> None:
+        super().__init__(handler, **kw)
+        self.policy = handler.policy
+        self.implicit_tls = implicit_tls
+        self.trusted = False
+        self.auth_failures = 0
+        self.auth_failed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None  # not the second call made by STARTTLS
+        super().connection_made(transport)
+        if first:
+            ip = _peer_ip(self.session.peer)
+            self.trusted = self.policy.is_trusted(ip)
+            # AUTH in the clear only from this machine; implicit TLS is already encrypted.
+            self._auth_require_tls = not (self.implicit_tls or (ip is not None and ip.is_loopback))
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        self.auth_failed = False
+        await super().smtp_AUTH(arg)
+        if not self.auth_failed:
+            return
+        self.auth_failures += 1
+        log.warning("failed AUTH from %s (%d)", self.session.peer, self.auth_failures)
+        # Slow down guessing: nothing else is read from this client until the delay passes.
+        await asyncio.sleep(self.policy.auth_failure_delay)
+        if self.auth_failures >= self.policy.max_auth_failures:
+            await self.push("421 4.7.0 Too many failed authentication attempts, closing")
+            self.transport.close()
+
+
+class Handler:
+    """aiosmtpd hooks. Every reply carries an enhanced status code and says what to fix."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        apps: Apps,
+        policy: Policy,
+        on_enqueued: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.apps = apps
+        self.policy = policy
+        self.on_enqueued = on_enqueued
+
+    def authenticator(
+        self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        ok = False
+        if isinstance(auth_data, LoginPassword):
+            try:
+                ok = self.apps.verify(auth_data.login.decode(), auth_data.password.decode())
+            except UnicodeDecodeError:
+                ok = False
+        if not ok:
+            server.auth_failed = True
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=auth_data)
+
+    async def handle_EHLO(
+        self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd handles pipelined commands (it reads line by line) but does not say so.
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        if not session.authenticated and not (server.trusted and self.policy.trusted_without_auth):
+            return "530 5.7.0 Authentication required: log in with an app's credentials first"
+        try:
+            validate_address(address, allow_empty=True)
+        except MessageError as err:
+            return f"553 5.1.7 Bad sender address syntax: {err.message}"
+        if not address.isascii() and "SMTPUTF8" not in (o.upper() for o in mail_options):
+            return "553 5.6.7 Non-ASCII sender address needs MAIL FROM ... SMTPUTF8 (RFC 6531)"
+        for opt in mail_options:
+            key, _, value = opt.partition("=")
+            if key.upper() == "SIZE" and value.isdigit() and int(value) > self.policy.max_size:
+                return (f"552 5.3.4 Message size exceeds the limit of {self.policy.max_size} "
+                        "bytes")
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.policy.max_recipients:
+            return f"452 4.5.3 Too many recipients (at most {self.policy.max_recipients})"
+        try:
+            validate_address(address)
+        except MessageError as err:
+            return f"553 5.1.3 Bad recipient address syntax: {err.message}"
+        smtputf8 = "SMTPUTF8" in (o.upper() for o in envelope.mail_options)
+        if not address.isascii() and not smtputf8:
+            return "553 5.6.7 Non-ASCII recipient address needs MAIL FROM ... SMTPUTF8 (RFC 6531)"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(
+        self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope
+    ) -> str:
+        raw: bytes = envelope.original_content or b""
+        if has_bare_newline(raw):
+            return ("550 5.5.2 Message refused: bare CR or LF in the data; lines must end with "
+                    "CRLF (RFC 5321 2.3.8)")
+        head_end = raw.find(b"\r\n\r\n")
+        head = raw if head_end < 0 else raw[:head_end]
+        if not head.isascii():
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError:
+                return ("554 5.6.0 Message refused: header bytes are not UTF-8; encode "
+                        "non-ASCII header text with RFC 2047 or send UTF-8 (RFC 6532)")
+        login = getattr(session.auth_data, "login", None)
+        source = f"smtp:{login.decode(errors='replace')}" if login else "smtp:trusted"
+        env = Envelope(
+            sender=envelope.mail_from or "",
+            recipients=list(envelope.rcpt_tos),
+            raw=raw,
+            source=source,
+        )
+        try:
+            msg_id = await self.queue.enqueue(env)
+        except PostroomError as err:
+            log.error("could not store a message: %s", err)
+            return "451 4.3.0 Temporary failure storing the message; try again later"
+        if self.on_enqueued is not None:
+            self.on_enqueued(msg_id)
+        return f"250 2.0.0 Ok: queued as {msg_id}"
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def start(
+    handler: Handler,
+    server: ServerSettings,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext,
+    *,
+    implicit_tls: bool = False,
+) -> asyncio.Server:
+    """Listen on host:port. STARTTLS is offered on the plain port; ``implicit_tls`` wraps
+    the whole connection instead (RFC 8314)."""
+
+    def factory() -> PostroomSMTP:
+        return PostroomSMTP(
+            handler,
+            implicit_tls=implicit_tls,
+            data_size_limit=server.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=server.hostname,
+            ident="Postroom ESMTP",
+            tls_context=None if implicit_tls else tls,
+            authenticator=handler.authenticator,
+            auth_require_tls=True,
+            command_call_limit=None,
+        )
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        factory, host=host, port=port, ssl=tls if implicit_tls else None, reuse_address=True
+    )

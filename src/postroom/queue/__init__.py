@@ -1,0 +1,1 @@
+"""The queue: durable rows (sql.py), retry timing (backoff.py), delivery (worker.py)."""

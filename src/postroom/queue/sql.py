@@ -1,0 +1,408 @@
+"""The queue on SQL: enqueue (group commit), claim with a lease, finish, release, search.
+
+Writes from one process go through one :class:`GroupCommitter`: every write that arrives
+while a commit is in progress is folded into the next transaction, so many concurrent SMTP
+sessions share one fsync, and nobody is told "accepted" before their row is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from postroom.envelope import Envelope, new_id, summarize
+from postroom.exceptions import MessageError, StoreError
+from postroom.store.schema import (
+    DEFERRED,
+    FAILED,
+    PARTIAL,
+    QUEUED,
+    SENDING,
+    SENT,
+    WAITING,
+    attempts,
+    messages,
+)
+
+T = TypeVar("T")
+Op = Callable[[Connection], Any]
+_claim_seq = itertools.count()
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+class GroupCommitter:
+    """Runs write operations in as few transactions as possible, on one writer thread.
+
+    ``await submit(op)`` returns op's result after the transaction that ran it committed.
+    A failing op is retried alone so that one bad row cannot fail its neighbours.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 256) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+
+    async def submit(self, op: Op) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="postroom-group-commit")
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((op, fut))
+        assert self._wake is not None
+        self._wake.set()
+        return await fut
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                results = await asyncio.to_thread(self._commit, [op for op, _ in batch])
+                for (_, fut), (ok, value) in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(value)
+
+    def _commit(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        with self._lock:
+            try:
+                with self._engine.begin() as conn:
+                    return [(True, op(conn)) for op in ops]
+            except Exception:
+                if len(ops) == 1:
+                    return [self._one(ops[0])]
+            return [self._one(op) for op in ops]
+
+    def _one(self, op: Op) -> tuple[bool, Any]:
+        try:
+            with self._engine.begin() as conn:
+                return True, op(conn)
+        except SQLAlchemyError as err:
+            return False, StoreError(f"database write failed: {err}", code="store.write")
+        except Exception as err:
+            return False, err
+
+    def run_sync(self, op: Op) -> Any:
+        """The same, for callers outside the event loop (CLI)."""
+        ok, value = self._one(op)
+        if not ok:
+            raise value
+        return value
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            while self._pending:
+                await asyncio.sleep(0.01)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A message leased to one worker for one delivery attempt."""
+
+    id: str
+    token: str
+    sender: str
+    recipients: list[str]
+    rcpt_status: dict[str, dict[str, Any]]
+    raw: bytes
+    connection: str | None
+    attempt_count: int
+    expires_at: float
+
+    @property
+    def pending(self) -> list[str]:
+        return [r for r in self.recipients if self.rcpt_status[r]["state"] == "pending"]
+
+
+def message_row(env: Envelope, now: float, lifetime: float) -> dict[str, Any]:
+    if not env.recipients:
+        raise MessageError("a message needs at least one recipient", code="message.no_recipients")
+    summary = summarize(env.raw)
+    return {
+        "id": env.id,
+        "created_at": now,
+        "updated_at": now,
+        "status": QUEUED,
+        "next_attempt_at": now,
+        "expires_at": now + lifetime,
+        "attempt_count": 0,
+        "sender": env.sender,
+        "recipients": list(env.recipients),
+        "rcpt_status": {r: {"state": "pending"} for r in env.recipients},
+        "source": env.source[:80],
+        "connection": env.connection,
+        "message_id": summary.message_id,
+        "subject": summary.subject,
+        "from_header": summary.from_,
+        "to_header": summary.to,
+        "size": len(env.raw),
+        "raw": env.raw,
+    }
+
+
+class Queue:
+    """Queue operations on one database; async methods are for the event loop, the
+    ``*_sync`` twins for the CLI. Both run the same operation functions."""
+
+    def __init__(
+        self, engine: Engine, *, lifetime: float = 5 * 86400, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.engine = engine
+        self.lifetime = lifetime
+        self.clock = clock
+        self.writer = GroupCommitter(engine)
+
+    # -- enqueue -------------------------------------------------------------------------
+    def _enqueue_op(self, envs: Sequence[Envelope]) -> Op:
+        rows = [message_row(e, self.clock(), self.lifetime) for e in envs]
+
+        def op(conn: Connection) -> list[str]:
+            conn.execute(insert(messages), rows)
+            return [r["id"] for r in rows]
+
+        return op
+
+    async def enqueue(self, env: Envelope) -> str:
+        """Store the message durably; returns its id once the commit is on disk."""
+        ids: list[str] = await self.writer.submit(self._enqueue_op([env]))
+        return ids[0]
+
+    def enqueue_sync(self, env: Envelope) -> str:
+        ids: list[str] = self.writer.run_sync(self._enqueue_op([env]))
+        return ids[0]
+
+    # -- claim / finish / release ----------------------------------------------------------
+    def _claim_op(self, owner: str, limit: int, lease: float, only: str | None = None) -> Op:
+        def op(conn: Connection) -> list[Claimed]:
+            now = self.clock()
+            token = f"{owner}:{next(_claim_seq)}"[:64]
+            due = or_(
+                and_(messages.c.status.in_(WAITING), messages.c.next_attempt_at <= now),
+                and_(messages.c.status == SENDING, messages.c.lease_until < now),
+            )
+            if only is not None:  # "deliver this one now", whatever its retry time
+                due = and_(messages.c.id == only, messages.c.status.in_(WAITING))
+            ids = (
+                select(messages.c.id).where(due).order_by(messages.c.next_attempt_at).limit(limit)
+            )
+            # The outer WHERE repeats `due` so that, on PostgreSQL, a row another worker
+            # claimed meanwhile is re-checked after the row lock and skipped.
+            conn.execute(
+                update(messages)
+                .where(messages.c.id.in_(ids.scalar_subquery()), due)
+                .values(status=SENDING, lease_owner=token, lease_until=now + lease, updated_at=now)
+            )
+            rows = conn.execute(
+                select(
+                    messages.c.id,
+                    messages.c.sender,
+                    messages.c.recipients,
+                    messages.c.rcpt_status,
+                    messages.c.raw,
+                    messages.c.connection,
+                    messages.c.attempt_count,
+                    messages.c.expires_at,
+                ).where(messages.c.lease_owner == token, messages.c.status == SENDING)
+            ).all()
+            return [
+                Claimed(
+                    id=r.id,
+                    token=token,
+                    sender=r.sender,
+                    recipients=list(r.recipients),
+                    rcpt_status=dict(r.rcpt_status),
+                    raw=r.raw or b"",
+                    connection=r.connection,
+                    attempt_count=r.attempt_count,
+                    expires_at=r.expires_at,
+                )
+                for r in rows
+            ]
+
+        return op
+
+    async def claim(
+        self, owner: str, limit: int, lease: float, only: str | None = None
+    ) -> list[Claimed]:
+        """Lease up to ``limit`` due messages (or the one message ``only``) to ``owner``."""
+        result: list[Claimed] = await self.writer.submit(
+            self._claim_op(owner, limit, lease, only)
+        )
+        return result
+
+    def _finish_op(
+        self,
+        msg: Claimed,
+        *,
+        status: str,
+        next_attempt_at: float,
+        last_error: str | None,
+        attempt: dict[str, Any],
+    ) -> Op:
+        def op(conn: Connection) -> bool:
+            now = self.clock()
+            res = conn.execute(
+                update(messages)
+                .where(messages.c.id == msg.id, messages.c.lease_owner == msg.token)
+                .values(
+                    status=status,
+                    next_attempt_at=next_attempt_at,
+                    lease_owner=None,
+                    lease_until=None,
+                    attempt_count=messages.c.attempt_count + 1,
+                    rcpt_status=msg.rcpt_status,
+                    last_error=last_error,
+                    updated_at=now,
+                )
+            )
+            conn.execute(insert(attempts), [{"message_id": msg.id, **attempt}])
+            return bool(res.rowcount)
+
+        return op
+
+    async def finish(
+        self,
+        msg: Claimed,
+        *,
+        status: str,
+        next_attempt_at: float,
+        last_error: str | None,
+        attempt: dict[str, Any],
+    ) -> bool:
+        """Record the attempt and the message's next state. False if the lease was lost
+        (another worker reclaimed the message after our lease ran out)."""
+        ok: bool = await self.writer.submit(
+            self._finish_op(
+                msg, status=status, next_attempt_at=next_attempt_at, last_error=last_error,
+                attempt=attempt,
+            )
+        )
+        return ok
+
+    async def release(self, msgs: Sequence[Claimed]) -> None:
+        """Give leased messages back (graceful shutdown): due again at once."""
+
+        def op(conn: Connection) -> None:
+            for m in msgs:
+                conn.execute(
+                    update(messages)
+                    .where(messages.c.id == m.id, messages.c.lease_owner == m.token)
+                    .values(
+                        status=DEFERRED if m.attempt_count else QUEUED,
+                        lease_owner=None,
+                        lease_until=None,
+                        next_attempt_at=self.clock(),
+                    )
+                )
+
+        if msgs:
+            await self.writer.submit(op)
+
+    # -- the log ---------------------------------------------------------------------------
+    def search(
+        self,
+        *,
+        status: str | None = None,
+        to: str | None = None,
+        sender: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        cols = [c for c in messages.c if c.name not in ("raw", "rcpt_status")]
+        q = select(*cols).order_by(messages.c.created_at.desc()).limit(limit)
+        if status:
+            q = q.where(messages.c.status == status)
+        if to:
+            like = f"%{to.lower()}%"
+            q = q.where(
+                or_(func.lower(messages.c.to_header).like(like),
+                    func.lower(messages.c.recipients.as_string()).like(like))
+            )
+        if sender:
+            like = f"%{sender.lower()}%"
+            q = q.where(
+                or_(func.lower(messages.c.sender).like(like),
+                    func.lower(messages.c.from_header).like(like))
+            )
+        if since is not None:
+            q = q.where(messages.c.created_at >= since)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def get(self, msg_id: str) -> dict[str, Any] | None:
+        """One message with its attempts; ``msg_id`` may be a unique prefix (>= 6 chars)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(messages).where(messages.c.id == msg_id)).first()
+            if row is None and len(msg_id) >= 6:
+                found = conn.execute(
+                    select(messages).where(messages.c.id.like(f"{msg_id}%")).limit(2)
+                ).all()
+                row = found[0] if len(found) == 1 else None
+            if row is None:
+                return None
+            data = dict(row._mapping)
+            data["attempts"] = [
+                dict(a._mapping)
+                for a in conn.execute(
+                    select(attempts).where(attempts.c.message_id == row.id).order_by(attempts.c.id)
+                )
+            ]
+            return data
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status))
+            return {r[0]: r[1] for r in rows}
+
+    def resend_sync(self, msg_id: str, to: list[str] | None = None) -> str:
+        """Queue a copy of a logged message (to its recipients, or to ``to``): a new log entry."""
+        orig = self.get(msg_id)
+        if orig is None or orig["raw"] is None:
+            raise MessageError(f"no message {msg_id!r} with a stored body", code="message.unknown")
+        env = Envelope(
+            sender=orig["sender"],
+            recipients=to or list(orig["recipients"]),
+            raw=orig["raw"],
+            source=f"resend:{orig['id']}",
+            connection=orig["connection"],
+            id=new_id(),
+        )
+        return self.enqueue_sync(env)
+
+    def delete_sync(self, msg_id: str) -> bool:
+        def op(conn: Connection) -> bool:
+            return bool(conn.execute(delete(messages).where(messages.c.id == msg_id)).rowcount)
+
+        ok: bool = self.writer.run_sync(op)
+        return ok
+
+
+FINAL = (SENT, PARTIAL, FAILED)

@@ -1,0 +1,76 @@
+"""Wires one instance together from its settings: database, queue, key, apps, transports."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from postroom import transports as registry
+from postroom.apps import Apps
+from postroom.queue.sql import Queue
+from postroom.secrets import SecretStore, Vault, load_or_create_key
+from postroom.settings import Settings
+from postroom.store.db import make_engine, migrate
+from postroom.transports.base import Transport, TransportContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Instance:
+    settings: Settings
+    engine: Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(
+            self.settings.database_url, synchronous=self.settings.server.sqlite_synchronous
+        )
+        migrate(self.engine)
+
+    @cached_property
+    def queue(self) -> Queue:
+        return Queue(self.engine, lifetime=self.settings.delivery.max_lifetime)
+
+    @cached_property
+    def apps(self) -> Apps:
+        return Apps(self.engine)
+
+    @property
+    def key_file(self) -> Path:
+        s = self.settings
+        return s.resolve(s.server.secret_key_file) if s.server.secret_key_file else (
+            s.data_dir / "secret.key"
+        )
+
+    @cached_property
+    def secrets(self) -> SecretStore:
+        return SecretStore(self.engine, Vault(load_or_create_key(self.key_file)))
+
+    @property
+    def tls_files(self) -> tuple[Path, Path]:
+        s = self.settings
+        if s.server.tls_cert and s.server.tls_key:
+            return s.resolve(s.server.tls_cert), s.resolve(s.server.tls_key)
+        return s.data_dir / "tls" / "cert.pem", s.data_dir / "tls" / "key.pem"
+
+    def transport_context(self) -> TransportContext:
+        return TransportContext(
+            ehlo_name=self.settings.server.hostname, stored_secret=self.secrets.get
+        )
+
+    def transports(self) -> dict[str, Transport]:
+        ctx = self.transport_context()
+        return {c.name: registry.create(c, ctx) for c in self.settings.connections}
+
+    @property
+    def default_connection(self) -> str | None:
+        conns = self.settings.connections
+        return conns[0].name if conns else None
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,114 @@
+"""Secrets: encryption at rest (Fernet) and redaction of what must never be logged."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy import Engine, delete, insert, select
+
+from postroom.exceptions import ConfigError
+from postroom.store.schema import secrets as secrets_table
+
+KEY_ENV = "POSTROOM_SECRET_KEY"
+
+
+def load_or_create_key(path: Path, environ: dict[str, str] | None = None) -> bytes:
+    """The Fernet key: from POSTROOM_SECRET_KEY, else the key file (made 0600 on first run)."""
+    env = os.environ if environ is None else environ
+    if env.get(KEY_ENV):
+        key = env[KEY_ENV].encode()
+        _check_key(key, KEY_ENV)
+        return key
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(
+                f"secret key file {path} is readable by others (mode {mode:o}); "
+                f"run: chmod 600 {path}",
+                code="config.secret_key.mode",
+            )
+        key = path.read_bytes().strip()
+        _check_key(key, str(path))
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Fernet.generate_key()
+    # O_EXCL: two processes starting at once must not both write a different key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return load_or_create_key(path, env)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+def _check_key(key: bytes, where: str) -> None:
+    try:
+        Fernet(key)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(
+            f"{where} does not hold a valid key (32 url-safe base64 bytes); generate one with "
+            "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`",
+            code="config.secret_key.invalid",
+        ) from err
+
+
+class Vault:
+    """Encrypts and decrypts small secrets (passwords, tokens) with the instance key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._fernet = Fernet(key)
+
+    def encrypt(self, plaintext: str) -> str:
+        return self._fernet.encrypt(plaintext.encode()).decode("ascii")
+
+    def decrypt(self, token: str) -> str:
+        try:
+            return self._fernet.decrypt(token.encode("ascii")).decode()
+        except InvalidToken as err:
+            raise ConfigError(
+                "a stored secret cannot be decrypted with this instance's key (was the key "
+                "replaced?); set the secret again with `postroom connection set-password`",
+                code="config.secret.undecryptable",
+            ) from err
+
+
+_AUTH_LINE = re.compile(rb"^(AUTH\s+\S+)(\s+\S+)?", re.IGNORECASE)
+
+
+def redact_auth_command(line: bytes) -> bytes:
+    """Keep the mechanism of an AUTH command, hide its initial response."""
+    return _AUTH_LINE.sub(lambda m: m.group(1) + (b" ********" if m.group(2) else b""), line)
+
+
+REDACTED = b"********"
+
+
+class SecretStore:
+    """Named secrets kept encrypted in the database (connection passwords, tokens)."""
+
+    def __init__(self, engine: Engine, vault: Vault) -> None:
+        self.engine = engine
+        self.vault = vault
+
+    def set(self, name: str, value: str) -> None:
+        table = secrets_table
+        with self.engine.begin() as conn:
+            conn.execute(delete(table).where(table.c.name == name))
+            conn.execute(
+                insert(table).values(
+                    name=name, ciphertext=self.vault.encrypt(value), updated_at=time.time()
+                )
+            )
+
+    def get(self, name: str) -> str | None:
+        table = secrets_table
+        with self.engine.connect() as conn:
+            token = conn.execute(select(table.c.ciphertext).where(table.c.name == name)).scalar()
+        return None if token is None else self.vault.decrypt(token)

@@ -1,0 +1,107 @@
+"""`postroom serve` and `postroom worker`: the long-running processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from postroom.bootstrap import ensure_certificate
+from postroom.ingress import smtpd
+from postroom.queue.worker import Worker
+from postroom.runtime import Instance
+from postroom.settings import Settings
+
+log = logging.getLogger("postroom")
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[list[tuple[str, int]]], None] | None = None,
+) -> None:
+    """Listen for mail (and deliver it, unless ``server.worker = false``) until stopped."""
+    inst = Instance(settings)
+    stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    cert, key = inst.tls_files
+    if ensure_certificate(cert, key, settings.server.hostname):
+        _say(f"created a self-signed certificate for STARTTLS: {cert}")
+    inst.secrets  # noqa: B018 - creates the encryption key on first run, before any client
+    tls = smtpd.tls_context(str(cert), str(key))
+    transports = inst.transports()
+    worker: Worker | None = None
+    if settings.server.worker:
+        worker = Worker(inst.queue, transports, settings.delivery, inst.default_connection)
+    handler = smtpd.Handler(
+        inst.queue,
+        inst.apps,
+        smtpd.Policy(settings.server),
+        on_enqueued=(lambda _id: worker.wake()) if worker else None,
+    )
+    servers = [await smtpd.start(handler, settings.server, *settings.smtp_listen, tls)]
+    if settings.smtps_listen:
+        servers.append(
+            await smtpd.start(
+                handler, settings.server, *settings.smtps_listen, tls, implicit_tls=True
+            )
+        )
+    bound = [s.sockets[0].getsockname()[:2] for s in servers]
+    worker_task = asyncio.create_task(worker.run()) if worker else None
+    _say(f"postroom: accepting mail on {', '.join(f'{h}:{p}' for h, p in bound)} "
+         f"(data in {settings.data_dir})")
+    if not settings.connections:
+        where = settings.config_path or "postroom.toml"
+        _say(f"postroom: no [[connections]] in {where}: mail is accepted and kept in the queue "
+             "until you add one (see the commented example in the file) and restart")
+    if ready is not None:
+        ready(bound)
+    try:
+        await stop.wait()
+    finally:
+        _say("postroom: shutting down: no new mail accepted; finishing deliveries in flight")
+        for s in servers:
+            s.close()
+        if worker is not None:
+            await worker.stop()
+        if worker_task is not None:
+            worker_task.cancel()
+            await asyncio.gather(worker_task, return_exceptions=True)
+        for t in transports.values():
+            await t.aclose()
+        await inst.queue.writer.aclose()
+        inst.close()
+
+
+async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """A delivery worker alone (scale-out): claims from the shared queue until stopped."""
+    inst = Instance(settings)
+    stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    transports = inst.transports()
+    worker = Worker(inst.queue, transports, settings.delivery, inst.default_connection)
+    task = asyncio.create_task(worker.run())
+    _say(f"postroom worker {worker.owner}: delivering from {settings.database_url}")
+    try:
+        await stop.wait()
+    finally:
+        await worker.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for t in transports.values():
+            await t.aclose()
+        await inst.queue.writer.aclose()
+        inst.close()

@@ -1,0 +1,1 @@
+"""The database: tables (schema.py), engine set-up and migrations (db.py)."""

@@ -1,0 +1,111 @@
+"""Tables. The email log *is* the queue: one ``messages`` row per accepted message and one
+``attempts`` row per delivery try. Times are UNIX epoch seconds (float): portable between
+SQLite and PostgreSQL and cheap to compare in the claim query.
+
+Changing a table means adding an Alembic revision in ``migrations/versions``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# Message states. "partial" = some recipients delivered, the rest failed permanently (final).
+QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED = (
+    "queued",
+    "sending",
+    "sent",
+    "partial",
+    "deferred",
+    "failed",
+)
+STATUSES = (QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED)
+WAITING = (QUEUED, DEFERRED)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_until", Float),
+    Column("attempt_count", Integer, nullable=False, default=0),
+    Column("sender", String(320), nullable=False),
+    Column("recipients", JSON, nullable=False),  # every envelope recipient, in order
+    # {address: {"state": "pending"|"sent"|"failed", "code": int, "reply": str}}
+    Column("rcpt_status", JSON, nullable=False),
+    Column("source", String(80), nullable=False),
+    Column("connection", String(64)),  # pinned connection, if the sender chose one
+    Column("message_id", String(255), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("from_header", String(255), nullable=False),
+    Column("to_header", String(1000), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("raw", LargeBinary),  # NULL only after a retention purge (later issue)
+    Column("last_error", Text),
+    Index("ix_messages_due", "status", "next_attempt_at"),
+    Index("ix_messages_created", "created_at"),
+    Index("ix_messages_message_id", "message_id"),
+    Index("ix_messages_subject", "subject"),
+    Index("ix_messages_from", "from_header"),
+    Index("ix_messages_to", "to_header"),
+    Index("ix_messages_sender", "sender"),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "message_id",
+        String(32),
+        ForeignKey("messages.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("connection", String(64), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float, nullable=False),
+    Column("outcome", String(16), nullable=False),  # sent | partial | deferred | failed
+    Column("reply_code", Integer),
+    Column("reply_text", Text),
+    Column("error_code", String(64)),  # exceptions.*.code, stable for advice and API
+    Column("permanent", Boolean, nullable=False, default=False),
+    Column("recipients", JSON, nullable=False),  # {address: {"code", "reply", "state"}}
+    Column("transcript", Text, nullable=False, default=""),  # AUTH secrets redacted
+    Index("ix_attempts_message", "message_id", "id"),
+)
+
+apps = Table(
+    "apps",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("secret_hash", String(255), nullable=False),  # argon2id
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+)
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("ciphertext", Text, nullable=False),  # Fernet token
+    Column("updated_at", Float, nullable=False),
+)

@@ -1,0 +1,574 @@
+"""SMTP submission to the user's provider (RFC 5321, 3207 STARTTLS, 8314 implicit TLS,
+4954 AUTH, 6531 SMTPUTF8).
+
+Built on stdlib ``smtplib`` run in a small thread pool: measured on this project's machines
+it costs about 190 µs of CPU per message against aiosmtplib's 500 µs (shared/bench), and the
+sessions are blocking I/O anyway. Sessions are pooled per connection and reused (RSET
+between messages), bounded by ``max_sessions``. Every session writes a transcript with AUTH
+secrets replaced by ``********``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from postroom.envelope import Envelope
+from postroom.exceptions import (
+    AuthError,
+    ConfigError,
+    ConnectError,
+    DataRejected,
+    DeliveryError,
+    ProtocolError,
+    SenderRejected,
+    TimeoutError_,
+    TLSError,
+    UnsupportedFeature,
+)
+from postroom.secrets import redact_auth_command
+from postroom.settings import ConnectionBase
+from postroom.transports import base
+
+log = logging.getLogger(__name__)
+Security = Literal["none", "starttls", "smtps"]
+AuthMech = Literal["none", "auto", "plain", "login", "cram-md5", "xoauth2", "oauthbearer"]
+_DEFAULT_PORT = {"none": 25, "starttls": 587, "smtps": 465}
+_AUTO_ORDER = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+class Settings(ConnectionBase):
+    transport: Literal["smtp"] = "smtp"
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Security = "starttls"
+    auth: AuthMech | None = None  # default: "auto" when a username is set, else "none"
+    username: str | None = None
+    password: str | None = None  # discouraged: prefer password_env / password_file / CLI
+    password_env: str | None = None
+    password_file: Path | None = None
+    oauth_token_env: str | None = None  # XOAUTH2/OAUTHBEARER until OAuth flows manage tokens
+    oauth_token_file: Path | None = None
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    tls_server_name: str | None = None  # name to verify, when it differs from host
+    allow_plaintext_auth: bool = False
+    ehlo_name: str | None = None
+    connect_timeout: float = Field(default=30, gt=0)
+    timeout: float = Field(default=60, gt=0)
+    max_sessions: int = Field(default=4, ge=1, le=100)
+    max_messages_per_session: int = Field(default=100, ge=1)
+    idle_timeout: float = Field(default=30, ge=0)
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or _DEFAULT_PORT[self.security]
+
+    @property
+    def effective_auth(self) -> str:
+        if self.auth is None:
+            return "auto" if self.username else "none"
+        return self.auth
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.effective_auth != "none" and not self.username:
+            raise ValueError(f"auth = {self.auth!r} needs a username")
+        given = [k for k in ("password", "password_env", "password_file") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give only one of {', '.join(given)}")
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {self.ca_file} does not exist or is not a file")
+        return self
+
+
+class _Session(smtplib.SMTP):
+    """An smtplib session that records a transcript (secrets redacted, no message body)."""
+
+    def __init__(self, transcript: list[str], **kw: Any) -> None:
+        self.transcript = transcript
+        self.redact = False
+        self.in_body = False
+        self.messages_sent = 0
+        self.idle_since = 0.0
+        super().__init__(**kw)
+
+    def note(self, text: str) -> None:
+        self.transcript.append(f"*  {text}")
+
+    def send(self, s: Any) -> None:
+        data = s.encode("utf-8") if isinstance(s, str) else bytes(s)
+        if self.in_body:
+            self.transcript.append(f"C: <message data, {len(data)} bytes>")
+        else:
+            line = data.rstrip(b"\r\n")
+            if self.redact:
+                line = redact_auth_command(line) if line[:5].upper() == b"AUTH " else b"********"
+            self.transcript.append("C: " + line.decode("utf-8", "replace"))
+        super().send(data)
+
+    def getreply(self) -> tuple[int, bytes]:
+        code, msg = super().getreply()
+        for i, part in enumerate(msg.split(b"\n") or [b""]):
+            sep = "-" if i < msg.count(b"\n") else " "
+            self.transcript.append(f"S: {code}{sep}{part.decode('utf-8', 'replace')}")
+        return code, msg
+
+
+def _reply(code: int, msg: bytes) -> str:
+    return msg.decode("utf-8", "replace").replace("\n", " ")
+
+
+class Transport(base.Transport):
+    settings: Settings
+
+    def __init__(self, settings: ConnectionBase, ctx: base.TransportContext) -> None:
+        assert isinstance(settings, Settings)
+        super().__init__(settings, ctx)
+        s = settings
+        self._idle: list[_Session] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(s.max_sessions)
+        self._pool = ThreadPoolExecutor(s.max_sessions, thread_name_prefix=f"smtp-{s.name}")
+        self._tls = self._tls_context()
+        if not s.tls_verify:
+            log.warning(
+                "connection %s: TLS certificate verification is OFF (tls_verify = false); "
+                "anyone on the path can read your credentials and mail",
+                s.name,
+            )
+
+    # -- configuration helpers -----------------------------------------------------------
+    def _tls_context(self) -> ssl.SSLContext:
+        s = self.settings
+        try:
+            ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+        except (ssl.SSLError, OSError) as err:
+            raise ConfigError(
+                f"connection {s.name}: ca_file {s.ca_file} is not a PEM CA bundle: {err}",
+                code="config.ca_file",
+            ) from err
+        if not s.tls_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def _password(self) -> str:
+        s = self.settings
+        if s.password_env:
+            value = os.environ.get(s.password_env)
+            if value is None:
+                raise AuthError(
+                    f"connection {s.name}: environment variable {s.password_env} is not set",
+                    code="auth.secret_missing", permanent=False,
+                )
+            return value
+        if s.password_file:
+            try:
+                return s.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as err:
+                raise AuthError(
+                    f"connection {s.name}: cannot read password_file {s.password_file}: "
+                    f"{err.strerror}", code="auth.secret_missing", permanent=False,
+                ) from err
+        if s.password is not None:
+            return s.password
+        stored = self.ctx.stored_secret(f"connection:{s.name}:password")
+        if stored is None:
+            raise AuthError(
+                f"connection {s.name}: no password; set password_env or password_file, or run "
+                f"`postroom connection set-password {s.name}`",
+                code="auth.secret_missing", permanent=False,
+            )
+        return stored
+
+    def _token(self, refresh: bool = False) -> str:
+        s = self.settings
+        if s.oauth_token_env and os.environ.get(s.oauth_token_env):
+            return os.environ[s.oauth_token_env]
+        if s.oauth_token_file:
+            try:
+                return s.oauth_token_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise AuthError(
+                    f"connection {s.name}: cannot read oauth_token_file: {err.strerror}",
+                    code="auth.token_missing", permanent=False,
+                ) from err
+        if self.ctx.tokens is not None:
+            return self.ctx.tokens.token(s.name, refresh=refresh)
+        stored = self.ctx.stored_secret(f"connection:{s.name}:token")
+        if stored is None:
+            raise AuthError(
+                f"connection {s.name}: no OAuth access token; set oauth_token_env or "
+                "oauth_token_file", code="auth.token_missing", permanent=False,
+            )
+        return stored
+
+    # -- session management (runs in worker threads) -----------------------------------------
+    def _open(self, transcript: list[str]) -> _Session:
+        s = self.settings
+        host, port = s.host, s.effective_port
+        ehlo = s.ehlo_name or self.ctx.ehlo_name
+        sess = _Session(transcript, local_hostname=ehlo, timeout=s.connect_timeout)
+        sess.note(f"connecting to {host}:{port} ({s.security})")
+        try:
+            if s.security == "smtps":
+                raw = socket.create_connection((host, port), s.connect_timeout)
+                try:
+                    sock = self._tls.wrap_socket(raw, server_hostname=s.tls_server_name or host)
+                except BaseException:
+                    raw.close()
+                    raise
+                sess.sock = sock
+                sess.file = None
+                sess.note(f"TLS {sock.version()} {sock.cipher()[0]}")  # type: ignore[index]
+                sess._host = host  # type: ignore[attr-defined]
+                code, msg = sess.getreply()
+            else:
+                code, msg = sess.connect(host, port)
+            assert sess.sock is not None
+            sess.sock.settimeout(s.timeout)
+            if code != 220:
+                raise ConnectError.from_reply("server greeting", code, _reply(code, msg),
+                                              code="connect.greeting")
+            self._ehlo(sess)
+            if s.security == "starttls":
+                if not sess.has_extn("starttls"):
+                    raise TLSError(
+                        f"{host}:{port} does not offer STARTTLS; use security = \"smtps\" on "
+                        "port 465, or \"none\" only on a trusted network",
+                        code="tls.starttls_unavailable",
+                    )
+                code, msg = sess.docmd("STARTTLS")
+                if code != 220:
+                    raise TLSError.from_reply("STARTTLS", code, _reply(code, msg),
+                                              code="tls.starttls_refused")
+                sess.sock = self._tls.wrap_socket(
+                    sess.sock, server_hostname=s.tls_server_name or host
+                )
+                sess.file = None
+                sess.note(f"TLS {sess.sock.version()} {sess.sock.cipher()[0]}")  # type: ignore[attr-defined,index]
+                sess.helo_resp = sess.ehlo_resp = None
+                sess.esmtp_features = {}
+                sess.does_esmtp = False
+                self._ehlo(sess)
+            self._authenticate(sess)
+            return sess
+        except BaseException:
+            self._discard(sess)
+            raise
+
+    def _ehlo(self, sess: _Session) -> None:
+        code, msg = sess.ehlo()
+        if code != 250:
+            code, msg = sess.helo()
+            if code != 250:
+                raise ProtocolError.from_reply("EHLO/HELO", code, _reply(code, msg),
+                                               code="protocol.helo")
+
+    def _authenticate(self, sess: _Session) -> None:
+        s = self.settings
+        mech = s.effective_auth
+        if mech == "none":
+            return
+        encrypted = isinstance(sess.sock, ssl.SSLSocket)
+        if not encrypted and not s.allow_plaintext_auth:
+            raise AuthError(
+                f"refusing to send credentials for {s.name} over an unencrypted connection; "
+                "use security = \"starttls\" or \"smtps\" (or allow_plaintext_auth = true on a "
+                "trusted network)", code="auth.plaintext_refused", permanent=True,
+            )
+        offered = [m.upper() for m in sess.esmtp_features.get("auth", "").split()]
+        if mech == "auto":
+            choice = next((m for m in _AUTO_ORDER if m in offered), None)
+            if choice is None:
+                raise AuthError(
+                    f"the server offers no password mechanism we use (offered: "
+                    f"{' '.join(offered) or 'no AUTH at all'})",
+                    code="auth.mechanism_unavailable", permanent=True,
+                )
+        else:
+            choice = mech.upper()
+            if choice not in offered:
+                raise AuthError(
+                    f"the server does not offer AUTH {choice} (offered: "
+                    f"{' '.join(offered) or 'no AUTH at all'}); pick one of those with `auth =`",
+                    code="auth.mechanism_unavailable", permanent=True,
+                )
+        user = s.username or ""
+        if choice in ("XOAUTH2", "OAUTHBEARER"):
+            secret = self._token()
+        else:
+            secret = self._password()
+        responder = _RESPONDERS[choice](user, secret, s.host, s.effective_port)
+        sess.redact = True
+        try:
+            code, msg = self._auth_exchange(sess, choice, responder)
+        finally:
+            sess.redact = False
+        if code != 235:
+            err = AuthError.from_reply(f"AUTH {choice} as {user}", code, _reply(code, msg),
+                                       code="auth.rejected")
+            raise err
+
+    @staticmethod
+    def _auth_exchange(sess: _Session, mech: str, responder: Any) -> tuple[int, bytes]:
+        """RFC 4954 exchange with UTF-8 credentials (smtplib's own auth() is ASCII-only)."""
+        first = responder(None)
+        arg = mech if first is None else f"{mech} {base64.b64encode(first).decode() or '='}"
+        code, msg = sess.docmd("AUTH", arg)
+        for _ in range(5):  # bounded: no mechanism we speak needs more round trips
+            if code != 334:
+                break
+            try:
+                challenge = base64.b64decode(msg, validate=False)
+            except ValueError:
+                challenge = b""
+            code, msg = sess.docmd(base64.b64encode(responder(challenge)).decode())
+        return code, msg
+
+    def _discard(self, sess: _Session) -> None:
+        try:
+            sess.close()
+        except Exception:  # a broken socket has nothing left to close
+            pass
+
+    def _acquire(self, transcript: list[str]) -> _Session:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                sess = self._idle.pop() if self._idle else None
+            if sess is None:
+                return self._open(transcript)
+            if now - sess.idle_since > self.settings.idle_timeout:
+                self._quit(sess)
+                continue
+            sess.transcript = transcript
+            sess.note(f"reusing session to {self.settings.host} (message {sess.messages_sent + 1})")
+            try:
+                code, _ = sess.rset()
+            except (smtplib.SMTPException, OSError):
+                code = 0
+            if code == 250:
+                return sess
+            self._discard(sess)
+
+    def _release(self, sess: _Session) -> None:
+        if sess.messages_sent >= self.settings.max_messages_per_session:
+            self._quit(sess)
+            return
+        sess.idle_since = time.monotonic()
+        with self._lock:
+            self._idle.append(sess)
+
+    def _quit(self, sess: _Session) -> None:
+        try:
+            sess.quit()
+        except (smtplib.SMTPException, OSError):
+            self._discard(sess)
+
+    def _send_sync(self, env: Envelope) -> base.DeliveryResult:
+        transcript: list[str] = []
+        with self._slots:
+            sess: _Session | None = None
+            try:
+                sess = self._acquire(transcript)
+                result = self._transaction(sess, env)
+            except DeliveryError as err:
+                err.transcript = "\n".join(transcript)
+                if sess is not None:
+                    self._discard(sess)
+                raise
+            except BaseException as err:
+                if sess is not None:
+                    self._discard(sess)
+                mapped = _map_error(err, self.settings, sess is not None and sess.in_body)
+                if mapped is err:
+                    raise
+                mapped.transcript = "\n".join(transcript)
+                raise mapped from err
+            self._release(sess)
+            result.transcript = "\n".join(transcript)
+            return result
+
+    def _transaction(self, sess: _Session, env: Envelope) -> base.DeliveryResult:
+        opts: list[str] = []
+        if env.smtputf8:
+            if not sess.has_extn("smtputf8"):
+                raise UnsupportedFeature(
+                    f"{self.settings.host} does not support SMTPUTF8, which the internationalized "
+                    "address(es) of this message need (RFC 6531); send through a server that "
+                    "offers it, or use ASCII addresses", code="message.smtputf8",
+                )
+            opts.append("SMTPUTF8")
+        if not env.raw.isascii():
+            if sess.has_extn("smtputf8") and not env.raw.split(b"\r\n\r\n", 1)[0].isascii():
+                if "SMTPUTF8" not in opts:
+                    opts.append("SMTPUTF8")
+            if sess.has_extn("8bitmime"):
+                opts.append("BODY=8BITMIME")
+        limit = sess.esmtp_features.get("size", "")
+        if limit.isdigit() and int(limit) and len(env.raw) > int(limit):
+            raise DataRejected(
+                f"message is {len(env.raw)} bytes; {self.settings.host} accepts at most {limit}",
+                code="data.too_big", permanent=True, reply_code=552,
+            )
+        if sess.has_extn("size"):
+            opts.append(f"SIZE={len(env.raw)}")
+        code, msg = sess.mail(env.sender, opts)
+        if code != 250:
+            raise SenderRejected.from_reply(f"MAIL FROM:<{env.sender}>", code, _reply(code, msg))
+        results: dict[str, base.RecipientResult] = {}
+        for rcpt in env.recipients:
+            code, msg = sess.rcpt(rcpt)
+            results[rcpt] = base.RecipientResult(code, _reply(code, msg))
+        accepted = [r for r in env.recipients if results[r].ok]
+        if not accepted:
+            sess.rset()
+            return base.DeliveryResult(results)
+        code, msg = sess.docmd("DATA")
+        if code != 354:
+            for r in accepted:
+                results[r] = base.RecipientResult(code, _reply(code, msg))
+            return base.DeliveryResult(results, reply_code=code, reply_text=_reply(code, msg))
+        sess.in_body = True
+        try:
+            body = smtplib._quote_periods(env.raw)  # type: ignore[attr-defined]
+            if not body.endswith(b"\r\n"):
+                body += b"\r\n"
+            sess.send(body + b".\r\n")
+        finally:
+            sess.in_body = False
+        sess.in_body = True  # a timeout from here on is ambiguous: the data was sent
+        code, msg = sess.getreply()
+        sess.in_body = False
+        sess.messages_sent += 1
+        for r in accepted:
+            results[r] = base.RecipientResult(code, _reply(code, msg))
+        return base.DeliveryResult(results, reply_code=code, reply_text=_reply(code, msg))
+
+    # -- the interface -------------------------------------------------------------------------
+    async def send(self, envelope: Envelope) -> base.DeliveryResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._send_sync, envelope)
+
+    def check_sync(self) -> str:
+        transcript: list[str] = []
+        try:
+            sess = self._open(transcript)
+        except DeliveryError as err:
+            err.transcript = "\n".join(transcript)
+            raise
+        except BaseException as err:
+            mapped = _map_error(err, self.settings, False)
+            if mapped is err:
+                raise
+            mapped.transcript = "\n".join(transcript)
+            raise mapped from err
+        self._quit(sess)
+        return "\n".join(transcript)
+
+    async def check(self) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.check_sync)
+
+    async def aclose(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        loop = asyncio.get_running_loop()
+        for sess in idle:
+            await loop.run_in_executor(self._pool, self._quit, sess)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _map_error(err: BaseException, s: Settings, after_data: bool) -> BaseException:
+    """Map socket/ssl/smtplib exceptions to our tree (transient unless certain)."""
+    where = f"{s.host}:{s.effective_port}"
+    mapped: DeliveryError
+    if isinstance(err, socket.gaierror):
+        mapped = ConnectError(f"cannot resolve {s.host}: {err.strerror}", code="connect.dns")
+    elif isinstance(err, ConnectionRefusedError):
+        mapped = ConnectError(f"{where} refused the connection", code="connect.refused")
+    elif isinstance(err, ssl.SSLCertVerificationError):
+        mapped = TLSError(
+            f"TLS certificate of {where} not trusted: {err.verify_message}; if the server uses "
+            "a private CA, set ca_file", code="tls.certificate",
+        )
+    elif isinstance(err, ssl.SSLError):
+        hint = ""
+        if "WRONG_VERSION_NUMBER" in str(err):
+            hint = (" (the port does not speak TLS at once: use security = \"starttls\" "
+                    "for port 587/25, \"smtps\" for 465)")
+        mapped = TLSError(f"TLS handshake with {where} failed: {err.reason}{hint}",
+                          code="tls.handshake")
+    elif isinstance(err, (TimeoutError, socket.timeout)):
+        mapped = TimeoutError_(f"{where} did not answer in time", code="timeout")
+    elif isinstance(err, smtplib.SMTPServerDisconnected):
+        mapped = ConnectError(f"{where} closed the connection: {err}", code="connect.lost")
+    elif isinstance(err, OSError):
+        mapped = ConnectError(f"cannot talk to {where}: {err.strerror or err}",
+                              code="connect.failed")
+    elif isinstance(err, smtplib.SMTPException):
+        mapped = ProtocolError(f"SMTP error with {where}: {err}", code="protocol")
+    else:
+        return err
+    mapped.after_data = after_data
+    return mapped
+
+
+def _plain(user: str, secret: str, _h: str, _p: int) -> Any:
+    return lambda ch: f"\0{user}\0{secret}".encode() if ch is None else b""
+
+
+def _login(user: str, secret: str, _h: str, _p: int) -> Any:
+    # RFC 4954 does not define LOGIN; servers prompt "Username:" then "Password:".
+    def respond(ch: bytes | None) -> bytes | None:
+        if ch is None:
+            return None
+        return user.encode() if ch.lower().startswith(b"user") else secret.encode()
+
+    return respond
+
+
+def _cram_md5(user: str, secret: str, _h: str, _p: int) -> Any:
+    def respond(ch: bytes | None) -> bytes | None:
+        if ch is None:
+            return None
+        digest = hmac.new(secret.encode(), ch, hashlib.md5).hexdigest()  # RFC 2195
+        return f"{user} {digest}".encode()
+
+    return respond
+
+
+def _xoauth2(user: str, token: str, _h: str, _p: int) -> Any:
+    # Google's XOAUTH2; on failure the server sends a JSON 334 and expects an empty reply.
+    return lambda ch: f"user={user}\x01auth=Bearer {token}\x01\x01".encode() if ch is None else b""
+
+
+def _oauthbearer(user: str, token: str, host: str, port: int) -> Any:
+    # RFC 7628 section 3.1; the error response to a JSON challenge is a single %x01.
+    first = f"n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
+    return lambda ch: first.encode() if ch is None else b"\x01"
+
+
+_RESPONDERS = {
+    "PLAIN": _plain,
+    "LOGIN": _login,
+    "CRAM-MD5": _cram_md5,
+    "XOAUTH2": _xoauth2,
+    "OAUTHBEARER": _oauthbearer,
+}
