@@ -11,6 +11,7 @@ import hashlib
 import secrets
 import threading
 import time
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -61,7 +62,7 @@ class Apps:
         with self.engine.begin() as conn:
             return bool(conn.execute(delete(apps).where(apps.c.name == name)).rowcount)
 
-    def list(self) -> list[dict[str, object]]:
+    def list(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(apps.c.name, apps.c.created_at, apps.c.last_used_at).order_by(apps.c.name)

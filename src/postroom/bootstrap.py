@@ -13,12 +13,12 @@ CONFIG_TEMPLATE = '''\
 # POSTROOM_SERVER__SMTP_LISTEN=127.0.0.1:2600, POSTROOM_DELIVERY__CONCURRENCY=20, ...
 
 [server]
-# data_dir = "postroom-data"            # database, encryption key, certificate (relative to this file)
+# data_dir = "postroom-data"            # database, key, certificate (relative to this file)
 # database = ""                         # default sqlite:///<data_dir>/postroom.db
 # smtp_listen = "127.0.0.1:2525"        # where apps hand mail in (STARTTLS offered)
 # smtps_listen = ""                     # optional implicit-TLS port, e.g. "127.0.0.1:4465"
 # hostname = "<this machine's name>"    # banner and EHLO name
-# tls_cert = ""                         # PEM certificate + key; default: self-signed in data_dir/tls
+# tls_cert = ""                         # PEM certificate + key; default: self-signed
 # tls_key = ""
 # max_message_size = 36700160           # bytes; larger messages get 552
 # max_recipients = 1000                 # per message; more get 452
@@ -45,7 +45,7 @@ CONFIG_TEMPLATE = '''\
 # host = "smtp.example.com"
 # port = 587
 # security = "starttls"                 # none | starttls | smtps
-# auth = "plain"                        # none | auto | plain | login | cram-md5 | xoauth2 | oauthbearer
+# auth = "plain"                        # none|auto|plain|login|cram-md5|xoauth2|oauthbearer
 # username = "me@example.com"
 # password_env = "PRIMARY_PASSWORD"     # or password_file = "/run/secrets/smtp",
 #                                       # or `postroom connection set-password primary`

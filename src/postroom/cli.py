@@ -320,7 +320,7 @@ def resend(
 
     inst = _instance(config)
     for a in to or []:
-        _guard(lambda a=a: validate_address(a))
+        _guard(lambda: validate_address(a))  # noqa: B023 - called at once
     new_id = _guard(lambda: inst.queue.resend_sync(msg_id, to or None))
     _console().print(f"queued {new_id} (copy of {msg_id})")
 
@@ -344,8 +344,7 @@ def app_list(config: ConfigOpt = None) -> None:
     inst = _instance(config)
     table = Table("name", "created", "last used")
     for a in _guard(inst.apps.list):
-        table.add_row(str(a["name"]), _when(a["created_at"]),  # type: ignore[arg-type]
-                      _when(a["last_used_at"]))  # type: ignore[arg-type]
+        table.add_row(str(a["name"]), _when(a["created_at"]), _when(a["last_used_at"]))
     _console().print(table)
 
 

@@ -106,7 +106,7 @@ class ConnectError(DeliveryError):
     code = "connect"
 
 
-class TimeoutError_(DeliveryError):  # noqa: N801 - avoid shadowing the builtin
+class TimeoutError_(DeliveryError):
     code = "timeout"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -16,7 +17,7 @@ from postroom.store.schema import secrets as secrets_table
 KEY_ENV = "POSTROOM_SECRET_KEY"
 
 
-def load_or_create_key(path: Path, environ: dict[str, str] | None = None) -> bytes:
+def load_or_create_key(path: Path, environ: Mapping[str, str] | None = None) -> bytes:
     """The Fernet key: from POSTROOM_SECRET_KEY, else the key file (made 0600 on first run)."""
     env = os.environ if environ is None else environ
     if env.get(KEY_ENV):
@@ -54,7 +55,8 @@ def _check_key(key: bytes, where: str) -> None:
     except (ValueError, TypeError) as err:
         raise ConfigError(
             f"{where} does not hold a valid key (32 url-safe base64 bytes); generate one with "
-            "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`",
+            "`python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())'`",
             code="config.secret_key.invalid",
         ) from err
 

@@ -211,7 +211,9 @@ def _connections(items: Any) -> tuple[ConnectionBase, ...]:
     if items is None:
         return ()
     if not isinstance(items, list):
-        raise ConfigError("connections must be an array of tables: [[connections]]", code="config.type")
+        raise ConfigError(
+            "connections must be an array of tables: [[connections]]", code="config.type"
+        )
     out: list[ConnectionBase] = []
     for i, item in enumerate(items):
         where = f"connections[{i}]"

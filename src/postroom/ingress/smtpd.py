@@ -3,7 +3,7 @@
 Policy, deny by default:
 - clients in ``trusted_networks`` may send without AUTH (when ``trusted_without_auth``);
   everyone else must authenticate as an app first — never an open relay;
-- AUTH is only offered and accepted over TLS, except to loopback clients;
+- AUTH is only offered and accepted over TLS, except to clients in ``trusted_networks``;
 - failed AUTH is answered after a delay, and the session is closed after a few failures;
 - bare CR or LF in DATA is refused (SMTP smuggling, as Postfix ``smtpd_forbid_bare_newline``).
 """
@@ -17,7 +17,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope as SmtpEnvelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postroom.apps import Apps
 from postroom.envelope import Envelope, validate_address
@@ -74,8 +75,9 @@ class PostroomSMTP(SMTP):  # type: ignore[misc]
         if first:
             ip = _peer_ip(self.session.peer)
             self.trusted = self.policy.is_trusted(ip)
-            # AUTH in the clear only from this machine; implicit TLS is already encrypted.
-            self._auth_require_tls = not (self.implicit_tls or (ip is not None and ip.is_loopback))
+            # AUTH in the clear only from trusted_networks (default: this machine's 127.0.0.1
+            # and ::1, not every loopback address); implicit TLS is already encrypted.
+            self._auth_require_tls = not (self.implicit_tls or self.trusted)
 
     async def smtp_AUTH(self, arg: str) -> None:
         self.auth_failed = False

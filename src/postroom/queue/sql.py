@@ -8,6 +8,7 @@ sessions share one fsync, and nobody is told "accepted" before their row is on d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
@@ -17,7 +18,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Text,
+    and_,
+    cast,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.envelope import Envelope, new_id, summarize
@@ -117,10 +130,8 @@ class GroupCommitter:
             while self._pending:
                 await asyncio.sleep(0.01)
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
 
 @dataclass(slots=True)
@@ -344,7 +355,7 @@ class Queue:
             like = f"%{to.lower()}%"
             q = q.where(
                 or_(func.lower(messages.c.to_header).like(like),
-                    func.lower(messages.c.recipients.as_string()).like(like))
+                    func.lower(cast(messages.c.recipients, Text)).like(like))
             )
         if sender:
             like = f"%{sender.lower()}%"

@@ -8,6 +8,7 @@ recipients still pending are sent on the next try.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -91,7 +92,7 @@ class Worker:
     def __post_init__(self) -> None:
         self._wake = asyncio.Event()
         self._stopping = False
-        self._inflight: dict[str, tuple[Claimed, asyncio.Task[None]]] = {}
+        self._inflight: dict[str, tuple[Claimed, asyncio.Task[dict[str, Any]]]] = {}
         self.delivered = 0
 
     def wake(self) -> None:
@@ -114,16 +115,15 @@ class Worker:
             for msg in claimed:
                 task = asyncio.create_task(self.deliver(msg), name=f"deliver-{msg.id}")
                 self._inflight[msg.id] = (msg, task)
-                task.add_done_callback(lambda _t, mid=msg.id: self._done(mid))
+                task.add_done_callback(self._done)
             if claimed and len(claimed) == min(free, self.cfg.claim_batch):
                 continue  # more may be due right now
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
-            except TimeoutError:
-                pass
 
-    def _done(self, msg_id: str) -> None:
+    def _done(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        msg_id = task.get_name().removeprefix("deliver-")
         self._inflight.pop(msg_id, None)
         self._wake.set()  # a slot is free
 
@@ -183,7 +183,8 @@ class Worker:
             "error_code": err.code if err else None,
             "permanent": bool(err and err.permanent),
             "recipients": {
-                r: {"code": res.code, "reply": res.reply[:500], "state": msg.rcpt_status[r]["state"]}
+                r: {"code": res.code, "reply": res.reply[:500],
+                    "state": msg.rcpt_status[r]["state"]}
                 for r, res in results.items()
             },
             "transcript": (err.transcript if err else result.transcript if result else ""),

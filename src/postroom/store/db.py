@@ -73,4 +73,6 @@ def migrate(engine: Engine) -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except SQLAlchemyError as err:
-        raise StoreError(f"cannot open or migrate the database: {err}", code="store.migrate") from err
+        raise StoreError(
+            f"cannot open or migrate the database: {err}", code="store.migrate"
+        ) from err

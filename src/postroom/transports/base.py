@@ -69,5 +69,5 @@ class Transport(abc.ABC):
         """Connect and authenticate without sending; return a transcript. Raises on failure."""
         return ""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Close pooled sessions (graceful shutdown)."""

@@ -1,0 +1,122 @@
+"""Run a real `postroom serve` (or `worker`, or any CLI command) in a subprocess for tests.
+
+Ports are picked free on 127.0.0.1; every wait is bounded; stop() always reaps the process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+class Postroom:
+    """A temporary Postroom instance: its own config file, data folder and ports."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        connections: str = "",
+        server: str = "",
+        delivery: str = "min_backoff = 1\nmax_backoff = 2\npoll_interval = 0.2\n",
+        env: dict[str, str] | None = None,
+        smtps: bool = False,
+    ) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.smtp_port = free_port()
+        self.smtps_port = free_port() if smtps else None
+        self.config = root / "postroom.toml"
+        smtps_line = f'smtps_listen = "127.0.0.1:{self.smtps_port}"\n' if smtps else ""
+        self.config.write_text(
+            "[server]\n"
+            f'data_dir = "data"\nsmtp_listen = "127.0.0.1:{self.smtp_port}"\n{smtps_line}'
+            f'hostname = "postroom.test"\nauth_failure_delay = 0.2\n{server}\n'
+            f"[delivery]\n{delivery}\n{connections}\n"
+        )
+        self.env = {**os.environ, **(env or {})}
+        self.env.pop("POSTROOM_CONFIG", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "serve.log"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "data" / "tls" / "cert.pem"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "data" / "postroom.db"
+
+    def start(self, command: str = "serve", timeout: float = 30.0) -> Postroom:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postroom.cli", command, "--config", str(self.config)],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+        )
+        if command == "serve":
+            try:
+                wait_port(self.smtp_port, timeout=timeout)
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"postroom serve did not start:\n{self.log.read_text()}")
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return proc.wait(10)
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def cli(self, *args: str, input: bytes | None = None, timeout: float = 60) -> Any:
+        """Run `postroom ARGS --config ...`; returns the CompletedProcess (text output)."""
+        return subprocess.run(
+            [sys.executable, "-m", "postroom.cli", *args, "--config", str(self.config)],
+            input=input,
+            capture_output=True,
+            env={**self.env, "COLUMNS": "200"},
+            timeout=timeout,
+        )
+
+    def __enter__(self) -> Postroom:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
