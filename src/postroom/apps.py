@@ -35,7 +35,7 @@ def _check_name(name: str) -> None:
 class Apps:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._ok: dict[str, tuple[bytes, float]] = {}
+        self._ok: dict[str, tuple[bytes, float, str]] = {}  # name -> (digest, until, hash)
         self._lock = threading.Lock()
 
     def add(self, name: str) -> str:
@@ -72,12 +72,15 @@ class Apps:
     def verify(self, name: str, secret: str) -> bool:
         digest = hashlib.sha256(f"{name}\0{secret}".encode()).digest()
         now = time.monotonic()
-        with self._lock:
-            hit = self._ok.get(name)
-        if hit is not None and hit[1] > now and secrets.compare_digest(hit[0], digest):
-            return True
+        # Always look the app up: `postroom app remove` runs in another process, so the
+        # cache cannot be told; only the argon2 check is skipped on a hit for the same hash.
         with self.engine.connect() as conn:
             stored = conn.execute(select(apps.c.secret_hash).where(apps.c.name == name)).scalar()
+        with self._lock:
+            hit = self._ok.get(name)
+        if (hit is not None and stored is not None and hit[1] > now and hit[2] == stored
+                and secrets.compare_digest(hit[0], digest)):
+            return True
         if stored is None:
             _hasher.hash(secret)  # same cost as a real check: no user enumeration by timing
             return False
@@ -86,7 +89,7 @@ class Apps:
         except (VerificationError, InvalidHashError):
             return False
         with self._lock:
-            self._ok[name] = (digest, now + _CACHE_TTL)
+            self._ok[name] = (digest, now + _CACHE_TTL, stored)
         with self.engine.begin() as conn:
             conn.execute(update(apps).where(apps.c.name == name).values(last_used_at=time.time()))
         return True

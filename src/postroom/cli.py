@@ -46,8 +46,12 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _fail(err: PostroomError) -> None:
-    _console(stderr=True).print(f"[bold red]error[/] [dim]({err.code})[/]: {err.message}",
-                                markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    # Escape: messages quote TOML like "[server]" or "[[connections]]", which Rich would
+    # otherwise take for markup tags and drop.
+    _console(stderr=True).print(f"[bold red]error[/] [dim]({escape(err.code)})[/]: "
+                                f"{escape(err.message)}", markup=True, soft_wrap=True)
     raise typer.Exit(2 if isinstance(err, ConfigError) else 1)
 
 
@@ -112,6 +116,9 @@ def worker(config: ConfigOpt = None) -> None:
 
 
 # -- sending ------------------------------------------------------------------------------
+NOW_HOLD = 60.0  # `send --now` / `test`: seconds a running worker leaves the message to us
+
+
 def _deliver_now(inst: Any, msg_id: str) -> dict[str, Any]:
     from postroom.queue.sql import worker_id
     from postroom.queue.worker import Worker
@@ -137,12 +144,15 @@ def _deliver_now(inst: Any, msg_id: str) -> dict[str, Any]:
 
 
 def _print_attempt(a: dict[str, Any]) -> None:
+    from rich.markup import escape
+
     con = _console()
     style = _STATUS_STYLE.get(a["outcome"], "white")
     con.print(f"[bold]attempt[/] via [bold]{a['connection']}[/] {_when(a['started_at'])} "
               f"({(a['ended_at'] - a['started_at']) * 1000:.0f} ms): [{style}]{a['outcome']}[/]")
     if a.get("error_code"):
-        con.print(f"  error [dim]({a['error_code']})[/]: {a.get('reply_text') or ''}")
+        con.print(f"  error [dim]({escape(a['error_code'])})[/]: "
+                  f"{escape(a.get('reply_text') or '')}")
     for rcpt, r in (a.get("recipients") or {}).items():
         con.print(f"  {rcpt}: {r.get('code')} {r.get('reply', '')} → {r.get('state')}",
                   markup=False)
@@ -193,7 +203,8 @@ def send(
         return Envelope(sender, rcpts, raw, source="cli", connection=connection)
 
     env = _guard(build)
-    msg_id = _guard(lambda: inst.queue.enqueue_sync(env))
+    # With --now, held back from running workers, so that this process is the one to deliver.
+    msg_id = _guard(lambda: inst.queue.enqueue_sync(env, hold=NOW_HOLD if now else 0.0))
     _console().print(f"queued {msg_id}")
     if now:
         attempt = _deliver_now(inst, msg_id)
@@ -227,7 +238,7 @@ def test(
         return Envelope(frm, [to], raw, source="cli:test", connection=connection)
 
     env = _guard(build)
-    msg_id = _guard(lambda: inst.queue.enqueue_sync(env))
+    msg_id = _guard(lambda: inst.queue.enqueue_sync(env, hold=NOW_HOLD))
     attempt = _deliver_now(inst, msg_id)
     _print_attempt(attempt)
     if attempt["outcome"] != "sent":
@@ -260,6 +271,7 @@ def log_cmd(
         for r in rows:
             print(json.dumps(r, default=str))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} message(s)", title_justify="left")
@@ -267,9 +279,11 @@ def log_cmd(
         table.add_column(col, overflow="fold")
     for r in rows:
         style = _STATUS_STYLE.get(r["status"], "white")
+        # Cells are markup: escape what comes from mail (a Subject like "[URGENT] ... [/]").
         table.add_row(r["id"][:12], _when(r["created_at"]), f"[{style}]{r['status']}[/]",
-                      r["sender"] or "<>", ", ".join(r["recipients"]), r["subject"],
-                      str(r["attempt_count"]), (r["last_error"] or "")[:80])
+                      escape(r["sender"] or "<>"), escape(", ".join(r["recipients"])),
+                      escape(r["subject"]), str(r["attempt_count"]),
+                      escape((r["last_error"] or "")[:80]))
     _console().print(table)
 
 

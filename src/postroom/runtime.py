@@ -26,7 +26,8 @@ class Instance:
     engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # 0700: the folder holds message bodies, the database and the encryption key.
+        self.settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.engine = make_engine(
             self.settings.database_url, synchronous=self.settings.server.sqlite_synchronous
         )

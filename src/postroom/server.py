@@ -17,6 +17,14 @@ from postroom.settings import Settings
 log = logging.getLogger("postroom")
 
 
+def setup_logging() -> None:
+    """One line per event on stderr; aiosmtpd's per-connection chatter only when debugging."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -34,6 +42,7 @@ async def serve(
     ready: Callable[[list[tuple[str, int]]], None] | None = None,
 ) -> None:
     """Listen for mail (and deliver it, unless ``server.worker = false``) until stopped."""
+    setup_logging()
     inst = Instance(settings)
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
@@ -88,6 +97,7 @@ async def serve(
 
 async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """A delivery worker alone (scale-out): claims from the shared queue until stopped."""
+    setup_logging()
     inst = Instance(settings)
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)

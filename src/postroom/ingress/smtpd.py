@@ -67,7 +67,8 @@ class PostroomSMTP(SMTP):  # type: ignore[misc]
         self.implicit_tls = implicit_tls
         self.trusted = False
         self.auth_failures = 0
-        self.auth_failed = False
+        self.auth_pending: LoginPassword | None = None
+        self.verify = handler.apps.verify
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None  # not the second call made by STARTTLS
@@ -80,17 +81,37 @@ class PostroomSMTP(SMTP):  # type: ignore[misc]
             self._auth_require_tls = not (self.implicit_tls or self.trusted)
 
     async def smtp_AUTH(self, arg: str) -> None:
-        self.auth_failed = False
+        # aiosmtpd parses the exchange and hands the credentials to Handler.authenticator,
+        # which only parks them here; the answer is given below, after an argon2 check in a
+        # thread (it takes ~0.1 s on purpose and must not stall every other session).
+        self.auth_pending = None
         await super().smtp_AUTH(arg)
-        if not self.auth_failed:
+        creds, self.auth_pending = self.auth_pending, None
+        if creds is None:
+            return  # aiosmtpd already answered (bad base64, unknown mechanism, aborted...)
+        try:
+            ok = await asyncio.to_thread(
+                self.verify, creds.login.decode(), creds.password.decode()
+            )
+        except UnicodeDecodeError:
+            ok = False
+        assert self.session is not None
+        if ok:
+            self.session.authenticated = True
+            self.session.auth_data = creds
+            self.session.login_data = creds.login
+            await self.push("235 2.7.0 Authentication successful")
             return
         self.auth_failures += 1
         log.warning("failed AUTH from %s (%d)", self.session.peer, self.auth_failures)
-        # Slow down guessing: nothing else is read from this client until the delay passes.
+        # Delay the failure reply itself (as Dovecot does), so guessing is slow even for a
+        # client that opens a new connection for every try.
         await asyncio.sleep(self.policy.auth_failure_delay)
+        await self.push("535 5.7.8 Authentication credentials invalid")
         if self.auth_failures >= self.policy.max_auth_failures:
             await self.push("421 4.7.0 Too many failed authentication attempts, closing")
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
 
 
 class Handler:
@@ -112,16 +133,10 @@ class Handler:
         self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, mechanism: str,
         auth_data: Any,
     ) -> AuthResult:
-        ok = False
-        if isinstance(auth_data, LoginPassword):
-            try:
-                ok = self.apps.verify(auth_data.login.decode(), auth_data.password.decode())
-            except UnicodeDecodeError:
-                ok = False
-        if not ok:
-            server.auth_failed = True
-            return AuthResult(success=False, handled=False)
-        return AuthResult(success=True, auth_data=auth_data)
+        # Checked asynchronously by PostroomSMTP.smtp_AUTH, which also sends the reply.
+        server.auth_pending = auth_data if isinstance(auth_data, LoginPassword) else (
+            LoginPassword(b"", b""))
+        return AuthResult(success=False, handled=True)
 
     async def handle_EHLO(
         self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, hostname: str,
@@ -137,6 +152,8 @@ class Handler:
     ) -> str:
         if not session.authenticated and not (server.trusted and self.policy.trusted_without_auth):
             return "530 5.7.0 Authentication required: log in with an app's credentials first"
+        if address == "<>":  # the null reverse-path (bounces, DSNs; RFC 5321 4.5.5)
+            address = ""
         try:
             validate_address(address, allow_empty=True)
         except MessageError as err:

@@ -153,7 +153,7 @@ class Claimed:
         return [r for r in self.recipients if self.rcpt_status[r]["state"] == "pending"]
 
 
-def message_row(env: Envelope, now: float, lifetime: float) -> dict[str, Any]:
+def message_row(env: Envelope, now: float, lifetime: float, hold: float = 0.0) -> dict[str, Any]:
     if not env.recipients:
         raise MessageError("a message needs at least one recipient", code="message.no_recipients")
     summary = summarize(env.raw)
@@ -162,7 +162,7 @@ def message_row(env: Envelope, now: float, lifetime: float) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
         "status": QUEUED,
-        "next_attempt_at": now,
+        "next_attempt_at": now + hold,
         "expires_at": now + lifetime,
         "attempt_count": 0,
         "sender": env.sender,
@@ -192,8 +192,8 @@ class Queue:
         self.writer = GroupCommitter(engine)
 
     # -- enqueue -------------------------------------------------------------------------
-    def _enqueue_op(self, envs: Sequence[Envelope]) -> Op:
-        rows = [message_row(e, self.clock(), self.lifetime) for e in envs]
+    def _enqueue_op(self, envs: Sequence[Envelope], hold: float = 0.0) -> Op:
+        rows = [message_row(e, self.clock(), self.lifetime, hold) for e in envs]
 
         def op(conn: Connection) -> list[str]:
             conn.execute(insert(messages), rows)
@@ -206,8 +206,11 @@ class Queue:
         ids: list[str] = await self.writer.submit(self._enqueue_op([env]))
         return ids[0]
 
-    def enqueue_sync(self, env: Envelope) -> str:
-        ids: list[str] = self.writer.run_sync(self._enqueue_op([env]))
+    def enqueue_sync(self, env: Envelope, *, hold: float = 0.0) -> str:
+        """``hold``: not due for workers before that many seconds, for a caller that claims
+        it at once with ``claim(only=...)`` (`send --now`): a running worker cannot take it
+        first, and it is still delivered if that caller dies before claiming."""
+        ids: list[str] = self.writer.run_sync(self._enqueue_op([env], hold))
         return ids[0]
 
     # -- claim / finish / release ----------------------------------------------------------

@@ -94,6 +94,7 @@ class Worker:
         self._stopping = False
         self._inflight: dict[str, tuple[Claimed, asyncio.Task[dict[str, Any]]]] = {}
         self.delivered = 0
+        self._run_task: asyncio.Task[Any] | None = None
 
     def wake(self) -> None:
         """New mail is due (called by an in-process listener): claim without waiting."""
@@ -101,6 +102,7 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and deliver until :meth:`stop` is called."""
+        self._run_task = asyncio.current_task()
         slots = self.cfg.concurrency
         while not self._stopping:
             free = slots - len(self._inflight)
@@ -118,6 +120,8 @@ class Worker:
                 task.add_done_callback(self._done)
             if claimed and len(claimed) == min(free, self.cfg.claim_batch):
                 continue  # more may be due right now
+            if self._stopping:
+                break
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
@@ -132,9 +136,16 @@ class Worker:
         them and hand their messages back to the queue (due at once)."""
         self._stopping = True
         self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        run_task = self._run_task
+        if run_task is not None and run_task is not asyncio.current_task():
+            # Let run() return by itself: cancelled while awaiting a claim, the rows it just
+            # leased would stay 'sending', delivered by nobody until the lease runs out.
+            await asyncio.wait({run_task}, timeout=grace)
         tasks = [t for _, t in self._inflight.values()]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
             unfinished = [m for m, t in list(self._inflight.values()) if t in pending]
             for t in pending:
                 t.cancel()
@@ -171,7 +182,12 @@ class Worker:
         now = self.clock()
         d = decide(msg, results, now, self.cfg)
         if err is not None:
+            # The session error is clearer than decide()'s per-recipient copies of it, but
+            # keep decide()'s "expired" verdict: it says why a transient error became final.
+            expired = bool(d.last_error and d.last_error.startswith("expired after"))
             d.last_error = f"{err.code}: {err.message}"
+            if expired:
+                d.last_error = f"expired after {msg.attempt_count + 1} attempts; {d.last_error}"
         attempt = {
             "connection": name or "-",
             "started_at": started,
@@ -195,6 +211,11 @@ class Worker:
         ):
             log.warning("message %s: lease lost before the result was recorded", msg.id)
         self.delivered += 1
+        # One line per attempt, like Postfix's maillog: enough to follow mail without the UI.
+        log.info(
+            "%s: to=%s via=%s status=%s tries=%d%s", msg.id, ",".join(rcpts), name or "-",
+            d.status, msg.attempt_count + 1, f" error={d.last_error}" if d.last_error else "",
+        )
         if self.on_delivered is not None:
             self.on_delivered(msg, d)
         return attempt

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -141,6 +142,7 @@ class Transport(base.Transport):
         super().__init__(settings, ctx)
         s = settings
         self._idle: list[_Session] = []
+        self._busy: set[_Session] = set()  # sessions in a transaction, aborted by aclose()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(s.max_sessions)
         self._pool = ThreadPoolExecutor(s.max_sessions, thread_name_prefix=f"smtp-{s.name}")
@@ -387,6 +389,8 @@ class Transport(base.Transport):
             sess: _Session | None = None
             try:
                 sess = self._acquire(transcript)
+                with self._lock:
+                    self._busy.add(sess)
                 result = self._transaction(sess, env)
             except DeliveryError as err:
                 err.transcript = "\n".join(transcript)
@@ -401,6 +405,10 @@ class Transport(base.Transport):
                     raise
                 mapped.transcript = "\n".join(transcript)
                 raise mapped from err
+            finally:
+                if sess is not None:
+                    with self._lock:
+                        self._busy.discard(sess)
             self._release(sess)
             result.transcript = "\n".join(transcript)
             return result
@@ -489,6 +497,16 @@ class Transport(base.Transport):
     async def aclose(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
+            busy = list(self._busy)
+        # Sessions still in a transaction belong to deliveries the worker gave up on (the
+        # shutdown grace period is over; their messages are back in the queue). Cut them off:
+        # their threads would otherwise block the pool and the interpreter's exit until the
+        # server answers or the timeout hits, and might still complete a send now unrecorded.
+        for sess in busy:
+            sock = sess.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         loop = asyncio.get_running_loop()
         for sess in idle:
             await loop.run_in_executor(self._pool, self._quit, sess)
@@ -515,7 +533,11 @@ def _map_error(err: BaseException, s: Settings, after_data: bool) -> BaseExcepti
                     "for port 587/25, \"smtps\" for 465)")
         mapped = TLSError(f"TLS handshake with {where} failed: {err.reason}{hint}",
                           code="tls.handshake")
-    elif isinstance(err, (TimeoutError, socket.timeout)):
+    elif isinstance(err, (TimeoutError, socket.timeout)) or (
+        # smtplib's getreply() turns a read timeout into SMTPServerDisconnected
+        isinstance(err, smtplib.SMTPServerDisconnected)
+        and isinstance(err.__context__, TimeoutError)
+    ):
         mapped = TimeoutError_(f"{where} did not answer in time", code="timeout")
     elif isinstance(err, smtplib.SMTPServerDisconnected):
         mapped = ConnectError(f"{where} closed the connection: {err}", code="connect.lost")
