@@ -17,8 +17,7 @@ succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``
         ├── TLSError                 handshake or certificate verification failed
         ├── AuthError                credentials rejected or mechanism unusable
         ├── SenderRejected           MAIL FROM refused
-        ├── RecipientsRejected       every RCPT TO refused
-        ├── DataRejected             the message content refused after DATA
+        ├── DataRejected             the message cannot be sent as it is (e.g. over SIZE)
         ├── ProtocolError            the server spoke something we do not understand
         └── UnsupportedFeature       the message needs something the server lacks (SMTPUTF8)
 """
@@ -66,7 +65,9 @@ class MessageError(PostroomError):
 
 
 class DeliveryError(PostroomError):
-    """One delivery attempt failed. ``reply_code``/``reply_text`` hold the server's answer."""
+    """One delivery attempt failed as a whole. ``reply_code``/``reply_text`` hold the server's
+    answer. (Refusals of single recipients are not errors: the transport reports them per
+    recipient, see transports.base.DeliveryResult.)"""
 
     code = "delivery"
     permanent = False
@@ -120,10 +121,6 @@ class AuthError(DeliveryError):
 
 class SenderRejected(DeliveryError):
     code = "sender.rejected"
-
-
-class RecipientsRejected(DeliveryError):
-    code = "recipients.rejected"
 
 
 class DataRejected(DeliveryError):

@@ -583,7 +583,8 @@ def _xoauth2(user: str, token: str, _h: str, _p: int) -> Any:
 
 def _oauthbearer(user: str, token: str, host: str, port: int) -> Any:
     # RFC 7628 section 3.1; the error response to a JSON challenge is a single %x01.
-    first = f"n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
+    saslname = user.replace("=", "=3D").replace(",", "=2C")  # RFC 5801 section 4
+    first = f"n,a={saslname},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
     return lambda ch: first.encode() if ch is None else b"\x01"
 
 

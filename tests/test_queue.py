@@ -1,0 +1,728 @@
+"""Queue and worker unit tests on a temporary SQLite store, with a fake clock and the
+in-memory transport. No network, no subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy import Engine, event
+
+from postroom.envelope import Envelope
+from postroom.exceptions import DeliveryError, StoreError
+from postroom.message import compose
+from postroom.queue.backoff import backoff
+from postroom.queue.sql import Claimed, Queue
+from postroom.queue.worker import Worker, decide
+from postroom.settings import DeliverySettings
+from postroom.store.db import make_engine, migrate
+from postroom.transports import base, memory
+
+T = TypeVar("T")
+T0 = 1_800_000_000.0
+CONN = "mem"
+
+
+class FakeClock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture(autouse=True)
+def _clean_memory_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The memory transport keeps its outboxes and rejections on the class: isolate each test.
+    monkeypatch.setattr(memory.Transport, "outboxes", {})
+    monkeypatch.setattr(memory.Transport, "rejections", {})
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "queue.db"
+
+
+@pytest.fixture
+def engine(db_path: Path) -> Iterator[Engine]:
+    eng = make_engine(f"sqlite:///{db_path}")
+    migrate(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def queue(engine: Engine, clock: FakeClock) -> Queue:
+    return Queue(engine, lifetime=5 * 86400, clock=clock)
+
+
+def run(queue: Queue, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run one async scenario on a fresh loop and close the group committer after it."""
+
+    async def main() -> T:
+        try:
+            return await fn()
+        finally:
+            await queue.writer.aclose()
+
+    return asyncio.run(main())
+
+
+def envelope(*rcpts: str, subject: str = "hello", sender: str = "app@example.org") -> Envelope:
+    raw = compose(sender=sender, to=list(rcpts), subject=subject, text="body\n")
+    return Envelope(sender, list(rcpts), raw, source="test")
+
+
+def cfg(**kw: Any) -> DeliverySettings:
+    return DeliverySettings(**kw)  # defaults: min_backoff 300, max_backoff 4000 (Postfix)
+
+
+def mem_transport(name: str = CONN) -> memory.Transport:
+    return memory.Transport(memory.Settings(name=name), base.TransportContext(ehlo_name="test"))
+
+
+def make_worker(queue: Queue, clock: FakeClock, transport: base.Transport | None = None,
+                **delivery: Any) -> Worker:
+    t = transport or mem_transport()
+    return Worker(queue, {t.name: t}, cfg(**delivery), default_connection=t.name,
+                  owner="worker-test", clock=clock)
+
+
+def row(db_path: Path, msg_id: str) -> sqlite3.Row | None:
+    """Read a message row through a separate, plain sqlite3 connection."""
+    con = sqlite3.connect(db_path)
+    con.row_factory = sqlite3.Row
+    try:
+        return con.execute("SELECT * FROM messages WHERE id = ?", (msg_id,)).fetchone()
+    finally:
+        con.close()
+
+
+async def attempt_once(queue: Queue, worker: Worker, lease: float = 600) -> list[dict[str, Any]]:
+    """Claim whatever is due and deliver it once; returns the attempt rows."""
+    claimed = await queue.claim("worker-test", 100, lease)
+    return [await worker.deliver(m) for m in claimed]
+
+
+# -- enqueue ------------------------------------------------------------------------------------
+def test_enqueue_is_durable_when_it_returns(queue: Queue, db_path: Path) -> None:
+    async def go() -> str:
+        msg_id = await queue.enqueue(envelope("bob@example.test"))
+        # Committed: a different connection (another process, in effect) sees the row now.
+        r = row(db_path, msg_id)
+        assert r is not None
+        assert r["status"] == "queued"
+        assert r["attempt_count"] == 0
+        assert r["next_attempt_at"] == T0
+        assert r["expires_at"] == T0 + 5 * 86400
+        assert r["subject"] == "hello"
+        assert r["raw"].startswith(b"From: app@example.org\r\n")
+        return msg_id
+
+    run(queue, go)
+
+
+def test_sqlite_is_wal_with_full_fsync(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_concurrent_enqueues_are_group_committed(queue: Queue, engine: Engine,
+                                                 db_path: Path) -> None:
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda _conn: commits.append(1))
+
+    async def go() -> list[str]:
+        envs = [envelope(f"user{i}@example.test", subject=f"m{i}") for i in range(200)]
+        return list(await asyncio.gather(*(queue.enqueue(e) for e in envs)))
+
+    ids = run(queue, go)
+    assert len(set(ids)) == 200
+    con = sqlite3.connect(db_path)
+    try:
+        stored = {r[0] for r in con.execute("SELECT id FROM messages")}
+    finally:
+        con.close()
+    assert stored == set(ids)
+    print(f"200 concurrent enqueues -> {len(commits)} commit(s)")
+    assert 1 <= len(commits) <= 10, f"{len(commits)} commits for 200 enqueues: not grouped"
+
+
+def test_one_bad_row_does_not_fail_its_neighbours(queue: Queue, db_path: Path) -> None:
+    async def go() -> list[Any]:
+        first = envelope("a@example.test")
+        await queue.enqueue(first)
+        dupe = envelope("b@example.test")
+        dupe.id = first.id  # primary-key clash
+        others = [envelope(f"c{i}@example.test") for i in range(5)]
+        return list(await asyncio.gather(*(queue.enqueue(e) for e in [*others, dupe]),
+                                         return_exceptions=True))
+
+    results = run(queue, go)
+    assert isinstance(results[-1], StoreError)
+    assert all(isinstance(r, str) for r in results[:-1])
+    for msg_id in results[:-1]:
+        assert row(db_path, msg_id) is not None
+
+
+# -- claim / lease / finish / release ------------------------------------------------------------
+def test_claim_leases_and_reclaims_after_expiry(queue: Queue, clock: FakeClock) -> None:
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("bob@example.test"))
+        first = await queue.claim("w1", 10, lease=60)
+        assert [m.id for m in first] == [msg_id]
+        assert first[0].pending == ["bob@example.test"]
+        assert await queue.claim("w2", 10, lease=60) == []  # leased
+        clock.advance(59)
+        assert await queue.claim("w2", 10, lease=60) == []  # still leased
+        clock.advance(2)  # lease over: the first worker is presumed dead
+        second = await queue.claim("w2", 10, lease=60)
+        assert [m.id for m in second] == [msg_id]
+        assert second[0].token != first[0].token
+        attempt = {"connection": CONN, "started_at": clock(), "ended_at": clock(),
+                   "outcome": "sent", "recipients": {}, "transcript": "", "permanent": False}
+        # The first worker comes back too late: its result is not applied.
+        assert await queue.finish(first[0], status="sent", next_attempt_at=clock(),
+                                  last_error=None, attempt=attempt) is False
+        assert queue.get(msg_id)["status"] == "sending"  # type: ignore[index]
+        assert await queue.finish(second[0], status="sent", next_attempt_at=clock(),
+                                  last_error=None, attempt=attempt) is True
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "sent"
+        assert m["lease_owner"] is None
+        assert m["attempt_count"] == 1
+
+    run(queue, go)
+
+
+def test_claim_respects_limit_and_due_time(queue: Queue, clock: FakeClock) -> None:
+    async def go() -> None:
+        ids = [await queue.enqueue(envelope(f"u{i}@example.test")) for i in range(5)]
+        got = await queue.claim("w", 3, lease=60)
+        assert len(got) == 3
+        rest = await queue.claim("w", 10, lease=60)
+        assert {m.id for m in got + rest} == set(ids)
+        assert await queue.claim("w", 10, lease=60) == []
+
+    run(queue, go)
+
+
+def test_claim_only_one_message(queue: Queue) -> None:
+    async def go() -> None:
+        a = await queue.enqueue(envelope("a@example.test"))
+        b = await queue.enqueue(envelope("b@example.test"))
+        got = await queue.claim("w", 10, lease=60, only=b)
+        assert [m.id for m in got] == [b]
+        assert await queue.claim("w", 10, lease=60, only=b) == []  # already leased
+        assert [m.id for m in await queue.claim("w", 10, lease=60)] == [a]
+
+    run(queue, go)
+
+
+def test_enqueue_with_hold_is_left_to_the_caller(queue: Queue, clock: FakeClock) -> None:
+    """`send --now` enqueues with a hold: workers leave it alone; claim(only=) takes it."""
+    msg_id = queue.enqueue_sync(envelope("a@example.test"), hold=60)
+
+    async def go() -> None:
+        assert await queue.claim("worker", 10, lease=60) == []
+        assert [m.id for m in await queue.claim("cli", 1, lease=60, only=msg_id)] == [msg_id]
+
+    run(queue, go)
+    other = queue.enqueue_sync(envelope("b@example.test"), hold=60)
+    clock.advance(60)  # the caller died before claiming: a worker delivers it after the hold
+
+    async def later() -> None:
+        assert [m.id for m in await queue.claim("worker", 10, lease=60)] == [other]
+
+    asyncio.run(later())
+
+
+def test_release_puts_messages_back(queue: Queue, clock: FakeClock) -> None:
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("bob@example.test"))
+        claimed = await queue.claim("w1", 10, lease=600)
+        await queue.release(claimed)
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "queued"  # never attempted: back to queued
+        assert m["lease_owner"] is None and m["lease_until"] is None
+        again = await queue.claim("w2", 10, lease=600)  # due at once, no lease wait
+        assert [c.id for c in again] == [msg_id]
+
+    run(queue, go)
+
+
+def test_release_of_a_retried_message_keeps_it_deferred(queue: Queue, clock: FakeClock) -> None:
+    memory.Transport.rejections["bob@example.test"] = (451, "4.3.0 try later")
+    worker = make_worker(queue, clock)
+
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("bob@example.test"))
+        await attempt_once(queue, worker)
+        clock.advance(300)
+        claimed = await queue.claim("w", 10, lease=600)
+        await queue.release(claimed)
+        m = queue.get(msg_id)
+        assert m is not None
+        assert (m["status"], m["attempt_count"], m["next_attempt_at"]) == ("deferred", 1, clock())
+
+    run(queue, go)
+
+
+def test_release_ignores_a_lost_lease(queue: Queue, clock: FakeClock) -> None:
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("bob@example.test"))
+        old = await queue.claim("w1", 10, lease=10)
+        clock.advance(11)
+        new = await queue.claim("w2", 10, lease=600)
+        await queue.release(old)  # must not take the message away from w2
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "sending"
+        assert m["lease_owner"] == new[0].token
+
+    run(queue, go)
+
+
+# -- decide() -----------------------------------------------------------------------------------
+def claimed(*rcpts: str, attempt_count: int = 0, expires_at: float = T0 + 86400) -> Claimed:
+    return Claimed(id="m1", token="t", sender="s@example.org", recipients=list(rcpts),
+                   rcpt_status={r: {"state": "pending"} for r in rcpts}, raw=b"",
+                   connection=None, attempt_count=attempt_count, expires_at=expires_at)
+
+
+R = base.RecipientResult
+
+
+def test_decide_all_accepted_is_sent() -> None:
+    msg = claimed("a@x.test", "b@x.test")
+    d = decide(msg, {"a@x.test": R(250, "ok"), "b@x.test": R(250, "ok")}, T0, cfg())
+    assert (d.status, d.outcome, d.last_error) == ("sent", "sent", None)
+    assert {v["state"] for v in msg.rcpt_status.values()} == {"sent"}
+
+
+def test_decide_5xx_and_250_is_partial() -> None:
+    msg = claimed("a@x.test", "b@x.test")
+    d = decide(msg, {"a@x.test": R(250, "ok"), "b@x.test": R(550, "5.1.1 no such user")}, T0,
+               cfg())
+    assert d.status == "partial"
+    assert msg.rcpt_status["a@x.test"]["state"] == "sent"
+    assert msg.rcpt_status["b@x.test"] == {"state": "failed", "code": 550,
+                                           "reply": "5.1.1 no such user"}
+    assert d.last_error is not None and "b@x.test: 550" in d.last_error
+    assert msg.pending == []
+
+
+def test_decide_all_5xx_is_failed() -> None:
+    msg = claimed("a@x.test")
+    d = decide(msg, {"a@x.test": R(554, "5.7.1 rejected")}, T0, cfg())
+    assert d.status == "failed"
+
+
+def test_decide_4xx_defers_with_postfix_backoff() -> None:
+    waits = []
+    for n in range(8):
+        msg = claimed("a@x.test", attempt_count=n, expires_at=T0 + 10 * 86400)
+        d = decide(msg, {"a@x.test": R(451, "4.3.0 later")}, T0, cfg())
+        assert d.status == "deferred"
+        waits.append(d.next_attempt_at - T0)
+    assert waits == [300, 600, 1200, 2400, 4000, 4000, 4000, 4000]
+    assert [backoff(n, 300, 4000) for n in range(0, 6)] == [0, 300, 600, 1200, 2400, 4000]
+    assert backoff(10_000, 300, 4000) == 4000  # no overflow on huge attempt counts
+
+
+def test_decide_expiry_fails_what_is_left() -> None:
+    msg = claimed("a@x.test", "b@x.test", attempt_count=3, expires_at=T0 + 100)
+    d = decide(msg, {"a@x.test": R(250, "ok"), "b@x.test": R(421, "4.4.2 timeout")}, T0, cfg())
+    assert d.status == "partial"
+    assert d.last_error is not None and d.last_error.startswith("expired after 4 attempts")
+    assert msg.rcpt_status["b@x.test"]["state"] == "failed"
+    assert "maximum lifetime" in msg.rcpt_status["b@x.test"]["reply"]
+
+
+# -- the worker with the memory transport ----------------------------------------------------------
+def test_worker_delivers_everything(queue: Queue, clock: FakeClock) -> None:
+    worker = make_worker(queue, clock)
+
+    async def go() -> None:
+        ids = [await queue.enqueue(envelope(f"u{i}@example.test", subject=f"s{i}"))
+               for i in range(30)]
+        attempts = await attempt_once(queue, worker)
+        assert [a["outcome"] for a in attempts] == ["sent"] * 30
+        for msg_id in ids:
+            m = queue.get(msg_id)
+            assert m is not None
+            assert m["status"] == "sent"
+            assert m["attempt_count"] == 1
+            assert len(m["attempts"]) == 1
+            assert m["attempts"][0]["connection"] == CONN
+        outbox = memory.Transport.outboxes[CONN]
+        assert sorted(e.id for e in outbox) == sorted(ids)
+
+    run(queue, go)
+
+
+def test_worker_run_loop_and_stop(queue: Queue) -> None:
+    worker = Worker(queue, {CONN: mem_transport()}, cfg(poll_interval=0.05), CONN)
+
+    async def go() -> None:
+        ids = [await queue.enqueue(envelope(f"u{i}@example.test")) for i in range(120)]
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(20):
+                while queue.counts().get("sent", 0) < len(ids):
+                    await asyncio.sleep(0.05)
+        finally:
+            await worker.stop(grace=5)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert queue.counts() == {"sent": 120}
+        assert len(memory.Transport.outboxes[CONN]) == 120  # each exactly once
+
+    run(queue, go)
+
+
+def test_partial_delivery_is_final_and_sends_only_to_accepted(queue: Queue,
+                                                              clock: FakeClock) -> None:
+    memory.Transport.rejections["bad@example.test"] = (550, "5.1.1 no such user")
+    worker = make_worker(queue, clock)
+
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("good@example.test", "bad@example.test"))
+        [attempt] = await attempt_once(queue, worker)
+        assert attempt["outcome"] == "partial"
+        assert attempt["recipients"]["bad@example.test"]["code"] == 550
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "partial"
+        assert m["rcpt_status"]["good@example.test"]["state"] == "sent"
+        assert m["rcpt_status"]["bad@example.test"]["state"] == "failed"
+        [env] = memory.Transport.outboxes[CONN]
+        assert env.recipients == ["good@example.test"]
+        clock.advance(10 * 86400)  # final: never claimed again
+        assert await queue.claim("w", 10, lease=60) == []
+
+    run(queue, go)
+
+
+def test_deferred_retries_only_the_pending_recipient_with_backoff(queue: Queue,
+                                                                   clock: FakeClock) -> None:
+    memory.Transport.rejections["slow@example.test"] = (451, "4.2.0 mailbox busy")
+    worker = make_worker(queue, clock)
+
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("fast@example.test", "slow@example.test"))
+        waits = []
+        for _ in range(6):
+            [attempt] = await attempt_once(queue, worker)
+            assert attempt["outcome"] == "deferred"
+            m = queue.get(msg_id)
+            assert m is not None
+            assert m["status"] == "deferred"
+            assert m["last_error"] == "slow@example.test: 451 4.2.0 mailbox busy"
+            waits.append(m["next_attempt_at"] - clock())
+            clock.advance(waits[-1] - 1)
+            assert await queue.claim("w", 10, lease=60) == []  # not due before its time
+            clock.advance(1)
+        assert waits == [300, 600, 1200, 2400, 4000, 4000]
+        outbox = memory.Transport.outboxes[CONN]
+        assert [e.recipients for e in outbox] == [["fast@example.test"]]  # fast got it once
+
+        del memory.Transport.rejections["slow@example.test"]
+        [attempt] = await attempt_once(queue, worker)
+        assert attempt["outcome"] == "sent"
+        assert list(attempt["recipients"]) == ["slow@example.test"]  # only the pending one
+        assert [e.recipients for e in outbox] == [["fast@example.test"], ["slow@example.test"]]
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "sent"
+        assert m["attempt_count"] == 7
+        assert [a["outcome"] for a in m["attempts"]] == ["deferred"] * 6 + ["sent"]
+
+    run(queue, go)
+
+
+def test_lifetime_expiry_fails_with_expired(engine: Engine, clock: FakeClock) -> None:
+    queue = Queue(engine, lifetime=1000, clock=clock)
+    memory.Transport.rejections["bob@example.test"] = (451, "4.3.0 later")
+    worker = make_worker(queue, clock)
+
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("bob@example.test"))
+        outcomes = []
+        for _ in range(5):
+            attempts = await attempt_once(queue, worker)
+            if not attempts:
+                break
+            outcomes.append(attempts[0]["outcome"])
+            m = queue.get(msg_id)
+            assert m is not None
+            clock.t = max(clock.t, m["next_attempt_at"])
+        # t=0 -> retry at 300; t=300 -> at 900; t=900: 900+1200 > 1000 -> give up
+        assert outcomes == ["deferred", "deferred", "failed"]
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "failed"
+        assert "expired" in m["last_error"]
+        assert "maximum lifetime" in m["rcpt_status"]["bob@example.test"]["reply"]
+
+    run(queue, go)
+
+
+class FailingTransport(base.Transport):
+    """Raises a session-level error (connect refused, AUTH rejected, ...)."""
+
+    def __init__(self, name: str, error: Callable[[], DeliveryError]) -> None:
+        super().__init__(memory.Settings(name=name), base.TransportContext(ehlo_name="test"))
+        self.error = error
+        self.calls = 0
+
+    async def send(self, envelope: Envelope) -> base.DeliveryResult:
+        self.calls += 1
+        raise self.error()
+
+
+def test_session_error_transient_defers(queue: Queue, clock: FakeClock) -> None:
+    t = FailingTransport(CONN, lambda: DeliveryError(
+        "127.0.0.1:1 refused the connection", code="connect.refused", permanent=False))
+    worker = make_worker(queue, clock, t)
+
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("a@example.test", "b@example.test"))
+        [attempt] = await attempt_once(queue, worker)
+        assert attempt["outcome"] == "deferred"
+        assert attempt["error_code"] == "connect.refused"
+        assert attempt["permanent"] is False
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "deferred"
+        assert m["next_attempt_at"] == clock() + 300
+        assert m["last_error"] == "connect.refused: 127.0.0.1:1 refused the connection"
+        assert {v["state"] for v in m["rcpt_status"].values()} == {"pending"}
+        assert {v["code"] for v in m["rcpt_status"].values()} == {451}
+
+    run(queue, go)
+
+
+def test_session_error_permanent_fails(queue: Queue, clock: FakeClock) -> None:
+    t = FailingTransport(CONN, lambda: DeliveryError(
+        "AUTH PLAIN as x: 535 5.7.8 bad credentials", code="auth.rejected", permanent=True,
+        reply_code=535, reply_text="5.7.8 bad credentials"))
+    worker = make_worker(queue, clock, t)
+
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("a@example.test"))
+        [attempt] = await attempt_once(queue, worker)
+        assert attempt["outcome"] == "failed"
+        assert attempt["permanent"] is True
+        assert attempt["reply_code"] == 535
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "failed"
+        assert m["rcpt_status"]["a@example.test"]["code"] == 535
+        clock.advance(86400)
+        assert await queue.claim("w", 10, lease=60) == []  # no retry
+
+    run(queue, go)
+
+
+def test_session_error_at_expiry_says_expired(engine: Engine, clock: FakeClock) -> None:
+    queue = Queue(engine, lifetime=100, clock=clock)  # the first retry would be too late
+    t = FailingTransport(CONN, lambda: DeliveryError("refused", code="connect.refused"))
+    worker = make_worker(queue, clock, t)
+
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("a@example.test"))
+        [attempt] = await attempt_once(queue, worker)
+        assert attempt["outcome"] == "failed"
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "failed"
+        assert "expired" in m["last_error"]
+        assert "connect.refused" in m["last_error"]
+
+    run(queue, go)
+
+
+def test_unknown_connection_defers(queue: Queue, clock: FakeClock) -> None:
+    worker = make_worker(queue, clock)
+
+    async def go() -> None:
+        env = envelope("a@example.test")
+        env.connection = "nope"
+        msg_id = await queue.enqueue(env)
+        [attempt] = await attempt_once(queue, worker)
+        assert attempt["outcome"] == "deferred"
+        assert attempt["error_code"] == "config.connection.unknown"
+        assert queue.get(msg_id)["status"] == "deferred"  # type: ignore[index]
+
+    run(queue, go)
+
+
+def test_crashing_transport_defers_not_loses(queue: Queue, clock: FakeClock) -> None:
+    class Broken(base.Transport):
+        async def send(self, envelope: Envelope) -> base.DeliveryResult:
+            raise ZeroDivisionError("bug")
+
+    t = Broken(memory.Settings(name=CONN), base.TransportContext(ehlo_name="test"))
+    worker = make_worker(queue, clock, t)
+
+    async def go() -> None:
+        msg_id = await queue.enqueue(envelope("a@example.test"))
+        [attempt] = await attempt_once(queue, worker)
+        assert attempt["outcome"] == "deferred"
+        assert attempt["error_code"] == "internal"
+        assert queue.get(msg_id)["status"] == "deferred"  # type: ignore[index]
+
+    run(queue, go)
+
+
+class BlockingTransport(base.Transport):
+    """Never finishes a send: for graceful-shutdown tests."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(memory.Settings(name=name), base.TransportContext(ehlo_name="test"))
+        self.started = asyncio.Event()
+
+    async def send(self, envelope: Envelope) -> base.DeliveryResult:
+        self.started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_worker_stop_hands_in_flight_messages_back(queue: Queue) -> None:
+    async def go() -> None:
+        t = BlockingTransport(CONN)
+        worker = Worker(queue, {CONN: t}, cfg(poll_interval=0.05), CONN)
+        msg_id = await queue.enqueue(envelope("a@example.test"))
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(t.started.wait(), 10)
+        assert queue.get(msg_id)["status"] == "sending"  # type: ignore[index]
+        await asyncio.wait_for(worker.stop(grace=0.2), 10)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] == "queued"
+        assert m["lease_owner"] is None
+
+    run(queue, go)
+
+
+def test_worker_stop_during_a_claim_strands_nothing(queue: Queue) -> None:
+    """stop() while run() awaits a claim (then `serve` cancels run()): what that claim
+    leased must still be delivered or handed back, not left 'sending' until the lease ends."""
+
+    async def go() -> None:
+        worker = Worker(queue, {CONN: mem_transport()}, cfg(poll_interval=0.05), CONN)
+        msg_id = await queue.enqueue(envelope("a@example.test"))
+        real_claim = queue.claim
+        claiming = asyncio.Event()
+
+        async def slow_claim(*a: Any, **kw: Any) -> list[Claimed]:
+            got = await real_claim(*a, **kw)
+            if got:  # the rows are leased in the database; the caller has not seen them yet
+                claiming.set()
+                await asyncio.sleep(0.3)
+            return got
+
+        queue.claim = slow_claim  # type: ignore[method-assign]
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(claiming.wait(), 10)
+        await asyncio.wait_for(worker.stop(grace=5), 10)
+        task.cancel()  # what `postroom serve` does after stop()
+        await asyncio.gather(task, return_exceptions=True)
+        m = queue.get(msg_id)
+        assert m is not None
+        assert m["status"] in ("sent", "queued"), m["status"]
+        assert m["lease_owner"] is None
+
+    run(queue, go)
+
+
+# -- the log: search, get, resend -----------------------------------------------------------------
+def test_resend_creates_a_new_message(queue: Queue, clock: FakeClock) -> None:
+    worker = make_worker(queue, clock)
+
+    async def go() -> str:
+        msg_id = await queue.enqueue(envelope("a@example.test", subject="receipt"))
+        await attempt_once(queue, worker)
+        return msg_id
+
+    orig_id = run(queue, go)
+    copy_id = queue.resend_sync(orig_id[:8], to=["other@example.test"])
+    same_id = queue.resend_sync(orig_id)
+    orig, copy, same = queue.get(orig_id), queue.get(copy_id), queue.get(same_id)
+    assert orig is not None and copy is not None and same is not None
+    assert len({orig_id, copy_id, same_id}) == 3
+    assert orig["status"] == "sent" and len(orig["attempts"]) == 1
+    assert copy["status"] == "queued" and copy["attempts"] == []
+    assert copy["recipients"] == ["other@example.test"]
+    assert same["recipients"] == ["a@example.test"]
+    assert copy["raw"] == orig["raw"]
+    assert copy["source"] == f"resend:{orig_id}"
+    assert copy["subject"] == "receipt"
+    with pytest.raises(Exception, match="no message"):
+        queue.resend_sync("doesnotexist")
+
+
+def test_get_by_prefix(queue: Queue) -> None:
+    msg_id = queue.enqueue_sync(envelope("a@example.test"))
+    m = queue.get(msg_id[:6])
+    assert m is not None and m["id"] == msg_id
+    assert queue.get(msg_id[:5]) is None  # too short to be a prefix
+    assert queue.get("0" * 32) is None
+
+
+def test_search_filters(queue: Queue, clock: FakeClock) -> None:
+    memory.Transport.rejections["nobody@example.test"] = (550, "5.1.1 unknown")
+    worker = make_worker(queue, clock)
+
+    async def go() -> dict[str, str]:
+        ids = {}
+        ids["old"] = await queue.enqueue(
+            envelope("alice@example.test", sender="billing@shop.example", subject="old"))
+        clock.advance(3600)
+        ids["fail"] = await queue.enqueue(
+            envelope("nobody@example.test", sender="alerts@ops.example", subject="fail"))
+        clock.advance(60)
+        ids["new"] = await queue.enqueue(
+            envelope("Carol@Example.test", sender="billing@shop.example", subject="new"))
+        await attempt_once(queue, worker)
+        return ids
+
+    ids = run(queue, go)
+
+    def found(**kw: Any) -> list[str]:
+        return [r["id"] for r in queue.search(**kw)]
+
+    assert found() == [ids["new"], ids["fail"], ids["old"]]  # newest first
+    assert found(status="failed") == [ids["fail"]]
+    assert found(status="sent") == [ids["new"], ids["old"]]
+    assert found(status="queued") == []
+    assert found(to="alice") == [ids["old"]]
+    assert found(to="carol@example.test") == [ids["new"]]  # case-insensitive
+    assert found(to="nobody@") == [ids["fail"]]
+    assert found(sender="billing@") == [ids["new"], ids["old"]]
+    assert found(sender="OPS.example") == [ids["fail"]]
+    assert found(since=T0 + 1800) == [ids["new"], ids["fail"]]
+    assert found(since=T0 + 1800, sender="billing") == [ids["new"]]
+    assert found(limit=1) == [ids["new"]]
+    rows = queue.search(status="failed")
+    assert "raw" not in rows[0]
+    assert rows[0]["last_error"] == "nobody@example.test: 550 5.1.1 unknown"
+    assert queue.counts() == {"sent": 2, "failed": 1}
