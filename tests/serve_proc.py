@@ -82,9 +82,11 @@ class Postroom:
         if command == "serve":
             try:
                 wait_port(self.smtp_port, timeout=timeout)
-            except TimeoutError:
+            except TimeoutError as err:
                 self.stop()
-                raise RuntimeError(f"postroom serve did not start:\n{self.log.read_text()}")
+                raise RuntimeError(
+                    f"postroom serve did not start:\n{self.log.read_text()}"
+                ) from err
         return self
 
     def stop(self, timeout: float = 20.0) -> int | None:

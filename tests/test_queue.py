@@ -4,6 +4,8 @@ in-memory transport. No network, no subprocesses."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -726,3 +728,30 @@ def test_search_filters(queue: Queue, clock: FakeClock) -> None:
     assert "raw" not in rows[0]
     assert rows[0]["last_error"] == "nobody@example.test: 550 5.1.1 unknown"
     assert queue.counts() == {"sent": 2, "failed": 1}
+
+
+def test_leases_of_dead_local_workers_are_taken_back(tmp_path: Path) -> None:
+    """After kill -9 the restarted server must not wait lease_seconds for that mail."""
+    import subprocess
+    import sys
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    migrate(engine)
+    q = Queue(engine)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+
+    async def go() -> tuple[int, int]:
+        a = await q.enqueue(Envelope("a@x.test", ["b@y.test"], b"Subject: a\r\n\r\nx\r\n"))
+        b = await q.enqueue(Envelope("a@x.test", ["b@y.test"], b"Subject: b\r\n\r\nx\r\n"))
+        host = socket.gethostname()[:40]
+        assert len(await q.claim(f"{host}:{dead_pid}", 1, 600)) == 1  # leased by a dead pid
+        assert len(await q.claim(f"{host}:{os.getpid()}", 1, 600)) == 1  # by a live one (us)
+        n = await q.reclaim_dead_local()
+        again = await q.claim("other:1", 10, 600)
+        await q.writer.aclose()
+        assert {m.id for m in again} <= {a, b}
+        return n, len(again)
+
+    assert asyncio.run(go()) == (1, 1)

@@ -23,6 +23,7 @@ def setup_logging() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _say(text: str) -> None:
@@ -85,7 +86,7 @@ async def serve(
         for s in servers:
             s.close()
         if worker is not None:
-            await worker.stop()
+            await worker.stop(settings.delivery.shutdown_grace)
         if worker_task is not None:
             worker_task.cancel()
             await asyncio.gather(worker_task, return_exceptions=True)
@@ -108,7 +109,7 @@ async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     try:
         await stop.wait()
     finally:
-        await worker.stop()
+        await worker.stop(settings.delivery.shutdown_grace)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         for t in transports.values():

@@ -86,6 +86,7 @@ class DeliverySettings(_Section):
     max_lifetime: float = Field(default=5 * 86400, gt=0)  # Postfix maximal_queue_lifetime
     poll_interval: float = Field(default=1.0, gt=0)
     claim_batch: int = Field(default=50, ge=1)
+    shutdown_grace: float = Field(default=30, ge=0)  # seconds in-flight deliveries may finish
 
     @model_validator(mode="after")
     def _order(self) -> DeliverySettings:

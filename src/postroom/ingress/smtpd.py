@@ -58,7 +58,7 @@ def _peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-class PostroomSMTP(SMTP):  # type: ignore[misc]
+class PostroomSMTP(SMTP):
     """aiosmtpd's SMTP with per-peer policy decided when the client connects."""
 
     def __init__(self, handler: Handler, *, implicit_tls: bool, **kw: Any) -> None:
@@ -73,7 +73,7 @@ class PostroomSMTP(SMTP):  # type: ignore[misc]
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None  # not the second call made by STARTTLS
         super().connection_made(transport)
-        if first:
+        if first and self.session is not None:
             ip = _peer_ip(self.session.peer)
             self.trusted = self.policy.is_trusted(ip)
             # AUTH in the clear only from trusted_networks (default: this machine's 127.0.0.1

@@ -56,6 +56,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class GroupCommitter:
     """Runs write operations in as few transactions as possible, on one writer thread.
 
@@ -320,6 +330,34 @@ class Queue:
             )
         )
         return ok
+
+    async def reclaim_dead_local(self) -> int:
+        """Expire the leases of workers on this host whose process is gone (kill -9, crash),
+        so a restarted server delivers their mail now rather than after lease_seconds.
+        Workers on other hosts cannot be checked: their leases simply run out."""
+        host = socket.gethostname()[:40]
+
+        def op(conn: Connection) -> int:
+            rows = conn.execute(
+                select(messages.c.id, messages.c.lease_owner).where(
+                    messages.c.status == SENDING, messages.c.lease_owner.like(f"{host}:%")
+                )
+            ).all()
+            dead = []
+            for r in rows:
+                pid = r.lease_owner.split(":")[1] if r.lease_owner.count(":") >= 2 else ""
+                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    dead.append(r.id)
+            if dead:
+                conn.execute(
+                    update(messages)
+                    .where(messages.c.id.in_(dead), messages.c.status == SENDING)
+                    .values(lease_until=0.0)
+                )
+            return len(dead)
+
+        n: int = await self.writer.submit(op)
+        return n
 
     async def release(self, msgs: Sequence[Claimed]) -> None:
         """Give leased messages back (graceful shutdown): due again at once."""

@@ -104,6 +104,11 @@ class Worker:
         """Claim and deliver until :meth:`stop` is called."""
         self._run_task = asyncio.current_task()
         slots = self.cfg.concurrency
+        try:
+            if n := await self.queue.reclaim_dead_local():
+                log.warning("took back %d message(s) leased by a worker that died", n)
+        except PostroomError as err:
+            log.error("checking for dead workers' leases failed: %s", err)
         while not self._stopping:
             free = slots - len(self._inflight)
             claimed: list[Claimed] = []

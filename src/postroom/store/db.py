@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         kwargs["pool_size"] = 8
+    # Keep non-ASCII addresses readable (and searchable with LIKE) in JSON columns.
+    kwargs["json_serializer"] = functools.partial(json.dumps, ensure_ascii=False)
     try:
         engine = create_engine(url, **kwargs)
     except (SQLAlchemyError, ImportError, ValueError) as err:

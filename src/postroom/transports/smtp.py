@@ -263,7 +263,7 @@ class Transport(base.Transport):
                     sess.sock, server_hostname=s.tls_server_name or host
                 )
                 sess.file = None
-                sess.note(f"TLS {sess.sock.version()} {sess.sock.cipher()[0]}")  # type: ignore[attr-defined,index]
+                sess.note(f"TLS {sess.sock.version()} {sess.sock.cipher()[0]}")  # type: ignore[index]
                 sess.helo_resp = sess.ehlo_resp = None
                 sess.esmtp_features = {}
                 sess.does_esmtp = False
@@ -312,10 +312,7 @@ class Transport(base.Transport):
                     code="auth.mechanism_unavailable", permanent=True,
                 )
         user = s.username or ""
-        if choice in ("XOAUTH2", "OAUTHBEARER"):
-            secret = self._token()
-        else:
-            secret = self._password()
+        secret = self._token() if choice in ("XOAUTH2", "OAUTHBEARER") else self._password()
         responder = _RESPONDERS[choice](user, secret, s.host, s.effective_port)
         sess.redact = True
         try:
@@ -344,10 +341,8 @@ class Transport(base.Transport):
         return code, msg
 
     def _discard(self, sess: _Session) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a broken socket has nothing left to close
             sess.close()
-        except Exception:  # a broken socket has nothing left to close
-            pass
 
     def _acquire(self, transcript: list[str]) -> _Session:
         now = time.monotonic()
@@ -377,6 +372,18 @@ class Transport(base.Transport):
         with self._lock:
             self._idle.append(sess)
 
+    def _with_transcript(
+        self, err: BaseException, transcript: list[str], after_data: bool
+    ) -> BaseException:
+        """Our error for ``err`` (itself if already ours or not a network error), carrying
+        the session transcript so the log shows what was said before it failed."""
+        mapped = err if isinstance(err, DeliveryError) else _map_error(err, self.settings,
+                                                                        after_data)
+        if mapped is None:
+            return err
+        mapped.transcript = "\n".join(transcript)
+        return mapped
+
     def _quit(self, sess: _Session) -> None:
         try:
             sess.quit()
@@ -392,18 +399,12 @@ class Transport(base.Transport):
                 with self._lock:
                     self._busy.add(sess)
                 result = self._transaction(sess, env)
-            except DeliveryError as err:
-                err.transcript = "\n".join(transcript)
-                if sess is not None:
-                    self._discard(sess)
-                raise
             except BaseException as err:
                 if sess is not None:
                     self._discard(sess)
-                mapped = _map_error(err, self.settings, sess is not None and sess.in_body)
+                mapped = self._with_transcript(err, transcript, sess is not None and sess.in_body)
                 if mapped is err:
                     raise
-                mapped.transcript = "\n".join(transcript)
                 raise mapped from err
             finally:
                 if sess is not None:
@@ -424,9 +425,9 @@ class Transport(base.Transport):
                 )
             opts.append("SMTPUTF8")
         if not env.raw.isascii():
-            if sess.has_extn("smtputf8") and not env.raw.split(b"\r\n\r\n", 1)[0].isascii():
-                if "SMTPUTF8" not in opts:
-                    opts.append("SMTPUTF8")
+            utf8_headers = not env.raw.split(b"\r\n\r\n", 1)[0].isascii()
+            if utf8_headers and sess.has_extn("smtputf8") and "SMTPUTF8" not in opts:
+                opts.append("SMTPUTF8")  # RFC 6532 headers
             if sess.has_extn("8bitmime"):
                 opts.append("BODY=8BITMIME")
         limit = sess.esmtp_features.get("size", "")
@@ -478,14 +479,10 @@ class Transport(base.Transport):
         transcript: list[str] = []
         try:
             sess = self._open(transcript)
-        except DeliveryError as err:
-            err.transcript = "\n".join(transcript)
-            raise
         except BaseException as err:
-            mapped = _map_error(err, self.settings, False)
+            mapped = self._with_transcript(err, transcript, False)
             if mapped is err:
                 raise
-            mapped.transcript = "\n".join(transcript)
             raise mapped from err
         self._quit(sess)
         return "\n".join(transcript)
@@ -513,8 +510,9 @@ class Transport(base.Transport):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _map_error(err: BaseException, s: Settings, after_data: bool) -> BaseException:
-    """Map socket/ssl/smtplib exceptions to our tree (transient unless certain)."""
+def _map_error(err: BaseException, s: Settings, after_data: bool) -> DeliveryError | None:
+    """Map socket/ssl/smtplib exceptions to our tree (transient unless certain); None for
+    anything else (a bug, cancellation), which must propagate as it is."""
     where = f"{s.host}:{s.effective_port}"
     mapped: DeliveryError
     if isinstance(err, socket.gaierror):
@@ -547,7 +545,7 @@ def _map_error(err: BaseException, s: Settings, after_data: bool) -> BaseExcepti
     elif isinstance(err, smtplib.SMTPException):
         mapped = ProtocolError(f"SMTP error with {where}: {err}", code="protocol")
     else:
-        return err
+        return None
     mapped.after_data = after_data
     return mapped
 
