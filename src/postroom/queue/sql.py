@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     Engine,
+    Executable,
     Text,
     and_,
+    bindparam,
     cast,
     delete,
     func,
@@ -49,6 +51,49 @@ from postroom.store.schema import (
 
 T = TypeVar("T")
 Op = Callable[[Connection], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RowInsert:
+    """One row to INSERT. All rows for the same statement in a batch go in one executemany,
+    which costs a fraction of one execute per row (the hot path of accepting mail)."""
+
+    stmt: Executable
+    row: dict[str, Any]
+
+
+Write = Op | RowInsert
+
+
+def _run(conn: Connection, ops: Sequence[Write]) -> list[Any]:
+    groups: dict[int, list[int]] = {}
+    for i, op in enumerate(ops):
+        if isinstance(op, RowInsert):
+            groups.setdefault(id(op.stmt), []).append(i)
+    for idxs in groups.values():
+        first = ops[idxs[0]]
+        assert isinstance(first, RowInsert)
+        conn.execute(first.stmt, [ops[i].row for i in idxs])  # type: ignore[union-attr]
+    return [None if isinstance(op, RowInsert) else op(conn) for op in ops]
+
+
+# Statements built once: SQLAlchemy then only looks up their compiled form.
+_INSERT_MESSAGE = insert(messages)
+_INSERT_ATTEMPT = insert(attempts)
+_FINISH = (
+    update(messages)
+    .where(messages.c.id == bindparam("b_id"), messages.c.lease_owner == bindparam("b_token"))
+    .values(
+        status=bindparam("status"),
+        next_attempt_at=bindparam("next_attempt_at"),
+        lease_owner=None,
+        lease_until=None,
+        attempt_count=messages.c.attempt_count + 1,
+        rcpt_status=bindparam("rcpt_status", type_=messages.c.rcpt_status.type),
+        last_error=bindparam("last_error"),
+        updated_at=bindparam("updated_at"),
+    )
+)
 _claim_seq = itertools.count()
 
 
@@ -76,12 +121,12 @@ class GroupCommitter:
     def __init__(self, engine: Engine, max_batch: int = 256) -> None:
         self._engine = engine
         self._max_batch = max_batch
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Write, asyncio.Future[Any]]] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
 
-    async def submit(self, op: Op) -> Any:
+    async def submit(self, op: Write) -> Any:
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -109,26 +154,26 @@ class GroupCommitter:
                     else:
                         fut.set_exception(value)
 
-    def _commit(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+    def _commit(self, ops: list[Write]) -> list[tuple[bool, Any]]:
         with self._lock:
             try:
                 with self._engine.begin() as conn:
-                    return [(True, op(conn)) for op in ops]
+                    return [(True, r) for r in _run(conn, ops)]
             except Exception:
                 if len(ops) == 1:
                     return [self._one(ops[0])]
             return [self._one(op) for op in ops]
 
-    def _one(self, op: Op) -> tuple[bool, Any]:
+    def _one(self, op: Write) -> tuple[bool, Any]:
         try:
             with self._engine.begin() as conn:
-                return True, op(conn)
+                return True, _run(conn, [op])[0]
         except SQLAlchemyError as err:
             return False, StoreError(f"database write failed: {err}", code="store.write")
         except Exception as err:
             return False, err
 
-    def run_sync(self, op: Op) -> Any:
+    def run_sync(self, op: Write) -> Any:
         """The same, for callers outside the event loop (CLI)."""
         ok, value = self._one(op)
         if not ok:
@@ -202,26 +247,20 @@ class Queue:
         self.writer = GroupCommitter(engine)
 
     # -- enqueue -------------------------------------------------------------------------
-    def _enqueue_op(self, envs: Sequence[Envelope], hold: float = 0.0) -> Op:
-        rows = [message_row(e, self.clock(), self.lifetime, hold) for e in envs]
-
-        def op(conn: Connection) -> list[str]:
-            conn.execute(insert(messages), rows)
-            return [r["id"] for r in rows]
-
-        return op
+    def _enqueue_op(self, env: Envelope, hold: float = 0.0) -> RowInsert:
+        return RowInsert(_INSERT_MESSAGE, message_row(env, self.clock(), self.lifetime, hold))
 
     async def enqueue(self, env: Envelope) -> str:
         """Store the message durably; returns its id once the commit is on disk."""
-        ids: list[str] = await self.writer.submit(self._enqueue_op([env]))
-        return ids[0]
+        await self.writer.submit(self._enqueue_op(env))
+        return env.id
 
     def enqueue_sync(self, env: Envelope, *, hold: float = 0.0) -> str:
         """``hold``: not due for workers before that many seconds, for a caller that claims
         it at once with ``claim(only=...)`` (`send --now`): a running worker cannot take it
         first, and it is still delivered if that caller dies before claiming."""
-        ids: list[str] = self.writer.run_sync(self._enqueue_op([env], hold))
-        return ids[0]
+        self.writer.run_sync(self._enqueue_op(env, hold))
+        return env.id
 
     # -- claim / finish / release ----------------------------------------------------------
     def _claim_op(self, owner: str, limit: int, lease: float, only: str | None = None) -> Op:
@@ -292,22 +331,19 @@ class Queue:
         attempt: dict[str, Any],
     ) -> Op:
         def op(conn: Connection) -> bool:
-            now = self.clock()
             res = conn.execute(
-                update(messages)
-                .where(messages.c.id == msg.id, messages.c.lease_owner == msg.token)
-                .values(
-                    status=status,
-                    next_attempt_at=next_attempt_at,
-                    lease_owner=None,
-                    lease_until=None,
-                    attempt_count=messages.c.attempt_count + 1,
-                    rcpt_status=msg.rcpt_status,
-                    last_error=last_error,
-                    updated_at=now,
-                )
+                _FINISH,
+                {
+                    "b_id": msg.id,
+                    "b_token": msg.token,
+                    "status": status,
+                    "next_attempt_at": next_attempt_at,
+                    "rcpt_status": msg.rcpt_status,
+                    "last_error": last_error,
+                    "updated_at": self.clock(),
+                },
             )
-            conn.execute(insert(attempts), [{"message_id": msg.id, **attempt}])
+            conn.execute(_INSERT_ATTEMPT, {"message_id": msg.id, **attempt})
             return bool(res.rowcount)
 
         return op
