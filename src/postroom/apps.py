@@ -13,8 +13,6 @@ import threading
 import time
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -23,7 +21,18 @@ from postroom.store.schema import apps
 
 NAME_RULE = "1-64 characters: letters, digits, '.', '_', '-', '@'"
 _CACHE_TTL = 300.0
-_hasher = PasswordHasher()  # argon2id, library defaults (RFC 9106 recommendations)
+_hasher: Any = None
+
+
+def hasher() -> Any:
+    """argon2id with the library's defaults (RFC 9106). Imported on first use: most servers
+    only accept mail from this machine and never check a password."""
+    global _hasher
+    if _hasher is None:
+        from argon2 import PasswordHasher
+
+        _hasher = PasswordHasher()
+    return _hasher
 
 
 def _check_name(name: str) -> None:
@@ -46,7 +55,7 @@ class Apps:
             with self.engine.begin() as conn:
                 conn.execute(
                     insert(apps).values(
-                        name=name, secret_hash=_hasher.hash(secret), created_at=time.time()
+                        name=name, secret_hash=hasher().hash(secret), created_at=time.time()
                     )
                 )
         except IntegrityError as err:
@@ -82,10 +91,12 @@ class Apps:
                 and secrets.compare_digest(hit[0], digest)):
             return True
         if stored is None:
-            _hasher.hash(secret)  # same cost as a real check: no user enumeration by timing
+            hasher().hash(secret)  # same cost as a real check: no user enumeration by timing
             return False
+        from argon2.exceptions import InvalidHashError, VerificationError
+
         try:
-            _hasher.verify(stored, secret)
+            hasher().verify(stored, secret)
         except (VerificationError, InvalidHashError):
             return False
         with self._lock:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from postroom import transports as registry
 from postroom.apps import Apps
 from postroom.queue.sql import Queue
-from postroom.secrets import SecretStore, Vault, load_or_create_key
+from postroom.secrets import SecretStore, load_or_create_key
 from postroom.settings import Settings
 from postroom.store.db import make_engine, migrate
 from postroom.transports.base import Transport, TransportContext
@@ -50,7 +50,7 @@ class Instance:
 
     @cached_property
     def secrets(self) -> SecretStore:
-        return SecretStore(self.engine, Vault(load_or_create_key(self.key_file)))
+        return SecretStore(self.engine, load_or_create_key(self.key_file))
 
     @property
     def tls_files(self) -> tuple[Path, Path]:
