@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     cast,
     delete,
     func,
@@ -266,25 +267,25 @@ class Queue:
     def _claim_op(self, owner: str, limit: int, lease: float, only: str | None = None) -> Op:
         def op(conn: Connection) -> list[Claimed]:
             now = self.clock()
+            # Cheap: the index's status prefix limits it to the few rows being sent.
+            self._expire_leases(conn, now)
             token = f"{owner}:{next(_claim_seq)}"[:64]
-            due = or_(
-                and_(messages.c.status.in_(WAITING), messages.c.next_attempt_at <= now),
-                and_(messages.c.status == SENDING, messages.c.lease_until < now),
-            )
+            # Both conditions are served by the (status, next_attempt_at) index: a claim reads
+            # only due rows, however many sent ones the log holds.
+            due = and_(messages.c.status.in_(WAITING), messages.c.next_attempt_at <= now)
             if only is not None:  # "deliver this one now", whatever its retry time
                 due = and_(messages.c.id == only, messages.c.status.in_(WAITING))
             ids = (
                 select(messages.c.id).where(due).order_by(messages.c.next_attempt_at).limit(limit)
             )
             # The outer WHERE repeats `due` so that, on PostgreSQL, a row another worker
-            # claimed meanwhile is re-checked after the row lock and skipped.
-            conn.execute(
+            # claimed meanwhile is re-checked after the row lock and skipped. RETURNING
+            # (SQLite >= 3.35, PostgreSQL) hands back the rows without a second query.
+            rows = conn.execute(
                 update(messages)
                 .where(messages.c.id.in_(ids.scalar_subquery()), due)
                 .values(status=SENDING, lease_owner=token, lease_until=now + lease, updated_at=now)
-            )
-            rows = conn.execute(
-                select(
+                .returning(
                     messages.c.id,
                     messages.c.sender,
                     messages.c.recipients,
@@ -293,7 +294,8 @@ class Queue:
                     messages.c.connection,
                     messages.c.attempt_count,
                     messages.c.expires_at,
-                ).where(messages.c.lease_owner == token, messages.c.status == SENDING)
+                    messages.c.next_attempt_at,
+                )
             ).all()
             return [
                 Claimed(
@@ -307,10 +309,25 @@ class Queue:
                     attempt_count=r.attempt_count,
                     expires_at=r.expires_at,
                 )
-                for r in rows
+                for r in sorted(rows, key=lambda r: r.next_attempt_at)
             ]
 
         return op
+
+    def _expire_leases(self, conn: Connection, now: float) -> int:
+        """Messages whose lease ran out (their worker died or hung) become due again."""
+        res = conn.execute(
+            update(messages)
+            .where(messages.c.status == SENDING, messages.c.lease_until < now)
+            .values(
+                status=case((messages.c.attempt_count > 0, DEFERRED), else_=QUEUED),
+                lease_owner=None,
+                lease_until=None,
+                next_attempt_at=now,
+                updated_at=now,
+            )
+        )
+        return int(res.rowcount)
 
     async def claim(
         self, owner: str, limit: int, lease: float, only: str | None = None
