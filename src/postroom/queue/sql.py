@@ -23,7 +23,6 @@ from sqlalchemy import (
     Engine,
     Executable,
     Text,
-    and_,
     bindparam,
     case,
     cast,
@@ -270,20 +269,31 @@ class Queue:
             # Cheap: the index's status prefix limits it to the few rows being sent.
             self._expire_leases(conn, now)
             token = f"{owner}:{next(_claim_seq)}"[:64]
-            # Both conditions are served by the (status, next_attempt_at) index: a claim reads
-            # only due rows, however many sent ones the log holds.
-            due = and_(messages.c.status.in_(WAITING), messages.c.next_attempt_at <= now)
             if only is not None:  # "deliver this one now", whatever its retry time
-                due = and_(messages.c.id == only, messages.c.status.in_(WAITING))
-            ids = (
-                select(messages.c.id).where(due).order_by(messages.c.next_attempt_at).limit(limit)
-            )
-            # The outer WHERE repeats `due` so that, on PostgreSQL, a row another worker
-            # claimed meanwhile is re-checked after the row lock and skipped. RETURNING
-            # (SQLite >= 3.35, PostgreSQL) hands back the rows without a second query.
+                ids = [only]
+            else:
+                # One query per waiting status, each walking the (status, next_attempt_at)
+                # index in order and stopping after `limit` rows; `status IN (...)` in one
+                # query would sort every due row first (7 ms at 20k queued).
+                found: list[tuple[float, str]] = []
+                for status in WAITING:
+                    found += conn.execute(
+                        select(messages.c.next_attempt_at, messages.c.id)
+                        .where(messages.c.status == status, messages.c.next_attempt_at <= now)
+                        .order_by(messages.c.next_attempt_at)
+                        .limit(limit)
+                    ).all()
+                ids = [mid for _, mid in sorted(found)[:limit]]
+            if not ids:
+                return []
+            # Re-checking the status skips rows another worker claimed since the SELECT.
+            # It is wrapped in coalesce() so that it cannot match an index: SQLite would
+            # otherwise walk the (status, ...) index over every waiting row instead of
+            # looking up these few ids by primary key (6 ms instead of 0.2 ms at 20k queued).
+            # RETURNING (SQLite >= 3.35, PostgreSQL) hands back the rows in the same query.
             rows = conn.execute(
                 update(messages)
-                .where(messages.c.id.in_(ids.scalar_subquery()), due)
+                .where(messages.c.id.in_(ids), func.coalesce(messages.c.status, "").in_(WAITING))
                 .values(status=SENDING, lease_owner=token, lease_until=now + lease, updated_at=now)
                 .returning(
                     messages.c.id,
@@ -504,6 +514,7 @@ class Queue:
 
     def delete_sync(self, msg_id: str) -> bool:
         def op(conn: Connection) -> bool:
+            conn.execute(delete(attempts).where(attempts.c.message_id == msg_id))
             return bool(conn.execute(delete(messages).where(messages.c.id == msg_id)).rowcount)
 
         ok: bool = self.writer.run_sync(op)

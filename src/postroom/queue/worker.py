@@ -134,7 +134,10 @@ class Worker:
     def _done(self, task: asyncio.Task[dict[str, Any]]) -> None:
         msg_id = task.get_name().removeprefix("deliver-")
         self._inflight.pop(msg_id, None)
-        self._wake.set()  # a slot is free
+        # Claim again once half the slots are free, not after every delivery: one claim
+        # (a write transaction) then serves several messages.
+        if len(self._inflight) <= self.cfg.concurrency // 2:
+            self._wake.set()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop claiming; let in-flight deliveries finish for ``grace`` seconds, then cancel
