@@ -70,7 +70,7 @@ quiet_step() {
   return "$rc"
 }
 
-pid_alive() { local pid; pid=$(tr -dc 0-9 <"$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+pid_alive() { local pid; pid=$(tr -dc 0-9 2>/dev/null <"$1") && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
 port_open() { timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 mail_up() {
   pid_alive "$PEERS/mailserver/queue/pid/master.pid" && pid_alive "$PEERS/mailserver/run/dovecot/master.pid" || return 1

@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 
+def smtp_connection(port: int, name: str = "up", extra: str = "") -> str:
+    """A `[[connections]]` entry for a plain SMTP upstream on 127.0.0.1:PORT."""
+    return (
+        f'[[connections]]\nname = "{name}"\ntransport = "smtp"\nhost = "127.0.0.1"\n'
+        f'port = {port}\nsecurity = "none"\nconnect_timeout = 5\n{extra}\n'
+    )
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

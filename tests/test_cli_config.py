@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_proc import Postroom, free_port, wait_port
+from serve_proc import Postroom, free_port, smtp_connection, wait_port
 
 TIMEOUT = 60.0
 
@@ -74,8 +74,7 @@ def unique_addr(tag: str, domain: str = "example.test") -> str:
 
 
 def plain_conn(name: str, port: int, extra: str = "") -> str:
-    return (f'[[connections]]\nname = "{name}"\ntransport = "smtp"\nhost = "127.0.0.1"\n'
-            f'port = {port}\nsecurity = "none"\nconnect_timeout = 5\n{extra}\n')
+    return smtp_connection(port, name, extra)
 
 
 # -- first run ------------------------------------------------------------------------------------

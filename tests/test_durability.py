@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from serve_proc import Postroom, free_port
+from serve_proc import Postroom, free_port, smtp_connection
 
 HOST = "127.0.0.1"
 SENDER = "durability@example.org"
@@ -35,17 +35,7 @@ FAST = "min_backoff = 1\nmax_backoff = 2\npoll_interval = 0.2\n"
 GRACE = 30.0  # Worker.stop()'s default, used by `postroom serve` on SIGTERM
 
 
-def connection(port: int, name: str = "up", extra: str = "") -> str:
-    return (
-        "[[connections]]\n"
-        f'name = "{name}"\n'
-        'transport = "smtp"\n'
-        f'host = "{HOST}"\n'
-        f"port = {port}\n"
-        'security = "none"\n'
-        "connect_timeout = 5\n"
-        f"{extra}"
-    )
+connection = smtp_connection
 
 
 def message(subject: str, to: str) -> bytes:

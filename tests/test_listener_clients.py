@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_proc import Postroom
+from serve_proc import Postroom, smtp_connection
 
 pytestmark = [pytest.mark.peers]
 
@@ -35,22 +35,12 @@ APP = "clients"
 TIMEOUT = 20.0  # every socket, subprocess and wait in this module
 
 
-def _upstream(port: int) -> str:
-    return (
-        "[[connections]]\n"
-        'name = "up"\n'
-        'transport = "smtp"\n'
-        'host = "127.0.0.1"\n'
-        f"port = {port}\n"
-        'security = "none"\n'
-    )
-
 
 @pytest.fixture(scope="module")
 def pr(tmp_path_factory: pytest.TempPathFactory, peers: Any) -> Iterator[Postroom]:
     p = Postroom(
         tmp_path_factory.mktemp("listener-clients"),
-        connections=_upstream(peers.plain_port),
+        connections=smtp_connection(peers.plain_port),
         smtps=True,
     )
     p.start()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_proc import Postroom
+from serve_proc import Postroom, smtp_connection
 
 pytestmark = [pytest.mark.peers]
 
@@ -43,22 +43,12 @@ MAX_AUTH_FAILURES = 3
 MAX_RECIPIENTS = 1000
 
 
-def _upstream(port: int) -> str:
-    return (
-        "[[connections]]\n"
-        'name = "up"\n'
-        'transport = "smtp"\n'
-        'host = "127.0.0.1"\n'
-        f"port = {port}\n"
-        'security = "none"\n'
-    )
-
 
 @pytest.fixture(scope="module")
 def pr(tmp_path_factory: pytest.TempPathFactory, peers: Any) -> Iterator[Postroom]:
     p = Postroom(
         tmp_path_factory.mktemp("listener-hostile"),
-        connections=_upstream(peers.plain_port),
+        connections=smtp_connection(peers.plain_port),
         server=(f"max_message_size = {MAX_SIZE}\n"
                 f"max_auth_failures = {MAX_AUTH_FAILURES}\n"
                 f"max_recipients = {MAX_RECIPIENTS}\n"

@@ -120,7 +120,6 @@ NOW_HOLD = 60.0  # `send --now` / `test`: seconds a running worker leaves the me
 
 
 def _deliver_now(inst: Any, msg_id: str) -> dict[str, Any]:
-    from postroom.queue.sql import worker_id
     from postroom.queue.worker import Worker
 
     async def go() -> dict[str, Any]:
@@ -138,7 +137,6 @@ def _deliver_now(inst: Any, msg_id: str) -> dict[str, Any]:
                 await t.aclose()
             await inst.queue.writer.aclose()
 
-    _ = worker_id
     result: dict[str, Any] = _guard(lambda: asyncio.run(go()))
     return result
 

@@ -97,9 +97,6 @@ def redact_auth_command(line: bytes) -> bytes:
     return _AUTH_LINE.sub(lambda m: m.group(1) + (b" ********" if m.group(2) else b""), line)
 
 
-REDACTED = b"********"
-
-
 class SecretStore:
     """Named secrets kept encrypted in the database (connection passwords, tokens)."""
 

@@ -39,11 +39,8 @@ from postroom.envelope import Envelope, new_id, summarize
 from postroom.exceptions import MessageError, StoreError
 from postroom.store.schema import (
     DEFERRED,
-    FAILED,
-    PARTIAL,
     QUEUED,
     SENDING,
-    SENT,
     WAITING,
     attempts,
     messages,
@@ -519,6 +516,3 @@ class Queue:
 
         ok: bool = self.writer.run_sync(op)
         return ok
-
-
-FINAL = (SENT, PARTIAL, FAILED)
