@@ -292,11 +292,15 @@ def test_bad_oauth_token_is_rejected(peers: Any) -> None:
                  ca_file=peers.ca_file)
     raw = make_message(new_subject("bad-token"), TESTUSER)
 
+    asked: list[bool] = []
+
     class Tokens:
         def token(self, connection: str, *, refresh: bool = False) -> str:
+            asked.append(refresh)
             return token
 
     err = send_fails(s, Envelope(SENDER, [TESTUSER], raw), AuthError, tokens=Tokens())
+    assert asked == [False, True]  # refreshed once, then given up
     assert err.code == "auth.rejected"
     assert err.reply_code == 535
     assert err.permanent is True
@@ -304,6 +308,29 @@ def test_bad_oauth_token_is_rejected(peers: Any) -> None:
     # The XOAUTH2 error dance: the server's JSON 334, our (redacted) empty reply, then 535.
     assert "S: 334 " in err.transcript
     assert "S: 535" in err.transcript
+
+
+def test_rejected_oauth_token_is_refreshed_once(peers: Any) -> None:
+    """A revoked or expired access token: the provider is asked for a fresh one and the
+    AUTH is retried on the same session, so the message still goes."""
+    good = peers.oauth_token(TESTUSER)
+    asked: list[bool] = []
+
+    class Tokens:
+        def token(self, connection: str, *, refresh: bool = False) -> str:
+            asked.append(refresh)
+            return str(good) if refresh else "stale-" + uuid.uuid4().hex
+
+    subject = new_subject("xoauth2-refresh")
+    raw = make_message(subject, TESTUSER)
+    s = settings(port=10587, security="starttls", auth="xoauth2", username=TESTUSER,
+                 ca_file=peers.ca_file)
+    result = send(s, Envelope(SENDER, [TESTUSER], raw), tokens=Tokens())
+    assert result.recipients[TESTUSER].code == 250
+    assert asked == [False, True]
+    assert "refreshing it once" in result.transcript
+    assert str(good) not in result.transcript
+    assert_delivered(peers, TESTUSER, subject, raw)
 
 
 def test_utf8_password(peers: Any) -> None:

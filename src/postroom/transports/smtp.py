@@ -312,17 +312,26 @@ class Transport(base.Transport):
                     code="auth.mechanism_unavailable", permanent=True,
                 )
         user = s.username or ""
-        secret = self._token() if choice in ("XOAUTH2", "OAUTHBEARER") else self._password()
-        responder = _RESPONDERS[choice](user, secret, s.host, s.effective_port)
-        sess.redact = True
-        try:
-            code, msg = self._auth_exchange(sess, choice, responder)
-        finally:
-            sess.redact = False
+        oauth = choice in ("XOAUTH2", "OAUTHBEARER")
+        code, msg = self._auth_once(sess, choice, self._token() if oauth else self._password())
+        if code == 535 and oauth and self.ctx.tokens is not None:
+            # An access token can be revoked or expire early: refresh it once and try again
+            # on the same session (RFC 4954 allows another AUTH after a failed one).
+            sess.note("authentication with the access token failed: refreshing it once")
+            code, msg = self._auth_once(sess, choice, self._token(refresh=True))
         if code != 235:
             err = AuthError.from_reply(f"AUTH {choice} as {user}", code, _reply(code, msg),
                                        code="auth.rejected")
             raise err
+
+    def _auth_once(self, sess: _Session, mech: str, secret: str) -> tuple[int, bytes]:
+        s = self.settings
+        responder = _RESPONDERS[mech](s.username or "", secret, s.host, s.effective_port)
+        sess.redact = True
+        try:
+            return self._auth_exchange(sess, mech, responder)
+        finally:
+            sess.redact = False
 
     @staticmethod
     def _auth_exchange(sess: _Session, mech: str, responder: Any) -> tuple[int, bytes]:
