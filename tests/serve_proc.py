@@ -125,6 +125,16 @@ class Postroom:
             timeout=timeout,
         )
 
+    def add_app(self, name: str) -> str:
+        """`postroom app add NAME`; returns the secret it prints once."""
+        out = self.cli("app", "add", name)
+        if out.returncode != 0:
+            raise AssertionError(f"`app add {name}` failed: {out.stderr!r}")
+        for line in out.stdout.decode().splitlines():
+            if "secret (shown only now):" in line:
+                return str(line.split("secret (shown only now):", 1)[1].strip())
+        raise AssertionError(f"no secret in `app add` output: {out.stdout!r}")
+
     def __enter__(self) -> Postroom:
         return self.start()
 

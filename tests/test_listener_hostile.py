@@ -65,12 +65,7 @@ def pr(tmp_path_factory: pytest.TempPathFactory, peers: Any) -> Iterator[Postroo
 
 @pytest.fixture(scope="module")
 def secret(pr: Postroom) -> str:
-    out = pr.cli("app", "add", APP)
-    assert out.returncode == 0, out.stderr
-    for line in out.stdout.decode().splitlines():
-        if "secret (shown only now):" in line:
-            return line.split("secret (shown only now):", 1)[1].strip()
-    raise AssertionError(f"no secret in `app add` output: {out.stdout!r}")
+    return pr.add_app(APP)
 
 
 # -- a raw SMTP client ---------------------------------------------------------------------------
