@@ -491,3 +491,28 @@ def test_log_survives_markup_in_mail(tmp_path: Path) -> None:
            subject, "--text", "x"))
     out = ok(cli(pr, "log"))
     assert subject in out
+
+
+def test_send_composes_cc_bcc_html_and_attachments(served: Postroom, peers: Any,
+                                                    tmp_path: Path) -> None:
+    """`send` from flags: every recipient gets it, Bcc is envelope-only, the text part is
+    kept beside the HTML one, and the attachment arrives intact."""
+    pr = served
+    to, cc, bcc = unique_addr("to"), unique_addr("cc"), unique_addr("bcc")
+    subject = f"compose {uuid.uuid4().hex[:8]}"
+    attachment = tmp_path / "report.csv"
+    attachment.write_bytes(b"a,b\r\n1,2\r\n")
+    ok(cli(pr, "send", "--from", "cli@example.org", "--to", to, "--cc", cc, "--bcc", bcc,
+           "--subject", subject, "--text", "plain part\n", "--html", "<p>html part</p>",
+           "--attach", str(attachment)))
+    for rcpt in (to, cc, bcc):
+        got = peers.wait_for(rcpt, subject, timeout=20)
+        assert got["To"] == to and got["Cc"] == cc
+        assert got["Bcc"] is None and bcc.encode() not in got.raw.split(b"\n\n", 1)[1]
+        body = got.get_body(("plain",))
+        html = got.get_body(("html",))
+        assert body is not None and "plain part" in body.get_content()
+        assert html is not None and "<p>html part</p>" in html.get_content()
+        [att] = list(got.iter_attachments())
+        assert att.get_filename() == "report.csv"
+        assert att.get_payload(decode=True) == b"a,b\r\n1,2\r\n"

@@ -290,3 +290,23 @@ def test_null_sender_is_accepted(pr: Postroom) -> None:
         code, reply = s.mail("")
         s.rset()
     assert code == 250, reply
+
+
+def test_ehlo_advertises_extensions_and_smtputf8_goes_through(pr: Postroom, peers: Any) -> None:
+    """SMTPUTF8, 8BITMIME, SIZE, STARTTLS and PIPELINING are offered; an internationalized
+    address (RFC 6531) and UTF-8 header text (RFC 6532) reach the upstream intact."""
+    rcpt = "δοκιμή@example.test"
+    subject = _subject("smtputf8") + " Grüße"
+    raw = (f"From: Jörg <jörg@example.org>\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+           "\r\nκείμενο\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", pr.smtp_port, timeout=TIMEOUT) as s:
+        code, features = s.ehlo()
+        assert code == 250
+        for ext in (b"SMTPUTF8", b"8BITMIME", b"SIZE", b"STARTTLS", b"PIPELINING"):
+            assert ext in features, features
+        s.mail("jörg@example.org", ["SMTPUTF8", "BODY=8BITMIME"])
+        assert s.rcpt(rcpt)[0] == 250
+        assert s.data(raw)[0] == 250
+    got = peers.wait_for(rcpt, lambda m: subject.encode() in m.raw, timeout=TIMEOUT)
+    assert got.raw.replace(b"\n", b"\r\n").endswith(raw.split(b"\r\n", 3)[3])
+    assert "κείμενο".encode() in got.raw

@@ -1057,3 +1057,18 @@ def test_ca_file_not_pem_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         transport(s)
     assert info.value.code == "config.ca_file"
+
+
+def test_ehlo_name_is_configurable(peers: Any) -> None:
+    """The server's hostname by default; a connection's ehlo_name wins, and the upstream
+    records it in its Received header."""
+    default = send(settings(port=10025, security="none"),
+                   Envelope(SENDER, [TESTUSER], make_message(new_subject("ehlo-d"), TESTUSER)))
+    assert "C: ehlo postroom.test" in default.transcript
+    subject = new_subject("ehlo-own")
+    raw = make_message(subject, TESTUSER)
+    s = settings(port=10025, security="none", ehlo_name="relay.example.net")
+    result = send(s, Envelope(SENDER, [TESTUSER], raw))
+    assert "C: ehlo relay.example.net" in result.transcript
+    got = peers.wait_for(TESTUSER, subject, timeout=20)
+    assert "from relay.example.net" in got["Received"]
