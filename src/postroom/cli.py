@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import getpass
 import json
+import os
 import re
 import sys
 import time
@@ -98,7 +99,7 @@ def serve(config: ConfigOpt = None) -> None:
     run)."""
     from postroom.server import serve as run
 
-    cfg = settings_mod.config_path_from(config, __import__("os").environ)
+    cfg = settings_mod.config_path_from(config, os.environ)
     created = not cfg.exists()
     settings = _guard(lambda: settings_mod.load(config, create=True))
     if created:

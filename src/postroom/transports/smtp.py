@@ -103,7 +103,8 @@ class _Session(smtplib.SMTP):
     def __init__(self, transcript: list[str], **kw: Any) -> None:
         self.transcript = transcript
         self.redact = False
-        self.in_body = False
+        self.in_body = False  # sending the message data: the transcript shows its size only
+        self.data_sent = False  # the data is out: a failure now leaves the outcome unknown
         self.messages_sent = 0
         self.idle_since = 0.0
         super().__init__(**kw)
@@ -124,8 +125,9 @@ class _Session(smtplib.SMTP):
 
     def getreply(self) -> tuple[int, bytes]:
         code, msg = super().getreply()
-        for i, part in enumerate(msg.split(b"\n") or [b""]):
-            sep = "-" if i < msg.count(b"\n") else " "
+        lines = msg.split(b"\n")
+        for i, part in enumerate(lines):
+            sep = "-" if i < len(lines) - 1 else " "  # multi-line replies as on the wire
             self.transcript.append(f"S: {code}{sep}{part.decode('utf-8', 'replace')}")
         return code, msg
 
@@ -411,7 +413,7 @@ class Transport(base.Transport):
             except BaseException as err:
                 if sess is not None:
                     self._discard(sess)
-                mapped = self._with_transcript(err, transcript, sess is not None and sess.in_body)
+                mapped = self._with_transcript(err, transcript, sess is not None and sess.data_sent)
                 if mapped is err:
                     raise
                 raise mapped from err
@@ -463,17 +465,17 @@ class Transport(base.Transport):
             for r in accepted:
                 results[r] = base.RecipientResult(code, _reply(code, msg))
             return base.DeliveryResult(results, reply_code=code, reply_text=_reply(code, msg))
+        body = smtplib._quote_periods(env.raw)  # type: ignore[attr-defined]
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
         sess.in_body = True
         try:
-            body = smtplib._quote_periods(env.raw)  # type: ignore[attr-defined]
-            if not body.endswith(b"\r\n"):
-                body += b"\r\n"
             sess.send(body + b".\r\n")
         finally:
             sess.in_body = False
-        sess.in_body = True  # a timeout from here on is ambiguous: the data was sent
+        sess.data_sent = True
         code, msg = sess.getreply()
-        sess.in_body = False
+        sess.data_sent = False
         sess.messages_sent += 1
         for r in accepted:
             results[r] = base.RecipientResult(code, _reply(code, msg))
