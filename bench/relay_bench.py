@@ -478,30 +478,33 @@ def run_postroom(kind: str, work: Path, template: Path, sink: Sink, size: int, r
 
 
 def profile_postroom(kind: str, work: Path, template: Path, sink: Sink, n: int,
-                     out_dir: Path, timeout: float, fmt: str = "raw") -> dict[str, Any]:
+                     out_dir: Path, timeout: float, fmt: str = "raw") -> list[dict[str, Any]]:
     """An extra, unmeasured run (2 KB, new connection per message) with py-spy attached to
-    the `postroom serve` process. ``raw``: collapsed stacks of the thread holding the GIL
-    (py-spy --gil), summarised by thread, area and function; ``flamegraph``: an SVG of all
-    (non-idle) threads."""
+    each Postroom process (`postroom serve`, and `postroom worker` in the split variant).
+    ``raw``: collapsed stacks of the thread holding the GIL (py-spy --gil), summarised by
+    thread, area and function; ``flamegraph``: an SVG of all (non-idle) threads."""
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
-        return {"error": "py-spy not found (pip install py-spy)"}
+        return [{"error": "py-spy not found (pip install py-spy)"}]
     out_dir.mkdir(parents=True, exist_ok=True)
     root = work / f"profile-{kind}-{fmt}"
     pr = Postroom(root, template, sink.port, split=(kind == "split"))
     rate = 100
-    path = out_dir / f"{kind}-serve-2kb.{'txt' if fmt == 'raw' else 'svg'}"
-    res: dict[str, Any] = {"kind": kind, "path": str(path), "rate": rate}
+    names = ["serve", "worker"]
+    results: list[dict[str, Any]] = []
     try:
         wait_quiet(20)
         pr.start()
-        pid = pr.procs[0].pid
-        cmd = [pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--threads",
-               "--format", fmt, "--output", str(path), "--duration", str(int(timeout))]
-        if fmt == "raw":
-            cmd.append("--gil")
-        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+        spies = []
+        for name, proc in zip(names, pr.procs, strict=False):
+            path = out_dir / f"{kind}-{name}-2kb.{'txt' if fmt == 'raw' else 'svg'}"
+            results.append({"kind": kind, "process": name, "path": str(path), "rate": rate})
+            cmd = [pyspy, "record", "--pid", str(proc.pid), "--rate", str(rate), "--threads",
+                   "--format", fmt, "--output", str(path), "--duration", str(int(timeout))]
+            if fmt == "raw":
+                cmd.append("--gil")
+            spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
         time.sleep(1.0)
         base = sink.count()
         cpu0 = pr.cpu()
@@ -509,23 +512,28 @@ def profile_postroom(kind: str, work: Path, template: Path, sink: Sink, n: int,
         rc, t_acc, _, _ = run_source(source_cmd(pr.port, n, 2048, False), timeout)
         t1 = time.perf_counter()
         cpu1 = pr.cpu()
-        spy.send_signal(signal.SIGINT)
         sink.wait_count(base + n, timeout)
-        try:
-            spy.wait(30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait()
-        res.update(rc=rc, accept_rate=n / t_acc, seconds=t1 - t0 + 1.0,
-                   serve_cores=(cpu1 - cpu0) / (t1 - t0))
+        t2 = time.perf_counter()
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        for res in results:
+            res.update(rc=rc, accept_rate=n / t_acc, seconds=t2 - t0 + 1.0,
+                       serve_cores=(cpu1 - cpu0) / (t1 - t0))
     finally:
         pr.stop()
         shutil.rmtree(root / "data", ignore_errors=True)
     if fmt == "raw":
-        res.update(summarize_profile(path))
-        if "samples" in res:
-            res["gil_busy"] = res["samples"] / (rate * res["seconds"])
-    return res
+        for res in results:
+            res.update(summarize_profile(Path(res["path"])))
+            if "samples" in res:
+                res["gil_busy"] = res["samples"] / (rate * res["seconds"])
+    return results
 
 
 # Where a GIL sample is charged: the innermost frame whose file matches (leaf -> root).
@@ -601,8 +609,8 @@ def print_profile(p: dict[str, Any], markdown: bool = False) -> str:
         return f"{c * 100 / tot:.1f}"
 
     who = ("`postroom serve` (listener + worker in one process)" if p["kind"] == "postroom"
-           else "`postroom serve` with `worker = false` (the listener alone; deliveries in a "
-                "separate `postroom worker`)")
+           else "`postroom serve` with `worker = false` (the listener alone)"
+           if p.get("process") == "serve" else "`postroom worker` (the deliveries, split variant)")
     out = []
     if markdown:
         out += [f"### Profile: {who}", "",
@@ -1046,15 +1054,15 @@ def main() -> int:
             extra["profiles"] = []
             for kind, fmt in (("postroom", "raw"), ("split", "raw"), ("postroom", "flamegraph")):
                 say(f"profiling {LABEL[kind]} ({fmt}, {pn} messages; extra run, not measured)")
-                p = profile_postroom(kind, work, template, sink, pn, work / "profile-out",
-                                     timeout, fmt)
-                extra["profiles"].append(p)
-                if "samples" in p:
-                    say(print_profile(p))
-                elif "error" in p:
-                    say(f"  profile failed: {p['error']}")
-                else:
-                    say(f"  flame graph: {p['path']}")
+                for p in profile_postroom(kind, work, template, sink, pn,
+                                          work / "profile-out", timeout, fmt):
+                    extra["profiles"].append(p)
+                    if "samples" in p:
+                        say(print_profile(p))
+                    elif "error" in p:
+                        say(f"  profile failed: {p['error']}")
+                    else:
+                        say(f"  flame graph: {p['path']}")
             say("per-step costs (bench/listener_costs.py)...")
             r = subprocess.run([sys.executable, str(HERE / "listener_costs.py"), "--n", "1000"],
                                capture_output=True, text=True, timeout=600)

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from postroom.exceptions import MessageError
+from postroom.store.db import write_transaction
 from postroom.store.schema import apps
 
 NAME_RULE = "1-64 characters: letters, digits, '.', '_', '-', '@'"
@@ -52,7 +53,7 @@ class Apps:
         _check_name(name)
         secret = secrets.token_urlsafe(24)
         try:
-            with self.engine.begin() as conn:
+            with write_transaction(self.engine) as conn:
                 conn.execute(
                     insert(apps).values(
                         name=name, secret_hash=hasher().hash(secret), created_at=time.time()
@@ -68,7 +69,7 @@ class Apps:
     def remove(self, name: str) -> bool:
         with self._lock:
             self._ok.pop(name, None)
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             return bool(conn.execute(delete(apps).where(apps.c.name == name)).rowcount)
 
     def list(self) -> list[dict[str, Any]]:
@@ -101,6 +102,6 @@ class Apps:
             return False
         with self._lock:
             self._ok[name] = (digest, now + _CACHE_TTL, stored)
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             conn.execute(update(apps).where(apps.c.name == name).values(last_used_at=time.time()))
         return True

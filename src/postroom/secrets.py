@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import Engine, delete, insert, select
 
 from postroom.exceptions import ConfigError
+from postroom.store.db import write_transaction
 from postroom.store.schema import secrets as secrets_table
 
 KEY_ENV = "POSTROOM_SECRET_KEY"
@@ -113,7 +114,7 @@ class SecretStore:
 
     def set(self, name: str, value: str) -> None:
         table = secrets_table
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             conn.execute(delete(table).where(table.c.name == name))
             conn.execute(
                 insert(table).values(

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.envelope import Envelope, new_id, summarize
 from postroom.exceptions import MessageError, StoreError
+from postroom.store.db import write_transaction
 from postroom.store.schema import (
     DEFERRED,
     QUEUED,
@@ -89,6 +90,57 @@ _FINISH = (
         rcpt_status=bindparam("rcpt_status", type_=messages.c.rcpt_status.type),
         last_error=bindparam("last_error"),
         updated_at=bindparam("updated_at"),
+    )
+)
+# One query per waiting status, each walking the (status, next_attempt_at) index in order
+# and stopping after `lim` rows; `status IN (...)` in one query would sort every due row
+# first (7 ms at 20k queued).
+_DUE = [
+    select(messages.c.next_attempt_at, messages.c.id)
+    .where(messages.c.status == status, messages.c.next_attempt_at <= bindparam("now"))
+    .order_by(messages.c.next_attempt_at)
+    .limit(bindparam("lim"))
+    for status in WAITING
+]
+# Re-checking the status skips rows another worker claimed since the SELECT. It is wrapped
+# in coalesce() so that it cannot match an index: SQLite would otherwise walk the
+# (status, ...) index over every waiting row instead of looking up these few ids by primary
+# key (6 ms instead of 0.2 ms at 20k queued). RETURNING (SQLite >= 3.35, PostgreSQL) hands
+# back the rows in the same query.
+_CLAIM = (
+    update(messages)
+    .where(
+        messages.c.id.in_(bindparam("ids", expanding=True)),
+        func.coalesce(messages.c.status, "").in_(WAITING),
+    )
+    .values(
+        status=SENDING,
+        lease_owner=bindparam("token"),
+        lease_until=bindparam("until"),
+        updated_at=bindparam("now"),
+    )
+    .returning(
+        messages.c.id,
+        messages.c.sender,
+        messages.c.recipients,
+        messages.c.rcpt_status,
+        messages.c.raw,
+        messages.c.connection,
+        messages.c.attempt_count,
+        messages.c.expires_at,
+        messages.c.next_attempt_at,
+    )
+)
+# Messages whose lease ran out (their worker died or hung) become due again.
+_EXPIRE = (
+    update(messages)
+    .where(messages.c.status == SENDING, messages.c.lease_until < bindparam("now"))
+    .values(
+        status=case((messages.c.attempt_count > 0, DEFERRED), else_=QUEUED),
+        lease_owner=None,
+        lease_until=None,
+        next_attempt_at=bindparam("now"),
+        updated_at=bindparam("now"),
     )
 )
 _claim_seq = itertools.count()
@@ -154,7 +206,7 @@ class GroupCommitter:
     def _commit(self, ops: list[Write]) -> list[tuple[bool, Any]]:
         with self._lock:
             try:
-                with self._engine.begin() as conn:
+                with write_transaction(self._engine) as conn:
                     return [(True, r) for r in _run(conn, ops)]
             except Exception:
                 if len(ops) == 1:
@@ -163,7 +215,7 @@ class GroupCommitter:
 
     def _one(self, op: Write) -> tuple[bool, Any]:
         try:
-            with self._engine.begin() as conn:
+            with write_transaction(self._engine) as conn:
                 return True, _run(conn, [op])[0]
         except SQLAlchemyError as err:
             return False, StoreError(f"database write failed: {err}", code="store.write")
@@ -269,40 +321,14 @@ class Queue:
             if only is not None:  # "deliver this one now", whatever its retry time
                 ids = [only]
             else:
-                # One query per waiting status, each walking the (status, next_attempt_at)
-                # index in order and stopping after `limit` rows; `status IN (...)` in one
-                # query would sort every due row first (7 ms at 20k queued).
                 found: list[tuple[float, str]] = []
-                for status in WAITING:
-                    found += conn.execute(
-                        select(messages.c.next_attempt_at, messages.c.id)
-                        .where(messages.c.status == status, messages.c.next_attempt_at <= now)
-                        .order_by(messages.c.next_attempt_at)
-                        .limit(limit)
-                    ).all()
+                for stmt in _DUE:
+                    found += conn.execute(stmt, {"now": now, "lim": limit}).all()
                 ids = [mid for _, mid in sorted(found)[:limit]]
             if not ids:
                 return []
-            # Re-checking the status skips rows another worker claimed since the SELECT.
-            # It is wrapped in coalesce() so that it cannot match an index: SQLite would
-            # otherwise walk the (status, ...) index over every waiting row instead of
-            # looking up these few ids by primary key (6 ms instead of 0.2 ms at 20k queued).
-            # RETURNING (SQLite >= 3.35, PostgreSQL) hands back the rows in the same query.
             rows = conn.execute(
-                update(messages)
-                .where(messages.c.id.in_(ids), func.coalesce(messages.c.status, "").in_(WAITING))
-                .values(status=SENDING, lease_owner=token, lease_until=now + lease, updated_at=now)
-                .returning(
-                    messages.c.id,
-                    messages.c.sender,
-                    messages.c.recipients,
-                    messages.c.rcpt_status,
-                    messages.c.raw,
-                    messages.c.connection,
-                    messages.c.attempt_count,
-                    messages.c.expires_at,
-                    messages.c.next_attempt_at,
-                )
+                _CLAIM, {"ids": ids, "token": token, "until": now + lease, "now": now}
             ).all()
             return [
                 Claimed(
@@ -323,17 +349,7 @@ class Queue:
 
     def _expire_leases(self, conn: Connection, now: float) -> int:
         """Messages whose lease ran out (their worker died or hung) become due again."""
-        res = conn.execute(
-            update(messages)
-            .where(messages.c.status == SENDING, messages.c.lease_until < now)
-            .values(
-                status=case((messages.c.attempt_count > 0, DEFERRED), else_=QUEUED),
-                lease_owner=None,
-                lease_until=None,
-                next_attempt_at=now,
-                updated_at=now,
-            )
-        )
+        res = conn.execute(_EXPIRE, {"now": now})
         return int(res.rowcount)
 
     async def claim(

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.exceptions import ConfigError, StoreError
@@ -17,10 +24,58 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
+class WriteLock:
+    """One writer at a time across every process that opens the same SQLite file.
+
+    SQLite's own busy handler makes a waiting writer sleep 1, 2, 5, 10... ms between retries,
+    so when `postroom serve` and `postroom worker` share a database most of their time went
+    to sleeping (the split benchmark accepted ~600 msg/s instead of ~1,400). A blocking
+    ``flock`` wakes the waiter the moment the holder commits. Held around whole write
+    transactions, it also means a transaction never has to upgrade a stale read snapshot.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+        self._threads = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def __exit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+_write_locks: weakref.WeakKeyDictionary[Engine, WriteLock] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """``engine.begin()`` for writes: serialised with every other writer of the same SQLite
+    file (see :class:`WriteLock`); PostgreSQL uses row locks and needs nothing extra."""
+    lock = _write_locks.get(engine)
+    with lock if lock is not None else contextlib.nullcontext(), engine.begin() as conn:
+        yield conn
+
+
 def make_engine(url: str, *, synchronous: str = "full") -> Engine:
     """Open the database. For SQLite: WAL, synchronous=FULL (every commit is fsync'ed, so a
     message is on disk before we answer 250), a busy timeout for concurrent writers."""
     is_sqlite = url.startswith("sqlite")
+    path = ""
     kwargs: dict[str, Any] = {}
     if is_sqlite:
         path = url.split("///", 1)[-1]
@@ -39,6 +94,8 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
             code="config.database",
         ) from err
     if is_sqlite:
+        if path and path != ":memory:":
+            _write_locks[engine] = WriteLock(Path(path + ".lock"))
         mode = "FULL" if synchronous == "full" else "NORMAL"
 
         @event.listens_for(engine, "connect")
@@ -73,7 +130,7 @@ def migrate(engine: Engine) -> None:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except SQLAlchemyError as err:
