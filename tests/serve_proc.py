@@ -6,6 +6,7 @@ Ports are picked free on 127.0.0.1; every wait is bounded; stop() always reaps t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -126,14 +127,20 @@ class Postroom:
         )
 
     def add_app(self, name: str) -> str:
-        """`postroom app add NAME`; returns the secret it prints once."""
+        """`postroom app add NAME`; returns the SMTP secret it prints once."""
+        return self.add_app_keys(name)[0]
+
+    def add_app_keys(self, name: str) -> tuple[str, str]:
+        """`postroom app add NAME`; returns (SMTP AUTH password, HTTP API key)."""
         out = self.cli("app", "add", name)
         if out.returncode != 0:
             raise AssertionError(f"`app add {name}` failed: {out.stderr!r}")
-        for line in out.stdout.decode().splitlines():
-            if "secret (shown only now):" in line:
-                return str(line.split("secret (shown only now):", 1)[1].strip())
-        raise AssertionError(f"no secret in `app add` output: {out.stdout!r}")
+        text = out.stdout.decode()
+        password = re.search(r"SMTP AUTH: username \S+ password (\S+)", text)
+        key = re.search(r"Authorization: Bearer (\S+)", text)
+        if not password or not key:
+            raise AssertionError(f"no credentials in `app add` output: {text!r}")
+        return password.group(1), key.group(1)
 
     def __enter__(self) -> Postroom:
         return self.start()

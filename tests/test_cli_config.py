@@ -237,7 +237,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 def test_app_add_list_remove(tmp_path: Path) -> None:
     with Postroom(tmp_path / "pr") as pr:
         out = ok(cli(pr, "app", "add", "billing"))
-        m = re.search(r"secret \(shown only now\): (\S+)", out)
+        m = re.search(r"password (\S+)", out)
         assert m, out
         secret = m.group(1)
         assert len(secret) >= 24
@@ -516,3 +516,21 @@ def test_send_composes_cc_bcc_html_and_attachments(served: Postroom, peers: Any,
         [att] = list(got.iter_attachments())
         assert att.get_filename() == "report.csv"
         assert att.get_payload(decode=True) == b"a,b\r\n1,2\r\n"
+
+
+def test_config_is_found_in_the_user_then_system_folder(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Programs that run `postroom-sendmail` elsewhere (PHP, cron) must find the config."""
+    from postroom.settings import config_path_from, search_path
+
+    monkeypatch.chdir(tmp_path)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    assert config_path_from(None, env) == Path("postroom.toml")  # nothing anywhere: the default
+    user = tmp_path / "xdg" / "postroom" / "postroom.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text("[server]\n")
+    assert config_path_from(None, env) == user
+    Path("postroom.toml").write_text("[server]\n")
+    assert config_path_from(None, env) == Path("postroom.toml")  # the current folder first
+    assert config_path_from(None, {**env, "POSTROOM_CONFIG": "x.toml"}) == Path("x.toml")
+    assert search_path(env)[-1] == Path("/etc/postroom/postroom.toml")

@@ -810,3 +810,76 @@ def test_claim_statements_use_the_indexes(queue: Queue, engine: Engine) -> None:
         assert "TEMP B-TREE" not in p and "SCAN messages" not in p, (kind, p)
     assert "USING INDEX" in plans[0][1] and "USING INDEX" in plans[1][1]
     assert "PRIMARY KEY" in plans[-1][1] or "autoindex_messages_1" in plans[-1][1], plans[-1]
+
+
+# -- idempotency, scheduling, search, heartbeats ----------------------------------------------
+def test_idempotency_key_returns_the_first_message(queue: Queue) -> None:
+    from postroom.queue.sql import IdempotencyKey
+
+    key = IdempotencyKey("shop", "order-42", "hash-a")
+
+    async def go() -> list[str]:
+        # Concurrent requests with one key land in one group commit: still one message.
+        envs = [envelope("a@example.com") for _ in range(5)]
+        return list(await asyncio.gather(*(queue.enqueue(e, idempotency=key) for e in envs)))
+
+    ids = run(queue, go)
+    assert len(set(ids)) == 1
+    assert queue.counts() == {"queued": 1}
+    assert queue.enqueue_sync(envelope("a@example.com"), idempotency=key) == ids[0]
+    other_app = IdempotencyKey("crm", "order-42", "hash-a")  # keys are per app
+    assert queue.enqueue_sync(envelope("a@example.com"), idempotency=other_app) != ids[0]
+    with pytest.raises(Exception) as exc:
+        queue.enqueue_sync(envelope("b@example.com"),
+                           idempotency=IdempotencyKey("shop", "order-42", "hash-b"))
+    assert getattr(exc.value, "code", "") == "idempotency.conflict"
+    assert queue.counts() == {"queued": 2}
+
+
+def test_scheduled_message_is_not_claimed_before_its_time(queue: Queue, clock: FakeClock) -> None:
+    env = envelope("a@example.com")
+    env.not_before = T0 + 3600
+    queue.enqueue_sync(env)
+    assert run(queue, lambda: queue.claim("w", 10, 600)) == []
+    clock.advance(3600)
+    assert [m.id for m in run(queue, lambda: queue.claim("w", 10, 600))] == [env.id]
+
+
+def test_search_by_text_tag_and_cursor(queue: Queue, clock: FakeClock) -> None:
+    ids = []
+    for i in range(5):  # same created_at for all: the cursor must break ties by id
+        env = envelope(f"r{i}@example.com", subject=f"Invoice 100% #{i}")
+        env.tags = ["billing"] if i % 2 == 0 else ["news"]
+        env.metadata = {"order": str(i)}
+        ids.append(queue.enqueue_sync(env))
+    assert len(queue.search(text="invoice 100%")) == 5
+    assert len(queue.search(text="invoice 1_0")) == 0  # '_' is literal, not a wildcard
+    assert {r["id"] for r in queue.search(tag="billing")} == {ids[0], ids[2], ids[4]}
+    pages, before = [], None
+    while True:
+        page = queue.search(limit=2, before=before)
+        if not page:
+            break
+        pages.append([r["id"] for r in page])
+        before = (page[-1]["created_at"], page[-1]["id"])
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert sorted(i for p in pages for i in p) == sorted(ids)
+    assert queue.search(to="r3@")[0]["meta"] == {"order": "3"}
+
+
+def test_worker_heartbeat_is_recorded_and_removed_on_stop(queue: Queue) -> None:
+    w = Worker(queue, {CONN: mem_transport()}, cfg(poll_interval=0.05), default_connection=CONN,
+               owner="beat-test")
+
+    async def go() -> tuple[list[str], list[str]]:
+        task = asyncio.create_task(w.run())
+        for _ in range(100):
+            if queue.workers_seen(0):
+                break
+            await asyncio.sleep(0.02)
+        alive = [r["id"] for r in queue.workers_seen(0)]
+        await w.stop(1)
+        await task
+        return alive, [r["id"] for r in queue.workers_seen(0)]
+
+    assert run(queue, go) == (["beat-test"], [])

@@ -66,6 +66,19 @@ class Apps:
             ) from err
         return secret
 
+    @staticmethod
+    def api_key(name: str, secret: str) -> str:
+        """The HTTP API's Bearer token for an app: its name and secret in one string (the
+        secret alphabet has no '.', so the last '.' separates them)."""
+        return f"{name}.{secret}"
+
+    def verify_api_key(self, token: str) -> str | None:
+        """The app a Bearer token belongs to, or None."""
+        name, dot, secret = token.rpartition(".")
+        if not dot or not name or not secret:
+            return None
+        return name if self.verify(name, secret) else None
+
     def remove(self, name: str) -> bool:
         with self._lock:
             self._ok.pop(name, None)

@@ -17,6 +17,7 @@ CONFIG_TEMPLATE = '''\
 # database = ""                         # default sqlite:///<data_dir>/postroom.db
 # smtp_listen = "127.0.0.1:2525"        # where apps hand mail in (STARTTLS offered)
 # smtps_listen = ""                     # optional implicit-TLS port, e.g. "127.0.0.1:4465"
+# http_listen = "127.0.0.1:8025"        # HTTP API (/api/v1, Bearer API keys) and /healthz; "" = off
 # hostname = "<this machine's name>"    # banner and EHLO name
 # tls_cert = ""                         # PEM certificate + key; default: self-signed
 # tls_key = ""

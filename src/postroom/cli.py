@@ -341,12 +341,16 @@ def resend(
 # -- apps and connections -----------------------------------------------------------------------
 @apps_cli.command("add")
 def app_add(name: str, config: ConfigOpt = None) -> None:
-    """Create an app; prints its SMTP AUTH secret once."""
+    """Create an app; prints its SMTP AUTH secret and HTTP API key once."""
     inst = _instance(config)
     secret = _guard(lambda: inst.apps.add(name))
     con = _console()
-    con.print(f"app [bold]{name}[/] created. SMTP AUTH username: {name}")
-    con.print(f"secret (shown only now): [bold]{secret}[/]")
+    con.print(f"app [bold]{name}[/] created (shown only now, store them in the app):",
+              soft_wrap=True)
+    con.print(f"  SMTP AUTH: username [bold]{name}[/] password [bold]{secret}[/]",
+              soft_wrap=True)
+    con.print(f"  HTTP API:  Authorization: Bearer [bold]{inst.apps.api_key(name, secret)}[/]",
+              soft_wrap=True)
 
 
 @apps_cli.command("list")

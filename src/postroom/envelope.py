@@ -115,6 +115,9 @@ class Envelope:
     source: str = ""  # "smtp:<app>" / "smtp:trusted" / "cli" ...
     connection: str | None = None  # pin delivery to one named connection
     id: str = field(default_factory=new_id)
+    tags: list[str] = field(default_factory=list)  # the app's labels, searchable
+    metadata: dict[str, str] = field(default_factory=dict)  # the app's own key/values
+    not_before: float | None = None  # scheduled send (epoch seconds): not delivered earlier
 
     @property
     def smtputf8(self) -> bool:

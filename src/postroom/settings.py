@@ -15,7 +15,7 @@ import os
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,7 @@ class ServerSettings(_Section):
     database: str = ""  # default: sqlite:///<data_dir>/postroom.db
     smtp_listen: str = "127.0.0.1:2525"
     smtps_listen: str = ""  # implicit TLS (RFC 8314) listener, off unless set
+    http_listen: str = "127.0.0.1:8025"  # HTTP API, /healthz (and later UI, OAuth); "" = off
     hostname: str = Field(default_factory=socket.gethostname)
     tls_cert: Path | None = None  # default: a self-signed one generated in data_dir/tls
     tls_key: Path | None = None
@@ -57,7 +58,7 @@ class ServerSettings(_Section):
     worker: bool = True  # run the delivery worker inside `postroom serve`
     sqlite_synchronous: Literal["full", "normal"] = "full"
 
-    @field_validator("smtp_listen", "smtps_listen")
+    @field_validator("smtp_listen", "smtps_listen", "http_listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         if v:
@@ -95,12 +96,36 @@ class DeliverySettings(_Section):
         return self
 
 
+class HttpSettings(_Section):
+    """The HTTP API (`server.http_listen`)."""
+
+    max_body_size: int = Field(default=50 * 1024 * 1024, ge=1024)  # request body, bytes
+
+
+class SendmailSettings(_Section):
+    """`postroom sendmail` / `postroom-sendmail`."""
+
+
+class PolicySettings(_Section):
+    """The message policy applied to every message (each connection may add its own)."""
+
+
 class ConnectionBase(BaseModel):
     """Fields every connection has; each transport adds its own (transports/<kind>.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     transport: str
+
+
+# Every [section] of postroom.toml but [[connections]], with the model that validates it.
+SECTIONS: dict[str, type[_Section]] = {
+    "server": ServerSettings,
+    "delivery": DeliverySettings,
+    "http": HttpSettings,
+    "sendmail": SendmailSettings,
+    "policy": PolicySettings,
+}
 
 
 @dataclass(frozen=True)
@@ -110,6 +135,9 @@ class Settings:
     connections: tuple[ConnectionBase, ...]
     config_path: Path | None
     base_dir: Path
+    http: HttpSettings = field(default_factory=HttpSettings)
+    sendmail: SendmailSettings = field(default_factory=SendmailSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
 
     @property
     def data_dir(self) -> Path:
@@ -126,6 +154,10 @@ class Settings:
     @property
     def smtps_listen(self) -> tuple[str, int] | None:
         return _parse_listen(self.server.smtps_listen) if self.server.smtps_listen else None
+
+    @property
+    def http_listen(self) -> tuple[str, int] | None:
+        return _parse_listen(self.server.http_listen) if self.server.http_listen else None
 
     def connection(self, name: str) -> ConnectionBase:
         for conn in self.connections:
@@ -154,10 +186,11 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_KEYS:
             continue
         parts = key[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) != 2 or parts[0] not in ("server", "delivery"):
+        if len(parts) != 2 or parts[0] not in SECTIONS:
             raise ConfigError(
                 f"environment variable {key} is not understood: use "
-                "POSTROOM_SERVER__<KEY> or POSTROOM_DELIVERY__<KEY> (e.g. "
+                "POSTROOM_<SECTION>__<KEY> with a section among "
+                f"{', '.join(s.upper() for s in SECTIONS)} (e.g. "
                 "POSTROOM_SERVER__SMTP_LISTEN=127.0.0.1:2525)",
                 code="config.env",
             )
@@ -231,8 +264,20 @@ def _connections(items: Any) -> tuple[ConnectionBase, ...]:
     return tuple(out)
 
 
+def search_path(environ: Mapping[str, str]) -> list[Path]:
+    """Where a configuration is looked for when none is named: the current folder, then the
+    user's, then the system's. Commands started by other programs (PHP's mail() runs
+    `postroom-sendmail` in the web server's folder, cron in $HOME) find the system one."""
+    xdg = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", "~")) / ".config")
+    return [Path(DEFAULT_CONFIG), Path(xdg) / "postroom" / DEFAULT_CONFIG,
+            Path("/etc/postroom") / DEFAULT_CONFIG]
+
+
 def config_path_from(explicit: str | Path | None, environ: Mapping[str, str]) -> Path:
-    return Path(explicit or environ.get("POSTROOM_CONFIG") or DEFAULT_CONFIG)
+    named = explicit or environ.get("POSTROOM_CONFIG")
+    if named:
+        return Path(named)
+    return next((p for p in search_path(environ) if p.is_file()), Path(DEFAULT_CONFIG))
 
 
 def load(
@@ -270,16 +315,16 @@ def load(
             code="config.missing",
         )
     _apply_env(data, env)
-    unknown = set(data) - {"server", "delivery", "connections"}
+    unknown = set(data) - {*SECTIONS, "connections"}
     if unknown:
         raise ConfigError(
-            f"unknown section(s) {', '.join(sorted(unknown))}; known: server, delivery, "
-            "connections",
+            f"unknown section(s) {', '.join(sorted(unknown))}; known: "
+            f"{', '.join(SECTIONS)}, connections",
             code="config.invalid",
         )
+    sections = {name: _section(model, name, data.get(name)) for name, model in SECTIONS.items()}
     return Settings(
-        server=_section(ServerSettings, "server", data.get("server")),
-        delivery=_section(DeliverySettings, "delivery", data.get("delivery")),
+        **sections,
         connections=_connections(data.get("connections")),
         config_path=cfg if cfg.exists() else None,
         base_dir=(cfg.parent if cfg.exists() else Path.cwd()).resolve(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import socket
 import threading
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Engine,
     Executable,
     Text,
+    and_,
     bindparam,
     case,
     cast,
@@ -44,7 +46,9 @@ from postroom.store.schema import (
     SENDING,
     WAITING,
     attempts,
+    idempotency,
     messages,
+    workers,
 )
 
 T = TypeVar("T")
@@ -144,6 +148,11 @@ _EXPIRE = (
     )
 )
 _claim_seq = itertools.count()
+
+
+def json_string(value: str) -> str:
+    """How a string looks inside a JSON column (for LIKE over a JSON list)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def worker_id() -> str:
@@ -266,7 +275,7 @@ def message_row(env: Envelope, now: float, lifetime: float, hold: float = 0.0) -
         "created_at": now,
         "updated_at": now,
         "status": QUEUED,
-        "next_attempt_at": now + hold,
+        "next_attempt_at": max(now + hold, env.not_before or 0.0),
         "expires_at": now + lifetime,
         "attempt_count": 0,
         "sender": env.sender,
@@ -280,7 +289,18 @@ def message_row(env: Envelope, now: float, lifetime: float, hold: float = 0.0) -
         "to_header": summary.to,
         "size": len(env.raw),
         "raw": env.raw,
+        "tags": list(env.tags) or None,
+        "meta": dict(env.metadata) or None,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """An app's ``Idempotency-Key`` and a hash of the request it came with."""
+
+    app: str
+    key: str
+    request_hash: str
 
 
 class Queue:
@@ -296,20 +316,57 @@ class Queue:
         self.writer = GroupCommitter(engine)
 
     # -- enqueue -------------------------------------------------------------------------
-    def _enqueue_op(self, env: Envelope, hold: float = 0.0) -> RowInsert:
-        return RowInsert(_INSERT_MESSAGE, message_row(env, self.clock(), self.lifetime, hold))
+    def _enqueue_op(
+        self, env: Envelope, hold: float = 0.0, idem: IdempotencyKey | None = None
+    ) -> Write:
+        row = message_row(env, self.clock(), self.lifetime, hold)
+        if idem is None:
+            return RowInsert(_INSERT_MESSAGE, row)
 
-    async def enqueue(self, env: Envelope) -> str:
-        """Store the message durably; returns its id once the commit is on disk."""
-        await self.writer.submit(self._enqueue_op(env))
-        return env.id
+        def op(conn: Connection) -> str:
+            # In the same transaction as the insert: two requests with one key cannot both
+            # enqueue (in one batch they run in order; across processes the primary key of
+            # `idempotency` makes the second transaction fail and be retried alone).
+            found = conn.execute(
+                select(idempotency.c.message_id, idempotency.c.request_hash).where(
+                    idempotency.c.app == idem.app, idempotency.c.key == idem.key
+                )
+            ).first()
+            if found is not None:
+                if found.request_hash != idem.request_hash:
+                    raise MessageError(
+                        f"Idempotency-Key {idem.key!r} was already used for a different "
+                        f"request (message {found.message_id}); use a new key for a new "
+                        "message",
+                        code="idempotency.conflict",
+                    )
+                return str(found.message_id)
+            conn.execute(_INSERT_MESSAGE, row)
+            conn.execute(
+                insert(idempotency).values(
+                    app=idem.app, key=idem.key, message_id=env.id,
+                    request_hash=idem.request_hash, created_at=row["created_at"],
+                )
+            )
+            return env.id
 
-    def enqueue_sync(self, env: Envelope, *, hold: float = 0.0) -> str:
+        return op
+
+    async def enqueue(self, env: Envelope, *, idempotency: IdempotencyKey | None = None) -> str:
+        """Store the message durably; returns its id once the commit is on disk. With an
+        idempotency key already used by that app for the same request, nothing is stored
+        and the first message's id is returned (compare it with ``env.id``)."""
+        result = await self.writer.submit(self._enqueue_op(env, idem=idempotency))
+        return env.id if result is None else str(result)
+
+    def enqueue_sync(
+        self, env: Envelope, *, hold: float = 0.0, idempotency: IdempotencyKey | None = None
+    ) -> str:
         """``hold``: not due for workers before that many seconds, for a caller that claims
         it at once with ``claim(only=...)`` (`send --now`): a running worker cannot take it
         first, and it is still delivered if that caller dies before claiming."""
-        self.writer.run_sync(self._enqueue_op(env, hold))
-        return env.id
+        result = self.writer.run_sync(self._enqueue_op(env, hold, idempotency))
+        return env.id if result is None else str(result)
 
     # -- claim / finish / release ----------------------------------------------------------
     def _claim_op(self, owner: str, limit: int, lease: float, only: str | None = None) -> Op:
@@ -461,27 +518,52 @@ class Queue:
         status: str | None = None,
         to: str | None = None,
         sender: str | None = None,
+        text: str | None = None,
+        source: str | None = None,
+        tag: str | None = None,
         since: float | None = None,
+        until: float | None = None,
+        before: tuple[float, str] | None = None,
         limit: int = 50,
     ) -> list[dict[str, Any]]:
+        """The log, newest first. ``text`` matches subject, From, To and Message-ID;
+        ``before`` = (created_at, id) of the last row of the previous page (a cursor that
+        stays correct while new mail arrives, unlike an offset)."""
         cols = [c for c in messages.c if c.name not in ("raw", "rcpt_status")]
-        q = select(*cols).order_by(messages.c.created_at.desc()).limit(limit)
+        q = (
+            select(*cols)
+            .order_by(messages.c.created_at.desc(), messages.c.id.desc())
+            .limit(limit)
+        )
+
+        def like(value: str, *columns: Any) -> Any:
+            pattern = "%" + value.lower().replace("\\", "\\\\").replace("%", "\\%").replace(
+                "_", "\\_") + "%"
+            return or_(*(func.lower(c).like(pattern, escape="\\") for c in columns))
+
         if status:
             q = q.where(messages.c.status == status)
         if to:
-            like = f"%{to.lower()}%"
-            q = q.where(
-                or_(func.lower(messages.c.to_header).like(like),
-                    func.lower(cast(messages.c.recipients, Text)).like(like))
-            )
+            q = q.where(like(to, messages.c.to_header, cast(messages.c.recipients, Text)))
         if sender:
-            like = f"%{sender.lower()}%"
-            q = q.where(
-                or_(func.lower(messages.c.sender).like(like),
-                    func.lower(messages.c.from_header).like(like))
-            )
+            q = q.where(like(sender, messages.c.sender, messages.c.from_header))
+        if text:
+            q = q.where(like(text, messages.c.subject, messages.c.from_header,
+                             messages.c.to_header, messages.c.message_id))
+        if source:
+            q = q.where(messages.c.source == source)
+        if tag:
+            q = q.where(cast(messages.c.tags, Text).like(f"%{json_string(tag)}%"))
         if since is not None:
             q = q.where(messages.c.created_at >= since)
+        if until is not None:
+            q = q.where(messages.c.created_at < until)
+        if before is not None:
+            at, last_id = before
+            q = q.where(
+                or_(messages.c.created_at < at,
+                    and_(messages.c.created_at == at, messages.c.id < last_id))
+            )
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
@@ -510,6 +592,24 @@ class Queue:
             rows = conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status))
             return {r[0]: r[1] for r in rows}
 
+    # -- workers ---------------------------------------------------------------------------
+    async def heartbeat(self, owner: str, started_at: float, *, gone: bool = False) -> None:
+        """Say that worker ``owner`` is alive (or, with ``gone``, that it stopped)."""
+        now = self.clock()
+
+        def op(conn: Connection) -> None:
+            conn.execute(delete(workers).where(workers.c.id == owner))
+            if not gone:
+                conn.execute(insert(workers).values(id=owner, started_at=started_at, seen_at=now))
+
+        await self.writer.submit(op)
+
+    def workers_seen(self, since: float) -> list[dict[str, Any]]:
+        """Workers that reported in at or after ``since``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(workers).where(workers.c.seen_at >= since))
+            return [dict(r._mapping) for r in rows]
+
     def resend_sync(self, msg_id: str, to: list[str] | None = None) -> str:
         """Queue a copy of a logged message (to its recipients, or to ``to``): a new log entry."""
         orig = self.get(msg_id)
@@ -522,6 +622,8 @@ class Queue:
             source=f"resend:{orig['id']}",
             connection=orig["connection"],
             id=new_id(),
+            tags=list(orig.get("tags") or []),
+            metadata=dict(orig.get("meta") or {}),
         )
         return self.enqueue_sync(env)
 

@@ -24,6 +24,7 @@ from postroom.store.schema import DEFERRED, FAILED, PARTIAL, SENT
 from postroom.transports.base import DeliveryResult, RecipientResult, Transport
 
 log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 10.0  # how often a worker refreshes its row in `workers`
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Worker:
         self._inflight: dict[str, tuple[Claimed, asyncio.Task[dict[str, Any]]]] = {}
         self.delivered = 0
         self._run_task: asyncio.Task[Any] | None = None
+        self.started_at = self.clock()
+        self._beat_at = 0.0
 
     def wake(self) -> None:
         """New mail is due (called by an in-process listener): claim without waiting."""
@@ -110,6 +113,7 @@ class Worker:
         except PostroomError as err:
             log.error("checking for dead workers' leases failed: %s", err)
         while not self._stopping:
+            await self._heartbeat()
             free = slots - len(self._inflight)
             claimed: list[Claimed] = []
             if free > 0 and self.transports:
@@ -130,6 +134,16 @@ class Worker:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
+
+    async def _heartbeat(self, gone: bool = False) -> None:
+        now = time.monotonic()
+        if not gone and now - self._beat_at < HEARTBEAT_SECONDS:
+            return
+        self._beat_at = now
+        try:
+            await self.queue.heartbeat(self.owner, self.started_at, gone=gone)
+        except PostroomError as err:
+            log.error("recording this worker's heartbeat failed: %s", err)
 
     def _done(self, task: asyncio.Task[dict[str, Any]]) -> None:
         msg_id = task.get_name().removeprefix("deliver-")
@@ -159,6 +173,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             await self.queue.release(unfinished)
+        await self._heartbeat(gone=True)
 
     async def deliver(self, msg: Claimed) -> dict[str, Any]:
         """One attempt for a claimed message; returns the attempt row it recorded."""

@@ -61,6 +61,8 @@ messages = Table(
     Column("size", Integer, nullable=False),
     Column("raw", LargeBinary),  # NULL only after a retention purge (later issue)
     Column("last_error", Text),
+    Column("tags", JSON),  # the app's labels for this message (API, Mailer), for search
+    Column("meta", JSON),  # the app's own key/value pairs ("metadata" in the API)
     Index("ix_messages_due", "status", "next_attempt_at"),
     Index("ix_messages_created", "created_at"),
     Index("ix_messages_message_id", "message_id"),
@@ -108,4 +110,24 @@ secrets = Table(
     Column("name", String(128), primary_key=True),
     Column("ciphertext", Text, nullable=False),  # Fernet token
     Column("updated_at", Float, nullable=False),
+)
+
+# The same Idempotency-Key from the same app returns the first message, never a second one.
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("app", String(64), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("message_id", String(32), nullable=False),
+    Column("request_hash", String(64), nullable=False),  # sha256 of the request it answered
+    Column("created_at", Float, nullable=False),
+)
+
+# Every running worker refreshes its row; /healthz and the CLI tell live from gone.
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(64), primary_key=True),  # host:pid, as in messages.lease_owner
+    Column("started_at", Float, nullable=False),
+    Column("seen_at", Float, nullable=False),
 )
