@@ -150,6 +150,10 @@ _EXPIRE = (
 _claim_seq = itertools.count()
 
 
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def json_string(value: str) -> str:
     """How a string looks inside a JSON column (for LIKE over a JSON list)."""
     return json.dumps(value, ensure_ascii=False)
@@ -520,6 +524,7 @@ class Queue:
         sender: str | None = None,
         text: str | None = None,
         source: str | None = None,
+        app: str | None = None,
         tag: str | None = None,
         since: float | None = None,
         until: float | None = None,
@@ -527,6 +532,7 @@ class Queue:
         limit: int = 50,
     ) -> list[dict[str, Any]]:
         """The log, newest first. ``text`` matches subject, From, To and Message-ID;
+        ``app``: only what that app handed in, through any door (source "<door>:<app>");
         ``before`` = (created_at, id) of the last row of the previous page (a cursor that
         stays correct while new mail arrives, unlike an offset)."""
         cols = [c for c in messages.c if c.name not in ("raw", "rcpt_status")]
@@ -537,8 +543,7 @@ class Queue:
         )
 
         def like(value: str, *columns: Any) -> Any:
-            pattern = "%" + value.lower().replace("\\", "\\\\").replace("%", "\\%").replace(
-                "_", "\\_") + "%"
+            pattern = "%" + _escape_like(value.lower()) + "%"
             return or_(*(func.lower(c).like(pattern, escape="\\") for c in columns))
 
         if status:
@@ -552,8 +557,11 @@ class Queue:
                              messages.c.to_header, messages.c.message_id))
         if source:
             q = q.where(messages.c.source == source)
+        if app:
+            q = q.where(messages.c.source.like("%:" + _escape_like(app), escape="\\"))
         if tag:
-            q = q.where(cast(messages.c.tags, Text).like(f"%{json_string(tag)}%"))
+            q = q.where(cast(messages.c.tags, Text).like(
+                "%" + _escape_like(json_string(tag)) + "%", escape="\\"))
         if since is not None:
             q = q.where(messages.c.created_at >= since)
         if until is not None:
