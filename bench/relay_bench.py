@@ -289,6 +289,7 @@ def write_config(root: Path, smtp_port: int, sink_port: int, split: bool) -> Pat
 [server]
 data_dir = "data"
 smtp_listen = "{HOST}:{smtp_port}"
+http_listen = "{HOST}:{free_port()}"
 hostname = "postroom.bench.test"
 worker = {"false" if split else "true"}
 

@@ -58,11 +58,13 @@ class Postroom:
         root.mkdir(parents=True, exist_ok=True)
         self.smtp_port = free_port()
         self.smtps_port = free_port() if smtps else None
+        self.http_port = free_port()
         self.config = root / "postroom.toml"
         smtps_line = f'smtps_listen = "127.0.0.1:{self.smtps_port}"\n' if smtps else ""
         self.config.write_text(
             "[server]\n"
             f'data_dir = "data"\nsmtp_listen = "127.0.0.1:{self.smtp_port}"\n{smtps_line}'
+            f'http_listen = "127.0.0.1:{self.http_port}"\n'
             f'hostname = "postroom.test"\nauth_failure_delay = 0.2\n{server}\n'
             f"[delivery]\n{delivery}\n{connections}\n"
         )
