@@ -113,6 +113,8 @@ if [ "${POSTROOM_INSTALL_PEERS:-1}" = 1 ]; then
     step install:mailserver 1900 bash "$RECIPES/mailserver.sh" install || die "installing the mailserver packages failed"
     # clients: swaks msmtp php-cli php-mbstring libphp-phpmailer
     step install:clients 1900 bash "$RECIPES/clients.sh" install || die "installing the client packages failed"
+    # postgres: the server binaries; the tests start a throw-away cluster (tests/pgserver.py)
+    step install:postgres 1900 bash "$RECIPES/postgres.sh" install || die "installing postgresql failed"
     # oauth: curl + $PEERS/venv with django-oauth-toolkit 3.4.1, oauthlib<4
     step install:oauth 1900 bash "$RECIPES/oauth.sh" install || die "installing the OAuth server failed"
   fi

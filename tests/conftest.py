@@ -89,6 +89,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "peers: uses the real peer servers from tests/peers (Postfix+Dovecot, OAuth2 server)",
     )
+    config.addinivalue_line(
+        "markers", "sqlite_only: a store test that looks inside SQLite itself (not run on "
+        "PostgreSQL)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -519,6 +523,22 @@ def peers() -> Iterator[Peers]:
                 errors.append(str(e))
         if errors:
             pytest.fail("stopping the peers failed:\n" + "\n".join(errors), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A throw-away PostgreSQL cluster for this session (tests/pgserver.py); each test asks
+    it for a database of its own with ``pg_server.new_database()``."""
+    from pgserver import PgServer
+
+    try:
+        server = PgServer().start()
+    except RuntimeError as err:
+        pytest.fail(f"cannot start PostgreSQL: {err}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -52,9 +52,28 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "queue.db"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every queue test runs on SQLite and on PostgreSQL, except those that look inside the
+    SQLite file itself (they ask for ``db_path`` or are marked ``sqlite_only``)."""
+    if "backend" in metafunc.fixturenames:
+        sqlite_only = ("db_path" in metafunc.fixturenames
+                       or metafunc.definition.get_closest_marker("sqlite_only") is not None)
+        metafunc.parametrize("backend", ["sqlite"] if sqlite_only else ["sqlite", "postgresql"],
+                             indirect=True)
+
+
 @pytest.fixture
-def engine(db_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{db_path}")
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def engine(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_server").new_database()
+    else:
+        url = f"sqlite:///{tmp_path / 'queue.db'}"
+    eng = make_engine(url)
     migrate(eng)
     yield eng
     eng.dispose()
@@ -136,6 +155,7 @@ def test_enqueue_is_durable_when_it_returns(queue: Queue, db_path: Path) -> None
     run(queue, go)
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_is_wal_with_full_fsync(engine: Engine) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -780,6 +800,7 @@ def test_writers_of_one_sqlite_file_wait_on_the_shared_write_lock(queue: Queue,
     assert queue.counts() == {"queued": 1}
 
 
+@pytest.mark.sqlite_only
 def test_claim_statements_use_the_indexes(queue: Queue, engine: Engine) -> None:
     """The claim's cost must not grow with the backlog (25.9 ms per claim at 20k queued
     before): the due scans walk the status index, the UPDATE looks ids up by primary key.

@@ -98,12 +98,15 @@ _FINISH = (
 )
 # One query per waiting status, each walking the (status, next_attempt_at) index in order
 # and stopping after `lim` rows; `status IN (...)` in one query would sort every due row
-# first (7 ms at 20k queued).
+# first (7 ms at 20k queued). On PostgreSQL, FOR UPDATE SKIP LOCKED lets workers that claim
+# at the same moment take different rows instead of queueing behind each other's locks
+# (SQLite has one writer at a time and ignores the clause).
 _DUE = [
     select(messages.c.next_attempt_at, messages.c.id)
     .where(messages.c.status == status, messages.c.next_attempt_at <= bindparam("now"))
     .order_by(messages.c.next_attempt_at)
     .limit(bindparam("lim"))
+    .with_for_update(skip_locked=True)
     for status in WAITING
 ]
 # Re-checking the status skips rows another worker claimed since the SELECT. It is wrapped

@@ -71,10 +71,24 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+def _driver_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 to us (SQLAlchemy's default would be psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def is_postgresql(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
 def make_engine(url: str, *, synchronous: str = "full") -> Engine:
     """Open the database. For SQLite: WAL, synchronous=FULL (every commit is fsync'ed, so a
-    message is on disk before we answer 250), a busy timeout for concurrent writers."""
+    message is on disk before we answer 250), a busy timeout for concurrent writers.
+    PostgreSQL commits are durable with its defaults (fsync, synchronous_commit on)."""
     is_sqlite = url.startswith("sqlite")
+    url = _driver_url(url)
     path = ""
     kwargs: dict[str, Any] = {}
     if is_sqlite:
@@ -83,13 +97,23 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         kwargs["pool_size"] = 8
+    elif url.startswith("postgresql"):
+        # Connections are checked before use: a restarted database must not fail deliveries.
+        kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True,
+                      connect_args={"connect_timeout": 10, "application_name": "postroom"})
     # Keep non-ASCII addresses readable (and searchable with LIKE) in JSON columns.
     kwargs["json_serializer"] = functools.partial(json.dumps, ensure_ascii=False)
     try:
         engine = create_engine(url, **kwargs)
-    except (SQLAlchemyError, ImportError, ValueError) as err:
+    except ImportError as err:
         raise ConfigError(
-            f"server.database = {url!r} cannot be used: {err}; use sqlite:///PATH or "
+            f"server.database = {_safe(url)!r} needs a driver that is not installed ({err}); "
+            "for PostgreSQL: pip install 'postroom[postgresql]'",
+            code="config.database",
+        ) from err
+    except (SQLAlchemyError, ValueError) as err:
+        raise ConfigError(
+            f"server.database = {_safe(url)!r} cannot be used: {err}; use sqlite:///PATH or "
             "postgresql://USER@HOST/DB",
             code="config.database",
         ) from err
@@ -108,6 +132,16 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
             cur.close()
 
     return engine
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
 
 
 def _head_revision() -> str:
@@ -131,6 +165,10 @@ def migrate(engine: Engine) -> None:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with write_transaction(engine) as conn:
+            if is_postgresql(engine):
+                # Several processes may start at once against one database: one migrates,
+                # the others wait here, then find nothing left to do.
+                conn.execute(text("SELECT pg_advisory_xact_lock(7405311)"))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except SQLAlchemyError as err:
