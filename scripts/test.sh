@@ -117,6 +117,8 @@ if [ "${POSTROOM_INSTALL_PEERS:-1}" = 1 ]; then
     step install:postgres 1900 bash "$RECIPES/postgres.sh" install || die "installing postgresql failed"
     # oauth: curl + $PEERS/venv with django-oauth-toolkit 3.4.1, oauthlib<4
     step install:oauth 1900 bash "$RECIPES/oauth.sh" install || die "installing the OAuth server failed"
+    # browser: chromium (Debian) + playwright in $PEERS/venv (never `playwright install`)
+    step install:browser 1900 bash "$RECIPES/browser.sh" install || die "installing the browser failed"
   fi
 fi
 

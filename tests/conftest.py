@@ -41,6 +41,9 @@ from typing import Any
 
 import pytest
 
+# The store/queue fixtures (engine, queue, clock...) run each test on SQLite and PostgreSQL.
+pytest_plugins = ["queue_helpers"]
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 RECIPES_DIR = TESTS_DIR / "peers"

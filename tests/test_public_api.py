@@ -7,11 +7,14 @@ import postroom
 
 def test_all_is_pinned() -> None:
     assert sorted(postroom.__all__) == [
+        "Attachment",
         "AuthError",
         "ConfigError",
         "ConnectError",
+        "CredentialsError",
         "DeliveryError",
         "Envelope",
+        "Mailer",
         "MessageError",
         "PostroomError",
         "StoreError",

@@ -995,9 +995,9 @@ def test_idle_timeout_closes_pooled_session(fake_smtp: Callable[..., Fake]) -> N
     assert fake.handler.connections == 2
 
 
-def test_concurrent_sends_bounded_by_max_sessions(fake_smtp: Callable[..., Fake]) -> None:
+def test_concurrent_sends_bounded_by_pool_size(fake_smtp: Callable[..., Fake]) -> None:
     fake = fake_smtp()
-    s = settings(port=fake.port, security="none", max_sessions=2)
+    s = settings(port=fake.port, security="none", pool_size=2)
     raws = [make_message(new_subject(f"conc-{i}"), ALICE) for i in range(8)]
 
     async def go() -> list[DeliveryResult]:

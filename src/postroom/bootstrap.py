@@ -37,6 +37,10 @@ CONFIG_TEMPLATE = '''\
 # max_lifetime = 432000                 # give up after 5 days
 # lease_seconds = 600                   # a crashed worker's mail is picked up after this
 
+# [retention]                           # what the log keeps; finished mail only, never waiting
+# keep_bodies_days = 30                 # then message bodies and transcripts are removed
+# keep_rows_days = 90                   # then the log rows themselves (0 = keep forever)
+
 # Add the provider you deliver through. Until a connection exists, mail is accepted and
 # kept in the queue; it is delivered once you add one and restart.
 #

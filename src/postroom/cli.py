@@ -17,6 +17,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from postroom import settings as settings_mod
+from postroom.commands import connections as _connections_commands
+from postroom.commands import oauth as _oauth_commands
+from postroom.commands import queue as _queue_commands
 from postroom.exceptions import ConfigError, MessageError, PostroomError
 
 app = typer.Typer(
@@ -31,6 +34,9 @@ apps_cli = typer.Typer(help="Credentials apps use to hand mail in (SMTP AUTH).",
 conn_cli = typer.Typer(help="Connections to your providers.", no_args_is_help=True)
 app.add_typer(apps_cli, name="app")
 app.add_typer(conn_cli, name="connection")
+app.add_typer(_queue_commands.cli, name="queue")
+app.add_typer(_connections_commands.cli, name="connections")
+app.add_typer(_oauth_commands.cli, name="oauth")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -120,29 +126,42 @@ def worker(config: ConfigOpt = None) -> None:
 NOW_HOLD = 60.0  # `send --now` / `test`: seconds a running worker leaves the message to us
 
 
-def _deliver_now(inst: Any, msg_id: str) -> dict[str, Any]:
-    from postroom.queue.worker import Worker
+def _deliver_and_report(inst: Any, msg_id: str) -> None:
+    """Deliver a just-queued message in this process, print every attempt (one per
+    connection tried) and exit 1 unless it was sent."""
+    attempts = _deliver_now(inst, msg_id)
+    for attempt in attempts:
+        _print_attempt(attempt, inst.settings)
+    row = inst.queue.get(msg_id) or {}
+    if row.get("status") != "sent":
+        if not attempts:
+            _console().print(f"not sent yet: {row.get('last_error') or 'waiting'}",
+                             markup=False)
+        raise typer.Exit(1)
 
-    async def go() -> dict[str, Any]:
+
+def _deliver_now(inst: Any, msg_id: str) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
         transports = inst.transports()
-        w = Worker(inst.queue, transports, inst.settings.delivery, inst.default_connection)
+        w = inst.worker(transports)
         try:
             claimed = await inst.queue.claim(w.owner, 1, inst.settings.delivery.lease_seconds,
                                              only=msg_id)
             if not claimed:
                 raise MessageError(f"message {msg_id} is not waiting for delivery",
                                    code="message.not_waiting")
-            return await w.deliver(claimed[0])
+            attempts: list[dict[str, Any]] = await w.deliver(claimed[0])
+            return attempts
         finally:
             for t in transports.values():
                 await t.aclose()
             await inst.queue.writer.aclose()
 
-    result: dict[str, Any] = _guard(lambda: asyncio.run(go()))
+    result: list[dict[str, Any]] = _guard(lambda: asyncio.run(go()))
     return result
 
 
-def _print_attempt(a: dict[str, Any]) -> None:
+def _print_attempt(a: dict[str, Any], settings: Any = None) -> None:
     from rich.markup import escape
 
     con = _console()
@@ -159,6 +178,11 @@ def _print_attempt(a: dict[str, Any]) -> None:
         con.print("  [dim]transcript:[/]")
         for line in a["transcript"].splitlines():
             con.print(f"    {line}", markup=False, highlight=False)
+    if settings is not None:  # `show` and `test`: what the failure means and how to fix it
+        from postroom.diagnostics.advice import advice_for_attempt
+        from postroom.diagnostics.render import print_advice
+
+        print_advice(con, advice_for_attempt(a, settings=settings))
 
 
 @app.command()
@@ -171,15 +195,26 @@ def send(
     text: Annotated[str | None, typer.Option("--text", help="Plain-text body")] = None,
     html: Annotated[str | None, typer.Option("--html", help="HTML body")] = None,
     attach: Annotated[list[Path] | None, typer.Option("--attach", help="File (repeat)")] = None,
+    inline: Annotated[list[Path] | None, typer.Option(
+        "--inline", help="Image shown in the HTML as <img src=\"cid:FILE NAME\"> (repeat)")]
+    = None,
+    reply_to: Annotated[list[str] | None, typer.Option("--reply-to", help="Reply-To (repeat)")]
+    = None,
+    header: Annotated[list[str] | None, typer.Option(
+        "--header", help="Extra header 'Name: value' (repeat)")] = None,
     connection: Annotated[str | None, typer.Option("--connection",
                                                    help="Deliver through this connection")] = None,
     now: Annotated[bool, typer.Option("--now", help="Deliver at once and show the transcript")]
     = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Queue a message composed from flags, or raw MIME from stdin (with --to/--from)."""
-    from postroom.envelope import Envelope, validate_address
-    from postroom.message import compose
+    """Queue a message composed from flags, or raw MIME from stdin (with --to/--from).
+    Addresses may be "Name <addr>"; non-ASCII names, subjects and file names are fine."""
+    from postroom.envelope import Envelope
+    from postroom.headers import parse_mailbox
+    from postroom.idn import check_address
+    from postroom.message import Attachment, Draft
+    from postroom.message import build as build_envelope
 
     inst = _instance(config)
     rcpts = [*(to or []), *(cc or []), *(bcc or [])]
@@ -189,27 +224,37 @@ def send(
             raise MessageError("--from is required", code="cli.from")
         if not rcpts:
             raise MessageError("give at least one --to, --cc or --bcc", code="cli.to")
-        for a in [sender, *rcpts]:
-            validate_address(a)
-        if text is None and html is None and not attach and not sys.stdin.isatty():
-            raw = sys.stdin.buffer.read()
-            raw = re.sub(rb"\r?\n", b"\r\n", raw)  # sendmail-style input: normalise to CRLF
-        else:
-            raw = compose(sender=sender, to=to or [], cc=cc or [], subject=subject, text=text,
-                          html=html, attachments=attach or [])
         if connection:
             inst.settings.connection(connection)
-        return Envelope(sender, rcpts, raw, source="cli", connection=connection)
+        composed = text is not None or html is not None or attach or inline or header
+        if not composed and not sys.stdin.isatty():
+            raw = sys.stdin.buffer.read()
+            raw = re.sub(rb"\r?\n", b"\r\n", raw)  # sendmail-style input: normalise to CRLF
+            addrs = [check_address(parse_mailbox(a)[1]) for a in [sender, *rcpts]]
+            return Envelope(addrs[0], addrs[1:], raw, source="cli", connection=connection)
+        extra: dict[str, str] = {}
+        for item in header or []:
+            name, colon, value = item.partition(":")
+            if not colon or not name.strip():
+                raise MessageError(f"--header {item!r}: write it as 'Name: value'",
+                                   code="cli.header")
+            if name.strip().lower() in (k.lower() for k in extra):
+                raise MessageError(f"--header {name.strip()} is given twice",
+                                   code="cli.header")
+            extra[name.strip()] = value.strip()
+        files = [*(Attachment.from_path(p) for p in attach or []),
+                 *(Attachment.from_path(p, content_id=p.name) for p in inline or [])]
+        draft = Draft(from_=sender, to=to or [], cc=cc or [], bcc=bcc or [],
+                      reply_to=reply_to or [], subject=subject, text=text, html=html,
+                      attachments=files, headers=extra)
+        return build_envelope(draft, source="cli", connection=connection)
 
     env = _guard(build)
     # With --now, held back from running workers, so that this process is the one to deliver.
     msg_id = _guard(lambda: inst.queue.enqueue_sync(env, hold=NOW_HOLD if now else 0.0))
     _console().print(f"queued {msg_id}")
     if now:
-        attempt = _deliver_now(inst, msg_id)
-        _print_attempt(attempt)
-        if attempt["outcome"] != "sent":
-            raise typer.Exit(1)
+        _deliver_and_report(inst, msg_id)
 
 
 @app.command()
@@ -238,10 +283,53 @@ def test(
 
     env = _guard(build)
     msg_id = _guard(lambda: inst.queue.enqueue_sync(env, hold=NOW_HOLD))
-    attempt = _deliver_now(inst, msg_id)
-    _print_attempt(attempt)
-    if attempt["outcome"] != "sent":
-        raise typer.Exit(1)
+    _deliver_and_report(inst, msg_id)
+
+
+@app.command()
+def probe(
+    host: Annotated[str, typer.Argument(help="The SMTP server: host name or IP address")],
+    port: Annotated[list[int] | None, typer.Option(
+        "--port", "-p", min=1, max=65535,
+        help="Port to probe (repeat; default 25, 465, 587 and 2525)")] = None,
+    timeout: Annotated[float, typer.Option(
+        min=0.1, max=3600, help="Overall deadline in seconds, all ports together")] = 10.0,
+    ca_file: Annotated[Path | None, typer.Option(
+        "--ca-file", help="CA bundle to trust (as a connection's ca_file)")] = None,
+    server_name: Annotated[str | None, typer.Option(
+        "--server-name", help="Name the certificate must carry (default: HOST)")] = None,
+    banner_wait: Annotated[float, typer.Option(
+        min=0.1, help="Seconds of silence after which a port is tried as implicit TLS")] = 3.0,
+    https: Annotated[bool, typer.Option(
+        "--https/--no-https", help="Also check the API providers' HTTPS endpoints")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report")] = False,
+) -> None:
+    """Probe HOST's SMTP ports in parallel (connect, greeting, EHLO, TLS, certificate, AUTH)
+    and say which one to use. Sends no credentials. Exit 1 when no port is usable."""
+    from postroom.diagnostics.probe import DEFAULT_PORTS
+    from postroom.diagnostics.render import ca_file_option, probe_command
+
+    code = _guard(lambda: probe_command(
+        host, port or DEFAULT_PORTS, as_json=as_json, console=_console(), timeout=timeout,
+        ca_file=ca_file_option(ca_file), server_name=server_name, banner_wait=banner_wait,
+        https=https))
+    raise typer.Exit(code)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                      "help_option_names": []},
+    add_help_option=False,
+)
+def sendmail(ctx: typer.Context) -> None:
+    """sendmail(8)-compatible: [-t] [-i] [-f SENDER] [-F NAME] [-C FILE] [recipient ...]
+    (also installed as `postroom-sendmail`; --help lists every option)."""
+    from postroom.ingress.sendmail import run
+
+    # Click drops a "--" (which ends sendmail's options): take the arguments as given.
+    argv = sys.argv[1:]
+    args = argv[argv.index("sendmail") + 1:] if "sendmail" in argv else list(ctx.args)
+    raise typer.Exit(run(args, prog="postroom sendmail"))
 
 
 # -- the log ----------------------------------------------------------------------------------
@@ -252,11 +340,16 @@ def log_cmd(
     to: Annotated[str | None, typer.Option("--to", help="Recipient contains")] = None,
     sender: Annotated[str | None, typer.Option("--from", help="Sender contains")] = None,
     since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or a date")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100000)] = 50,
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="At most this many (default 50; with --export: all)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+    export: Annotated[str | None, typer.Option(
+        "--export", help="csv (to stdout or --out FILE) or eml (--out FOLDER or FILE.zip)")]
+    = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Where --export writes")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """List messages, newest first."""
+    """List messages, newest first; or export them (--export csv|eml)."""
     from postroom.store.schema import STATUSES
 
     if status and status not in STATUSES:
@@ -264,8 +357,14 @@ def log_cmd(
                            code="cli.status"))
     inst = _instance(config)
     since_ts = _guard(lambda: _parse_since(since)) if since else None
+    if export is not None:  # postroom.commands.export: streams every match, not a page
+        from postroom.commands.export import export_log
+
+        export_log(inst, export, out, limit=limit, status=status, to=to, sender=sender,
+                   since=since_ts)
+        return
     rows = _guard(lambda: inst.queue.search(status=status, to=to, sender=sender, since=since_ts,
-                                            limit=limit))
+                                            limit=limit or 50))
     if as_json:
         for r in rows:
             print(json.dumps(r, default=str))
@@ -314,12 +413,13 @@ def show(
     con.print(f"envelope: <{m['sender']}> → {', '.join(m['recipients'])}  ({m['size']} bytes)",
               markup=False)
     for rcpt, st in m["rcpt_status"].items():
-        con.print(f"  {rcpt}: {st.get('state')} {st.get('code', '')} {st.get('reply', '')}",
-                  markup=False)
+        forced = f" (added by the message policy: {st['forced']})" if st.get("forced") else ""
+        con.print(f"  {rcpt}: {st.get('state')} {st.get('code', '')} {st.get('reply', '')}"
+                  f"{forced}", markup=False)
     if m["status"] == "deferred":
         con.print(f"next attempt {_when(m['next_attempt_at'])}")
     for a in m["attempts"]:
-        _print_attempt(a)
+        _print_attempt(a, inst.settings)
 
 
 @app.command()
@@ -376,17 +476,8 @@ def app_remove(name: str, config: ConfigOpt = None) -> None:
 
 @conn_cli.command("list")
 def conn_list(config: ConfigOpt = None) -> None:
-    """List configured connections."""
-    from rich.table import Table
-
-    settings = _guard(lambda: settings_mod.load(config))
-    table = Table("name", "transport", "server", "security", "auth")
-    for c in settings.connections:
-        host = getattr(c, "host", "-")
-        port = getattr(c, "effective_port", "")
-        table.add_row(c.name, c.transport, f"{host}:{port}" if port else str(host),
-                      getattr(c, "security", "-"), getattr(c, "effective_auth", "-"))
-    _console().print(table)
+    """Same as `postroom connections`: each connection with its health and limits."""
+    _connections_commands.show(config)
 
 
 @conn_cli.command("set-password")

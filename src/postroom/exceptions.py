@@ -11,6 +11,7 @@ succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``
     ├── ConfigError                  bad configuration value (names the key and the fix)
     ├── StoreError                   the database failed
     ├── MessageError                 a message or address we cannot accept as given
+    ├── CredentialsError             an app's credentials were refused (HTTP API key)
     └── DeliveryError                one delivery attempt failed
         ├── ConnectError             DNS, refused, unreachable, connect timeout
         ├── TimeoutError_            the server stopped answering mid-session
@@ -62,6 +63,12 @@ class MessageError(PostroomError):
     """A message, address or header that cannot be accepted as given."""
 
     code = "message.invalid"
+
+
+class CredentialsError(PostroomError):
+    """Postroom refused the credentials an app presented (a missing or unknown API key)."""
+
+    code = "auth.credentials"
 
 
 class DeliveryError(PostroomError):

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from postroom.bootstrap import ensure_certificate
-from postroom.ingress import smtpd
+from postroom.ingress import http_front, smtpd
 from postroom.queue.worker import Worker
 from postroom.runtime import Instance
 from postroom.settings import Settings
@@ -36,6 +36,21 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def _chores(inst: Instance) -> list[asyncio.Task[None]]:
+    """Periodic work that runs wherever a worker runs; each is safe on every node at once
+    (it checks in the database whether it is due and takes a lock while it runs)."""
+    from postroom.queue.retention import retention_loop
+
+    return [asyncio.create_task(retention_loop(inst.queue, inst.settings),
+                                name="postroom-retention")]
+
+
+async def _stop_chores(chores: list[asyncio.Task[None]]) -> None:
+    for task in chores:
+        task.cancel()
+    await asyncio.gather(*chores, return_exceptions=True)
+
+
 async def serve(
     settings: Settings,
     *,
@@ -55,13 +70,26 @@ async def serve(
     transports = inst.transports()
     worker: Worker | None = None
     if settings.server.worker:
-        worker = Worker(inst.queue, transports, settings.delivery, inst.default_connection)
+        worker = inst.worker(transports)
     handler = smtpd.Handler(
         inst.queue,
         inst.apps,
         smtpd.Policy(settings.server),
         on_enqueued=(lambda _id: worker.wake()) if worker else None,
     )
+    worker_task: asyncio.Task[None] | None = None
+    http = None  # bound before SMTP: when the SMTP port answers, the HTTP one does too
+    if settings.http_listen:
+        ctx = http_front.Context(
+            inst.queue, inst.apps, settings,
+            on_enqueued=(lambda _id: worker.wake()) if worker else None,
+            worker_running=(lambda: worker_task is not None and not worker_task.done())
+            if worker else None,
+            worker_owner=worker.owner if worker else None,
+        )
+        http, (hh, hp) = await http_front.start(ctx, *settings.http_listen)
+        _say(f"postroom: HTTP API on http://{hh}:{hp}/api/v1 (docs /api/v1/docs, "
+             "health /healthz)")
     servers = [await smtpd.start(handler, settings.server, *settings.smtp_listen, tls)]
     if settings.smtps_listen:
         servers.append(
@@ -71,6 +99,7 @@ async def serve(
         )
     bound = [s.sockets[0].getsockname()[:2] for s in servers]
     worker_task = asyncio.create_task(worker.run()) if worker else None
+    chores = _chores(inst) if worker else []
     _say(f"postroom: accepting mail on {', '.join(f'{h}:{p}' for h, p in bound)} "
          f"(data in {settings.data_dir})")
     if not settings.connections:
@@ -85,11 +114,14 @@ async def serve(
         _say("postroom: shutting down: no new mail accepted; finishing deliveries in flight")
         for s in servers:
             s.close()
+        if http is not None:
+            await http.stop()
         if worker is not None:
             await worker.stop(settings.delivery.shutdown_grace)
         if worker_task is not None:
             worker_task.cancel()
             await asyncio.gather(worker_task, return_exceptions=True)
+        await _stop_chores(chores)
         for t in transports.values():
             await t.aclose()
         await inst.queue.writer.aclose()
@@ -103,8 +135,9 @@ async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
     transports = inst.transports()
-    worker = Worker(inst.queue, transports, settings.delivery, inst.default_connection)
+    worker = inst.worker(transports)
     task = asyncio.create_task(worker.run())
+    chores = _chores(inst)
     _say(f"postroom worker {worker.owner}: delivering from {settings.database_url}")
     try:
         await stop.wait()
@@ -112,6 +145,7 @@ async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         await worker.stop(settings.delivery.shutdown_grace)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await _stop_chores(chores)
         for t in transports.values():
             await t.aclose()
         await inst.queue.writer.aclose()

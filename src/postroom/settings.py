@@ -22,6 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from postroom.exceptions import ConfigError
+from postroom.oauth.config import OAuthSettings
+from postroom.routing.rules import Route
 
 ENV_PREFIX = "POSTROOM_"
 DEFAULT_CONFIG = "postroom.toml"
@@ -88,6 +90,10 @@ class DeliverySettings(_Section):
     poll_interval: float = Field(default=1.0, gt=0)
     claim_batch: int = Field(default=50, ge=1)
     shutdown_grace: float = Field(default=30, ge=0)  # seconds in-flight deliveries may finish
+    # Circuit breaker: after this many consecutive connection-level failures a connection is
+    # skipped (its chain's next connection is used) for breaker_cooldown seconds, then probed.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown: float = Field(default=60, gt=0)
 
     @model_validator(mode="after")
     def _order(self) -> DeliverySettings:
@@ -102,12 +108,157 @@ class HttpSettings(_Section):
     max_body_size: int = Field(default=50 * 1024 * 1024, ge=1024)  # request body, bytes
 
 
+class OAuthSection(_Section):
+    """[oauth]: what every OAuth connection shares (postroom.oauth)."""
+
+    # Postroom's HTTP server as the user's browser reaches it; the redirect URI to register
+    # with a provider is this + /oauth/callback. Default: http://<server.http_listen>.
+    public_url: str = ""
+    check_interval: float = Field(default=6 * 3600, ge=60)  # seconds between grant checks
+
+
+class RetentionSettings(_Section):
+    """What the log keeps (postroom.queue.retention). Only finished messages (sent, partial,
+    failed) are touched, never mail still waiting or being sent; 0 keeps forever."""
+
+    keep_bodies_days: float = Field(default=30, ge=0)  # then raw MIME and transcripts go
+    keep_rows_days: float = Field(default=90, ge=0)  # then the log rows themselves
+    interval: float = Field(default=3600, ge=60)  # seconds between runs (one node at a time)
+    batch: int = Field(default=500, ge=1, le=100_000)  # rows per transaction
+
+
+def parse_smtp_url(value: str) -> tuple[str, str, int]:
+    """"smtp://127.0.0.1:2525" -> ("smtp", "127.0.0.1", 2525); smtps:// is implicit TLS."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("smtp", "smtps") or "/" in rest:
+        raise ValueError(f"expected smtp://HOST:PORT or smtps://HOST:PORT (e.g. "
+                         f"smtp://127.0.0.1:2525, Postroom's smtp_listen), got {value!r}")
+    host, port = _parse_listen(rest)
+    return scheme, host, port
+
+
 class SendmailSettings(_Section):
-    """`postroom sendmail` / `postroom-sendmail`."""
+    """`postroom sendmail` / `postroom-sendmail`. With `server` empty (the default) a message
+    is written straight into the store, which needs write access to data_dir; with `server`
+    set it is handed over SMTP to a running `postroom serve` (e.g. PHP running as www-data)."""
+
+    server: str = ""  # "smtp://127.0.0.1:2525" or "smtps://HOST:PORT"; "" = into the store
+    starttls: bool = False  # with smtp://: require STARTTLS before AUTH and the message
+    username: str = ""  # an app (`postroom app add NAME`) to authenticate as
+    password_env: str = ""  # the app's secret from this environment variable,
+    password_file: Path | None = None  # or from this file
+    ca_file: Path | None = None  # verify the server with this CA (or its self-signed cert)
+    tls_verify: bool = True
+    timeout: float = Field(default=30, gt=0)  # seconds, per SMTP step
+    domain: str = ""  # added to bare user names (root) and the Unix user; default: hostname
+    dead_letter: Path | None = None  # unsendable messages are kept here; default ~/dead.letter
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, v: str) -> str:
+        if v:
+            parse_smtp_url(v)
+        return v
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        if v:
+            from postroom.envelope import validate_address
+            from postroom.exceptions import MessageError
+
+            try:
+                validate_address(f"postmaster@{v}")
+            except MessageError as err:
+                raise ValueError(f"{v!r} is not a domain name, e.g. example.com") from err
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SendmailSettings:
+        has_secret = bool(self.password_env or self.password_file)
+        if self.username and not has_secret:
+            raise ValueError("username is set: also set password_env or password_file")
+        if has_secret and not self.username:
+            raise ValueError("a password is set: also set username (the app's name)")
+        return self
 
 
 class PolicySettings(_Section):
-    """The message policy applied to every message (each connection may add its own)."""
+    """The message policy applied to every delivery attempt, from the stored message (each
+    connection may add its own; the merge rule is in postroom.policy)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    envelope_sender: str = ""  # MAIL FROM for every message ("" = the message's own)
+    from_: str = Field(default="", alias="from")  # From header, "Name <addr>"
+    from_mode: Literal["always", "if_missing"] = "always"
+    to: list[str] = []  # added to the To header and the envelope
+    cc: list[str] = []  # added to the Cc header and the envelope
+    bcc: list[str] = []  # added to the envelope only
+    headers: dict[str, str] = {}  # added; each replaces a field of the same name
+
+    @field_validator("envelope_sender")
+    @classmethod
+    def _sender(cls, v: str) -> str:
+        from postroom.policy import mailbox
+
+        if v and mailbox(v, "envelope_sender")[0]:
+            raise ValueError("envelope_sender is a bare address, without a name")
+        return v
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, v: str) -> str:
+        from postroom.policy import mailbox
+
+        if v:
+            mailbox(v, "from")
+        return v
+
+    @field_validator("to", "cc", "bcc")
+    @classmethod
+    def _rcpts(cls, v: list[str]) -> list[str]:
+        from postroom.policy import mailbox
+
+        for item in v:
+            mailbox(item, "address")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        from postroom.policy import check_headers
+
+        check_headers(v)
+        return v
+
+
+class ConnectionPolicy(PolicySettings):
+    """A connection's own `policy` table: over the global [policy] (postroom.policy)."""
+
+    inherit: bool = True  # false: the global [policy] does not apply to this connection
+
+
+_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400,
+            "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """"50/minute" -> (50, 60.0); "500/day", "10/second", "100/15m", "20/90s" also work."""
+    count, slash, period = text.replace(" ", "").partition("/")
+    unit = period.lstrip("0123456789.")
+    number = period[: len(period) - len(unit)] or "1"
+    if len(unit) > 2 and unit.endswith("s") and unit[:-1] in _PERIODS:  # "minutes"
+        unit = unit[:-1]
+    if not slash or not count.isdigit() or int(count) < 1 or unit not in _PERIODS:
+        raise ValueError(f"{text!r} is not a rate: write COUNT/PERIOD, e.g. \"50/minute\", "
+                         "\"2000/day\" or \"100/15m\" (periods: second, minute, hour, day)")
+    try:
+        seconds = float(number) * _PERIODS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r}: {number!r} is not a number of {unit}s") from None
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: the period must be longer than zero")
+    return int(count), seconds
 
 
 class ConnectionBase(BaseModel):
@@ -116,6 +267,24 @@ class ConnectionBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     transport: str
+    # Limits shared by every worker and node; over them, mail waits in the queue.
+    rate_limit: list[str] = []  # e.g. ["20/second", "2000/day"] (Gmail's daily cap...)
+    max_sessions: int | None = Field(default=None, ge=1)  # parallel sessions, all workers
+    policy: ConnectionPolicy | None = None  # message policy over the global [policy]
+    oauth: OAuthSettings | None = None  # OAuth 2.0 provider and client (postroom.oauth)
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _rates(cls, v: Any) -> Any:
+        items = [v] if isinstance(v, str) else v
+        if isinstance(items, list):
+            for item in items:
+                parse_rate(str(item))
+        return items
+
+    @property
+    def rates(self) -> list[tuple[int, float]]:
+        return [parse_rate(r) for r in self.rate_limit]
 
 
 # Every [section] of postroom.toml but [[connections]], with the model that validates it.
@@ -125,6 +294,8 @@ SECTIONS: dict[str, type[_Section]] = {
     "http": HttpSettings,
     "sendmail": SendmailSettings,
     "policy": PolicySettings,
+    "retention": RetentionSettings,
+    "oauth": OAuthSection,
 }
 
 
@@ -135,9 +306,12 @@ class Settings:
     connections: tuple[ConnectionBase, ...]
     config_path: Path | None
     base_dir: Path
+    routes: tuple[Route, ...] = ()
     http: HttpSettings = field(default_factory=HttpSettings)
     sendmail: SendmailSettings = field(default_factory=SendmailSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    oauth: OAuthSection = field(default_factory=OAuthSection)
 
     @property
     def data_dir(self) -> Path:
@@ -207,12 +381,30 @@ def _where(section: str, loc: tuple[int | str, ...]) -> str:
     return text
 
 
-def _explain(section: str, err: ValidationError, fields: list[str]) -> str:
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed where ``loc`` points, following nested tables (e.g. a route's
+    ``match``, a connection's ``policy``)."""
+    import typing
+
+    for part in loc:
+        if not isinstance(part, str) or part not in model.model_fields:
+            continue
+        ann = model.model_fields[part].annotation
+        nested = [a for a in (ann, *typing.get_args(ann))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _explain(section: str, err: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         where = _where(section, loc)
         if e["type"] == "extra_forbidden":
+            fields = _fields_at(model, loc[:-1])
             key = str(loc[-1])
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
@@ -234,7 +426,7 @@ def _section(model: type[BaseModel], name: str, data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(
-            f"invalid configuration: {_explain(name, err, list(model.model_fields))}",
+            f"invalid configuration: {_explain(name, err, model)}",
             code="config.invalid",
         ) from err
 
@@ -261,6 +453,36 @@ def _connections(items: Any) -> tuple[ConnectionBase, ...]:
         raise ConfigError(
             f"connection names must be unique; {', '.join(dupes)} is used twice", code="config.dupe"
         )
+    return tuple(out)
+
+
+def _routes(items: Any, names: set[str]) -> tuple[Route, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise ConfigError("routes must be an array of tables: [[routes]]", code="config.type")
+    out: list[Route] = []
+    for i, item in enumerate(items):
+        where = f"routes[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be a table", code="config.type")
+        route: Route = _section(Route, where, item)
+        for name in route.chain:
+            if name not in names:
+                close = difflib.get_close_matches(name, sorted(names), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else (
+                    f"known: {', '.join(sorted(names)) or 'none configured'}")
+                raise ConfigError(
+                    f"{where}.chain names {name!r}, which is not a [[connections]] name; "
+                    + hint, code="config.route.unknown_connection")
+        if len(set(route.chain)) != len(route.chain):
+            raise ConfigError(f"{where}.chain lists a connection twice", code="config.invalid")
+        out.append(route)
+    defaults = [i for i, r in enumerate(out) if r.match is None]
+    if defaults and defaults[0] != len(out) - 1:
+        raise ConfigError(
+            f"routes[{defaults[0]}] has no match, so it takes every message and the routes "
+            "after it would never be used; move it last", code="config.invalid")
     return tuple(out)
 
 
@@ -315,17 +537,19 @@ def load(
             code="config.missing",
         )
     _apply_env(data, env)
-    unknown = set(data) - {*SECTIONS, "connections"}
+    unknown = set(data) - {*SECTIONS, "connections", "routes"}
     if unknown:
         raise ConfigError(
             f"unknown section(s) {', '.join(sorted(unknown))}; known: "
-            f"{', '.join(SECTIONS)}, connections",
+            f"{', '.join(SECTIONS)}, connections, routes",
             code="config.invalid",
         )
     sections = {name: _section(model, name, data.get(name)) for name, model in SECTIONS.items()}
+    connections = _connections(data.get("connections"))
     return Settings(
         **sections,
-        connections=_connections(data.get("connections")),
+        connections=connections,
+        routes=_routes(data.get("routes"), {c.name for c in connections}),
         config_path=cfg if cfg.exists() else None,
         base_dir=(cfg.parent if cfg.exists() else Path.cwd()).resolve(),
     )

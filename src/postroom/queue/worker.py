@@ -11,20 +11,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from postroom.envelope import Envelope
+from sqlalchemy.exc import SQLAlchemyError
+
+from postroom import policy as message_policy
+from postroom.envelope import Envelope, header_values
 from postroom.exceptions import ConfigError, DeliveryError, PostroomError
 from postroom.queue.backoff import backoff
+from postroom.queue.limits import Limiter, limited
 from postroom.queue.sql import Claimed, Queue, worker_id
+from postroom.routing.chain import Next, after_failure, counts_against_connection
+from postroom.routing.health import Health
+from postroom.routing.rules import Facts, Leg, Route, Router, app_of
 from postroom.settings import DeliverySettings
 from postroom.store.schema import DEFERRED, FAILED, PARTIAL, SENT
 from postroom.transports.base import DeliveryResult, RecipientResult, Transport
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0  # how often a worker refreshes its row in `workers`
+PAUSED_RECHECK = 15.0  # a message whose connections are all paused looks again this late
 
 
 @dataclass
@@ -35,24 +43,49 @@ class Decision:
     last_error: str | None
 
 
+@dataclass
+class Outcome:
+    """What one delivery run found out, recipient by recipient."""
+
+    results: dict[str, RecipientResult] = field(default_factory=dict)  # tried this time
+    unknown: dict[str, str] = field(default_factory=dict)  # rcpt -> connection (ambiguous)
+    waits: dict[str, float] = field(default_factory=dict)  # rcpt -> retry time (limits...)
+    wait_reasons: list[str] = field(default_factory=list)
+
+
 def decide(
     msg: Claimed,
-    results: dict[str, RecipientResult],
+    results: dict[str, RecipientResult] | Outcome,
     now: float,
     cfg: DeliverySettings,
 ) -> Decision:
-    """Apply one attempt's per-recipient results to ``msg.rcpt_status`` and pick the state."""
-    for rcpt, res in results.items():
+    """Apply one run's per-recipient results to ``msg.rcpt_status`` and pick the state.
+
+    A recipient with an unknown outcome (the connection broke after the data was sent) is
+    retried with backoff on the connection that may have delivered it; one that only waited
+    (rate limit, paused or broken connections) is due again when its wait ends, and waiting
+    is not counted as an attempt."""
+    out = results if isinstance(results, Outcome) else Outcome(results=results)
+    for rcpt, res in out.results.items():
         state = "sent" if res.ok else "failed" if res.permanent else "pending"
         msg.rcpt_status[rcpt] = {"state": state, "code": res.code, "reply": res.reply[:500]}
-    pending = msg.pending
-    attempt_no = msg.attempt_count + 1
-    errors = [f"{r}: {res.code} {res.reply}" for r, res in results.items() if not res.ok]
+    for rcpt, via in out.unknown.items():
+        msg.rcpt_status[rcpt] = {"state": "unknown", "via": via, "code": None, "reply": (
+            f"outcome unknown: the connection to {via} broke after the message was sent; "
+            "retrying on the same connection only (no duplicate elsewhere)")}
+    attempt_no = msg.attempt_count + (1 if out.results or out.unknown else 0)
+    errors = [f"{r}: {res.code} {res.reply}" for r, res in out.results.items() if not res.ok]
+    errors += [f"{r}: outcome unknown via {via}" for r, via in out.unknown.items()]
+    errors += out.wait_reasons
     last_error = "; ".join(errors)[:2000] or None
+    pending = msg.pending
     if pending:
-        wait = backoff(attempt_no, cfg.min_backoff, cfg.max_backoff)
-        if now + wait <= msg.expires_at:
-            return Decision(DEFERRED, now + wait, DEFERRED, last_error)
+        retry = [now + backoff(max(attempt_no, 1), cfg.min_backoff, cfg.max_backoff)
+                 for r in pending if r not in out.waits]
+        retry += [out.waits[r] for r in pending if r in out.waits]
+        when = min(retry)
+        if when <= msg.expires_at:
+            return Decision(DEFERRED, when, DEFERRED, last_error)
         for rcpt in pending:  # lifetime over: give up on what is left (Postfix: bounce)
             msg.rcpt_status[rcpt]["state"] = "failed"
             msg.rcpt_status[rcpt]["reply"] = (
@@ -60,7 +93,8 @@ def decide(
                 + str(msg.rcpt_status[rcpt].get("reply", ""))
             )[:500]
         last_error = f"expired after {attempt_no} attempts; {last_error or ''}".strip("; ")
-    states = [v["state"] for v in msg.rcpt_status.values()]
+    # The message's own recipients decide; forced policy recipients only ride along.
+    states = [msg.rcpt_status[r]["state"] for r in msg.recipients]
     if all(s == "sent" for s in states):
         status = SENT
     elif any(s == "sent" for s in states):
@@ -89,11 +123,18 @@ class Worker:
     owner: str = field(default_factory=worker_id)
     clock: Callable[[], float] = time.time
     on_delivered: Callable[[Claimed, Decision], Any] | None = None
+    routes: Sequence[Route] = ()
+    # connection -> its merged message policy (postroom.policy.for_settings)
+    policies: dict[str, message_policy.MessagePolicy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.router = Router(self.routes, self.default_connection)
+        self.health = Health(self.queue, self.cfg.breaker_failures, self.cfg.breaker_cooldown,
+                             clock=self.clock)
+        self.limiter = Limiter(self.queue, lease=self.cfg.lease_seconds, clock=self.clock)
         self._wake = asyncio.Event()
         self._stopping = False
-        self._inflight: dict[str, tuple[Claimed, asyncio.Task[dict[str, Any]]]] = {}
+        self._inflight: dict[str, tuple[Claimed, asyncio.Task[list[dict[str, Any]]]]] = {}
         self.delivered = 0
         self._run_task: asyncio.Task[Any] | None = None
         self.started_at = self.clock()
@@ -116,7 +157,7 @@ class Worker:
             await self._heartbeat()
             free = slots - len(self._inflight)
             claimed: list[Claimed] = []
-            if free > 0 and self.transports:
+            if free > 0 and self.transports and not self._queue_paused():
                 try:
                     claimed = await self.queue.claim(
                         self.owner, min(free, self.cfg.claim_batch), self.cfg.lease_seconds
@@ -135,6 +176,13 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
 
+    def _queue_paused(self) -> bool:
+        try:
+            return self.health.queue_paused()
+        except SQLAlchemyError as err:
+            log.error("reading the queue's pause switch failed: %s", err)
+            return False
+
     async def _heartbeat(self, gone: bool = False) -> None:
         now = time.monotonic()
         if not gone and now - self._beat_at < HEARTBEAT_SECONDS:
@@ -145,7 +193,7 @@ class Worker:
         except PostroomError as err:
             log.error("recording this worker's heartbeat failed: %s", err)
 
-    def _done(self, task: asyncio.Task[dict[str, Any]]) -> None:
+    def _done(self, task: asyncio.Task[list[dict[str, Any]]]) -> None:
         msg_id = task.get_name().removeprefix("deliver-")
         self._inflight.pop(msg_id, None)
         # Claim again once half the slots are free, not after every delivery: one claim
@@ -175,13 +223,142 @@ class Worker:
             await self.queue.release(unfinished)
         await self._heartbeat(gone=True)
 
-    async def deliver(self, msg: Claimed) -> dict[str, Any]:
-        """One attempt for a claimed message; returns the attempt row it recorded."""
+    async def deliver(self, msg: Claimed) -> list[dict[str, Any]]:
+        """One delivery run for a claimed message: each group of recipients (leg) goes along
+        its route's chain, falling back as ``routing.chain`` decides. Returns the attempt
+        rows recorded, one per connection tried."""
+        out = Outcome()
+        attempts: list[dict[str, Any]] = []
+        for leg in self._legs(msg):
+            await self._deliver_leg(msg, leg, out, attempts)
+        now = self.clock()
+        d = decide(msg, out, now, self.cfg)
+        message_policy.settle(msg.rcpt_status, final=d.status != DEFERRED)
+        if attempts and attempts[-1]["error_code"] and d.last_error and not out.wait_reasons:
+            last = attempts[-1]
+            expired = d.last_error.startswith("expired after")
+            # The session error is clearer than decide()'s per-recipient copies of it, but
+            # keep decide()'s "expired" verdict: it says why a transient error became final.
+            if last["outcome"] != "unknown":
+                d.last_error = f"{last['error_code']}: {last['error_message']}"
+                if expired:
+                    d.last_error = f"expired after {msg.attempt_count + 1} attempts; " \
+                        + d.last_error
+        for a in attempts:  # the try that ended a leg shows what became of the message
+            if a["outcome"] not in ("fallback", "unknown"):
+                a["outcome"] = d.outcome
+        rows = [{k: v for k, v in a.items() if k != "error_message"} for a in attempts]
+        if not await self.queue.finish(
+            msg, status=d.status, next_attempt_at=d.next_attempt_at, last_error=d.last_error,
+            attempts=rows,
+        ):
+            log.warning("message %s: lease lost before the result was recorded", msg.id)
+        self.delivered += 1
+        # One line per run, like Postfix's maillog: enough to follow mail without the UI.
+        via = ">".join(a["connection"] for a in attempts) or "-"
+        log.info(
+            "%s: to=%s via=%s status=%s tries=%d%s", msg.id, ",".join(msg.recipients), via,
+            d.status, msg.attempt_count + (1 if attempts else 0),
+            f" error={d.last_error}" if d.last_error else "",
+        )
+        if self.on_delivered is not None:
+            self.on_delivered(msg, d)
+        return rows
+
+    def _legs(self, msg: Claimed) -> list[Leg]:
+        unknown: dict[str, list[str]] = {}
+        fresh: list[str] = []
+        for rcpt in msg.pending:
+            st = msg.rcpt_status[rcpt]
+            if st["state"] == "unknown" and st.get("via"):
+                unknown.setdefault(str(st["via"]), []).append(rcpt)
+            else:
+                fresh.append(rcpt)
+        legs = [Leg("unknown outcome", (via,), tuple(r)) for via, r in unknown.items()]
+        if fresh:
+            facts = Facts(sender=msg.sender, recipients=fresh, app=app_of(msg.source),
+                          tags=msg.tags, headers=self._headers(msg.raw))
+            legs += self.router.legs(facts, pinned=msg.connection)
+        return legs
+
+    def _headers(self, raw: bytes) -> dict[str, str]:
+        if not self.router.header_names:
+            return {}
+        return header_values(raw, self.router.header_names)
+
+    async def _deliver_leg(self, msg: Claimed, leg: Leg, out: Outcome,
+                           attempts: list[dict[str, Any]]) -> None:
+        rcpts = list(leg.recipients)
+        if not leg.chain:
+            out.waits.update({r: self.clock() + self.cfg.min_backoff for r in rcpts})
+            out.wait_reasons.append(f"{', '.join(rcpts)}: no route matches; add a default "
+                                    "[[routes]] entry or a [[connections]] entry")
+            return
+        blocked: list[str] = []
+        wait_until: float | None = None
+        for hop, name in enumerate(leg.chain):
+            transport = self.transports.get(name)
+            st = self.health.state(name)
+            reason = st.blocked(self.clock())
+            if transport is not None and reason is not None:
+                blocked.append(f"{name} {reason}")
+                until = st.open_until if not st.paused and st.open_until else \
+                    self.clock() + PAUSED_RECHECK
+                wait_until = until if wait_until is None else min(wait_until, until)
+                continue
+            holder = f"{self.owner}:{msg.id}:{hop}"
+            if transport is not None and limited(transport.settings):
+                retry = await self.limiter.acquire(transport.settings, holder)
+                if retry is not None:  # over our own limit: wait, never fail or fall back
+                    out.waits.update({r: retry for r in rcpts})
+                    out.wait_reasons.append(f"{name}: rate or session limit reached; "
+                                            "waiting in the queue")
+                    return
+            try:
+                attempt, err = await self._send(msg, name, transport, rcpts)
+            finally:
+                if transport is not None and limited(transport.settings):
+                    await self.limiter.release(transport.settings, holder)
+            attempts.append(attempt)
+            if err is None:
+                out.results.update(attempt.pop("_results"))
+                await self.health.succeeded(name)
+                if hop > 0 or blocked:
+                    skipped = [a["connection"] for a in attempts[:-1]] + blocked
+                    await self.health.event(
+                        "fallback_used", message_id=msg.id, connection=name,
+                        detail=f"delivered via {name} after: {'; '.join(skipped)}")
+                return
+            attempt.pop("_results")
+            verdict = after_failure(err)
+            if counts_against_connection(err):
+                await self.health.failed(name, f"{err.code}: {err.message}")
+            if verdict is Next.UNKNOWN:
+                attempt["outcome"] = "unknown"
+                for r in attempt["recipients"].values():
+                    r["state"] = "unknown"
+                out.unknown.update({r: name for r in rcpts})
+                await self.health.event("unknown_outcome", message_id=msg.id, connection=name,
+                                        detail=err.message)
+                return
+            if verdict is Next.FALLBACK and hop + 1 < len(leg.chain):
+                attempt["outcome"] = "fallback"
+                continue
+            out.results.update(results_for_error(rcpts, err))
+            return
+        # Every connection of the chain was skipped (paused or circuit open): wait for them.
+        until = wait_until if wait_until is not None else self.clock() + PAUSED_RECHECK
+        out.waits.update({r: until for r in rcpts})
+        out.wait_reasons.append(f"{', '.join(rcpts)}: no usable connection "
+                                f"({'; '.join(blocked)})")
+
+    async def _send(self, msg: Claimed, name: str, transport: Transport | None,
+                    rcpts: list[str]) -> tuple[dict[str, Any], DeliveryError | None]:
+        """One try on one connection; returns its attempt row (with the per-recipient
+        results under "_results") and the session error, if any."""
         started = self.clock()
-        name = msg.connection or self.default_connection or ""
-        rcpts = msg.pending
         env = Envelope(msg.sender, rcpts, msg.raw, id=msg.id)
-        transport = self.transports.get(name)
+        forced: dict[str, str] = {}
         result: DeliveryResult | None = None
         err: DeliveryError | None = None
         try:
@@ -190,55 +367,40 @@ class Worker:
                     f"connection {name!r} is not configured; add it to postroom.toml",
                     code="config.connection.unknown", permanent=False,
                 )
+            policy = self.policies.get(name)
+            if policy is not None:  # from the stored message each time: nothing added twice
+                applied = policy.apply(env, msg.rcpt_status)
+                env, forced = applied.envelope, applied.forced
             result = await transport.send(env)
             results = result.recipients
         except DeliveryError as e:
             err = e
-            results = results_for_error(rcpts, e)
+            results = results_for_error(env.recipients, e)
         except PostroomError as e:
             err = DeliveryError(str(e), code=e.code, permanent=e.permanent)
-            results = results_for_error(rcpts, err)
+            results = results_for_error(env.recipients, err)
         except Exception as e:  # a bug must not lose the message: defer it, log loudly
             log.exception("delivery of %s crashed", msg.id)
             err = DeliveryError(f"internal error: {e!r}", code="internal", permanent=False)
-            results = results_for_error(rcpts, err)
-        now = self.clock()
-        d = decide(msg, results, now, self.cfg)
-        if err is not None:
-            # The session error is clearer than decide()'s per-recipient copies of it, but
-            # keep decide()'s "expired" verdict: it says why a transient error became final.
-            expired = bool(d.last_error and d.last_error.startswith("expired after"))
-            d.last_error = f"{err.code}: {err.message}"
-            if expired:
-                d.last_error = f"expired after {msg.attempt_count + 1} attempts; {d.last_error}"
+            results = results_for_error(env.recipients, err)
         attempt = {
-            "connection": name or "-",
+            "connection": name,
             "started_at": started,
-            "ended_at": now,
-            "outcome": d.outcome,
+            "ended_at": self.clock(),
+            "outcome": "",  # set once the run is decided (deliver)
             "reply_code": err.reply_code if err else result.reply_code if result else None,
             "reply_text": (err.reply_text or err.message) if err else (
                 result.reply_text if result else None),
             "error_code": err.code if err else None,
+            "error_message": err.message if err else None,
             "permanent": bool(err and err.permanent),
-            "recipients": {
-                r: {"code": res.code, "reply": res.reply[:500],
-                    "state": msg.rcpt_status[r]["state"]}
-                for r, res in results.items()
-            },
+            "recipients": {r: {"code": res.code, "reply": res.reply[:500], "state": (
+                "sent" if res.ok else "failed" if res.permanent else "pending")}
+                for r, res in results.items()},
             "transcript": (err.transcript if err else result.transcript if result else ""),
+            "_results": results,
         }
-        if not await self.queue.finish(
-            msg, status=d.status, next_attempt_at=d.next_attempt_at, last_error=d.last_error,
-            attempt=attempt,
-        ):
-            log.warning("message %s: lease lost before the result was recorded", msg.id)
-        self.delivered += 1
-        # One line per attempt, like Postfix's maillog: enough to follow mail without the UI.
-        log.info(
-            "%s: to=%s via=%s status=%s tries=%d%s", msg.id, ",".join(rcpts), name or "-",
-            d.status, msg.attempt_count + 1, f" error={d.last_error}" if d.last_error else "",
-        )
-        if self.on_delivered is not None:
-            self.on_delivered(msg, d)
-        return attempt
+        if forced:  # logged with the attempt, kept out of what decides the message's status
+            message_policy.record(msg.rcpt_status, forced, results, attempt)
+            attempt["_results"] = message_policy.own_results(results, forced)
+        return attempt, err

@@ -35,6 +35,7 @@ QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED = (
 )
 STATUSES = (QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED)
 WAITING = (QUEUED, DEFERRED)
+PRIORITIES = {"high": 1, "normal": 0, "low": -1}
 
 messages = Table(
     "messages",
@@ -63,7 +64,9 @@ messages = Table(
     Column("last_error", Text),
     Column("tags", JSON),  # the app's labels for this message (API, Mailer), for search
     Column("meta", JSON),  # the app's own key/value pairs ("metadata" in the API)
-    Index("ix_messages_due", "status", "next_attempt_at"),
+    # PRIORITIES: higher goes first (a password reset before a newsletter).
+    Column("priority", Integer, nullable=False, default=0, server_default="0"),
+    Index("ix_messages_due", "status", "priority", "next_attempt_at"),
     Index("ix_messages_created", "created_at"),
     Index("ix_messages_message_id", "message_id"),
     Index("ix_messages_subject", "subject"),
@@ -130,4 +133,100 @@ workers = Table(
     Column("id", String(64), primary_key=True),  # host:pid, as in messages.lease_owner
     Column("started_at", Float, nullable=False),
     Column("seen_at", Float, nullable=False),
+)
+
+# Per connection, shared by every worker and node: pause switch, circuit breaker, health.
+connection_state = Table(
+    "connection_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("paused", Boolean, nullable=False, default=False),
+    Column("health", String(16), nullable=False, default="up"),  # up | degraded | down
+    Column("failures", Integer, nullable=False, default=0),  # consecutive, connection-level
+    Column("since", Float, nullable=False),  # when `health` last changed
+    Column("open_until", Float),  # circuit open (skipped) until then; then probed again
+    Column("last_error", Text),
+    Column("last_error_at", Float),
+    Column("last_success_at", Float),
+)
+
+# One row per message handed to a rate-limited connection: the sliding windows count these.
+send_log = Table(
+    "send_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("connection", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+    Index("ix_send_log", "connection", "at"),
+)
+
+# Sessions open on a connection with a `sessions` limit, leased like messages are.
+session_leases = Table(
+    "session_leases",
+    metadata,
+    Column("holder", String(96), primary_key=True),
+    Column("connection", String(64), nullable=False),
+    Column("until", Float, nullable=False),
+    Index("ix_session_leases", "connection", "until"),
+)
+
+# Things worth telling someone about (alerts read these): fallback used, connection down...
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("message_id", String(32)),
+    Column("connection", String(64)),
+    Column("detail", Text, nullable=False, default=""),
+    Index("ix_events_at", "at"),
+)
+
+# Instance-wide switches (e.g. the whole queue paused), shared by every node.
+control = Table(
+    "control",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# OAuth 2.0 grants, one per connection (postroom.oauth): tokens are Fernet ciphertext.
+oauth_grants = Table(
+    "oauth_grants",
+    metadata,
+    Column("connection", String(64), primary_key=True),
+    Column("provider", String(32), nullable=False),
+    Column("client_id", String(255), nullable=False),
+    # authorization_code | device_code | client_credentials | service_account
+    Column("grant_type", String(32), nullable=False),
+    Column("account", String(320)),  # who granted (as the provider named them), if known
+    Column("scopes", Text, nullable=False),  # granted, space separated
+    Column("access_token", Text),
+    Column("refresh_token", Text),
+    Column("expires_at", Float),  # of the access token
+    Column("issued_at", Float),  # of the access token
+    Column("refresh_expires_at", Float),  # when the provider said the refresh token dies
+    Column("granted_at", Float, nullable=False),  # the user's consent (login)
+    Column("last_refresh_at", Float),
+    Column("last_used_at", Float),  # a token was last handed to a transport (coarse)
+    Column("refreshes", Integer, nullable=False, default=0),
+    Column("generation", Integer, nullable=False, default=0),  # +1 at every new access token
+    Column("state", String(16), nullable=False, default="ok"),  # ok | dead
+    Column("last_error", Text),
+    Column("last_error_code", String(64)),
+    Column("last_error_at", Float),
+)
+
+# Authorizations started (/oauth/start) and not finished yet: state -> PKCE verifier.
+oauth_pending = Table(
+    "oauth_pending",
+    metadata,
+    Column("state", String(64), primary_key=True),
+    Column("connection", String(64), nullable=False),
+    Column("verifier", Text, nullable=False),  # Fernet ciphertext
+    Column("redirect_uri", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_oauth_pending_created", "created_at"),
 )

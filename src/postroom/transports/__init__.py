@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "smtp": "postroom.transports.smtp",
     "memory": "postroom.transports.memory",
+    "capture": "postroom.transports.capture",
+    "gmail": "postroom.transports.gmail",
+    "msgraph": "postroom.transports.msgraph",
 }
 
 

@@ -4,8 +4,9 @@
 Built on stdlib ``smtplib`` run in a small thread pool: measured on this project's machines
 it costs about 190 µs of CPU per message against aiosmtplib's 500 µs (shared/bench), and the
 sessions are blocking I/O anyway. Sessions are pooled per connection and reused (RSET
-between messages), bounded by ``max_sessions``. Every session writes a transcript with AUTH
-secrets replaced by ``********``.
+between messages), at most ``pool_size`` per worker process (and at most the
+connection's ``max_sessions``, which counts across every worker and node). Every session
+writes a transcript with AUTH secrets replaced by ``********``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from postroom import idn
 from postroom.envelope import Envelope
 from postroom.exceptions import (
     AuthError,
@@ -35,6 +37,7 @@ from postroom.exceptions import (
     ConnectError,
     DataRejected,
     DeliveryError,
+    MessageError,
     ProtocolError,
     SenderRejected,
     TimeoutError_,
@@ -71,7 +74,7 @@ class Settings(ConnectionBase):
     ehlo_name: str | None = None
     connect_timeout: float = Field(default=30, gt=0)
     timeout: float = Field(default=60, gt=0)
-    max_sessions: int = Field(default=4, ge=1, le=100)
+    pool_size: int = Field(default=4, ge=1, le=100)  # sessions per worker process
     max_messages_per_session: int = Field(default=100, ge=1)
     idle_timeout: float = Field(default=30, ge=0)
 
@@ -146,8 +149,9 @@ class Transport(base.Transport):
         self._idle: list[_Session] = []
         self._busy: set[_Session] = set()  # sessions in a transaction, aborted by aclose()
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(s.max_sessions)
-        self._pool = ThreadPoolExecutor(s.max_sessions, thread_name_prefix=f"smtp-{s.name}")
+        size = min(s.pool_size, s.max_sessions or s.pool_size)
+        self._slots = threading.BoundedSemaphore(size)
+        self._pool = ThreadPoolExecutor(size, thread_name_prefix=f"smtp-{s.name}")
         self._tls = self._tls_context()
         if not s.tls_verify:
             log.warning(
@@ -324,6 +328,11 @@ class Transport(base.Transport):
         if code != 235:
             err = AuthError.from_reply(f"AUTH {choice} as {user}", code, _reply(code, msg),
                                        code="auth.rejected")
+            # A token provider that manages grants (postroom.oauth) says what the refusal
+            # means, and keeps the mail queued until the grant is fixed.
+            explain = getattr(self.ctx.tokens, "explain", None) if oauth else None
+            if explain is not None:
+                err = explain(err, "\n".join(sess.transcript), user)
             raise err
 
     def _auth_once(self, sess: _Session, mech: str, secret: str) -> tuple[int, bytes]:
@@ -427,13 +436,10 @@ class Transport(base.Transport):
 
     def _transaction(self, sess: _Session, env: Envelope) -> base.DeliveryResult:
         opts: list[str] = []
+        keys = env.recipients  # results are reported under the addresses as queued
+        if not sess.has_extn("smtputf8") and (env.smtputf8 or not env.raw.isascii()):
+            env = self._downgrade(sess, env)
         if env.smtputf8:
-            if not sess.has_extn("smtputf8"):
-                raise UnsupportedFeature(
-                    f"{self.settings.host} does not support SMTPUTF8, which the internationalized "
-                    "address(es) of this message need (RFC 6531); send through a server that "
-                    "offers it, or use ASCII addresses", code="message.smtputf8",
-                )
             opts.append("SMTPUTF8")
         if not env.raw.isascii():
             utf8_headers = not env.raw.split(b"\r\n\r\n", 1)[0].isascii()
@@ -453,10 +459,10 @@ class Transport(base.Transport):
         if code != 250:
             raise SenderRejected.from_reply(f"MAIL FROM:<{env.sender}>", code, _reply(code, msg))
         results: dict[str, base.RecipientResult] = {}
-        for rcpt in env.recipients:
-            code, msg = sess.rcpt(rcpt)
+        for rcpt, wire in zip(keys, env.recipients, strict=True):
+            code, msg = sess.rcpt(wire)
             results[rcpt] = base.RecipientResult(code, _reply(code, msg))
-        accepted = [r for r in env.recipients if results[r].ok]
+        accepted = [r for r in keys if results[r].ok]
         if not accepted:
             sess.rset()
             return base.DeliveryResult(results)
@@ -480,6 +486,21 @@ class Transport(base.Transport):
         for r in accepted:
             results[r] = base.RecipientResult(code, _reply(code, msg))
         return base.DeliveryResult(results, reply_code=code, reply_text=_reply(code, msg))
+
+    def _downgrade(self, sess: _Session, env: Envelope) -> Envelope:
+        """The server lacks SMTPUTF8: internationalized domains go as A-labels, in the
+        envelope and the address header fields (RFC 5891); a non-ASCII local part cannot."""
+        if not env.smtputf8 and env.raw.split(b"\r\n\r\n", 1)[0].isascii():
+            return env  # only the body is 8-bit: BODY=8BITMIME is enough
+        try:
+            wire = idn.downgrade(env)
+        except MessageError as err:
+            raise UnsupportedFeature(
+                f"{self.settings.host} does not support SMTPUTF8: {err.message}",
+                code="message.smtputf8",
+            ) from err
+        sess.note("no SMTPUTF8 here: internationalized domains sent as A-labels")
+        return wire
 
     # -- the interface -------------------------------------------------------------------------
     async def send(self, envelope: Envelope) -> base.DeliveryResult:
@@ -550,11 +571,11 @@ def _map_error(err: BaseException, s: Settings, after_data: bool) -> DeliveryErr
         mapped = TimeoutError_(f"{where} did not answer in time", code="timeout")
     elif isinstance(err, smtplib.SMTPServerDisconnected):
         mapped = ConnectError(f"{where} closed the connection: {err}", code="connect.lost")
+    elif isinstance(err, smtplib.SMTPException):  # before OSError: it is a subclass
+        mapped = ProtocolError(f"SMTP error with {where}: {err}", code="protocol")
     elif isinstance(err, OSError):
         mapped = ConnectError(f"cannot talk to {where}: {err.strerror or err}",
                               code="connect.failed")
-    elif isinstance(err, smtplib.SMTPException):
-        mapped = ProtocolError(f"SMTP error with {where}: {err}", code="protocol")
     else:
         return None
     mapped.after_data = after_data

@@ -39,5 +39,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("workers")
     op.drop_table("idempotency")
-    op.drop_column("messages", "meta")
-    op.drop_column("messages", "tags")
+    with op.batch_alter_table("messages") as batch:  # SQLite cannot drop columns in place
+        batch.drop_column("meta")
+        batch.drop_column("tags")

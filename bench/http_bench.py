@@ -1,0 +1,455 @@
+"""HTTP API vs SMTP submission: how fast can an app hand a message over, side by side.
+
+    sudo /work/venv/bin/python bench/http_bench.py                 # 5,000 messages per row
+    sudo /work/venv/bin/python bench/http_bench.py --messages 1000 # quick
+
+Topology (everything on 127.0.0.1, ports picked free at start)::
+
+    10 client threads --HTTP POST /api/v1/messages--> postroom serve --+
+    10 client threads --SMTP (smtplib)-------------->  postroom serve --+--> smtp-sink -c
+    10 client threads --SMTP (smtplib)--> Postfix (private instance) --+
+
+What an app would otherwise do is submit the message over SMTP to the local Postfix, with
+smtplib (Django's SMTP backend does exactly that); that is the reference row. Every row
+uses the same client pattern: 10 threads in this process, each with one kept-alive
+connection (smtplib.SMTP reused with RSET / http.client.HTTPConnection, both standard
+library; one more row uses postroom.client, which is httpx-based), taking messages from a
+shared counter until N were accepted. The message is the same 2 KB text message in every row
+(composed once with postroom.message.build from the JSON the HTTP rows post).
+
+Measured per row: accepted messages/s (N / wall time until the last 202/250), latency of
+each hand-over (request sent -> 202 / final 250 after DATA) p50 and p99, CPU per message of
+the server (Postroom: the serve process, all threads; Postfix: master + children) and of
+the client threads, and the load average before and after. Correctness: every message
+reaches smtp-sink (end-to-end count), and Postroom's database rows are all `sent`.
+
+Also measured: `postroom serve`'s RSS 0.5 s after its ports answer (the HTTP listener is
+on; FastAPI is imported on the first API request, so also after one), and the cost of the
+API key check (argon2id once, then the verified-key cache) in this process.
+
+Needs root (Postfix, smtp-sink -u nobody) and Postfix installed. Every process started here
+is tracked by PID and stopped in a finally block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib.metadata as md
+import json
+import os
+import re
+import resource
+import shutil
+import smtplib
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from postfix_instance import PostfixInstance, mem, proc_cpu  # noqa: E402
+from relay_bench import (  # noqa: E402
+    GEN_END,
+    HOST,
+    SMTP_SINK,
+    Proc,
+    Sink,
+    free_port,
+    postroom_cmd,
+    src_hash,
+    versions,
+    wait_banner,
+    wait_quiet,
+)
+
+REPO = HERE.parent
+NAME = "http_bench.py"
+BEGIN, END = f"<!-- BEGIN {NAME} -->", f"<!-- END {NAME} -->"
+CLIENTS = 10
+SENDER, RCPT = "bench@example.com", "rcpt@example.org"
+PAYLOAD = {"from": f"Bench <{SENDER}>", "to": [RCPT], "subject": "http bench",
+           "text": ("All work and no play makes Jack a dull boy. " * 46)[:2000]}
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def pct(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+class PostroomServe:
+    def __init__(self, root: Path, sink_port: int) -> None:
+        root.mkdir(parents=True)
+        self.root = root
+        self.smtp_port, self.http_port = free_port(), free_port()
+        self.config = root / "postroom.toml"
+        self.config.write_text(f"""\
+[server]
+data_dir = "data"
+smtp_listen = "{HOST}:{self.smtp_port}"
+http_listen = "{HOST}:{self.http_port}"
+hostname = "postroom.bench.test"
+
+[delivery]
+concurrency = 10
+
+[[connections]]
+name = "upstream"
+transport = "smtp"
+host = "{HOST}"
+port = {sink_port}
+security = "none"
+""")
+        self.proc: Proc | None = None
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run([*postroom_cmd(), *args, "--config", str(self.config)],
+                             capture_output=True, text=True, timeout=120, check=True)
+        return out.stdout
+
+    def start(self, first: bool = False) -> None:
+        if first:  # the very first start creates the key and certificate (and loads
+            self.start()  # cryptography's X.509 code); measure a normal start after it
+            self.wait_http()
+            self.stop()
+        self.proc = Proc("postroom-serve", [*postroom_cmd(), "serve", "--config",
+                                            str(self.config)], self.root / "serve.log")
+        wait_banner(self.smtp_port)
+
+    def wait_http(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://{HOST}:{self.http_port}/healthz", timeout=2)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def rss_kb(self) -> int:
+        assert self.proc is not None
+        return mem(self.proc.pid).get("VmRSS", 0)
+
+    def cpu(self) -> float:
+        assert self.proc is not None
+        return proc_cpu(self.proc.pid, children=True)
+
+    def statuses(self) -> dict[str, int]:
+        con = sqlite3.connect(f"file:{self.root / 'data' / 'postroom.db'}?mode=ro", uri=True,
+                              timeout=30)
+        try:
+            return dict(con.execute("SELECT status, count(*) FROM messages GROUP BY status"))
+        finally:
+            con.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+
+# -- the clients ---------------------------------------------------------------------------
+def _http_worker(port: int, key: str, idem: bool) -> Any:
+    """http.client (standard library, like smtplib): one kept-alive connection."""
+    body = json.dumps(PAYLOAD).encode()
+
+    def make() -> Any:
+        c = http.client.HTTPConnection(HOST, port, timeout=30)  # sets TCP_NODELAY
+        def one() -> None:
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            if idem:  # a new message each time: the key is looked up, then stored
+                headers["Idempotency-Key"] = uuid.uuid4().hex
+            c.request("POST", "/api/v1/messages", body=body, headers=headers)
+            r = c.getresponse()
+            data = r.read()
+            if r.status != 202:
+                raise RuntimeError(f"HTTP {r.status}: {data[:200]!r}")
+
+        return one, c.close
+
+    return make
+
+
+def _client_lib_worker(url: str, key: str) -> Any:
+    """postroom.client.Client (httpx), what the Mailer's remote mode uses."""
+    from postroom.client import Client
+
+    def make() -> Any:
+        c = Client(url, key)
+        return (lambda: c.send(PAYLOAD)), c.close
+
+    return make
+
+
+def _smtp_worker(port: int, raw: bytes) -> Any:
+    def make() -> Any:
+        s = smtplib.SMTP(HOST, port, timeout=30)
+        s.ehlo("client.bench.test")
+
+        def one() -> None:
+            refused = s.sendmail(SENDER, [RCPT], raw)
+            if refused:
+                raise RuntimeError(f"refused: {refused}")
+
+        return one, s.quit
+
+    return make
+
+
+def drive(make: Any, n: int) -> dict[str, Any]:
+    """N hand-overs from CLIENTS threads, each on its own connection; latencies in ms."""
+    lock = threading.Lock()
+    left = [n]
+    lat: list[list[float]] = [[] for _ in range(CLIENTS)]
+    errors: list[str] = []
+    ready = threading.Barrier(CLIENTS + 1)
+
+    def run(i: int) -> None:
+        try:
+            one, close = make()
+        except Exception as err:
+            errors.append(repr(err))
+            ready.wait()
+            return
+        ready.wait()
+        try:
+            while True:
+                with lock:
+                    if left[0] <= 0:
+                        break
+                    left[0] -= 1
+                t = time.perf_counter()
+                one()
+                lat[i].append((time.perf_counter() - t) * 1000)
+        except Exception as err:
+            errors.append(repr(err)[:300])
+        finally:
+            close()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    c0, t0 = cpu_self(), time.perf_counter()
+    for t in threads:
+        t.join(600)
+    wall = time.perf_counter() - t0
+    flat = [x for per in lat for x in per]
+    return {"wall_s": wall, "done": len(flat), "client_cpu_s": cpu_self() - c0,
+            "p50_ms": pct(flat, 50), "p99_ms": pct(flat, 99), "errors": errors[:5]}
+
+
+def measure(label: str, make: Any, n: int, warm: int, sink: Sink, cpu: Any,
+            quiet: float) -> dict[str, Any]:
+    say = print
+    base = sink.count()
+    drive(make, warm)
+    sink.wait_count(base + warm, 120)
+    busy = wait_quiet(quiet)
+    load0 = loadavg()
+    base = sink.count()
+    cpu0 = cpu()
+    res = drive(make, n)
+    accepted_cpu = cpu() - cpu0
+    t0 = time.perf_counter()
+    delivered = sink.wait_count(base + n, 300)
+    res.update(label=label, msgs=n, rate=res["done"] / res["wall_s"],
+               server_cpu_us=accepted_cpu / max(1, res["done"]) * 1e6,
+               client_cpu_us=res["client_cpu_s"] / max(1, res["done"]) * 1e6,
+               delivered=delivered, drain_s=time.perf_counter() - t0, busy_before=busy,
+               load_before=load0, load_after=loadavg())
+    say(f"  {label}: {res['rate']:,.0f} msg/s, p50 {res['p50_ms']:.2f} ms, "
+        f"p99 {res['p99_ms']:.2f} ms, server {res['server_cpu_us']:,.0f} µs/msg, "
+        f"load {load0} -> {res['load_after']}" + (f" ERRORS {res['errors']}"
+                                                   if res["errors"] else ""))
+    return res
+
+
+def auth_cost(pr: PostroomServe, key: str) -> dict[str, float]:
+    """The API key check in this process against the bench database: the first check pays
+    argon2id, later ones hit the verified-key cache (one SELECT + SHA-256)."""
+    from postroom.apps import Apps
+    from postroom.store.db import make_engine
+
+    engine = make_engine(f"sqlite:///{pr.root / 'data' / 'postroom.db'}")
+    try:
+        apps = Apps(engine)
+        t = time.perf_counter()
+        assert apps.verify_api_key(key)
+        first = (time.perf_counter() - t) * 1000
+        times = []
+        for _ in range(2000):
+            t = time.perf_counter()
+            apps.verify_api_key(key)
+            times.append((time.perf_counter() - t) * 1e6)
+        t = time.perf_counter()
+        apps.verify_api_key(key.rpartition(".")[0] + ".wrong")
+        wrong = (time.perf_counter() - t) * 1000
+    finally:
+        engine.dispose()
+    return {"first_ms": first, "cached_us": statistics.median(times), "wrong_ms": wrong}
+
+
+# -- report --------------------------------------------------------------------------------
+def report(env: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+    ref = next(r for r in rows if r["label"].startswith("Postfix"))
+    L = [BEGIN, "", "## HTTP API: hand-over rate and latency vs SMTP submission", "",
+         f"Generated by `python bench/{NAME} --messages {env['messages']}` (see its "
+         "docstring). Each row: 10 client threads in one Python process, one kept-alive "
+         "connection each (smtplib, http.client: both standard library; the last row uses "
+         "Postroom's own httpx-based client), the same 2 KB text message; `×Postfix` divides "
+         "by the Postfix row "
+         "(smtplib to a private Postfix, what an app does without Postroom; for latency and "
+         "CPU lower is better).", "", "```",
+         f"date:      {env['date']}   git {env['git']}, src/postroom {env['src']}",
+         f"versions:  {env['versions']}",
+         f"machine:   {env['cpus']} CPUs; load average before {env['load_start']}, after "
+         f"{env['load_end']} (1/5/15 min; the box is shared)", "```", "",
+         "| server, door | accepted msg/s | ×Postfix | p50 ms | p99 ms | ×Postfix p99 | "
+         "server CPU µs/msg | client CPU µs/msg | all delivered | load before → after |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(
+            f"| {r['label']} | **{r['rate']:,.0f}** | {r['rate'] / ref['rate']:.2f}× | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p99_ms'] / ref['p99_ms']:.2f}× | "
+            f"{r['server_cpu_us']:,.0f} | {r['client_cpu_us']:,.0f} | "
+            f"{'yes' if r['delivered'] and not r['errors'] else 'NO ' + str(r['errors'])} | "
+            f"{r['load_before']} → {r['load_after']} |")
+    a = extra["auth"]
+    L += ["",
+          f"`postroom serve` RSS with the HTTP listener on: {extra['rss_idle_kb'] / 1024:.1f} "
+          "MB 0.5 s after its SMTP port answers (target ≤ 60 MB; uvicorn is imported on the "
+          f"first HTTP connection, FastAPI on the first API request); "
+          f"{extra['rss_health_kb'] / 1024:.1f} MB after a /healthz; "
+          f"{extra['rss_api_kb'] / 1024:.1f} MB after the first API request; "
+          f"{extra['rss_end_kb'] / 1024:.1f} MB after the runs. Database after the runs: "
+          f"{extra['statuses']}.", "",
+          f"API key check (in-process, same database): first {a['first_ms']:.0f} ms (argon2id), "
+          f"then {a['cached_us']:.0f} µs (postroom.apps cache hit: one SELECT + SHA-256), paid "
+          "at most once a second per key since the API remembers a verified key for 1 s; an "
+          f"unknown secret costs {a['wrong_ms']:.0f} ms, on a 2-thread pool of its own so that "
+          "a flood of bad keys cannot hold up database writes.", "", END]
+    return "\n".join(L) + "\n"
+
+
+def write_block(text: str, out: Path) -> None:
+    doc = out.read_text() if out.exists() else GEN_END + "\n"
+    if GEN_END not in doc:
+        doc += "\n" + GEN_END + "\n"
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    out.write_text(doc)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=5000, help="per row")
+    ap.add_argument("--warm", type=int, default=300, help="warm-up messages per row")
+    ap.add_argument("--quiet-wait", dest="quiet", type=float, default=10.0,
+                    help="wait up to this many seconds for the box to be <20%% busy per row")
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"),
+                    help="markdown file for the report block ('-' = print only)")
+    ap.add_argument("--from-json", default="",
+                    help="only re-render the report from the results.json of an earlier run")
+    a = ap.parse_args()
+    if a.from_json:
+        saved = json.loads(Path(a.from_json).read_text())
+        text = report(saved["env"], saved["rows"], saved["extra"])
+        print(text)
+        if a.out != "-":
+            write_block(text, Path(a.out))
+        return 0
+    if os.geteuid() != 0:
+        sys.exit("run as root: the private Postfix instance and smtp-sink -u need it")
+    if not shutil.which("postfix") or not Path(SMTP_SINK).exists():
+        sys.exit("needs Postfix (postfix, smtp-sink): apt-get install postfix")
+    from postroom.message import Draft, build
+
+    raw = build(Draft(from_=PAYLOAD["from"], to=PAYLOAD["to"], subject=PAYLOAD["subject"],
+                      text=PAYLOAD["text"])).raw
+    work = Path(tempfile.mkdtemp(prefix="http-bench-"))
+    os.chmod(work, 0o755)  # Postfix's own user must reach its folder inside
+    print(f"work dir {work}")
+    ver = versions()
+    ver.update({m: md.version(m) for m in ("fastapi", "uvicorn", "httpx")})
+    env = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "messages": a.messages,
+           "load_start": loadavg(), "cpus": os.cpu_count(), "src": src_hash(),
+           "git": ver.pop("git"), "versions": ", ".join(f"{k} {v}" for k, v in ver.items())}
+    sink = Sink(free_port(), work / "sink.log")
+    pf = PostfixInstance(work / "postfix", free_port(), sink.port)
+    pr = PostroomServe(work / "postroom", sink.port)
+    rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    try:
+        pf.start()
+        pr.start(first=True)
+        time.sleep(0.5)
+        extra["rss_idle_kb"] = pr.rss_kb()  # nothing has connected to the HTTP port yet
+        pr.wait_http()
+        time.sleep(0.5)
+        extra["rss_health_kb"] = pr.rss_kb()
+        key = re.search(r"Bearer (\S+)", pr.cli("app", "add", "bench")).group(1)  # type: ignore[union-attr]
+        api = f"http://{HOST}:{pr.http_port}"
+        httpx.get(f"{api}/api/v1/messages", headers={"Authorization": f"Bearer {key}"},
+                  timeout=30).raise_for_status()
+        time.sleep(0.5)
+        extra["rss_api_kb"] = pr.rss_kb()
+        plan = [
+            ("Postfix, SMTP (smtplib)", _smtp_worker(pf.port, raw), pf.cpu),
+            ("postroom serve, SMTP (smtplib)", _smtp_worker(pr.smtp_port, raw), pr.cpu),
+            ("postroom serve, HTTP POST /messages (http.client)",
+             _http_worker(pr.http_port, key, False), pr.cpu),
+            ("postroom serve, HTTP + Idempotency-Key (http.client)",
+             _http_worker(pr.http_port, key, True), pr.cpu),
+            ("postroom serve, HTTP via postroom.client (httpx)", _client_lib_worker(api, key),
+             pr.cpu),
+        ]
+        for label, make, cpu in plan:
+            rows.append(measure(label, make, a.messages, a.warm, sink, cpu, a.quiet))
+        deadline = time.monotonic() + 120
+        while (st := pr.statuses()).get("sent", 0) < sum(st.values()) and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        extra["statuses"] = st
+        extra["rss_end_kb"] = pr.rss_kb()
+        extra["auth"] = auth_cost(pr, key)
+    finally:
+        pr.stop()
+        pf.stop()
+        sink.stop()
+    env["load_end"] = loadavg()
+    (work / "results.json").write_text(json.dumps({"env": env, "rows": rows, "extra": extra},
+                                                  indent=1))
+    text = report(env, rows, extra)
+    print(text)
+    if a.out != "-":
+        write_block(text, Path(a.out))
+    shutil.rmtree(work / "postfix", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

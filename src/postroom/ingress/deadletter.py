@@ -1,0 +1,102 @@
+"""Keep a message that could not be handed off, so that an error never loses it.
+
+As mailx and sendmail do, the message is appended to a ``dead.letter`` file, in mbox format
+(mboxrd quoting) so that mail readers open it: ``mail -f ~/dead.letter``. Where, first
+writable wins: ``[sendmail] dead_letter`` when set, then ``$HOME/dead.letter`` (else the
+password file's home), then ``/var/tmp/dead.letter.<uid>``. The last one exists for users
+such as www-data, whose home (/var/www) they usually cannot write; /var/tmp survives a
+reboot, unlike /tmp (FHS 3.0, 5.15), and the name carries the uid so users never share one.
+
+Files are created 0600, never followed through a symlink (O_NOFOLLOW), must belong to the
+user, are appended under an exclusive flock and fsync'ed; a failed write is cut back so
+that no half entry stays behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from postroom.envelope import split_header
+from postroom.exceptions import StoreError
+
+# mboxrd: every line that reads as a From_ line, however many '>' it already has, gets one
+# more; readers take one off again.
+_FROM_ = re.compile(rb"^(>*From )", re.MULTILINE)
+
+
+def places(configured: Path | None, environ: Mapping[str, str], home: str, uid: int) -> list[Path]:
+    """The dead.letter files to try, in order."""
+    paths = [configured] if configured else []
+    home_dir = environ.get("HOME") or home
+    if home_dir:
+        paths.append(Path(home_dir) / "dead.letter")
+    paths.append(Path("/var/tmp") / f"dead.letter.{uid}")
+    return list(dict.fromkeys(paths))
+
+
+def mbox_entry(
+    raw: bytes, *, sender: str, recipients: Sequence[str], reason: str, now: float | None = None
+) -> bytes:
+    """One mbox entry: the From_ line, two X-Postroom headers saying for whom the message
+    was and why it is here, then the message as it was read (LF line ends)."""
+    text = _FROM_.sub(rb">\1", raw.replace(b"\r\n", b"\n"))
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    envelope_from = "".join(sender.split()) or "MAILER-DAEMON"
+    head = f"From {envelope_from} {time.asctime(time.gmtime(now))}\n"
+    if recipients:
+        head += f"X-Postroom-Envelope-To: {', '.join(recipients)}\n"
+    head += f"X-Postroom-Error: {' '.join(reason.split())}\n"
+    fields, _ = split_header(raw)
+    if not fields:  # a message without a header: keep its first line out of ours
+        head += "\n"
+    return head.encode("utf-8", "replace") + text + b"\n"
+
+
+def _append(path: Path, data: bytes) -> None:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise PermissionError(errno.EPERM, "not a regular file of this user", str(path))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)  # no half entry (e.g. the disk filled up)
+            raise
+    finally:
+        os.close(fd)
+    try:  # a new file's directory entry must be on disk too
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # the entry itself is written and fsync'ed; some filesystems refuse this
+
+
+def keep(entry: bytes, paths: Sequence[Path]) -> Path:
+    """Append ``entry`` to the first of ``paths`` that takes it; return that path."""
+    problems = []
+    for path in paths:
+        try:
+            _append(path, entry)
+            return path
+        except OSError as err:
+            problems.append(f"{path}: {err.strerror or err}")
+    raise StoreError("no dead.letter file could be written (" + "; ".join(problems) + ")",
+                     code="sendmail.dead_letter")

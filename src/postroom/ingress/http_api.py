@@ -1,0 +1,523 @@
+"""The HTTP API under ``/api/v1`` (FastAPI): send JSON or raw MIME, search the log, get one
+message with its attempts, resend. Every app authenticates with its own Bearer API key
+(`postroom app add NAME`) and sees only what it handed in, through any door.
+
+Like the SMTP handler this is a thin door: validate, build the Envelope, ``enqueue()``; the
+202 is sent only once the message is durably stored. Every error is a JSON body
+``{"error": {"code", "message", "fix", "field"}}`` (see ``http_errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import getaddresses
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from postroom import __version__
+from postroom.diagnostics.advice import advice_for_attempt
+from postroom.envelope import Envelope, new_id, validate_address
+from postroom.exceptions import MessageError, StoreError
+from postroom.ingress import http_raw
+from postroom.ingress.http_errors import HttpError, install
+from postroom.ingress.http_front import Context
+from postroom.ingress.http_models import (
+    Accepted,
+    AttachmentIn,
+    ErrorBody,
+    MessageDetail,
+    MessageIn,
+    MessageOut,
+    MessagePage,
+    ResendIn,
+)
+from postroom.message import Attachment, Draft, build
+from postroom.oauth import web as oauth_web
+from postroom.queue.sql import IdempotencyKey
+from postroom.store.schema import PRIORITIES, STATUSES
+
+PREFIX = "/api/v1"
+# Composing a big message (base64 of large attachments) takes long enough to stall the
+# event loop, and with it every SMTP session: above this size it runs in a thread.
+_THREAD_ABOVE = 256 * 1024
+bearer = HTTPBearer(
+    auto_error=False, scheme_name="apiKey", bearerFormat="NAME.SECRET",
+    description="The API key `postroom app add NAME` prints: `Authorization: Bearer NAME.SECRET`.",
+)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or unknown API key."},
+    413: {"model": ErrorBody, "description": "Request or message over a size limit."},
+    422: {"model": ErrorBody, "description": "Invalid request; `fix` says how to fix it."},
+    503: {"model": ErrorBody, "description": "The store is unavailable; retry later."},
+}
+router = APIRouter(prefix=PREFIX, responses=ERRORS)
+
+
+# -- dependencies --------------------------------------------------------------------------
+async def context(request: Request) -> Context:
+    # async: FastAPI runs a plain `def` dependency on a worker thread, a hop per request.
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+class KeyCache:
+    """API keys verified in the last ``ttl`` seconds (by SHA-256 of the token), so that a
+    busy app's requests skip even the cheap re-check (a SELECT on a worker thread). A key
+    removed with `postroom app remove` stops working within ``ttl``."""
+
+    def __init__(self, ttl: float = 1.0, size: int = 1024) -> None:
+        self.ttl, self.size = ttl, size
+        self._seen: dict[bytes, tuple[str, float]] = {}
+
+    def get(self, digest: bytes) -> str | None:
+        hit = self._seen.get(digest)
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+    def put(self, digest: bytes, app: str) -> None:
+        if len(self._seen) >= self.size:
+            self._seen.clear()
+        self._seen[digest] = (app, time.monotonic() + self.ttl)
+
+
+_CHALLENGE = 'Bearer realm="postroom"'
+
+
+async def authenticated(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    ctx: Annotated[Context, Depends(context)],
+) -> str:
+    """The app the request's API key belongs to; 401 (RFC 6750 3) without a valid one."""
+    if creds is None:
+        given = request.headers.get("authorization")
+        raise HttpError(
+            401, "auth.missing",
+            "no API key" if given is None else "the Authorization header is not a Bearer token",
+            "send 'Authorization: Bearer NAME.SECRET' with the key `postroom app add NAME` "
+            "printed", headers={"WWW-Authenticate": _CHALLENGE})
+    token = creds.credentials
+    digest = hashlib.sha256(token.encode()).digest()
+    cache: KeyCache = request.app.state.keys
+    app = cache.get(digest)
+    if app is None and len(token) <= 200:
+        # argon2 is deliberately slow: checks run on their own threads so that a burst of
+        # bad keys cannot hold up the database writes that share the default executor.
+        app = await asyncio.get_running_loop().run_in_executor(
+            request.app.state.auth_pool, ctx.apps.verify_api_key, token)
+        if app is not None:
+            cache.put(digest, app)
+    if app is None:
+        raise HttpError(
+            401, "auth.invalid", "unknown or revoked API key",
+            "check the key (NAME.SECRET as `postroom app add NAME` printed it); `postroom app "
+            "list` shows the apps", headers={"WWW-Authenticate":
+                                             f'{_CHALLENGE}, error="invalid_token"'})
+    return app
+
+
+App = Annotated[str, Depends(authenticated)]
+Ctx = Annotated[Context, Depends(context)]
+IdemHeader = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$",
+    description="Repeat a request with the same key (per app) and the same body: the first "
+    "message's id comes back (200) and nothing is queued twice.")]
+MsgId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _time(value: str | float, name: str) -> float:
+    """ISO 8601 with a zone, or epoch seconds, as epoch seconds."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return _iso_time(str(value), name)
+    if not math.isfinite(value) or not 0 <= value < 253402300800:  # year 10000
+        raise HttpError(422, "request.time", f"{name} {value!r} is out of range",
+                        "use epoch seconds between 0 and 253402300799", field=name)
+    return float(value)
+
+
+def _iso_time(value: str, name: str) -> float:
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise HttpError(422, "request.time", f"{name} {value!r} is not a time",
+                        "use ISO 8601 with a zone (2030-01-01T09:00:00Z) or epoch seconds",
+                        field=name) from None
+    if when.tzinfo is None:
+        raise HttpError(422, "request.time", f"{name} {value!r} has no time zone",
+                        "add one: 2030-01-01T09:00:00Z or +02:00", field=name)
+    return when.timestamp()
+
+
+def _send_at(ctx: Context, value: str | float | None) -> float | None:
+    if value is None:
+        return None
+    at = _time(value, "send_at")
+    horizon = ctx.settings.delivery.max_lifetime
+    if at > ctx.queue.clock() + horizon:
+        raise HttpError(422, "request.send_at", "send_at is too far in the future",
+                        f"schedule at most {horizon:.0f} s ahead (delivery.max_lifetime)",
+                        field="send_at")
+    return at
+
+
+def _addresses(field: str, values: list[str]) -> list[str]:
+    """The addresses in ``values`` ("addr" or "Name <addr>"), each checked; errors name the
+    field and the index."""
+    out = []
+    for i, value in enumerate(values):
+        where = field if field == "from" else f"{field}[{i}]"
+        if any(c in value for c in "\r\n\x00"):
+            raise HttpError(422, "message.header_injection", f"{where} contains CR, LF or NUL",
+                            "send one address per value, on one line", field=where)
+        found = [a for _, a in getaddresses([value]) if a]
+        if not found:
+            raise HttpError(422, "address.malformed", f"no address in {value!r}",
+                            "write 'addr@example.com' or 'Name <addr@example.com>'", field=where)
+        for addr in found:
+            try:
+                validate_address(addr)
+            except MessageError as err:
+                raise HttpError(422, err.code, err.message,
+                                "write 'addr@example.com' or 'Name <addr@example.com>'",
+                                field=where) from err
+        out += found
+    return out
+
+
+def _connection(ctx: Context, name: str | None) -> str | None:
+    known = [c.name for c in ctx.settings.connections]
+    if name is not None and name not in known:
+        raise HttpError(422, "connection.unknown", f"no connection named {name!r}",
+                        f"use one of: {', '.join(known) or 'none configured'}; or omit "
+                        "`connection` to let routing choose", field="connection")
+    return name
+
+
+def _recipient_limit(ctx: Context, count: int) -> None:
+    limit = ctx.settings.server.max_recipients
+    if count > limit:
+        raise HttpError(422, "message.too_many_recipients",
+                        f"{count} recipients; at most {limit} per message",
+                        "split the message, or raise server.max_recipients", field="to")
+
+
+def _decode(i: int, att: AttachmentIn) -> Attachment:
+    try:
+        content = base64.b64decode(att.content, validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(422, "attachment.base64", f"attachment {att.filename!r} is not base64",
+                        "encode the file's bytes with base64 (RFC 4648, no line breaks)",
+                        field=f"attachments[{i}].content") from None
+    return Attachment(att.filename, content, att.content_type, att.content_id)
+
+
+def _draft(ctx: Context, body: MessageIn) -> tuple[Draft, int]:
+    sender = _addresses("from", [body.from_])
+    if len(sender) != 1:
+        raise HttpError(422, "address.malformed", "from must hold exactly one address",
+                        "put other people in reply_to", field="from")
+    count = sum(len(_addresses(f, getattr(body, f))) for f in ("to", "cc", "bcc"))
+    _addresses("reply_to", body.reply_to)
+    if count == 0:
+        raise HttpError(422, "message.no_recipients", "the message has no recipient",
+                        "give at least one address in to, cc or bcc", field="to")
+    _recipient_limit(ctx, count)
+    draft = Draft(
+        from_=body.from_, to=body.to, cc=body.cc, bcc=body.bcc, reply_to=body.reply_to,
+        subject=body.subject, text=body.text, html=body.html,
+        attachments=[_decode(i, a) for i, a in enumerate(body.attachments)],
+        headers=body.headers,
+    )
+    size = len(body.text or "") + len(body.html or "") + sum(
+        len(a.content) for a in body.attachments)
+    return draft, size
+
+
+def _size_limit(ctx: Context, env: Envelope) -> None:
+    limit = ctx.settings.server.max_message_size
+    if len(env.raw) > limit:
+        raise HttpError(413, "message.too_large",
+                        f"the message is {len(env.raw)} bytes; at most {limit}",
+                        "send smaller attachments (or links), or raise server.max_message_size")
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+async def _enqueue(ctx: Context, env: Envelope, app: str, key: str | None,
+                   request_hash: Callable[[], str]) -> JSONResponse:
+    """Store ``env`` (at most once per Idempotency-Key) and answer 202, or 200 for a repeat.
+    ``request_hash`` is only called with a key: what identifies "the same request"."""
+    _size_limit(ctx, env)
+    idem = IdempotencyKey(app, key, request_hash()) if key is not None else None
+    try:
+        msg_id = await ctx.queue.enqueue(env, idempotency=idem)
+    except MessageError as err:
+        if err.code == "idempotency.conflict":
+            raise HttpError(409, err.code, err.message,
+                            "send a new Idempotency-Key for a different message, or repeat "
+                            "the first request exactly", field="Idempotency-Key") from err
+        raise HttpError(422, err.code, err.message, "correct the message") from err
+    except StoreError as err:
+        raise HttpError(503, err.code, f"the message could not be stored: {err.message}",
+                        "retry later with the same Idempotency-Key",
+                        headers={"Retry-After": "5"}) from err
+    if msg_id != env.id:  # the key's first request was answered before: same message
+        row = await asyncio.to_thread(ctx.queue.get, msg_id)
+        out = Accepted(id=msg_id, status=str(row["status"]) if row else "queued",
+                       recipients=list(row["recipients"]) if row else env.recipients,
+                       duplicate=True)
+        return JSONResponse(out.model_dump(mode="json"), status_code=200)
+    if ctx.on_enqueued is not None and env.not_before is None:
+        ctx.on_enqueued(env.id)
+    out = Accepted(id=env.id, status="queued", recipients=env.recipients,
+                   send_at=_iso(env.not_before) if env.not_before else None)
+    return JSONResponse(out.model_dump(mode="json"), status_code=202)
+
+
+def _iso(at: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(at, dt.UTC)
+
+
+def _owned(row: dict[str, Any] | None, app: str, msg_id: str) -> dict[str, Any]:
+    # Another app's message is "not found", not "forbidden": its existence is not told.
+    if row is None or row["id"] != msg_id or not str(row["source"]).endswith(f":{app}"):
+        raise HttpError(404, "message.unknown", f"no message {msg_id!r} for this app",
+                        "use an id this app's send returned; GET /api/v1/messages lists them",
+                        field="id")
+    return row
+
+
+def _out(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **{k: row[k] for k in ("id", "status", "attempt_count", "sender", "source",
+                               "connection", "message_id", "subject", "from_header",
+                               "to_header", "size", "last_error")},
+        "recipients": list(row["recipients"]),
+        "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"]),
+        "next_attempt_at": _iso(row["next_attempt_at"]),
+        "tags": list(row.get("tags") or []), "metadata": dict(row.get("meta") or {}),
+    }
+
+
+def _cursor(row: dict[str, Any]) -> str:
+    data = json.dumps([row["created_at"], row["id"]]).encode()
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _before(cursor: str) -> tuple[float, str]:
+    try:
+        at, last = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(last, str) or isinstance(at, bool):
+            raise TypeError(last)
+        return float(at), last
+    except (ValueError, TypeError, binascii.Error):
+        raise HttpError(422, "request.cursor", "cursor is not one this API returned",
+                        "pass the `next` value of the previous page unchanged",
+                        field="cursor") from None
+
+
+# -- routes --------------------------------------------------------------------------------
+_ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"description": "Stored; it will be delivered."},
+             200: {"model": Accepted, "description": "Repeat of an Idempotency-Key: the "
+                   "message queued the first time; nothing new was queued."},
+             409: {"model": ErrorBody, "description": "Idempotency-Key already used for a "
+                   "different request."}}
+
+
+@router.post("/messages", status_code=202, response_model=Accepted, responses=_ACCEPTED,
+             summary="Compose and send a message")
+async def send_message(body: MessageIn, app: App, ctx: Ctx,
+                       idempotency_key: IdemHeader = None) -> JSONResponse:
+    not_before = _send_at(ctx, body.send_at)
+    connection = _connection(ctx, body.connection)
+    draft, size = _draft(ctx, body)
+
+    expires_at = None if body.expires_at is None else _time(body.expires_at, "expires_at")
+
+    def compose() -> Envelope:
+        env = build(draft, source=f"api:{app}", connection=connection, tags=body.tags,
+                    metadata=body.metadata, not_before=not_before)
+        env.priority = PRIORITIES[body.priority]
+        env.expires_at = expires_at
+        return env
+
+    try:
+        env = await asyncio.to_thread(compose) if size > _THREAD_ABOVE else compose()
+    except MessageError as err:
+        raise HttpError(422, err.code, err.message, "correct the message") from err
+    return await _enqueue(ctx, env, app, idempotency_key,
+                          lambda: _hash("messages", body.model_dump(mode="json", by_alias=True)))
+
+
+_RAW_BODY = {"requestBody": {"required": True, "description": "A whole RFC 5322 message.",
+                             "content": {"message/rfc822": {"schema": {
+                                 "type": "string", "format": "binary"}}}}}
+
+
+@router.post("/messages/raw", status_code=202, response_model=Accepted,
+             responses={**_ACCEPTED, 415: {"model": ErrorBody,
+                                           "description": "Not message/rfc822."}},
+             openapi_extra=_RAW_BODY, summary="Send a ready-made MIME message")
+async def send_raw(
+    request: Request, app: App, ctx: Ctx,
+    sender: Annotated[str | None, Query(
+        alias="from", description="Envelope sender; default: the From address.")] = None,
+    to: Annotated[list[str] | None, Query(
+        description="Envelope recipients (repeat the parameter); default: To, Cc and Bcc. "
+        "Bcc fields are removed from the message either way.")] = None,
+    connection: Annotated[str | None, Query()] = None,
+    tag: Annotated[list[str] | None, Query(max_length=20)] = None,
+    send_at: Annotated[str | None, Query(description="ISO 8601 with a zone, or epoch s.")] = None,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "message/rfc822":
+        raise HttpError(415, "request.content_type",
+                        f"Content-Type is {ctype or 'missing'!r}, not message/rfc822",
+                        "send the message as the body with 'Content-Type: message/rfc822'")
+    raw = await request.body()
+    if len(raw) > ctx.settings.server.max_message_size:
+        raise HttpError(413, "message.too_large", f"the message is {len(raw)} bytes; at most "
+                        f"{ctx.settings.server.max_message_size}",
+                        "send smaller attachments (or links), or raise server.max_message_size")
+    not_before = _send_at(ctx, send_at)
+    pinned = _connection(ctx, connection)
+    tags = tag or []
+    for i, t in enumerate(tags):
+        if not 1 <= len(t) <= 100:
+            raise HttpError(422, "request.tag", "a tag has 1 to 100 characters",
+                            "shorten the tag", field=f"tag[{i}]")
+    try:
+        host = ctx.settings.server.hostname
+        parsed = (await asyncio.to_thread(http_raw.check, raw, host)
+                  if len(raw) > _THREAD_ABOVE else http_raw.check(raw, host))
+    except MessageError as err:
+        raise HttpError(422, err.code, err.message, "correct the message", field="body") from err
+    env_sender = _addresses("from", [sender])[0] if sender else parsed.sender
+    rcpts = _addresses("to", to) if to else parsed.recipients
+    try:
+        validate_address(env_sender)
+    except MessageError as err:
+        raise HttpError(422, err.code, err.message, "fix the From header or pass ?from=",
+                        field="from") from err
+    if not rcpts:
+        raise HttpError(422, "message.no_recipients", "no recipient: the message has no "
+                        "To, Cc or Bcc and no ?to= was given", "add ?to=addr (repeatable)",
+                        field="to")
+    for i, r in enumerate(rcpts):
+        try:
+            validate_address(r)
+        except MessageError as err:
+            raise HttpError(422, err.code, err.message, "fix the address or pass ?to=",
+                            field=f"to[{i}]") from err
+    _recipient_limit(ctx, len(set(rcpts)))
+    env = Envelope(env_sender, list(dict.fromkeys(rcpts)), parsed.raw, source=f"api:{app}",
+                   connection=pinned, tags=tags, not_before=not_before)
+    query = sorted(request.query_params.multi_items())
+    return await _enqueue(ctx, env, app, idempotency_key,
+                          lambda: _hash("raw", query, hashlib.sha256(raw).hexdigest()))
+
+
+@router.get("/messages", response_model=MessagePage, summary="Search the log, newest first")
+async def list_messages(
+    app: App, ctx: Ctx,
+    status: Annotated[Literal[STATUSES] | None, Query()] = None,  # type: ignore[valid-type]
+    recipient: Annotated[str | None, Query(max_length=320)] = None,
+    sender: Annotated[str | None, Query(max_length=320)] = None,
+    q: Annotated[str | None, Query(max_length=200, description=(
+        "Text in the subject, From, To or Message-ID."))] = None,
+    tag: Annotated[str | None, Query(max_length=100)] = None,
+    since: Annotated[str | None, Query(description="ISO 8601 or epoch s.")] = None,
+    until: Annotated[str | None, Query(description="ISO 8601 or epoch s.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> MessagePage:
+    rows = await asyncio.to_thread(
+        ctx.queue.search, status=status, to=recipient or None, sender=sender or None,
+        text=q or None, tag=tag or None, app=app,
+        since=_time(since, "since") if since else None,
+        until=_time(until, "until") if until else None,
+        before=_before(cursor) if cursor else None, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return MessagePage(messages=[MessageOut.model_validate(_out(r)) for r in rows],
+                       next=_cursor(rows[-1]) if more else None)
+
+
+@router.get("/messages/{msg_id}", response_model=MessageDetail,
+            responses={404: {"model": ErrorBody, "description": "No such message."}},
+            summary="One message: recipients' states and every attempt")
+async def get_message(msg_id: MsgId, app: App, ctx: Ctx) -> MessageDetail:
+    row = _owned(await asyncio.to_thread(ctx.queue.get, msg_id), app, msg_id)
+    states = [{"address": r, **{k: v for k, v in row["rcpt_status"].get(r, {}).items()
+                                if k in ("state", "code", "reply")}}
+              for r in row["recipients"]]
+    attempts = [{**a, "started_at": _iso(a["started_at"]), "ended_at": _iso(a["ended_at"]),
+                 "permanent": bool(a["permanent"]), "transcript": a["transcript"] or "",
+                 "advice": advice_for_attempt(a, settings=ctx.settings)}
+                for a in row["attempts"]]
+    return MessageDetail.model_validate(
+        {**_out(row), "recipient_states": states, "attempts": attempts})
+
+
+@router.post("/messages/{msg_id}/resend", status_code=202, response_model=Accepted,
+             responses={**_ACCEPTED,
+                        404: {"model": ErrorBody, "description": "No such message."}},
+             summary="Queue a copy (to the same or other recipients)")
+async def resend(
+    msg_id: MsgId, app: App, ctx: Ctx,
+    body: Annotated[ResendIn | None, Body()] = None,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
+    row = _owned(await asyncio.to_thread(ctx.queue.get, msg_id), app, msg_id)
+    if row["raw"] is None:
+        raise HttpError(409, "message.no_body", f"message {msg_id} has no stored body",
+                        "it was purged; send it again")
+    to = _addresses("to", body.to) if body and body.to else list(row["recipients"])
+    _recipient_limit(ctx, len(set(to)))
+    env = Envelope(row["sender"], list(dict.fromkeys(to)), row["raw"], source=f"api:{app}",
+                   connection=row["connection"], id=new_id(), tags=list(row["tags"] or []),
+                   metadata=dict(row["meta"] or {}))
+    return await _enqueue(ctx, env, app, idempotency_key, lambda: _hash("resend", msg_id, to))
+
+
+@router.get("/connections", summary="Connections: health, pause switch, limits in use")
+async def list_connections(app: App, ctx: Ctx) -> dict[str, Any]:
+    """The same as `postroom connections --json`."""
+    from postroom.queue.status import connections_report
+
+    return await asyncio.to_thread(connections_report, ctx.queue, ctx.settings)
+
+
+def create_app(ctx: Context) -> FastAPI:
+    api = FastAPI(
+        title="Postroom API", version=__version__,
+        description="Hand mail to Postroom, follow it, resend it. Authenticate with the API "
+        "key `postroom app add NAME` prints. Errors: `{\"error\": {code, message, fix, "
+        "field}}`.",
+        openapi_url=f"{PREFIX}/openapi.json", docs_url=f"{PREFIX}/docs", redoc_url=None,
+    )
+    api.state.ctx = ctx
+    api.state.auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api-auth")
+    api.state.keys = KeyCache()
+    api.include_router(router)
+    api.include_router(oauth_web.router)  # /oauth/start/{connection}, /oauth/callback
+    install(api)
+    return api

@@ -1,0 +1,96 @@
+"""A connection's ``oauth`` table: which provider, which client, which grant.
+
+Imported by postroom.settings (the only module that reads configuration), so it depends on
+pydantic alone. The provider definitions themselves are data in postroom.oauth.providers.
+
+::
+
+    [[connections]]
+    name = "gmail"
+    transport = "smtp"                       # or "gmail", "msgraph"
+    host = "smtp.gmail.com"
+    port = 465
+    security = "smtps"
+    auth = "xoauth2"
+    username = "me@gmail.com"
+    oauth = { provider = "google", client_id = "123.apps.googleusercontent.com",
+              client_secret_env = "GOOGLE_CLIENT_SECRET" }
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# "user": a person consents once (browser or device code) and Postroom keeps the refresh
+# token; "client_credentials": Microsoft app-only (Graph), no person involved;
+# "service_account": Google Workspace domain-wide delegation (a signed JWT per token).
+Grant = Literal["user", "client_credentials", "service_account"]
+TokenAuth = Literal["client_secret_post", "client_secret_basic", "none"]
+
+
+class OAuthSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: str = Field(min_length=1)  # google | microsoft | yahoo | generic (providers.py)
+    client_id: str = ""
+    client_secret: str | None = None  # discouraged in the file: prefer _env or _file
+    client_secret_env: str | None = None
+    client_secret_file: Path | None = None
+    grant: Grant = "user"
+    tenant: str = "common"  # Microsoft: common | consumers | organizations | <tenant id>
+    scopes: list[str] | None = None  # default: what the provider needs for this transport
+    # Where the browser comes back; default: [oauth] public_url + /oauth/callback.
+    redirect_uri: str | None = None
+    # Google service account (grant = "service_account"): its JSON key file, and the
+    # Workspace user it acts for (default: the connection's username or user).
+    service_account_file: Path | None = None
+    subject: str | None = None
+    # A generic provider's endpoints (or any provider's, to override its defaults):
+    discovery_url: str | None = None  # RFC 8414 / OpenID configuration document
+    authorize_url: str | None = None
+    token_url: str | None = None
+    device_url: str | None = None  # RFC 8628 device authorization endpoint
+    revoke_url: str | None = None  # RFC 7009
+    token_auth: TokenAuth | None = None  # how the client authenticates at the token endpoint
+    authorize_params: dict[str, str] = {}  # extra parameters for the authorization request
+    timeout: float = Field(default=30, gt=0)  # seconds per request to the provider
+    ca_file: Path | None = None  # a private CA for the provider's endpoints (company IdP)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OAuthSettings:
+        given = [k for k in ("client_secret", "client_secret_env", "client_secret_file")
+                 if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give only one of {', '.join(given)}")
+        if self.grant == "service_account":
+            if self.service_account_file is None:
+                raise ValueError('grant = "service_account" needs service_account_file (the '
+                                 "JSON key of the Google service account)")
+        elif not self.client_id:
+            raise ValueError("client_id is required (from the provider's app registration)")
+        if self.grant == "client_credentials":
+            if not given:
+                raise ValueError('grant = "client_credentials" needs a client secret '
+                                 "(client_secret_env or client_secret_file)")
+        return self
+
+    def secret(self) -> str | None:
+        """The client secret, from where the configuration says (None for public clients).
+        Raises LookupError with the reason when it is configured but unavailable."""
+        if self.client_secret_env:
+            value = os.environ.get(self.client_secret_env)
+            if not value:
+                raise LookupError(f"environment variable {self.client_secret_env} is not set")
+            return value
+        if self.client_secret_file:
+            try:
+                return self.client_secret_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise LookupError(f"cannot read client_secret_file {self.client_secret_file}: "
+                                  f"{err.strerror}") from err
+        return self.client_secret
+

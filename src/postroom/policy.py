@@ -1,0 +1,256 @@
+"""The message policy (what Post SMTP calls its Message tab): envelope sender override, From
+override (always, or only when the message has none), forced To/Cc/Bcc recipients and added
+header fields, globally (``[policy]``) and per connection (``policy`` in a
+``[[connections]]`` entry).
+
+Applied by the worker to each delivery attempt, always from the message as it was stored:
+the stored message never changes, so a retry or a fallback to another connection computes
+its copy afresh and nothing can be added twice. (A fallback gets *its* connection's policy.)
+
+Merge rule (:func:`merge`), a connection's ``policy`` over the global one:
+
+- ``envelope_sender``, ``from``, ``from_mode``: the connection's value when it sets the key
+  (``""`` turns a global value off for that connection);
+- ``to``, ``cc``, ``bcc``: the global addresses, then the connection's (duplicates dropped);
+- ``headers``: both, the connection's value winning for the same name;
+- ``inherit = false`` in a connection's policy ignores the global one altogether.
+
+Added header fields replace any field of the same name in the message (a field such as
+Reply-To may appear only once). Forced To/Cc addresses are appended to the message's To/Cc
+field (or make one); forced Bcc addresses are only added to the envelope.
+
+Forced recipients and the log (:func:`record`, :func:`settle`): their results are part of
+the attempt's per-recipient results and are kept in the message's recipient status marked
+``"forced": "to"|"cc"|"bcc"``, but the message's status is decided by its own recipients
+only. A forced recipient rides along with the attempts the message needs anyway: once
+accepted (or refused for good) it is not sent again, a temporary failure is tried again only
+if the message is tried again for its own recipients, and when the message is finished a
+forced recipient still pending is marked failed ("not retried"). So a forced copy is
+neither duplicated nor the cause of a retry loop, and it never makes a delivered message
+look partial or failed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from postroom import headers as h
+from postroom.envelope import Envelope
+from postroom.exceptions import MessageError
+
+if TYPE_CHECKING:
+    from postroom.settings import ConnectionPolicy, PolicySettings, Settings
+    from postroom.transports.base import RecipientResult
+
+# Fields the policy may not add: addresses have their own keys, and the MIME structure,
+# Message-ID and Date belong to the message.
+_NOT_ADDABLE = {
+    "from": "use the policy's `from` key", "to": "use the policy's `to` key",
+    "cc": "use the policy's `cc` key", "bcc": "use the policy's `bcc` key (never a header)",
+    "content-type": "it is part of the MIME structure",
+    "content-transfer-encoding": "it is part of the MIME structure",
+    "mime-version": "it is part of the MIME structure",
+    "message-id": "every message has its own", "date": "every message has its own",
+}
+_ADDR = re.compile(rb"[^\s<>,;:\"()@]+@[^\s<>,;:\"()@]+")
+NOT_RETRIED = ("not retried: a recipient added by the message policy is sent along with the "
+               "message's own deliveries, and those are finished")
+
+
+# -- validation (called by the settings models) ------------------------------------------------
+def mailbox(value: str, what: str) -> h.Mailbox:
+    """One "Name <addr>" or "addr" from the configuration, validated; ValueError if not."""
+    from postroom.idn import check_address
+
+    try:
+        h.check_value(what, value)
+        parts = h.split_addresses(value)
+        if len(parts) != 1:
+            raise MessageError(f"{what}: give one address per entry, got {value!r}")
+        name, addr = h.parse_mailbox(parts[0])
+        check_address(addr, what)
+        h.mailbox_pieces(name, addr)  # a display name that cannot be encoded fails here
+    except MessageError as err:
+        raise ValueError(err.message) from None
+    return name, addr
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Policy header fields: valid names and one-line values, none we must not add."""
+    from postroom.message import extra_field
+
+    try:
+        for name, value in headers.items():
+            h.check_name(name)
+            h.check_value(f"header {name}", value)
+            why = _NOT_ADDABLE.get(name.lower())
+            if why:
+                raise MessageError(f"header {name} cannot be added by the policy: {why}")
+            extra_field(name, value)
+    except MessageError as err:
+        raise ValueError(err.message) from None
+
+
+# -- the merged, ready-to-apply policy ---------------------------------------------------------
+@dataclass(frozen=True)
+class Applied:
+    """One attempt's copy: the envelope to send and the forced recipients added to it."""
+
+    envelope: Envelope
+    forced: dict[str, str]  # address -> "to" | "cc" | "bcc"
+
+
+@dataclass(frozen=True)
+class MessagePolicy:
+    envelope_sender: str = ""
+    from_: str = ""
+    from_mode: str = "always"  # "always" | "if_missing"
+    to: tuple[str, ...] = ()
+    cc: tuple[str, ...] = ()
+    bcc: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    # Computed once: the header fields as bytes and the forced envelope recipients.
+    _fields: dict[bytes, bytes] = field(init=False, repr=False, compare=False)
+    _add: dict[bytes, list[h.Mailbox]] = field(init=False, repr=False, compare=False)
+    _forced: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from postroom.message import extra_field
+
+        fields: dict[bytes, bytes] = {}
+        if self.from_:
+            fields[b"from"] = h.address_field("From", [mailbox(self.from_, "from")]).encode()
+        for name, value in self.headers:
+            fields[name.lower().encode()] = extra_field(name, value).encode()
+        add = {b"to": [mailbox(a, "to") for a in self.to],
+               b"cc": [mailbox(a, "cc") for a in self.cc]}
+        forced: dict[str, str] = {}
+        for kind, addrs in (("to", self.to), ("cc", self.cc), ("bcc", self.bcc)):
+            for a in addrs:
+                forced.setdefault(mailbox(a, kind)[1], kind)
+        object.__setattr__(self, "_fields", fields)
+        object.__setattr__(self, "_add", {k: v for k, v in add.items() if v})
+        object.__setattr__(self, "_forced", tuple(forced.items()))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.envelope_sender or self._fields or self._forced)
+
+    def apply(self, env: Envelope,
+              status: Mapping[str, Mapping[str, Any]] | None = None) -> Applied:
+        """The copy of ``env`` (as stored) to send in this attempt. ``status`` is the
+        message's recipient status: forced recipients already accepted or refused for good,
+        and the message's own recipients, are not added again."""
+        known = {k.lower(): v for k, v in (status or {}).items()}
+        known.update({r.lower(): {"state": "own"} for r in env.recipients})
+        forced: dict[str, str] = {}
+        for addr, kind in self._forced:
+            st = known.get(addr.lower())
+            if st is None or (st.get("forced") and st.get("state") == "pending"):
+                forced[addr] = kind
+        raw = self._rewrite(env.raw) if (self._fields or self._add) else env.raw
+        out = replace(env, sender=self.envelope_sender or env.sender,
+                      recipients=[*env.recipients, *forced], raw=raw)
+        return Applied(out, forced)
+
+    def _rewrite(self, raw: bytes) -> bytes:
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:  # no body: the whole message is its header
+            head = raw if raw.endswith(b"\r\n") else raw + b"\r\n"
+            rest = b"\r\n"
+        else:
+            head, rest = raw[: end + 2], raw[end + 2 :]
+        fields = h.split_fields(head)
+        names = [f.split(b":", 1)[0].strip().lower() for f in fields]
+        replaced = set(self._fields)
+        if self.from_mode == "if_missing" and b"from" in names:
+            replaced.discard(b"from")
+        keep = [(n, f) for n, f in zip(names, fields, strict=True) if n not in replaced]
+        for kind, mailboxes in self._add.items():
+            at = next((i for i, (n, _) in enumerate(keep) if n == kind), None)
+            if at is None:
+                keep.append((kind, h.address_field(kind.decode().title(), mailboxes).encode()))
+                continue
+            present = {m.lower() for m in _ADDR.findall(keep[at][1])}
+            new = [m for m in mailboxes if m[1].lower().encode() not in present]
+            if new:
+                # the new mailboxes as a folded list, without "To:" in front
+                more = h.address_field("X", new).encode()[3:]
+                keep[at] = (kind, keep[at][1][:-2] + b",\r\n " + more)
+        out = [f for _, f in keep]
+        out.extend(v for k, v in self._fields.items() if k in replaced)
+        return b"".join(out) + rest
+
+
+def merge(glob: PolicySettings | None, conn: ConnectionPolicy | None) -> MessagePolicy:
+    """The policy for one connection: its own ``policy`` over the global one (module doc)."""
+    from postroom.settings import PolicySettings
+
+    base = glob if glob is not None and (conn is None or conn.inherit) else PolicySettings()
+    own = conn.model_fields_set if conn is not None else set()
+
+    def pick(key: str) -> Any:
+        return getattr(conn if conn is not None and key in own else base, key)
+
+    def union(key: str) -> tuple[str, ...]:
+        items = [*getattr(base, key), *(getattr(conn, key) if conn is not None else [])]
+        seen: dict[str, str] = {}
+        for item in items:
+            seen.setdefault(h.parse_mailbox(item)[1].lower(), item)
+        return tuple(seen.values())
+
+    hdrs = {k.lower(): (k, v) for k, v in base.headers.items()}
+    if conn is not None:
+        hdrs.update({k.lower(): (k, v) for k, v in conn.headers.items()})
+    return MessagePolicy(
+        envelope_sender=pick("envelope_sender"), from_=pick("from_"),
+        from_mode=pick("from_mode"), to=union("to"), cc=union("cc"), bcc=union("bcc"),
+        headers=tuple(hdrs.values()),
+    )
+
+
+def for_settings(settings: Settings) -> dict[str, MessagePolicy]:
+    """The merged policy of every connection that has one (others send messages as they are)."""
+    out: dict[str, MessagePolicy] = {}
+    for conn in settings.connections:
+        merged = merge(settings.policy, conn.policy)
+        if not merged.empty:
+            out[conn.name] = merged
+    return out
+
+
+# -- forced recipients in the log --------------------------------------------------------------
+def record(status: dict[str, dict[str, Any]], forced: Mapping[str, str],
+           results: Mapping[str, RecipientResult], attempt: dict[str, Any] | None = None) -> None:
+    """Keep this attempt's results for the forced recipients in the recipient status, and
+    mark them in the attempt row's recipients."""
+    rows = attempt.get("recipients") if attempt is not None else None
+    for addr, kind in forced.items():
+        res = results.get(addr)
+        if res is None:
+            continue
+        state = "sent" if res.ok else "failed" if res.permanent else "pending"
+        status[addr] = {"state": state, "code": res.code, "reply": res.reply[:500],
+                        "forced": kind}
+        if isinstance(rows, dict) and isinstance(rows.get(addr), dict):
+            rows[addr]["forced"] = kind
+
+
+def settle(status: dict[str, dict[str, Any]], final: bool) -> None:
+    """When the message is finished, a forced recipient still pending is given up: it is
+    only ever sent along with the message's own deliveries."""
+    if not final:
+        return
+    for entry in status.values():
+        if entry.get("forced") and entry.get("state") == "pending":
+            entry["state"] = "failed"
+            entry["reply"] = f"{NOT_RETRIED}; last reply: {entry.get('reply', '')}"[:500]
+
+
+def own_results(results: Mapping[str, RecipientResult],
+                forced: Sequence[str] | Mapping[str, str]) -> dict[str, RecipientResult]:
+    """The results of the message's own recipients (what decides its status)."""
+    return {r: res for r, res in results.items() if r not in forced}
