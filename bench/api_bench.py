@@ -80,6 +80,7 @@ BEGIN_MARK, END_MARK = "<!-- BEGIN api_bench.py -->", "<!-- END api_bench.py -->
 VARIANTS = {
     "postroom": "postroom Mailer.send (embedded, no server)",
     "postroom-serve": "postroom Mailer.send, serve delivering",
+    "postroom-direct": "reference: build() + commit in the calling thread (no Mailer)",
     "django-smtp": "Django SMTP backend, send_mail() (new connection each)",
     "django-smtp-reuse": "Django SMTP backend, one open connection",
     "post-office": "django-post-office mail.send()",
@@ -133,6 +134,30 @@ def run_postroom(work: Path, n: int) -> dict[str, Any]:
             con.execute("PRAGMA synchronous").fetchone()[0], "?")
     finally:
         con.close()
+    return result
+
+
+def run_postroom_direct(work: Path, n: int) -> dict[str, Any]:
+    """What Mailer.send() does, minus the hand-off to its event loop thread: composition and
+    a commit (same store settings) in the calling thread. The difference to the first row
+    is the cost of the sync facade (and of the group committer's loop)."""
+    from postroom import mailer, settings
+    from postroom.message import Draft, build
+    from postroom.runtime import Instance
+
+    inst = Instance(settings.load(work / "postroom.toml"))
+    mailer._checkpoint_less_often(inst.engine)
+
+    def send(i: int) -> None:
+        draft = Draft(from_=SENDER, to=[RCPT], subject=subject(i), text=BODY)
+        inst.queue.enqueue_sync(build(draft, source="python:bench"))
+
+    try:
+        result = timed(send, n)
+        result["stored"] = sum(inst.queue.counts().values())
+    finally:
+        inst.close()
+    result["sqlite"] = "WAL, synchronous=FULL"
     return result
 
 
@@ -190,6 +215,8 @@ def child(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     if args.run in ("postroom", "postroom-serve"):
         result = run_postroom(work, args.n)
+    elif args.run == "postroom-direct":
+        result = run_postroom_direct(work, args.n)
     elif args.run in ("django-smtp", "django-smtp-reuse"):
         result = run_django_smtp(args.port, args.n, reuse=args.run == "django-smtp-reuse")
     else:
@@ -232,7 +259,7 @@ def measure(variant: str, root: Path, n: int, sink: Sink, postfix_port: int,
     load0 = Path("/proc/loadavg").read_text().split()[:3]
     sink0 = sink.count()
     server: Proc | None = None
-    if variant == "postroom":
+    if variant in ("postroom", "postroom-direct"):
         postroom_config(work, None)
     elif variant == "postroom-serve":
         port = postroom_config(work, sink.port)

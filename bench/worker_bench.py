@@ -649,6 +649,26 @@ def write_block(text: str, out: Path) -> None:
     out.write_text(doc)
 
 
+def render_saved(files: list[Path], out: str) -> int:
+    runs: dict[str, dict[str, Any]] = {}
+    env: dict[str, Any] = {}
+    profs: list[dict[str, Any]] = []
+    dates = []
+    for f in files:
+        data = json.loads(f.read_text())
+        env = env or data["env"]
+        dates.append(f"{data['env']['date']} (load {data['env']['load']})")
+        runs.update({r["label"]: r for r in data["runs"]})
+        profs = data.get("profiles") or profs
+    env["date"] = "; ".join(dates)
+    env["load"] = "see the dates"
+    text = report(env, list(runs.values()), profs)
+    print(text)
+    if out != "-":
+        write_block(text, Path(out))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -665,8 +685,14 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--delivery", action="append", default=[], metavar="KEY=VALUE",
                     help="extra [delivery] setting for the workers, e.g. concurrency=50")
+    ap.add_argument("--from-json", nargs="+", metavar="RESULTS", default=None,
+                    help="only render the report from saved results.json files; a run in a "
+                    "later file replaces the run of the same label in an earlier one (re-run "
+                    "the rows a busy box spoiled)")
     args = ap.parse_args()
     DELIVERY_EXTRA.extend(args.delivery)
+    if args.from_json:
+        return render_saved([Path(f) for f in args.from_json], args.out)
     n = args.messages
     for tool in ("smtp-sink",):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():

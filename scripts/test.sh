@@ -115,6 +115,8 @@ if [ "${POSTROOM_INSTALL_PEERS:-1}" = 1 ]; then
     step install:clients 1900 bash "$RECIPES/clients.sh" install || die "installing the client packages failed"
     # postgres: the server binaries; the tests start a throw-away cluster (tests/pgserver.py)
     step install:postgres 1900 bash "$RECIPES/postgres.sh" install || die "installing postgresql failed"
+    # dns: dnsmasq + dig; the doctor/DKIM tests start their own dnsmasq through dns.sh
+    step install:dns 1900 bash "$RECIPES/dns.sh" install || die "installing the DNS server failed"
     # oauth: curl + $PEERS/venv with django-oauth-toolkit 3.4.1, oauthlib<4
     step install:oauth 1900 bash "$RECIPES/oauth.sh" install || die "installing the OAuth server failed"
     # browser: chromium (Debian) + playwright in $PEERS/venv (never `playwright install`)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from conftest import RECIPES_DIR, free_port
 
 USER = "testuser@example.test"

@@ -180,7 +180,7 @@ def test_invalid_config_is_a_clear_error(tmp_path: Path, case: str, command: str
 
 @pytest.mark.parametrize(("var", "expected"), [
     ("POSTROOM_SERVER__SMTP_LISTN", "server.smtp_listn: unknown key; did you mean 'smtp_listen'"),
-    ("POSTROOM_BOGUS", "POSTROOM_BOGUS is not understood"),
+    ("POSTROOM_BOGUS__KEY", "POSTROOM_BOGUS__KEY is not understood"),
     ("POSTROOM_SERVER__SMTP_LISTEN", "server.smtp_listen = 'nope'"),
 ])
 def test_invalid_environment_override_is_a_clear_error(tmp_path: Path, var: str,
@@ -191,6 +191,17 @@ def test_invalid_environment_override_is_a_clear_error(tmp_path: Path, var: str,
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert expected in " ".join(res.stderr.split())
+
+
+def test_other_postroom_variables_are_left_alone(tmp_path: Path) -> None:
+    """Only POSTROOM_<SECTION>__<KEY> overrides; POSTROOM_SMTP_PASSWORD may be the user's
+    own secret for password_env."""
+    from postroom.settings import load
+
+    cfg = tmp_path / "postroom.toml"
+    cfg.write_text('[server]\ndata_dir = "data"\n')
+    s = load(cfg, environ={"POSTROOM_SMTP_PASSWORD": "secret", "POSTROOM_SERVER__WORKER": "false"})
+    assert s.server.worker is False
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:

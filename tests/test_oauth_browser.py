@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TESTS_DIR
 from real_servers import raw_message
 from serve_proc import Postroom
 from sqlalchemy import select
 
-from conftest import TESTS_DIR
 from postroom import settings as settings_mod
 from postroom.queue.sql import Queue
 from postroom.runtime import Instance

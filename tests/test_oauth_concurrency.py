@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from oauth_helpers import USER, DotServer, oauth_connection
-from real_servers import envelopes, enqueue_many, start_workers, wait_statuses
+from real_servers import enqueue_many, envelopes, start_workers, wait_statuses
 
 from postroom import settings as settings_mod
 from postroom.oauth import flows
@@ -76,7 +76,7 @@ def test_four_workers_refresh_an_expired_token_once(
         workers = start_workers(tmp_path, 4, database=database, connections=conns,
                                 delivery=DELIVERY)
         before = dot.token_requests()
-        ids = enqueue_many(database, envelopes(MESSAGES, lambda i: USER, prefix="race"))
+        enqueue_many(database, envelopes(MESSAGES, lambda i: USER, prefix="race"))
         counts = wait_statuses(database, lambda c: c.get("sent", 0) >= MESSAGES, timeout=90)
         assert counts.get("sent", 0) == MESSAGES, counts
         assert dot.wait_logged(before + 1) == before + 1, "expected exactly one token request"

@@ -17,7 +17,7 @@ import asyncio
 import base64
 import json
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +84,22 @@ class Clock:
         return self.now
 
 
+_ENGINES: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines() -> Iterator[None]:
+    yield
+    while _ENGINES:
+        _ENGINES.pop().dispose()
+
+
 def setup(tmp_path: Path, conn: str, seam: Seam, clock: Clock) -> tuple[Any, TokenManager]:
     (tmp_path / "postroom.toml").write_text(
         f'[server]\ndata_dir = "data"\nhttp_listen = ""\n{conn}')
     settings = settings_mod.load(tmp_path / "postroom.toml")
     engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    _ENGINES.append(engine)
     migrate(engine)
     tm = TokenManager(settings, engine, Fernet.generate_key(), clock=clock,
                       transport=httpx.MockTransport(seam.handler))
@@ -143,7 +154,7 @@ def test_graph_sends_mime_as_a_shared_mailbox_with_an_app_only_token(tmp_path: P
     form = seam.token_requests[0]
     assert form["grant_type"] == "client_credentials" and form["client_secret"] == "s3cret"
     assert form["scope"] == "https://graph.microsoft.com/.default"
-    req = [r for r in seam.seen if r.url.host == "graph.microsoft.com"][0]
+    req = next(r for r in seam.seen if r.url.host == "graph.microsoft.com")
     assert str(req.url) == "https://graph.microsoft.com/v1.0/users/shared@contoso.com/sendMail"
     assert req.headers["content-type"] == "text/plain"
     assert req.headers["authorization"] == "Bearer access-1"
@@ -260,7 +271,7 @@ def test_gmail_sends_raw_base64url_with_a_service_account_jwt(tmp_path: Path) ->
     result = send(transport(gmail, settings, tm, seam), env)
     assert result.recipients["bob@example.org"].code == 250
     assert "id 18c2f0" in result.reply_text
-    req = [r for r in seam.seen if r.url.host == "gmail.googleapis.com"][0]
+    req = next(r for r in seam.seen if r.url.host == "gmail.googleapis.com")
     assert str(req.url) == ("https://gmail.googleapis.com/gmail/v1/users/alice@corp.example/"
                             "messages/send")
     body = json.loads(req.content)
@@ -288,7 +299,7 @@ def test_gmail_large_message_goes_through_the_upload_endpoint(tmp_path: Path) ->
     seam.api = [httpx.Response(200, json={"id": "big1", "threadId": "big1"})]
     env = Envelope("alice@corp.example", ["bob@example.org"], message(size=5000))
     send(transport(gmail, settings, tm, seam), env)
-    req = [r for r in seam.seen if r.url.host == "gmail.googleapis.com"][0]
+    req = next(r for r in seam.seen if r.url.host == "gmail.googleapis.com")
     assert req.url.path == "/upload/gmail/v1/users/me/messages/send"
     assert req.url.params["uploadType"] == "media"
     assert req.headers["content-type"] == "message/rfc822" and req.content == env.raw

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,12 +66,23 @@ class Clock:
         return self.now
 
 
+_ENGINES: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines() -> Iterator[None]:
+    yield
+    while _ENGINES:
+        _ENGINES.pop().dispose()
+
+
 def manager(tmp_path: Path, conns: str, endpoint: Endpoint, clock: Clock,
             extra: str = "") -> TokenManager:
     (tmp_path / "postroom.toml").write_text(
         f'[server]\ndata_dir = "data"\nhttp_listen = "127.0.0.1:8025"\n{extra}\n{conns}')
     settings = settings_mod.load(tmp_path / "postroom.toml")
     engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    _ENGINES.append(engine)
     migrate(engine)
     return TokenManager(settings, engine, Fernet.generate_key(), clock=clock,
                         transport=httpx.MockTransport(endpoint))
@@ -302,6 +314,7 @@ def test_client_credentials_from_the_local_server(peers: Any, tmp_path: Path) ->
     (tmp_path / "postroom.toml").write_text(f'[server]\ndata_dir = "data"\n{conn}')
     settings = settings_mod.load(tmp_path / "postroom.toml")
     engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    _ENGINES.append(engine)
     migrate(engine)
     tm = TokenManager(settings, engine, Fernet.generate_key())
     first = tm.token("app")
@@ -334,3 +347,16 @@ def test_periodic_check_runs_until_stopped(tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert [r.state for r in seen[0]] == ["ok"]
+
+
+def test_a_token_refused_right_after_a_refresh_is_not_refreshed_again(tmp_path: Path) -> None:
+    ep, clock = Endpoint(), Clock()
+    tm = manager(tmp_path, MS_SMTP, ep, clock)
+    grant(tm, "m")
+    assert tm.token("m", refresh=True) == "at-1"  # refused after sign-in: refreshed once
+    clock.now += 5
+    with pytest.raises(GrantError) as info:  # refused again, 5 s after that refresh
+        tm.token("m", refresh=True)
+    assert info.value.code == "oauth.token_refused" and len(ep.forms) == 1
+    clock.now += 60  # later a refusal is answered with a refresh again
+    assert tm.token("m", refresh=True) == "at-2" and len(ep.forms) == 2

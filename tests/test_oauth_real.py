@@ -200,7 +200,8 @@ def test_token_refused_before_expiry_is_refreshed_once_on_535(
     # An access token the mail server refuses although it has not expired (revoked by the
     # provider alone): stored in place of the real one, as a new generation.
     world.tm.store.update("dot", access_token=f"revoked-{uuid.uuid4().hex}",
-                          generation=g.generation + 1, issued_at=time.time() - 60)
+                          generation=g.generation + 1, issued_at=time.time() - 60,
+                          expires_at=time.time() + 3600)
     requests = world.dot.token_requests()
     msg_id = world.send("app@app.test", unique_subject)
     m = world.wait_status(msg_id, {"sent", "deferred"})

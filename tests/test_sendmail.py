@@ -565,3 +565,23 @@ def test_store_not_writable_keeps_message(shared: Path) -> None:
     [kept] = mailbox.mbox(str(home / "dead.letter"))
     assert kept["Subject"] == subject and kept.get_payload() == "kept too\n"
     assert [r["subject"] for r in _rows(_db(shared))] == [first]
+
+
+def test_dead_letter_setting_and_planted_symlink(tmp_path: Path) -> None:
+    """[sendmail] dead_letter is used first; a symlink planted there is never followed (the
+    next place, ~/dead.letter, takes the message)."""
+    target = tmp_path / "victim"
+    target.write_text("")
+    (tmp_path / "planted").symlink_to(target)
+    config = tmp_path / "postroom.toml"
+    config.write_text('[server]\ndata_dir = "data"\n[sendmail]\ndead_letter = "planted"\n')
+    home = tmp_path / "home"
+    home.mkdir()
+    r = _sendmail(config, "-t", input=b"Subject: nobody\n\nbody\n", env={"HOME": str(home)})
+    assert r.returncode == 64, r.stderr
+    assert target.read_text() == ""
+    assert f"kept in {home / 'dead.letter'}" in r.stderr
+    (tmp_path / "planted").unlink()
+    r = _sendmail(config, "-t", input=b"Subject: nobody\n\nbody\n", env={"HOME": str(home)})
+    assert f"kept in {tmp_path / 'planted'}" in r.stderr
+    assert len(mailbox.mbox(str(tmp_path / "planted"))) == 1

@@ -18,6 +18,7 @@ import typer
 
 from postroom import settings as settings_mod
 from postroom.commands import connections as _connections_commands
+from postroom.commands import diagnose as _diagnose_commands
 from postroom.commands import oauth as _oauth_commands
 from postroom.commands import queue as _queue_commands
 from postroom.exceptions import ConfigError, MessageError, PostroomError
@@ -497,6 +498,9 @@ def conn_set_password(
         _fail(MessageError("empty password; nothing stored", code="cli.password"))
     _guard(lambda: inst.secrets.set(f"connection:{name}:password", secret))
     _console().print(f"password for {name} stored encrypted")
+
+
+_diagnose_commands.register(app)  # wizard, doctor, dkim
 
 
 def main() -> None:

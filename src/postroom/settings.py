@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from postroom.dkim import DkimSettings
 from postroom.exceptions import ConfigError
 from postroom.oauth.config import OAuthSettings
 from postroom.routing.rules import Route
@@ -272,6 +273,7 @@ class ConnectionBase(BaseModel):
     max_sessions: int | None = Field(default=None, ge=1)  # parallel sessions, all workers
     policy: ConnectionPolicy | None = None  # message policy over the global [policy]
     oauth: OAuthSettings | None = None  # OAuth 2.0 provider and client (postroom.oauth)
+    dkim: DkimSettings | None = None  # sign what this connection sends (postroom.dkim)
 
     @field_validator("rate_limit", mode="before")
     @classmethod
@@ -357,7 +359,9 @@ def _env_value(raw: str) -> Any:
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_KEYS:
+        # Only POSTROOM_<SECTION>__<KEY> is an override: other POSTROOM_* names may hold the
+        # user's own secrets (password_env = "POSTROOM_SMTP_PASSWORD").
+        if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_KEYS or "__" not in key:
             continue
         parts = key[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) != 2 or parts[0] not in SECTIONS:

@@ -49,6 +49,10 @@ def login(
         return
     if cfg.grant != "user":
         guard(lambda: flows.start(tm, name))  # explains that nobody signs in
+    if inst.settings.http_listen is None and not inst.settings.oauth.public_url:
+        con.print("[yellow]warning[/]: server.http_listen is off, so no Postroom here receives "
+                  "the provider's callback; turn it on (or set [oauth] public_url to a node "
+                  "that has it), or use --device", soft_wrap=True)
     link = f"{tm.start_link(name)}?ticket={ticket(tm.key, name)}"
     redirect = tm.redirect_uri(name)
     con.print(f"1. Register this redirect URI for the app at {escape(ep.provider.title)} "

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import socket
 import ssl
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -430,10 +431,12 @@ async def probe(
     https: bool = True,
     endpoints: Sequence[https_mod.Endpoint] = https_mod.ENDPOINTS,
     environ: Mapping[str, str] | None = None,
+    addresses: Sequence[str] | None = None,
 ) -> ProbeReport:
     """Probe ``host`` on ``ports`` (and the providers' HTTPS endpoints) in parallel; returns by
     ``timeout`` seconds. Raises ConfigError for bad arguments only: every network outcome is
-    part of the report."""
+    part of the report. ``addresses``: the host's IPs when the caller resolved it already
+    (the wizard, with the DNS server it was given); the system resolver is then not asked."""
     host = host.strip()
     _check_args(host, ports, timeout, banner_wait)
     loop = asyncio.get_running_loop()
@@ -451,7 +454,7 @@ async def probe(
     report = ProbeReport(host=host, timeout=timeout, ports=results)
     try:
         async with asyncio.timeout_at(deadline):
-            p.addresses = await net.resolve(p.host, 0)
+            p.addresses = _given(addresses) if addresses else await net.resolve(p.host, 0)
     except TimeoutError:
         report.dns_error = f"the resolver did not answer for {p.host} within {timeout:g} s"
     except OSError as err:
@@ -470,6 +473,11 @@ async def probe(
     report.summary = overall(report)
     report.elapsed_ms = (time.monotonic() - t0) * 1000
     return report
+
+
+def _given(addresses: Sequence[str]) -> list[net.Address]:
+    return [net.Address(int(socket.AF_INET6 if ":" in a else socket.AF_INET), a)
+            for a in addresses]
 
 
 def probe_sync(host: str, ports: Sequence[int] = DEFAULT_PORTS, **kw: Any) -> ProbeReport:

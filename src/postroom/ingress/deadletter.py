@@ -8,8 +8,8 @@ such as www-data, whose home (/var/www) they usually cannot write; /var/tmp surv
 reboot, unlike /tmp (FHS 3.0, 5.15), and the name carries the uid so users never share one.
 
 Files are created 0600, never followed through a symlink (O_NOFOLLOW), must belong to the
-user, are appended under an exclusive flock and fsync'ed; a failed write is cut back so
-that no half entry stays behind.
+user and have a single link, are appended under an exclusive flock and fsync'ed; a failed
+write is cut back so that no half entry stays behind.
 """
 
 from __future__ import annotations
@@ -65,8 +65,11 @@ def _append(path: Path, data: bytes) -> None:
     fd = os.open(path, flags, 0o600)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise PermissionError(errno.EPERM, "not a regular file of this user", str(path))
+        # In a shared folder (/var/tmp) another user may have planted the name: only a
+        # regular file of ours, with no other hard link to it, is appended to.
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            raise PermissionError(errno.EPERM, "not a regular file of this user with one "
+                                  "link", str(path))
         fcntl.flock(fd, fcntl.LOCK_EX)
         start = os.fstat(fd).st_size
         try:

@@ -471,7 +471,9 @@ class _Command:
 
         configured = None
         if settings is not None and settings.sendmail.dead_letter is not None:
-            configured = settings.resolve(settings.sendmail.dead_letter)
+            # Relative to the configuration, but not Path.resolve(): that would follow a
+            # symlink planted in its place, which the append refuses to do.
+            configured = settings.base_dir / settings.sendmail.dead_letter
         entry = deadletter.mbox_entry(raw, sender=sender, recipients=recipients,
                                       reason=_describe(err))
         try:

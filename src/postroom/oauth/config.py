@@ -72,10 +72,9 @@ class OAuthSettings(BaseModel):
                                  "JSON key of the Google service account)")
         elif not self.client_id:
             raise ValueError("client_id is required (from the provider's app registration)")
-        if self.grant == "client_credentials":
-            if not given:
-                raise ValueError('grant = "client_credentials" needs a client secret '
-                                 "(client_secret_env or client_secret_file)")
+        if self.grant == "client_credentials" and not given:
+            raise ValueError('grant = "client_credentials" needs a client secret '
+                             "(client_secret_env or client_secret_file)")
         return self
 
     def secret(self) -> str | None:

@@ -107,10 +107,6 @@ CAUSES: dict[str, Cause] = {
         "the provider's token endpoint could not be reached or failed ({detail})",
         "nothing to change if it is passing: Postroom retries; check this machine's network "
         "and proxy (HTTPS_PROXY) if it persists"),
-    "state_unknown": Cause(
-        "oauth.state_unknown",
-        "this sign-in link was already used, is older than 15 minutes, or was started by "
-        "another Postroom database", "start again: open {link}"),
 }
 
 # Microsoft's error numbers (error_description "AADSTS65001: ..."), from the Entra ID

@@ -65,8 +65,11 @@ def finish(tm: TokenManager, params: dict[str, str]) -> Finished:
     pending = tm.store.take_pending(state, tm.clock()) if state else None
     if pending is None:
         names = [c.name for c in tm.connections()]
-        link = tm.start_link(names[0]) if len(names) == 1 else f"{tm.public_url}/oauth/start/NAME"
-        raise errors.failure("state_unknown", "?", link=link)
+        how = (tm.start_link(names[0]) if len(names) == 1 else
+               f"{tm.public_url}/oauth/start/NAME, or run `postroom oauth login NAME`")
+        raise GrantError(
+            "this sign-in link was already used, is older than 15 minutes, or was started by "
+            f"another Postroom database: start again at {how}", code="oauth.state_unknown")
     name = pending.connection
     ctx = tm.context(name)
     fill = {"link": ctx.link, "console": ctx.console, "redirect_uri": pending.redirect_uri,

@@ -53,7 +53,7 @@ MARGIN_SHARE = 0.1  # ...and at most this share of the token's lifetime before i
 DEAD_RETRY = 300.0  # a dead grant is tried again at most this often (in case it recovered)
 USED_EVERY = 3600.0  # last_used_at is written at most this often per process and connection
 LOCK_TIMEOUT = 60.0  # waiting for another process's refresh (which is bounded by its timeout)
-FRESH_REFUSED = 30.0  # a token refused this soon after it was issued is not refreshed again
+FRESH_REFUSED = 30.0  # a token refused this soon after a refresh is not refreshed again
 
 
 def margin(lifetime: float) -> float:
@@ -214,15 +214,16 @@ class TokenManager:
                     # Someone (another thread, worker or node) refreshed it meanwhile.
                     self._cache[name] = fresh
                     return fresh.token
-                if refused and now - (grant.issued_at or 0) < FRESH_REFUSED:
-                    # A token issued moments ago is not refused for its age: the account,
+                since = now - (grant.last_refresh_at or -1e18)
+                if refused and since < FRESH_REFUSED:
+                    # A token refreshed moments ago is not refused for its age: the account,
                     # the scope or the server is the problem. Another refresh would not
-                    # help, and at a provider that rotates it would revoke the token
-                    # every other worker is using.
+                    # help, and at a provider that revokes the old token on refresh it would
+                    # cut off every other worker. (A token from a sign-in is refreshed: a
+                    # refusal right after it may well be a grant withdrawn since.)
                     raise GrantError(
-                        f"connection {name}: the server refused an access token issued "
-                        f"{now - (grant.issued_at or 0):.0f} s ago; not refreshing it again",
-                        code="oauth.token_refused")
+                        f"connection {name}: the server refused an access token refreshed "
+                        f"{since:.0f} s ago; not refreshing it again", code="oauth.token_refused")
             result = self._renew(name, grant)
             self._touch(name)
             return result
@@ -332,8 +333,8 @@ class TokenManager:
                           grant_type="client_credentials" if cfg.grant == "client_credentials"
                           else "service_account",
                           scopes=values.pop("scopes", self.endpoints(name).scopes),
-                          granted_at=now, account=_account_of(conn), generation=1,
-                          last_refresh_at=now, **values)
+                          granted_at=now, account=values.pop("account", None)
+                          or _account_of(conn), generation=1, last_refresh_at=now, **values)
             self.store.put(grant)
         else:
             was_dead = grant.state == "dead"

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from postroom import dkim
 from postroom import policy as message_policy
 from postroom.envelope import Envelope, header_values
 from postroom.exceptions import ConfigError, DeliveryError, PostroomError
@@ -371,6 +372,7 @@ class Worker:
             if policy is not None:  # from the stored message each time: nothing added twice
                 applied = policy.apply(env, msg.rcpt_status)
                 env, forced = applied.envelope, applied.forced
+            env = await dkim.sign_envelope(env, transport)  # these exact bytes, this attempt
             result = await transport.send(env)
             results = result.recipients
         except DeliveryError as e:

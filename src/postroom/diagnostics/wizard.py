@@ -1,0 +1,233 @@
+"""`postroom wizard`: from an address to a working connection.
+
+:func:`plan` finds the candidate servers (postroom.diagnostics.discover), probes every one
+of them in parallel under one deadline (postroom.diagnostics.probe: TCP, greeting, TLS,
+certificate, AUTH; no credentials sent), ranks them and says why the first one won:
+
+1. it works at all (a usable verdict);
+2. its certificate is trusted and names the host (else TLS works but is not verified);
+3. it offers AUTH (with the mechanism the chosen login needs: XOAUTH2 for OAuth);
+4. the source that named it can be trusted (the built-in table, SRV, HTTPS autoconfig
+   before the MX mapping, plain-HTTP autoconfig and guesses);
+5. implicit TLS before STARTTLS (RFC 8314 3.3), then the faster answer.
+
+The plan holds the ``[[connections]]`` keys to write; the command (postroom.commands.wizard)
+does the talking: asks for what is missing, checks the login, stores the password
+encrypted, writes the entry and sends a test message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postroom.diagnostics import discover as disc
+from postroom.diagnostics import providers
+from postroom.diagnostics.dns import Resolver
+from postroom.diagnostics.probe import probe
+from postroom.diagnostics.report import PortResult, Verdict
+
+_VERDICT_RANK = {Verdict.OK: 0, Verdict.CERTIFICATE: 1, Verdict.NO_TLS: 2}
+_SECURITY_RANK = {"smtps": 0, "starttls": 1, "none": 2}
+OAUTH_MECHS = ("XOAUTH2", "OAUTHBEARER")
+
+
+@dataclass
+class Option:
+    candidate: disc.Candidate
+    result: PortResult | None
+    addresses: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return self.result is not None and self.result.usable
+
+    @property
+    def security(self) -> str:
+        """How the port really speaks (the probe's finding over the source's claim)."""
+        if self.result is not None and self.result.security:
+            return self.result.security
+        return self.candidate.security
+
+    @property
+    def auth(self) -> list[str]:
+        return self.result.auth if self.result is not None else []
+
+    @property
+    def label(self) -> str:
+        words = {"smtps": "implicit TLS", "starttls": "STARTTLS", "none": "no TLS"}
+        return f"{self.candidate.host}:{self.candidate.port} {words.get(self.security, '?')}"
+
+    def rank(self, oauth: bool) -> tuple[int, ...]:
+        r = self.result
+        verdict = _VERDICT_RANK.get(r.verdict, 9) if r is not None else 9
+        if oauth:
+            auth = 0 if any(m in self.auth for m in OAUTH_MECHS) else 1 if self.auth else 2
+        else:
+            auth = 0 if self.auth else 1
+        return (0 if self.usable else 1, verdict, auth, self.candidate.trust,
+                _SECURITY_RANK.get(self.security, 3), int((r.elapsed_ms or 0) if r else 0))
+
+    def why(self) -> str:
+        """One line: what the probe found."""
+        r = self.result
+        if r is None:
+            return "not probed"
+        return r.summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.candidate.to_dict(), "security": self.security, "usable": self.usable,
+                "addresses": self.addresses, "auth": self.auth,
+                "verdict": str(self.result.verdict) if self.result else None,
+                "summary": self.why(),
+                "probe": self.result.to_dict() if self.result else None}
+
+
+@dataclass
+class Plan:
+    discovery: disc.Discovery
+    options: list[Option]
+    chosen: Option | None
+    provider: providers.Provider | None
+    explanation: list[str]
+    oauth_possible: bool
+    connection: dict[str, Any] = field(default_factory=dict)  # [[connections]] keys
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def needs_password(self) -> bool:
+        return bool(self.chosen and self.chosen.auth)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"discovery": self.discovery.to_dict(),
+                "provider": ({"id": self.provider.id, "title": self.provider.title,
+                              "oauth": self.provider.oauth, "password": self.provider.password,
+                              "note": self.provider.note, "docs": self.provider.docs}
+                             if self.provider else None),
+                "options": [o.to_dict() for o in self.options],
+                "chosen": self.chosen.to_dict() if self.chosen else None,
+                "explanation": self.explanation, "oauth_possible": self.oauth_possible,
+                "connection": self.connection, "notes": self.notes}
+
+
+def default_name(address: str, provider: providers.Provider | None) -> str:
+    if provider is not None:
+        return provider.id
+    domain = address.rpartition("@")[2]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", domain.split(".")[0])[:64] or "primary"
+
+
+def _system_resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+async def _probe_all(d: disc.Discovery, resolver: Resolver, timeout: float,
+                     ca_file: Path | None) -> list[Option]:
+    by_host: dict[str, list[disc.Candidate]] = defaultdict(list)
+    for c in d.candidates:
+        by_host[c.host].append(c)
+
+    async def one(host: str, cands: list[disc.Candidate]) -> list[Option]:
+        addrs = await asyncio.to_thread(resolver.addresses, host)
+        ports = [c.port for c in cands]
+        implicit = {c.port for c in cands if c.security == "smtps"}
+        report = await probe(host, ports, timeout=timeout, ca_file=ca_file,
+                             implicit_tls_ports=implicit, https=False,
+                             addresses=addrs or None)
+        results = {r.port: r for r in report.ports}
+        return [Option(c, results.get(c.port), addrs or report.addresses) for c in cands]
+
+    groups = await asyncio.gather(*(one(h, cs) for h, cs in by_host.items()))
+    return [o for g in groups for o in g]
+
+
+def plan(address: str, resolver: Resolver, *, timeout: float = 15.0,
+         ca_file: Path | None = None, oauth: bool | None = None, http: bool = True) -> Plan:
+    """Discover, probe, rank; ``oauth`` True/False forces the login kind, None lets the
+    provider decide (OAuth where it is the only way)."""
+    d = disc.discover(address, resolver, timeout=min(timeout, 10.0), ca_file=ca_file, http=http)
+    options = asyncio.run(_probe_all(d, resolver, timeout, ca_file))
+    prov = d.provider
+    oauth_possible = bool((prov and prov.oauth) or d.oauth)
+    want_oauth = bool(oauth) and oauth_possible
+    options.sort(key=lambda o: o.rank(want_oauth))
+    chosen = options[0] if options and options[0].usable else None
+    if chosen is not None and chosen.candidate.provider is not None:
+        prov = prov or chosen.candidate.provider
+    p = Plan(d, options, chosen, prov, [], oauth_possible)
+    p.explanation = _explain(p)
+    if chosen is not None:
+        p.connection = _connection(p, address, ca_file, want_oauth)
+    return p
+
+
+def _explain(p: Plan) -> list[str]:
+    lines: list[str] = []
+    c = p.chosen
+    if c is None:
+        lines.append("no candidate server is usable from here:")
+        lines += [f"  {o.label}: {o.why()}" for o in p.options]
+        return lines
+    r = c.result
+    assert r is not None
+    found = "; ".join(dict.fromkeys(c.candidate.sources))
+    lines.append(f"use {c.label} (found by {found})")
+    if r.verdict is Verdict.OK and r.tls is not None:
+        lines.append(f"  certificate trusted and valid for {r.tls.name or c.candidate.host}")
+    elif r.verdict is Verdict.CERTIFICATE and r.tls is not None:
+        lines.append(f"  TLS works, but the certificate is {'; '.join(r.tls.problems)}")
+    elif r.verdict is Verdict.NO_TLS:
+        lines.append("  no encryption offered: the password would cross the network readable")
+    lines.append(f"  AUTH {' '.join(c.auth)} offered" if c.auth else
+                 "  no AUTH offered: the server must accept this machine without a login")
+    if c.candidate.trust >= disc.AUTOCONFIG_HTTP:
+        lines.append("  named by an unauthenticated source (plain HTTP or a guess): check that "
+                     "this host is really your provider's")
+    for note in r.notes:
+        lines.append(f"  note: {note}")
+    others = [o for o in p.options if o is not c]
+    if others:
+        lines.append("not chosen:")
+        for o in others:
+            lines.append(f"  {o.label}: {o.why()}")
+    return lines
+
+
+def _connection(p: Plan, address: str, ca_file: Path | None, oauth: bool) -> dict[str, Any]:
+    c = p.chosen
+    assert c is not None and c.result is not None
+    host = c.candidate.host
+    conn: dict[str, Any] = {"transport": "smtp", "host": host, "port": c.candidate.port,
+                            "security": c.security}
+    tls = c.result.tls
+    if tls is not None and tls.name_matches is False and tls.certificate is not None:
+        names = tls.certificate.dns_names or tls.certificate.common_names
+        if names and not names[0].startswith("*"):
+            conn["tls_server_name"] = names[0]
+    if not _system_resolves(host) and c.addresses:
+        # Found through the DNS server the wizard was given, which this machine's own
+        # resolver (the one delivery uses) does not ask: connect by address, and still
+        # check the certificate against the name.
+        conn["host"] = c.addresses[0]
+        conn.setdefault("tls_server_name", host)
+        p.notes.append(f"{host} resolves only through the DNS server given, not through this "
+                       f"machine's resolver: saved as its address {c.addresses[0]} with "
+                       f"tls_server_name = \"{host}\"")
+    if ca_file is not None and c.security != "none":
+        conn["ca_file"] = str(ca_file.resolve())
+    if c.auth:
+        login = c.candidate.username or (p.provider.login(address) if p.provider else address)
+        conn["username"] = login
+        if oauth:
+            conn["auth"] = "oauthbearer" if "XOAUTH2" not in c.auth and \
+                "OAUTHBEARER" in c.auth else "xoauth2"
+    return conn
