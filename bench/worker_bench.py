@@ -599,6 +599,18 @@ def report(env: dict[str, Any], recs: list[dict[str, Any]],
               f"**{'met' if one >= TARGET_ONE else 'missed'}** ({one:,.0f} msg/s on "
               f"PostgreSQL); 2 workers ≥ {TARGET_TWO}× one: "
               f"**{'met' if two / one >= TARGET_TWO else 'missed'}** ({two / one:.2f}×)."]
+    for r in recs:
+        if key(r)[:2] == ("postroom", "postgresql") and r["procs"] == 1 \
+                and not r.get("fallback"):
+            how = ("default [delivery]" if not r.get("tuning") else
+                   ", ".join(t.replace("=", " ") for t in r["tuning"]))
+            L += ["", f"CPU bounds, 1 worker on PostgreSQL, {how}: a worker process uses at "
+                  f"most one core, so at {us(r, 'cpu'):,.0f} µs/msg it cannot pass "
+                  f"{1e6 / us(r, 'cpu'):,.0f} msg/s (measured {rate(r):,.0f}: "
+                  f"{rate(r) * us(r, 'cpu') / 1e6:.2f} core busy, the rest waiting); the box "
+                  f"(2 cores; everything on it, other sessions' work included) at "
+                  f"{us(r, 'box_cpu'):,.0f} µs/msg cannot pass "
+                  f"{2e6 / us(r, 'box_cpu'):,.0f} msg/s."]
     if fb and pg1 is not None:
         L += ["", "Fallback path (primary down: a closed port first in the chain, 1 worker, "
               "PostgreSQL): extra CPU per message over the plain run, worker + database: "
@@ -657,11 +669,13 @@ def render_saved(files: list[Path], out: str) -> int:
     for f in files:
         data = json.loads(f.read_text())
         env = env or data["env"]
-        dates.append(f"{data['env']['date']} (load {data['env']['load']})")
+        e = data["env"]
+        dates.append(f"{e['date']} (source {e['src']}, load average {e['load']})")
         runs.update({r["label"]: r for r in data["runs"]})
         profs = data.get("profiles") or profs
-    env["date"] = "; ".join(dates)
-    env["load"] = "see the dates"
+    env["date"] = "; ".join(dates) + ", merged"
+    env["src"] = "per run above"
+    env["load"] = "per run above"
     text = report(env, list(runs.values()), profs)
     print(text)
     if out != "-":

@@ -83,7 +83,7 @@ class ServerSettings(_Section):
 
 
 class DeliverySettings(_Section):
-    concurrency: int = Field(default=10, ge=1, le=1000)
+    concurrency: int = Field(default=40, ge=1, le=1000)
     lease_seconds: float = Field(default=600, gt=0)
     min_backoff: float = Field(default=300, gt=0)  # Postfix minimal_backoff_time
     max_backoff: float = Field(default=4000, gt=0)  # Postfix maximal_backoff_time

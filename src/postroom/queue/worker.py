@@ -254,6 +254,9 @@ class Worker:
             attempts=rows,
         ):
             log.warning("message %s: lease lost before the result was recorded", msg.id)
+        # Health and event writes went out in the background; they usually shared the
+        # finish's commit. Wait for them so that nothing is left behind at shutdown.
+        await self.health.flush()
         self.delivered += 1
         # One line per run, like Postfix's maillog: enough to follow mail without the UI.
         via = ">".join(a["connection"] for a in attempts) or "-"
@@ -297,6 +300,7 @@ class Worker:
             return
         blocked: list[str] = []
         wait_until: float | None = None
+        first = len(attempts)  # this leg's attempts start here
         for hop, name in enumerate(leg.chain):
             transport = self.transports.get(name)
             st = self.health.state(name)
@@ -324,11 +328,14 @@ class Worker:
             if err is None:
                 out.results.update(attempt.pop("_results"))
                 await self.health.succeeded(name)
-                if hop > 0 or blocked:
-                    skipped = [a["connection"] for a in attempts[:-1]] + blocked
+                failed_hops = [a["connection"] for a in attempts[first:-1]
+                               if a["outcome"] == "fallback"]
+                if failed_hops or (blocked and self.health.skipped_once(
+                        [b.split(" ", 1)[0] for b in blocked])):
                     await self.health.event(
                         "fallback_used", message_id=msg.id, connection=name,
-                        detail=f"delivered via {name} after: {'; '.join(skipped)}")
+                        detail=f"delivered via {name} after: "
+                        f"{'; '.join(failed_hops + blocked)}")
                 return
             attempt.pop("_results")
             verdict = after_failure(err)
