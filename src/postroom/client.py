@@ -69,7 +69,13 @@ def _send_at(value: SendAt) -> str | float | None:
 
 
 def _idem(key: str | None) -> dict[str, str]:
-    return {"Idempotency-Key": key} if key is not None else {}
+    if key is None:
+        return {}
+    if not key.isascii() or not key.isprintable() or not 1 <= len(key) <= 255:
+        # An HTTP header value: httpx would fail with a bare UnicodeEncodeError.
+        raise MessageError(f"idempotency key {key!r} must be 1-255 printable ASCII characters",
+                           code="request.idempotency_key")
+    return {"Idempotency-Key": key}
 
 
 def _send(payload: Mapping[str, Any], key: str | None) -> _Call:
