@@ -41,8 +41,15 @@ def _chores(inst: Instance) -> list[asyncio.Task[None]]:
     (it checks in the database whether it is due and takes a lock while it runs)."""
     from postroom.queue.retention import retention_loop
 
-    return [asyncio.create_task(retention_loop(inst.queue, inst.settings),
-                                name="postroom-retention")]
+    chores = [asyncio.create_task(retention_loop(inst.queue, inst.settings),
+                                  name="postroom-retention")]
+    if any(c.oauth is not None for c in inst.settings.connections):
+        from postroom.oauth.checks import periodic
+
+        # Stopped by cancellation with the other chores; the event is never set.
+        chores.append(asyncio.create_task(periodic(inst.oauth, asyncio.Event()),
+                                          name="postroom-oauth-checks"))
+    return chores
 
 
 async def _stop_chores(chores: list[asyncio.Task[None]]) -> None:
