@@ -209,6 +209,12 @@ def test_wrong_password_writes_nothing(tmp_path: Path, peers: Any) -> None:
     assert "--password-env VAR or --password-stdin" in nopw.stderr
 
 
+def _echoing(fd: int) -> bool:
+    import termios
+
+    return bool(termios.tcgetattr(fd)[3] & termios.ECHO)
+
+
 def _pty_run(argv: list[str], env: dict[str, str], answers: list[tuple[bytes, bytes]],
              timeout: float = 60.0) -> tuple[int, str]:
     """Run argv on a pseudo-terminal, answering each prompt (a byte string to wait for) in
@@ -235,6 +241,11 @@ def _pty_run(argv: list[str], env: dict[str, str], answers: list[tuple[bytes, by
                     break
                 out += chunk
             if pending and pending[0][0] in out:
+                # A hidden prompt (getpass) turns echo off with TCSAFLUSH, which throws away
+                # input typed before: answer only once the terminal stopped echoing, or
+                # the answer is lost (and shown) under load.
+                if b"password" in pending[0][0] and _echoing(fd):
+                    continue
                 os.write(fd, pending.pop(0)[1])
                 out += b"\n<answered>\n"
         else:

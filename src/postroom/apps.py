@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import string
 import threading
 import time
 from typing import Any
@@ -51,7 +52,9 @@ class Apps:
     def add(self, name: str) -> str:
         """Create an app; returns its secret (the only time it is visible)."""
         _check_name(name)
-        secret = secrets.token_urlsafe(24)
+        # A letter first: a secret starting with "-" would be read as an option by the
+        # command-line tools people paste it into (swaks, msmtp, curl).
+        secret = secrets.choice(string.ascii_letters) + secrets.token_urlsafe(24)
         try:
             with write_transaction(self.engine) as conn:
                 conn.execute(
