@@ -29,14 +29,15 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
+import _report  # bench/_report.py: the docs/benchmarks.md block
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from postroom.message import Attachment, Draft, build  # noqa: E402
 
 NAME = "compose_bench.py"
-BEGIN, END = f"<!-- BEGIN {NAME} -->", f"<!-- END {NAME} -->"
-GEN_END = "<!-- END GENERATED"
+BEGIN, END = _report.markers(NAME)
 HTML = ("<html><body><h1>Your order 4711</h1><p>Thank you for your order. "
         + "Your teapot is on its way; track it <a href='https://shop.example.com/t/4711'>here"
         "</a>.</p>" * 8 + "<ul>" + "<li>1 × teapot, 39.00 EUR</li>" * 10
@@ -171,15 +172,7 @@ def report(results: dict[str, dict[str, dict[str, float]]], n: int) -> str:
 
 
 def write_block(text: str, out: Path) -> None:
-    doc = out.read_text() if out.exists() else ""
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        if GEN_END not in doc:
-            sys.exit(f"{out} has no '{GEN_END}' line: the block goes below it")
-        doc = doc.rstrip("\n") + "\n\n" + text
-    out.write_text(doc)
+    _report.write_block(NAME, text, out)
 
 
 def main() -> int:

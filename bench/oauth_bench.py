@@ -40,6 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import _report  # bench/_report.py: the docs/benchmarks.md block
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
@@ -52,8 +54,7 @@ from postroom.oauth import flows  # noqa: E402
 from postroom.runtime import Instance  # noqa: E402
 
 NAME = "oauth_bench.py"
-BEGIN, END = f"<!-- BEGIN {NAME} -->", f"<!-- END {NAME} -->"
-GEN_END = "<!-- END GENERATED"
+BEGIN, END = _report.markers(NAME)
 PEERS = Path(os.environ.get("PEERS", "/tmp/peers"))
 CA = PEERS / "certs" / "ca.crt"
 USER, PASSWORD = "testuser@example.test", "testpass"
@@ -429,15 +430,7 @@ def report(rates: dict[tuple[str, str, int], list[float]],
 
 
 def write_block(text: str, out: Path) -> None:
-    doc = out.read_text() if out.exists() else ""
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        if GEN_END not in doc:
-            sys.exit(f"{out} has no '{GEN_END}' line: the block goes below it")
-        doc = doc.rstrip("\n") + "\n\n" + text
-    out.write_text(doc)
+    _report.write_block(NAME, text, out)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,15 @@ from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import _report  # bench/_report.py: the docs/benchmarks.md block
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from postroom.diagnostics.probe import ProbeReport, Verdict, probe_sync  # noqa: E402
 
 NAME = "probe_bench.py"
-BEGIN, END = f"<!-- BEGIN {NAME} -->", f"<!-- END {NAME} -->"
-GEN_END = "<!-- END GENERATED"
+BEGIN, END = _report.markers(NAME)
 HOST = "127.0.0.1"
 PEER_PORTS = {10025: "plain", 10587: "STARTTLS", 10465: "implicit TLS", 10588: "AUTH before TLS"}
 POST_SMTP_PER_PORT = 30.0  # seconds Post SMTP waits on a dropped port (quoted)
@@ -228,15 +229,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def write_block(text: str, out: Path) -> None:
-    doc = out.read_text() if out.exists() else ""
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        if GEN_END not in doc:
-            sys.exit(f"{out} has no '{GEN_END}' line: the block goes below it")
-        doc = doc.rstrip("\n") + "\n\n" + text
-    out.write_text(doc)
+    _report.write_block(NAME, text, out)
 
 
 def main() -> int:
