@@ -82,6 +82,8 @@ from relay_bench import (  # noqa: E402
     wait_quiet,
 )
 
+from postroom.settings import DeliverySettings  # noqa: E402
+
 NAME = "worker_bench.py"
 BEGIN, END = f"<!-- BEGIN {NAME} -->", f"<!-- END {NAME} -->"
 SIZE = 2048
@@ -637,9 +639,11 @@ def report(env: dict[str, Any], recs: list[dict[str, Any]],
         L += [f"| {v:,.0f} | `{f}` |" for f, v in prof["inclusive"][:16]]
         L += ["", "| GIL µs/msg self | function |", "|---|---|"]
         L += [f"| {v:,.0f} | `{f}` |" for f, v in prof["self"][:10]]
-    L += ["", "Settings: `postroom worker` with the default `[delivery]` (concurrency 10, "
-          "claim_batch 50) and `pool_size` sessions per connection, each worker its own config"
-          " and data folder (as on separate nodes) on the shared database; PostgreSQL "
+    d = DeliverySettings()
+    L += ["", f"Settings: `postroom worker` with the default `[delivery]` (concurrency "
+          f"{d.concurrency}, claim_batch {d.claim_batch}) and `pool_size` sessions per "
+          "connection, each worker its own config and data folder (as on separate nodes) "
+          "on the shared database; PostgreSQL "
           "15 with fsync on (tests/pgserver.py); SQLite WAL, synchronous = FULL. "
           "post-office " + env["versions"].get("django-post-office", "?") + " on Django "
           + env["versions"].get("Django", "?") + ": `send_queued_mail --processes N`, "
