@@ -6,7 +6,6 @@ bench/relay_bench.py, which rewrites it)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 GEN_END = "<!-- END GENERATED"
@@ -21,11 +20,11 @@ def write_block(name: str, text: str, out: Path) -> None:
     its markers), or append it below the generated part the first time."""
     begin, end = markers(name)
     doc = out.read_text() if out.exists() else ""
+    if GEN_END not in doc:  # a new file: the relay bench's part comes first when it runs
+        doc += ("\n" if doc else "") + GEN_END + " -->\n"
     if begin in doc and end in doc:
         head, rest = doc.split(begin, 1)
         doc = head + text.rstrip("\n") + rest.split(end, 1)[1]
     else:
-        if GEN_END not in doc:
-            sys.exit(f"{out} has no '{GEN_END}' line: the block goes below it")
         doc = doc.rstrip("\n") + "\n\n" + text
     out.write_text(doc)

@@ -57,9 +57,9 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _report  # noqa: E402 - bench/_report.py: the docs/benchmarks.md block
 from postfix_instance import PostfixInstance, mem, proc_cpu  # noqa: E402
 from relay_bench import (  # noqa: E402
-    GEN_END,
     HOST,
     SMTP_SINK,
     Proc,
@@ -74,7 +74,7 @@ from relay_bench import (  # noqa: E402
 
 REPO = HERE.parent
 NAME = "http_bench.py"
-BEGIN, END = f"<!-- BEGIN {NAME} -->", f"<!-- END {NAME} -->"
+BEGIN, END = _report.markers(NAME)
 CLIENTS = 10
 SENDER, RCPT = "bench@example.com", "rcpt@example.org"
 PAYLOAD = {"from": f"Bench <{SENDER}>", "to": [RCPT], "subject": "http bench",
@@ -353,15 +353,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any
 
 
 def write_block(text: str, out: Path) -> None:
-    doc = out.read_text() if out.exists() else GEN_END + "\n"
-    if GEN_END not in doc:
-        doc += "\n" + GEN_END + "\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    out.write_text(doc)
+    _report.write_block(NAME, text, out)
 
 
 def main() -> int:

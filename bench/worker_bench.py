@@ -66,10 +66,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
+import _report  # noqa: E402 - bench/_report.py: the docs/benchmarks.md block
 from pgserver import PgServer  # noqa: E402
 from postfix_instance import children_of, proc_cpu  # noqa: E402
 from relay_bench import (  # noqa: E402
-    GEN_END,
     HOST,
     Proc,
     Sink,
@@ -85,7 +85,7 @@ from relay_bench import (  # noqa: E402
 from postroom.settings import DeliverySettings  # noqa: E402
 
 NAME = "worker_bench.py"
-BEGIN, END = f"<!-- BEGIN {NAME} -->", f"<!-- END {NAME} -->"
+BEGIN, END = _report.markers(NAME)
 SIZE = 2048
 SENDER, DOMAIN = "bench@example.com", "example.org"
 TARGET_ONE, TARGET_TWO = 2000.0, 1.6  # msg/s for one worker; 2 workers vs 1 (issue 4)
@@ -654,15 +654,7 @@ def report(env: dict[str, Any], recs: list[dict[str, Any]],
 
 
 def write_block(text: str, out: Path) -> None:
-    doc = out.read_text() if out.exists() else GEN_END + "\n"
-    if GEN_END not in doc:
-        doc += "\n" + GEN_END + "\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    out.write_text(doc)
+    _report.write_block(NAME, text, out)
 
 
 def render_saved(files: list[Path], out: str) -> int:
