@@ -176,6 +176,7 @@ class FakeHandler:
     messages: list[Any] = field(default_factory=list)
     mail_froms: list[str] = field(default_factory=list)
     connections: int = 0
+    mail_reply: str | None = None  # the next MAIL gets this reply (once)
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -185,6 +186,9 @@ class FakeHandler:
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
+        if self.mail_reply is not None:
+            reply, self.mail_reply = self.mail_reply, None
+            return reply
         self.mail_froms.append(address)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -670,7 +674,7 @@ def test_session_reuse(peers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for n, t in enumerate(later, start=2):
         assert f"reusing session to 127.0.0.1 (message {n})" in t
         lines = client_lines(t)
-        assert lines[0] == "rset"
+        assert lines[0].startswith("mail FROM")  # no RSET round trip before a clean session
         assert not any(ln.upper().startswith(("AUTH", "EHLO", "STARTTLS")) for ln in lines)
         assert "connecting to" not in t
     for r in results:
@@ -791,7 +795,10 @@ def test_unauthenticated_submission_is_per_recipient_554(peers: Any) -> None:
     r = result.recipients[TESTUSER]
     assert r.code == 554 and r.permanent and "Access denied" in r.reply
     assert result.reply_code is None
-    assert "DATA" not in [ln.upper() for ln in client_lines(result.transcript)]
+    # Pipelined, DATA went out with the RCPT; Postfix refused it (no valid recipients), so
+    # no message data was sent.
+    assert "<message data" not in result.transcript
+    assert "S: 554 5.5.1 Error: no valid recipients" in result.transcript
 
 
 def test_mechanism_not_offered(peers: Any) -> None:
@@ -949,8 +956,8 @@ def test_temporary_auth_failure_is_transient(fake_smtp: Callable[..., Fake]) -> 
 
 
 def test_stale_pooled_session_is_replaced(fake_smtp: Callable[..., Fake]) -> None:
-    """The server dropped the idle connection: the next send notices (RSET fails) and
-    reconnects instead of failing."""
+    """The server dropped the idle connection: the next send notices (MAIL gets no reply,
+    nothing was sent) and reconnects instead of failing."""
     fake = fake_smtp(timeout=1)  # aiosmtpd closes a connection idle for 1 s
     s = settings(port=fake.port, security="none", idle_timeout=60)
     raws = [make_message(new_subject(f"stale-{i}"), ALICE) for i in range(2)]
@@ -1072,3 +1079,69 @@ def test_ehlo_name_is_configurable(peers: Any) -> None:
     assert "C: ehlo relay.example.net" in result.transcript
     got = peers.wait_for(TESTUSER, subject, timeout=20)
     assert "from relay.example.net" in got["Received"]
+
+
+def test_pipelining_two_writes_per_message(peers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Postfix offers PIPELINING: MAIL, every RCPT and DATA go out in one write and the
+    data in a second; a pooled session is used without an RSET round trip. Each recipient
+    still gets its own reply, and every copy arrives."""
+    import smtplib
+
+    writes: list[bytes] = []
+    real_send = smtplib.SMTP.send
+
+    def counting(self: smtplib.SMTP, s: Any) -> None:
+        writes.append(s if isinstance(s, bytes) else s.encode())
+        real_send(self, s)
+
+    monkeypatch.setattr(smtplib.SMTP, "send", counting)
+    s = settings(port=10025, security="none")
+    subjects = [new_subject(f"pipelined-{i}") for i in range(2)]
+    raws = [make_message(subj, TESTUSER) for subj in subjects]
+    envs = [Envelope(SENDER, [TESTUSER, ALICE], raws[0]),
+            Envelope(SENDER, [TESTUSER], raws[1])]
+
+    async def go() -> list[DeliveryResult]:
+        t = transport(s)
+        try:
+            return [await _bounded(t.send(env)) for env in envs]
+        finally:
+            await asyncio.wait_for(t.aclose(), 15)
+
+    first, second = asyncio.run(go())
+    assert first.recipients[TESTUSER].code == 250
+    assert first.recipients[ALICE].code == 250
+    assert second.recipients[TESTUSER].code == 250
+    after_ehlo = [w for w in writes if not w.lower().startswith((b"ehlo", b"quit"))]
+    assert len(after_ehlo) == 4, after_ehlo  # (commands, data) twice; no RSET
+    assert after_ehlo[0].count(b"\r\n") == 4 and after_ehlo[0].endswith(b"DATA\r\n")
+    assert after_ehlo[2].startswith(b"mail FROM:") and after_ehlo[2].endswith(b"DATA\r\n")
+    for subj, raw in zip(subjects, raws, strict=True):
+        assert_delivered(peers, TESTUSER, subj, raw, auth_user=None)
+    assert_delivered(peers, ALICE, subjects[0], raws[0], auth_user=None)
+
+
+def test_pooled_session_closing_with_421_is_replaced(fake_smtp: Callable[..., Fake]) -> None:
+    """A server that answers MAIL on a pooled session with 421 (closing down, e.g. after
+    its own per-connection message limit) gets the message on a new session, not a
+    deferral."""
+    fake = fake_smtp()
+    s = settings(port=fake.port, security="none")
+    raws = [make_message(new_subject(f"421-{i}"), ALICE) for i in range(2)]
+
+    async def go() -> list[DeliveryResult]:
+        t = transport(s)
+        try:
+            first = await _bounded(t.send(Envelope(SENDER, [ALICE], raws[0])))
+            fake.handler.mail_reply = "421 4.4.2 too many messages, closing"
+            second = await _bounded(t.send(Envelope(SENDER, [ALICE], raws[1])))
+            return [first, second]
+        finally:
+            await asyncio.wait_for(t.aclose(), 15)
+
+    _, second = asyncio.run(go())
+    assert "S: 421 4.4.2 too many messages" in second.transcript
+    assert "the pooled session is gone" in second.transcript
+    assert second.recipients[ALICE].code == 250
+    assert fake.handler.connections == 2
+    assert [m.original_content for m in fake.handler.messages] == raws

@@ -110,6 +110,8 @@ class _Session(smtplib.SMTP):
         self.data_sent = False  # the data is out: a failure now leaves the outcome unknown
         self.messages_sent = 0
         self.idle_since = 0.0
+        self.reused = False  # taken from the pool: the server may have closed it meanwhile
+        self.clean = True  # no transaction open: the next MAIL needs no RSET first
         super().__init__(**kw)
 
     def note(self, text: str) -> None:
@@ -125,6 +127,12 @@ class _Session(smtplib.SMTP):
                 line = redact_auth_command(line) if line[:5].upper() == b"AUTH " else b"********"
             self.transcript.append("C: " + line.decode("utf-8", "replace"))
         super().send(data)
+
+    def send_lines(self, lines: list[str]) -> None:
+        """Several commands in one write (RFC 2920 pipelining), each in the transcript."""
+        self.transcript.extend(f"C: {line}" for line in lines)
+        smtplib.SMTP.send(self, "".join(f"{line}\r\n" for line in lines).encode(
+            self.command_encoding))
 
     def getreply(self) -> tuple[int, bytes]:
         code, msg = super().getreply()
@@ -364,27 +372,29 @@ class Transport(base.Transport):
         with contextlib.suppress(Exception):  # a broken socket has nothing left to close
             sess.close()
 
-    def _acquire(self, transcript: list[str]) -> _Session:
+    def _acquire(self, transcript: list[str], reuse: bool = True) -> _Session:
+        """A pooled session, or a new one. No RSET round trip to test a pooled session: only
+        clean ones are pooled, and one the server closed meanwhile fails on MAIL, before
+        any data, which ``_send_sync`` retries once on a new session."""
         now = time.monotonic()
-        while True:
+        while reuse:
             with self._lock:
                 sess = self._idle.pop() if self._idle else None
             if sess is None:
-                return self._open(transcript)
+                break
             if now - sess.idle_since > self.settings.idle_timeout:
                 self._quit(sess)
                 continue
             sess.transcript = transcript
+            sess.reused = True
             sess.note(f"reusing session to {self.settings.host} (message {sess.messages_sent + 1})")
-            try:
-                code, _ = sess.rset()
-            except (smtplib.SMTPException, OSError):
-                code = 0
-            if code == 250:
-                return sess
-            self._discard(sess)
+            return sess
+        return self._open(transcript)
 
     def _release(self, sess: _Session) -> None:
+        if not sess.clean:
+            self._discard(sess)
+            return
         if sess.messages_sent >= self.settings.max_messages_per_session:
             self._quit(sess)
             return
@@ -413,26 +423,33 @@ class Transport(base.Transport):
     def _send_sync(self, env: Envelope) -> base.DeliveryResult:
         transcript: list[str] = []
         with self._slots:
-            sess: _Session | None = None
-            try:
-                sess = self._acquire(transcript)
-                with self._lock:
-                    self._busy.add(sess)
-                result = self._transaction(sess, env)
-            except BaseException as err:
-                if sess is not None:
-                    self._discard(sess)
-                mapped = self._with_transcript(err, transcript, sess is not None and sess.data_sent)
-                if mapped is err:
-                    raise
-                raise mapped from err
-            finally:
-                if sess is not None:
+            for reuse in (True, False):
+                sess: _Session | None = None
+                try:
+                    sess = self._acquire(transcript, reuse)
                     with self._lock:
-                        self._busy.discard(sess)
-            self._release(sess)
-            result.transcript = "\n".join(transcript)
-            return result
+                        self._busy.add(sess)
+                    result = self._transaction(sess, env)
+                except BaseException as err:
+                    if sess is not None:
+                        self._discard(sess)
+                        if sess.reused and not sess.data_sent and isinstance(err, _STALE):
+                            # Closed by the server while pooled; nothing was sent yet.
+                            sess.note(f"the pooled session is gone ({err}); reconnecting")
+                            continue
+                    after_data = sess is not None and sess.data_sent
+                    mapped = self._with_transcript(err, transcript, after_data)
+                    if mapped is err:
+                        raise
+                    raise mapped from err
+                finally:
+                    if sess is not None:
+                        with self._lock:
+                            self._busy.discard(sess)
+                self._release(sess)
+                result.transcript = "\n".join(transcript)
+                return result
+        raise AssertionError("unreachable: the second try never reuses a session")
 
     def _transaction(self, sess: _Session, env: Envelope) -> base.DeliveryResult:
         opts: list[str] = []
@@ -455,19 +472,45 @@ class Transport(base.Transport):
             )
         if sess.has_extn("size"):
             opts.append(f"SIZE={len(env.raw)}")
-        code, msg = sess.mail(env.sender, opts)
+        sess.command_encoding = "utf-8" if "SMTPUTF8" in opts else "ascii"
+        # smtplib's own spelling ("mail FROM:", "rcpt TO:"), as in the transcripts so far
+        lines = [f"mail FROM:{smtplib.quoteaddr(env.sender)}{''.join(' ' + o for o in opts)}"]
+        lines += [f"rcpt TO:{smtplib.quoteaddr(w)}" for w in env.recipients]
+        if any("\r" in ln or "\n" in ln for ln in lines):
+            raise ProtocolError("an envelope address contains a line break",
+                                code="message.address", permanent=True)
+        # RFC 2920: with PIPELINING, MAIL, every RCPT and DATA go out in one write and
+        # their replies are read in order: two round trips a message instead of 3 + RCPTs.
+        pipelined = sess.has_extn("pipelining")
+        sess.send_lines([*lines, "DATA"] if pipelined else lines[:1])
+        sess.clean = False
+        code, msg = sess.getreply()
         if code != 250:
+            if code == 421 and sess.reused:  # closing down: try a new session once
+                raise smtplib.SMTPServerDisconnected(_reply(code, msg))
             raise SenderRejected.from_reply(f"MAIL FROM:<{env.sender}>", code, _reply(code, msg))
         results: dict[str, base.RecipientResult] = {}
-        for rcpt, wire in zip(keys, env.recipients, strict=True):
-            code, msg = sess.rcpt(wire)
+        for rcpt, line in zip(keys, lines[1:], strict=True):
+            if not pipelined:
+                sess.send_lines([line])
+            code, msg = sess.getreply()
             results[rcpt] = base.RecipientResult(code, _reply(code, msg))
         accepted = [r for r in keys if results[r].ok]
-        if not accepted:
-            sess.rset()
+        code, msg = 0, b""
+        if pipelined or accepted:
+            if not pipelined:
+                sess.send_lines(["DATA"])
+            code, msg = sess.getreply()
+        if code == 354 and not accepted:
+            # RFC 2920 section 3.1: DATA accepted with no valid recipient; end it empty.
+            sess.send(b".\r\n")
+            sess.getreply()
+            sess.clean = True
             return base.DeliveryResult(results)
-        code, msg = sess.docmd("DATA")
         if code != 354:
+            self._reset(sess)
+            if not accepted:
+                return base.DeliveryResult(results)
             for r in accepted:
                 results[r] = base.RecipientResult(code, _reply(code, msg))
             return base.DeliveryResult(results, reply_code=code, reply_text=_reply(code, msg))
@@ -482,10 +525,17 @@ class Transport(base.Transport):
         sess.data_sent = True
         code, msg = sess.getreply()
         sess.data_sent = False
+        sess.clean = True  # the final reply ends the transaction, accepted or not
         sess.messages_sent += 1
         for r in accepted:
             results[r] = base.RecipientResult(code, _reply(code, msg))
         return base.DeliveryResult(results, reply_code=code, reply_text=_reply(code, msg))
+
+    @staticmethod
+    def _reset(sess: _Session) -> None:
+        """End an open transaction (RSET); a session that cannot is not pooled again."""
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            sess.clean = sess.rset()[0] == 250
 
     def _downgrade(self, sess: _Session, env: Envelope) -> Envelope:
         """The server lacks SMTPUTF8: internationalized domains go as A-labels, in the
@@ -540,6 +590,10 @@ class Transport(base.Transport):
         for sess in idle:
             await loop.run_in_executor(self._pool, self._quit, sess)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# Errors of a pooled session that the server closed while it was idle
+_STALE = (smtplib.SMTPServerDisconnected, ConnectionError)
 
 
 def _map_error(err: BaseException, s: Settings, after_data: bool) -> DeliveryError | None:
