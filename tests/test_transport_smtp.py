@@ -648,13 +648,13 @@ def test_every_recipient_rejected(fake_smtp: Callable[..., Fake]) -> None:
 # -- session reuse ---------------------------------------------------------------------------------
 def test_session_reuse(peers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     connects: list[tuple[Any, ...]] = []
-    real_create_connection = socket.create_connection
+    real_open_connection = asyncio.open_connection
 
-    def counting(address: Any, *args: Any, **kw: Any) -> socket.socket:
-        connects.append(tuple(address))
-        return real_create_connection(address, *args, **kw)
+    async def counting(host: str, port: int, **kw: Any) -> Any:
+        connects.append((host, port))
+        return await real_open_connection(host, port, **kw)
 
-    monkeypatch.setattr(socket, "create_connection", counting)
+    monkeypatch.setattr(asyncio, "open_connection", counting)
     s = settings(port=10587, security="starttls", auth="cram-md5", username=TESTUSER,
                  password="testpass", ca_file=peers.ca_file)
     subjects = [new_subject(f"reuse-{i}") for i in range(3)]
@@ -1085,16 +1085,21 @@ def test_pipelining_two_writes_per_message(peers: Any, monkeypatch: pytest.Monke
     """Postfix offers PIPELINING: MAIL, every RCPT and DATA go out in one write and the
     data in a second; a pooled session is used without an RSET round trip. Each recipient
     still gets its own reply, and every copy arrives."""
-    import smtplib
+    from postroom.smtpwire import Wire
 
     writes: list[bytes] = []
-    real_send = smtplib.SMTP.send
+    real_send_lines, real_send_data = Wire.send_lines, Wire.send_data
 
-    def counting(self: smtplib.SMTP, s: Any) -> None:
-        writes.append(s if isinstance(s, bytes) else s.encode())
-        real_send(self, s)
+    def lines(self: Wire, ls: list[str], shown: list[str] | None = None) -> None:
+        writes.append("".join(f"{ln}\r\n" for ln in ls).encode())
+        real_send_lines(self, ls, shown)
 
-    monkeypatch.setattr(smtplib.SMTP, "send", counting)
+    async def data(self: Wire, d: bytes) -> None:
+        writes.append(d)
+        await real_send_data(self, d)
+
+    monkeypatch.setattr(Wire, "send_lines", lines)
+    monkeypatch.setattr(Wire, "send_data", data)
     s = settings(port=10025, security="none")
     subjects = [new_subject(f"pipelined-{i}") for i in range(2)]
     raws = [make_message(subj, TESTUSER) for subj in subjects]

@@ -21,7 +21,6 @@ No credentials are ever sent: the probe stops after EHLO and says QUIT.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import os
 import socket
@@ -45,6 +44,7 @@ from postroom.diagnostics.report import (
 )
 from postroom.diagnostics.tlsinfo import session_facts
 from postroom.exceptions import ConfigError
+from postroom.smtpwire import Closed, Garbled, Wire, capabilities
 
 __all__ = ["DEFAULT_PORTS", "IMPLICIT_TLS_PORTS", "PortResult", "ProbeReport", "Recommendation",
            "Verdict", "probe", "probe_sync"]
@@ -53,88 +53,7 @@ DEFAULT_PORTS: tuple[int, ...] = (25, 465, 587, 2525)
 IMPLICIT_TLS_PORTS: frozenset[int] = frozenset({465})  # RFC 8314 submissions
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_BANNER_WAIT = 3.0  # silence this long on a plain port: try TLS (implicit TLS there?)
-MAX_REPLY_LINES = 200
 _CONNECTIONS_PER_PORT = 4  # a mode switch and an unverified retry at most
-
-
-# -- one SMTP conversation ----------------------------------------------------------------------
-class _Garbled(Exception):
-    """The peer said something that is not an SMTP reply."""
-
-
-class _Closed(Exception):
-    """The peer closed the connection."""
-
-
-class _Session:
-    """One TCP connection: SMTP replies read line by line, every line noted in the transcript."""
-
-    def __init__(self, conn: net.Connected, log: list[str]) -> None:
-        self.reader = conn.reader
-        self.writer = conn.writer
-        self.log = log
-        self.buf = b""
-
-    async def first_bytes(self, wait: float | None) -> bytes | None:
-        """The first bytes the server sends; None if it stays silent for ``wait`` seconds,
-        b"" if it closes."""
-        try:
-            data = await asyncio.wait_for(self.reader.read(1024), wait)
-        except TimeoutError:
-            return None
-        self.buf = data
-        return data
-
-    async def _line(self) -> bytes:
-        if b"\n" not in self.buf:
-            try:
-                self.buf += await self.reader.readline()
-            except ValueError as err:  # longer than the stream limit (64 KiB)
-                raise _Garbled("a reply line longer than 64 KiB") from err
-        line, sep, self.buf = self.buf.partition(b"\n")
-        if not sep and not line:
-            raise _Closed("the server closed the connection")
-        return line.rstrip(b"\r")
-
-    async def reply(self) -> tuple[int, list[str]]:
-        texts: list[str] = []
-        for _ in range(MAX_REPLY_LINES):
-            raw = await self._line()
-            text = raw.decode("utf-8", "replace")
-            self.log.append(f"S: {text}")
-            if len(raw) < 3 or not raw[:3].isdigit() or raw[3:4] not in (b"", b" ", b"-"):
-                raise _Garbled(f"not an SMTP reply: {text[:80]!r}")
-            texts.append(text[4:])
-            if raw[3:4] != b"-":
-                return int(raw[:3]), texts
-        raise _Garbled(f"a reply of more than {MAX_REPLY_LINES} lines")
-
-    async def command(self, line: str) -> tuple[int, list[str]]:
-        self.log.append(f"C: {line}")
-        self.writer.write(line.encode() + b"\r\n")
-        return await self.reply()
-
-    async def start_tls(self, ctx: ssl.SSLContext, server_name: str) -> None:
-        self.buf = b""  # anything sent before the handshake must not be trusted (RFC 3207)
-        await self.writer.start_tls(ctx, server_hostname=server_name)
-
-    async def quit(self) -> None:
-        with contextlib.suppress(_Closed, _Garbled, OSError):
-            await self.command("QUIT")
-
-
-def _capabilities(lines: list[str]) -> dict[str, str]:
-    caps: dict[str, str] = {}
-    for line in lines[1:]:  # the first line is the server's name
-        keyword, _, params = line.strip().partition(" ")
-        keyword = keyword.upper()
-        if keyword.startswith("AUTH="):  # the pre-RFC 4954 form some servers still add
-            keyword, params = "AUTH", f"{keyword[5:]} {params}".strip()
-        if keyword == "AUTH" and "AUTH" in caps:
-            params = " ".join(dict.fromkeys(f"{caps['AUTH']} {params}".split()))
-        if keyword:
-            caps[keyword] = params.strip()
-    return caps
 
 
 def _not_tls(err: ssl.SSLError) -> bool:
@@ -177,7 +96,7 @@ class _PortProber:
                 return
             if r.tcp is None:
                 r.tcp, r.address, r.connect_ms = net.Reach.OPEN, str(conn.address), conn.connect_ms
-            sess = _Session(conn, r.transcript)
+            sess = Wire(conn.reader, conn.writer, r.transcript)
             r.transcript.append(f"*  connected to {conn.address}:{r.port} "
                                 f"in {conn.connect_ms:.0f} ms")
             try:
@@ -185,14 +104,14 @@ class _PortProber:
                     step = await self._implicit(sess, step.verify, guessed=False)
                 else:
                     step = await self._plain(sess, step.verify, guess)
-            except _Closed as err:
+            except Closed as err:
                 r.verdict, r.error, step = self._failed_at(), f"{r.stage}: {err}", None
-            except _Garbled as err:
+            except Garbled as err:
                 r.verdict, r.error, step = Verdict.NOT_SMTP, str(err), None
             except OSError as err:  # reset, broken pipe...
                 r.verdict, r.error, step = self._failed_at(), f"{r.stage}: {err}", None
             finally:
-                await net.close(sess.writer, 0.3)
+                await sess.close(0.3)
             if step is None:
                 return
             guess = False
@@ -211,7 +130,7 @@ class _PortProber:
     def _failed_at(self) -> Verdict:
         return Verdict.TLS_FAILED if self.r.stage in ("tls", "starttls") else Verdict.NOT_SMTP
 
-    async def _handshake(self, sess: _Session, verify: bool) -> None:
+    async def _handshake(self, sess: Wire, verify: bool) -> None:
         """TLS on this connection; on return, ``r.tls`` holds the facts and judgements."""
         r, p = self.r, self.p
         r.stage = "tls"
@@ -222,9 +141,9 @@ class _PortProber:
         r.tls = session_facts(obj.version(), obj.cipher(), obj.getpeercert(binary_form=True),
                               p.server_name, trusted=verify, trust_error=r.trust_error)
         r.tls.handshake_ms = (time.monotonic() - t0) * 1000
-        sess.log.append(f"*  TLS {r.tls.version} {r.tls.cipher}")
+        sess.transcript.append(f"*  TLS {r.tls.version} {r.tls.cipher}")
 
-    async def _tls(self, sess: _Session, verify: bool, mode: str,
+    async def _tls(self, sess: Wire, verify: bool, mode: str,
                    guessed: bool) -> _Step | Literal[True] | None:
         """Handshake: True when it worked, else the next step (None: stop here)."""
         r = self.r
@@ -233,11 +152,11 @@ class _PortProber:
         except ssl.SSLCertVerificationError as err:
             self._tls_answered(guessed)
             r.trust_error = err.verify_message or str(err)
-            sess.log.append(f"*  certificate not trusted: {r.trust_error}; "
+            sess.transcript.append(f"*  certificate not trusted: {r.trust_error}; "
                             "again without verification, to see the certificate")
             return _Step(mode, False)
         except ssl.SSLError as err:
-            sess.log.append(f"*  TLS handshake: {err.reason or err}")
+            sess.transcript.append(f"*  TLS handshake: {err.reason or err}")
             if mode == "smtps" and _not_tls(err):
                 # The server spoke first, in plain text: an SMTP greeting, so this port
                 # wants STARTTLS (or it is just slow to greet, when we guessed).
@@ -261,7 +180,7 @@ class _PortProber:
             self.r.notes.append(f"port {self.r.port} sends no greeting until TLS is up: it "
                                 "speaks implicit TLS (security = \"smtps\")")
 
-    async def _implicit(self, sess: _Session, verify: bool, guessed: bool) -> _Step | None:
+    async def _implicit(self, sess: Wire, verify: bool, guessed: bool) -> _Step | None:
         r = self.r
         done = await self._tls(sess, verify, "smtps", guessed)
         if done is not True:
@@ -274,23 +193,23 @@ class _PortProber:
         self._judge()
         return None
 
-    async def _plain(self, sess: _Session, verify: bool, guess: bool) -> _Step | None:
+    async def _plain(self, sess: Wire, verify: bool, guess: bool) -> _Step | None:
         r = self.r
         r.stage = "banner"
         wait = self.p.banner_wait if guess else None
         first = await sess.first_bytes(wait)
         if first is None:
-            sess.log.append(f"*  no greeting after {self.p.banner_wait:g} s: "
+            sess.transcript.append(f"*  no greeting after {self.p.banner_wait:g} s: "
                             "trying TLS at once (implicit TLS?)")
             self.guessing = True
             return await self._implicit(sess, verify, guessed=True)
         if first == b"":
-            raise _Closed("closed the connection without a greeting")
+            raise Closed("closed the connection without a greeting")
         if first[:1] in (b"\x15", b"\x16"):  # a TLS record (alert/handshake), not "220"
             self.mode_noted = True
             r.notes.append(f"port {r.port} sent TLS data instead of a greeting: it speaks "
                            "implicit TLS (security = \"smtps\")")
-            sess.log.append("*  TLS data instead of a greeting")
+            sess.transcript.append("*  TLS data instead of a greeting")
             return _Step("smtps", verify)
         if not await self._greeting(sess):
             return None
@@ -318,7 +237,7 @@ class _PortProber:
         self._judge()
         return None
 
-    async def _greeting(self, sess: _Session) -> bool:
+    async def _greeting(self, sess: Wire) -> bool:
         r = self.r
         r.stage = "banner"
         code, lines = await sess.reply()
@@ -331,11 +250,11 @@ class _PortProber:
             return False
         return True
 
-    async def _ehlo(self, sess: _Session) -> dict[str, str]:
+    async def _ehlo(self, sess: Wire) -> dict[str, str]:
         name = self.p.ehlo_name or _address_literal(sess.writer.get_extra_info("sockname"))
         code, lines = await sess.command(f"EHLO {name}")
         if code == 250:
-            return _capabilities(lines)
+            return capabilities(lines)
         self.r.notes.append(f"EHLO refused ({code} {' '.join(lines)}); a very old server?")
         await sess.command(f"HELO {name}")
         return {}
