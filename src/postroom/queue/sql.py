@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -33,13 +34,14 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.envelope import Envelope, new_id, summarize
 from postroom.exceptions import MessageError, StoreError
-from postroom.store.db import write_transaction
+from postroom.store.db import is_postgresql, write_transaction
 from postroom.store.schema import (
     DEFERRED,
     PRIORITIES,
@@ -94,22 +96,79 @@ def _run(conn: Connection, ops: Sequence[Write]) -> list[Any]:
         conn.execute(first.stmt, [ops[i].row for i in idxs])  # type: ignore[union-attr]
     if finishes:
         fins: list[FinishRow] = [ops[i] for i in finishes]  # type: ignore[misc]
-        ids = [f.params["b_id"] for f in fins]
-        held = {(r[0], r[1]) for r in conn.execute(_LEASES, {"ids": ids})}
-        mine = [(f.params["b_id"], f.params["b_token"]) in held for f in fins]
-        if any(mine):
-            conn.execute(_FINISH, [f.params for f, ok in zip(fins, mine, strict=True) if ok])
-        # Attempts are recorded even with a lost lease: they happened, the log tells it.
-        rows = [row for f in fins for row in f.attempts]
-        if rows:
-            conn.execute(_INSERT_ATTEMPT, rows)
-        for i, ok in zip(finishes, mine, strict=True):
+        finish = _finish_pg if conn.dialect.name == "postgresql" else _finish_any
+        for i, ok in zip(finishes, finish(conn, fins), strict=True):
             results[i] = ok
     for i, op in enumerate(ops):
         if not isinstance(op, RowInsert | FinishRow):
             results[i] = op(conn)
     return results
 
+
+def _finish_any(conn: Connection, fins: list[FinishRow]) -> list[bool]:
+    """A batch of results: whose lease is still ours (one SELECT), then two executemany."""
+    ids = [f.params["b_id"] for f in fins]
+    held = {(r[0], r[1]) for r in conn.execute(_LEASES, {"ids": ids})}
+    mine = [(f.params["b_id"], f.params["b_token"]) in held for f in fins]
+    if any(mine):
+        conn.execute(_FINISH, [f.params for f, ok in zip(fins, mine, strict=True) if ok])
+    # Attempts are recorded even with a lost lease: they happened, the log tells it.
+    rows = [row for f in fins for row in f.attempts]
+    if rows:
+        conn.execute(_INSERT_ATTEMPT, rows)
+    return mine
+
+
+def _finish_pg(conn: Connection, fins: list[FinishRow]) -> list[bool]:
+    """The same on PostgreSQL in one statement (one round trip, one prepared plan whatever
+    the batch size): the rows go as arrays, unnest() turns them back into rows."""
+    dumps = functools.partial(json.dumps, ensure_ascii=False)
+    f = [x.params for x in fins]
+    a = [row for x in fins for row in x.attempts]
+    done = conn.exec_driver_sql(_FINISH_PG, {
+        "id": [p["b_id"] for p in f], "token": [p["b_token"] for p in f],
+        "status": [p["status"] for p in f], "next": [p["next_attempt_at"] for p in f],
+        "rcpt": [dumps(p["rcpt_status"]) for p in f], "error": [p["last_error"] for p in f],
+        "counted": [p["counted"] for p in f], "updated": [p["updated_at"] for p in f],
+        **{f"a_{k}": [r.get(k) for r in a] for k in _ATTEMPT_COLS},
+        "a_permanent": [bool(r.get("permanent")) for r in a],
+        "a_recipients": [dumps(r["recipients"]) for r in a],
+        "a_transcript": [r.get("transcript") or "" for r in a],
+    })
+    held = {row[0] for row in done}
+    return [p["b_id"] in held for p in f]
+
+
+_ATTEMPT_COLS = ("message_id", "connection", "started_at", "ended_at", "outcome", "reply_code",
+                 "reply_text", "error_code")
+# Attempts are recorded even with a lost lease (they happened; the log tells it), so the
+# INSERT does not depend on the UPDATE. Both see the same snapshot and run once each.
+_FINISH_PG = """
+WITH v AS (
+  SELECT * FROM unnest(%(id)s::text[], %(token)s::text[], %(status)s::text[],
+                       %(next)s::float8[], %(rcpt)s::text[], %(error)s::text[],
+                       %(counted)s::int[], %(updated)s::float8[])
+    AS v(id, token, status, next_attempt_at, rcpt_status, last_error, counted, updated_at)
+), done AS (
+  UPDATE messages AS m SET status = v.status, next_attempt_at = v.next_attempt_at,
+    lease_owner = NULL, lease_until = NULL, attempt_count = m.attempt_count + v.counted,
+    rcpt_status = v.rcpt_status::json, last_error = v.last_error, updated_at = v.updated_at
+  FROM v WHERE m.id = v.id AND m.lease_owner = v.token
+  RETURNING m.id
+), tried AS (
+  INSERT INTO attempts (message_id, connection, started_at, ended_at, outcome, reply_code,
+                        reply_text, error_code, permanent, recipients, transcript)
+  SELECT a.message_id, a.connection, a.started_at, a.ended_at, a.outcome, a.reply_code,
+         a.reply_text, a.error_code, a.permanent, a.recipients::json, a.transcript
+  FROM unnest(%(a_message_id)s::text[], %(a_connection)s::text[],
+              %(a_started_at)s::float8[], %(a_ended_at)s::float8[], %(a_outcome)s::text[],
+              %(a_reply_code)s::int[], %(a_reply_text)s::text[], %(a_error_code)s::text[],
+              %(a_permanent)s::bool[], %(a_recipients)s::text[], %(a_transcript)s::text[])
+    AS a(message_id, connection, started_at, ended_at, outcome, reply_code, reply_text,
+         error_code, permanent, recipients, transcript)
+)
+SELECT id FROM done
+"""
 
 # Statements built once: SQLAlchemy then only looks up their compiled form.
 _INSERT_MESSAGE = insert(messages)
@@ -153,6 +212,11 @@ _DUE = [
     for level in sorted(PRIORITIES.values(), reverse=True)
     for status in WAITING
 ]
+_CLAIMED = (  # what a claim reads back (Claimed)
+    messages.c.id, messages.c.sender, messages.c.recipients, messages.c.rcpt_status,
+    messages.c.raw, messages.c.connection, messages.c.attempt_count, messages.c.expires_at,
+    messages.c.next_attempt_at, messages.c.priority, messages.c.source, messages.c.tags,
+)
 # Re-checking the status skips rows another worker claimed since the SELECT. It is wrapped
 # in coalesce() so that it cannot match an index: SQLite would otherwise walk the
 # (status, ...) index over every waiting row instead of looking up these few ids by primary
@@ -170,20 +234,38 @@ _CLAIM = (
         lease_until=bindparam("until"),
         updated_at=bindparam("now"),
     )
-    .returning(
-        messages.c.id,
-        messages.c.sender,
-        messages.c.recipients,
-        messages.c.rcpt_status,
-        messages.c.raw,
-        messages.c.connection,
-        messages.c.attempt_count,
-        messages.c.expires_at,
-        messages.c.next_attempt_at,
-        messages.c.priority,
-        messages.c.source,
-        messages.c.tags,
+    .returning(*_CLAIMED)
+)
+# PostgreSQL: the same claim in one statement (one round trip instead of one per query
+# above): each (status, priority) arm is a CTE of its own, since FOR UPDATE is not allowed
+# in a UNION; the arms lock at most `lim` rows each, and the ones not picked are unlocked at
+# commit. FOR UPDATE re-checks each row's WHERE against its newest committed version, so
+# what it returns is still waiting.
+_ARMS = [q.cte(f"due_{i}") for i, q in enumerate(
+    select(messages.c.id, messages.c.priority, messages.c.next_attempt_at)
+    .where(messages.c.status == status, messages.c.priority == level,
+           messages.c.next_attempt_at <= bindparam("now"))
+    .order_by(messages.c.next_attempt_at)
+    .limit(bindparam("lim"))
+    .with_for_update(skip_locked=True)
+    for level in sorted(PRIORITIES.values(), reverse=True)
+    for status in WAITING
+)]
+_DUE_ALL = union_all(*(select(a.c.id, a.c.priority, a.c.next_attempt_at)
+                       for a in _ARMS)).subquery("due")
+_PICK = (select(_DUE_ALL.c.id)
+         .order_by(_DUE_ALL.c.priority.desc(), _DUE_ALL.c.next_attempt_at)
+         .limit(bindparam("lim")).subquery("pick"))
+_CLAIM_PG = (
+    update(messages)
+    .where(messages.c.id == _PICK.c.id, messages.c.status.in_(WAITING))
+    .values(
+        status=SENDING,
+        lease_owner=bindparam("token"),
+        lease_until=bindparam("until"),
+        updated_at=bindparam("now"),
     )
+    .returning(*_CLAIMED)
 )
 # Messages whose lease ran out (their worker died or hung) become due again.
 _EXPIRE = (
@@ -198,6 +280,20 @@ _EXPIRE = (
     )
 )
 _claim_seq = itertools.count()
+EXPIRE_EVERY = 1.0  # seconds between two checks for run-out leases by one queue
+
+
+def _due_ids(conn: Connection, now: float, limit: int) -> list[str]:
+    """Up to ``limit`` due message ids, highest priority first, then oldest due first."""
+    ids: list[str] = []
+    for i in range(0, len(_DUE), len(WAITING)):  # one priority level at a time
+        found: list[tuple[float, str]] = []
+        for stmt in _DUE[i:i + len(WAITING)]:
+            found += conn.execute(stmt, {"now": now, "lim": limit - len(ids)}).all()
+        ids += [mid for _, mid in sorted(found)[:limit - len(ids)]]
+        if len(ids) >= limit:
+            break
+    return ids
 
 
 def _escape_like(value: str) -> str:
@@ -392,6 +488,8 @@ class Queue:
         self.lifetime = lifetime
         self.clock = clock
         self.writer = GroupCommitter(engine)
+        self._postgresql = is_postgresql(engine)
+        self._expired_at = float("-inf")  # when leases were last checked (claims)
 
     # -- enqueue -------------------------------------------------------------------------
     def _enqueue_op(
@@ -450,25 +548,19 @@ class Queue:
     def _claim_op(self, owner: str, limit: int, lease: float, only: str | None = None) -> Op:
         def op(conn: Connection) -> list[Claimed]:
             now = self.clock()
-            # Cheap: the index's status prefix limits it to the few rows being sent.
-            self._expire_leases(conn, now)
+            if not 0 <= now - self._expired_at < EXPIRE_EVERY:
+                # Cheap (the index's status prefix limits it to the few rows being sent),
+                # but a statement: once a second is soon enough for leases of minutes.
+                self._expire_leases(conn, now)
+                self._expired_at = now
             token = f"{owner}:{next(_claim_seq)}"[:64]
-            if only is not None:  # "deliver this one now", whatever its retry time
-                ids = [only]
-            else:
-                ids = []
-                for i in range(0, len(_DUE), len(WAITING)):  # one priority level at a time
-                    found: list[tuple[float, str]] = []
-                    for stmt in _DUE[i:i + len(WAITING)]:
-                        found += conn.execute(stmt, {"now": now, "lim": limit - len(ids)}).all()
-                    ids += [mid for _, mid in sorted(found)[:limit - len(ids)]]
-                    if len(ids) >= limit:
-                        break
-            if not ids:
-                return []
-            rows = conn.execute(
-                _CLAIM, {"ids": ids, "token": token, "until": now + lease, "now": now}
-            ).all()
+            lease_args = {"token": token, "until": now + lease, "now": now}
+            rows: Sequence[Any] = []
+            if only is None and self._postgresql:
+                rows = conn.execute(_CLAIM_PG, {"lim": limit, **lease_args}).all()
+            elif ids := [only] if only is not None else _due_ids(conn, now, limit):
+                # "only": deliver this one now, whatever its retry time
+                rows = conn.execute(_CLAIM, {"ids": ids, **lease_args}).all()
             return [
                 Claimed(
                     id=r.id,
@@ -569,6 +661,7 @@ class Queue:
                     .where(messages.c.id.in_(dead), messages.c.status == SENDING)
                     .values(lease_until=0.0)
                 )
+                self._expire_leases(conn, self.clock())  # due now, not at the next check
             return len(dead)
 
         n: int = await self.writer.submit(op)
