@@ -121,51 +121,43 @@ def _finish_any(conn: Connection, fins: list[FinishRow]) -> list[bool]:
 
 def _finish_pg(conn: Connection, fins: list[FinishRow]) -> list[bool]:
     """The same on PostgreSQL in one statement (one round trip, one prepared plan whatever
-    the batch size): the rows go as arrays, unnest() turns them back into rows."""
+    the batch size): the rows go as two JSON documents, which json.dumps writes at C speed
+    and json_to_recordset() turns back into rows."""
     dumps = functools.partial(json.dumps, ensure_ascii=False)
-    f = [x.params for x in fins]
-    a = [row for x in fins for row in x.attempts]
-    done = conn.exec_driver_sql(_FINISH_PG, {
-        "id": [p["b_id"] for p in f], "token": [p["b_token"] for p in f],
-        "status": [p["status"] for p in f], "next": [p["next_attempt_at"] for p in f],
-        "rcpt": [dumps(p["rcpt_status"]) for p in f], "error": [p["last_error"] for p in f],
-        "counted": [p["counted"] for p in f], "updated": [p["updated_at"] for p in f],
-        **{f"a_{k}": [r.get(k) for r in a] for k in _ATTEMPT_COLS},
-        "a_permanent": [bool(r.get("permanent")) for r in a],
-        "a_recipients": [dumps(r["recipients"]) for r in a],
-        "a_transcript": [r.get("transcript") or "" for r in a],
-    })
+    results = [{"id": p["b_id"], "token": p["b_token"], "status": p["status"],
+                "next_attempt_at": p["next_attempt_at"], "rcpt_status": p["rcpt_status"],
+                "last_error": p["last_error"], "counted": p["counted"],
+                "updated_at": p["updated_at"]} for p in (f.params for f in fins)]
+    tried = [row for f in fins for row in f.attempts]
+    done = conn.exec_driver_sql(_FINISH_PG, {"results": dumps(results),
+                                             "attempts": dumps(tried)})
     held = {row[0] for row in done}
-    return [p["b_id"] in held for p in f]
+    return [r["id"] in held for r in results]
 
 
-_ATTEMPT_COLS = ("message_id", "connection", "started_at", "ended_at", "outcome", "reply_code",
-                 "reply_text", "error_code")
 # Attempts are recorded even with a lost lease (they happened; the log tells it), so the
 # INSERT does not depend on the UPDATE. Both see the same snapshot and run once each.
 _FINISH_PG = """
 WITH v AS (
-  SELECT * FROM unnest(%(id)s::text[], %(token)s::text[], %(status)s::text[],
-                       %(next)s::float8[], %(rcpt)s::text[], %(error)s::text[],
-                       %(counted)s::int[], %(updated)s::float8[])
-    AS v(id, token, status, next_attempt_at, rcpt_status, last_error, counted, updated_at)
+  SELECT * FROM json_to_recordset(%(results)s::json)
+    AS v(id text, token text, status text, next_attempt_at float8, rcpt_status json,
+         last_error text, counted int, updated_at float8)
 ), done AS (
   UPDATE messages AS m SET status = v.status, next_attempt_at = v.next_attempt_at,
     lease_owner = NULL, lease_until = NULL, attempt_count = m.attempt_count + v.counted,
-    rcpt_status = v.rcpt_status::json, last_error = v.last_error, updated_at = v.updated_at
+    rcpt_status = v.rcpt_status, last_error = v.last_error, updated_at = v.updated_at
   FROM v WHERE m.id = v.id AND m.lease_owner = v.token
   RETURNING m.id
 ), tried AS (
   INSERT INTO attempts (message_id, connection, started_at, ended_at, outcome, reply_code,
                         reply_text, error_code, permanent, recipients, transcript)
   SELECT a.message_id, a.connection, a.started_at, a.ended_at, a.outcome, a.reply_code,
-         a.reply_text, a.error_code, a.permanent, a.recipients::json, a.transcript
-  FROM unnest(%(a_message_id)s::text[], %(a_connection)s::text[],
-              %(a_started_at)s::float8[], %(a_ended_at)s::float8[], %(a_outcome)s::text[],
-              %(a_reply_code)s::int[], %(a_reply_text)s::text[], %(a_error_code)s::text[],
-              %(a_permanent)s::bool[], %(a_recipients)s::text[], %(a_transcript)s::text[])
-    AS a(message_id, connection, started_at, ended_at, outcome, reply_code, reply_text,
-         error_code, permanent, recipients, transcript)
+         a.reply_text, a.error_code, coalesce(a.permanent, false), a.recipients,
+         coalesce(a.transcript, '')
+  FROM json_to_recordset(%(attempts)s::json)
+    AS a(message_id text, connection text, started_at float8, ended_at float8,
+         outcome text, reply_code int, reply_text text, error_code text, permanent bool,
+         recipients json, transcript text)
 )
 SELECT id FROM done
 """

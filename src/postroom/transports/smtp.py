@@ -498,25 +498,16 @@ class Transport(base.Transport):
         if any("\r" in ln or "\n" in ln for ln in lines):
             raise ProtocolError("an envelope address contains a line break",
                                 code="message.address", permanent=True)
-        # RFC 2920: with PIPELINING, MAIL, every RCPT and DATA go out in one write and
-        # their replies are read in order: two round trips a message instead of 3 + RCPTs.
-        pipelined = sess.has("pipelining")
-        wire = sess.wire
-        wire.send_lines([*lines, "DATA"] if pipelined else lines[:1])
         sess.clean = False
-        code, said = await self._reply(sess)
+        (code, said), rcpt_replies, data_reply = await self._envelope(sess, lines)
         if code != 250:
             if code == 421 and sess.reused:  # closing down: try a new session once
                 raise Closed(f"{code} {_text(said)}")
             raise SenderRejected.from_reply(f"MAIL FROM:<{env.sender}>", code, _text(said))
-        results: dict[str, base.RecipientResult] = {}
-        for rcpt, line in zip(keys, lines[1:], strict=True):
-            code, said = await (self._reply(sess) if pipelined else self._command(sess, line))
-            results[rcpt] = base.RecipientResult(code, _text(said))
+        results = {rcpt: base.RecipientResult(c, _text(t))
+                   for rcpt, (c, t) in zip(keys, rcpt_replies, strict=True)}
         accepted = [r for r in keys if results[r].ok]
-        code, said = 0, []
-        if pipelined or accepted:
-            code, said = await (self._reply(sess) if pipelined else self._command(sess, "DATA"))
+        code, said = data_reply or (0, [])
         if code == 354 and not accepted:
             # RFC 2920 section 3.1: DATA accepted with no valid recipient; end it empty.
             await self._command(sess, ".")
@@ -532,10 +523,10 @@ class Transport(base.Transport):
         sess.data_sent = True
         data = _dot_stuff(env.raw) + b".\r\n"
         # A server that stops reading must not hold the send forever; a big message gets
-        # more time (at least 64 KiB/s).
+        # more time (at least 64 KiB/s) to go out before the final reply's `timeout`.
         async with asyncio.timeout(self.settings.timeout + len(data) / 65536):
-            await wire.send_data(data)
-        code, said = await self._reply(sess)
+            await sess.wire.send_data(data)
+            code, said = await sess.wire.reply()
         sess.data_sent = False
         sess.clean = True  # the final reply ends the transaction, accepted or not
         sess.messages_sent += 1
@@ -543,6 +534,29 @@ class Transport(base.Transport):
         for r in accepted:
             results[r] = base.RecipientResult(code, reply)
         return base.DeliveryResult(results, reply_code=code, reply_text=reply)
+
+    async def _envelope(self, sess: _Session, lines: list[str]) -> tuple[
+            tuple[int, list[str]], list[tuple[int, list[str]]], tuple[int, list[str]] | None]:
+        """The replies to MAIL (``lines[0]``), to each RCPT, and to DATA (None if DATA was
+        not sent: MAIL was refused, or, without pipelining, no recipient was accepted)."""
+        wire = sess.wire
+        if sess.has("pipelining"):
+            # RFC 2920: the commands in one write, the replies read in order within one
+            # `timeout` (they come together): two round trips a message, not 3 + RCPTs.
+            wire.send_lines([*lines, "DATA"])
+            async with asyncio.timeout(self.settings.timeout):
+                mail = await wire.reply()
+                if mail[0] != 250:
+                    return mail, [], None  # the session is dropped, unread replies with it
+                rcpts = [await wire.reply() for _ in lines[1:]]
+                return mail, rcpts, await wire.reply()
+        mail = await self._command(sess, lines[0])
+        if mail[0] != 250:
+            return mail, [], None
+        rcpts = [await self._command(sess, line) for line in lines[1:]]
+        if not any(200 <= code < 300 for code, _ in rcpts):
+            return mail, rcpts, None
+        return mail, rcpts, await self._command(sess, "DATA")
 
     async def _reset(self, sess: _Session) -> None:
         """End an open transaction (RSET); a session that cannot is not pooled again."""
