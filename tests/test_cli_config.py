@@ -545,3 +545,41 @@ def test_config_is_found_in_the_user_then_system_folder(tmp_path: Path,
     assert config_path_from(None, env) == Path("postroom.toml")  # the current folder first
     assert config_path_from(None, {**env, "POSTROOM_CONFIG": "x.toml"}) == Path("x.toml")
     assert search_path(env)[-1] == Path("/etc/postroom/postroom.toml")
+
+
+def test_sections_left_out_are_their_defaults(tmp_path: Path) -> None:
+    """load() constructs a section the file leaves out instead of validating an empty table
+    (start-up time); the two must be the same, for every section."""
+    from postroom.settings import SECTIONS, load
+
+    for model in SECTIONS.values():
+        assert model.model_construct() == model.model_validate({}), model
+    config = tmp_path / "postroom.toml"
+    config.write_text("[server]\nhostname = \"h.test\"\n")
+    loaded = load(config, environ={"POSTROOM_DELIVERY__CONCURRENCY": "5"})
+    for name, model in SECTIONS.items():
+        if name not in ("server", "delivery"):
+            assert getattr(loaded, name) == model.model_validate({}), name
+    assert loaded.delivery.concurrency == 5  # an override makes the section present
+
+
+def test_load_without_connections(tmp_path: Path) -> None:
+    """connections=False (postroom-sendmail) neither reads nor checks [[connections]] and
+    [[routes]]; every other section is checked as always."""
+    from postroom.exceptions import ConfigError
+    from postroom.settings import load
+
+    config = tmp_path / "postroom.toml"
+    good = '[[connections]]\nname = "a"\ntransport = "smtp"\nhost = "h"\n'
+    config.write_text(good + '[[routes]]\nchain = ["a"]\n')
+    assert [c.name for c in load(config, environ={}).connections] == ["a"]
+    skipped = load(config, environ={}, connections=False)
+    assert skipped.connections == () and skipped.routes == ()
+    config.write_text('[[connections]]\nname = "a"\ntransport = "nope"\n'
+                      '[[routes]]\nchain = ["b"]\n')
+    with pytest.raises(ConfigError):
+        load(config, environ={})
+    assert load(config, environ={}, connections=False).connections == ()
+    config.write_text('[sendmail]\nserver = "http://x"\n' + good)
+    with pytest.raises(ConfigError, match=r"sendmail\.server"):
+        load(config, environ={}, connections=False)

@@ -585,3 +585,141 @@ def test_dead_letter_setting_and_planted_symlink(tmp_path: Path) -> None:
     r = _sendmail(config, "-t", input=b"Subject: nobody\n\nbody\n", env={"HOME": str(home)})
     assert f"kept in {tmp_path / 'planted'}" in r.stderr
     assert len(mailbox.mbox(str(tmp_path / "planted"))) == 1
+
+
+# -- start-up cost: PHP runs the command once per message ----------------------------------------
+# What the store path must not import (each cost it tens of ms, or belongs to another door):
+# the ORM and migrations, crypto, HTTP and OAuth stacks, DKIM signing, the event loop and TLS
+# (the transports'), and Postroom's delivery side.
+_NOT_ON_THE_STORE_PATH = ("sqlalchemy", "alembic", "cryptography", "argon2", "authlib",
+                          "fastapi", "starlette", "uvicorn", "httpx", "dkim", "asyncio", "ssl",
+                          "smtplib", "psycopg", "idna")
+_NOT_FROM_POSTROOM = ("postroom.transports", "postroom.queue", "postroom.runtime",
+                      "postroom.store.db", "postroom.store.schema", "postroom.secrets",
+                      "postroom.policy", "postroom.apps", "postroom.connection_settings",
+                      "postroom.dkim", "postroom.oauth", "postroom.routing")
+
+
+def _imported(stderr: str) -> set[str]:
+    """The modules a `python -X importtime` run reported importing."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def test_store_mode_imports_only_what_it_needs(tmp_path: Path) -> None:
+    """The common path (a store whose schema is current) writes the row with the standard
+    library's sqlite3 and validates only what the command uses: connections (with DKIM and
+    OAuth tables) and routes are present here and still import nothing of theirs. Guarded by
+    the modules one real run imports, never by its timing (bench/sendmail_bench.py times it)."""
+    config = tmp_path / "postroom.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "data"\nhostname = "{HOSTNAME}"\n'
+        '[[connections]]\nname = "primary"\ntransport = "smtp"\nhost = "127.0.0.1"\n'
+        'dkim = { domain = "example.org", selector = "s1" }\n'
+        '[[connections]]\nname = "google"\ntransport = "gmail"\nuser = "me@example.org"\n'
+        'oauth = { provider = "google", client_id = "id", client_secret_env = "SECRET" }\n'
+        '[[routes]]\nchain = ["primary", "google"]\n')
+    # The first run creates and migrates the store (the full path, SQLAlchemy and Alembic).
+    assert _sendmail(config, RCPT, input=b"Subject: first\n\nx\n").returncode == 0
+    subject = _subject("imports")
+    r = _run([sys.executable, "-X", "importtime", str(SENDMAIL), "-C", str(config), "-t", "-i"],
+             input=f"To: {RCPT}\nSubject: {subject}\n\nx\n".encode())
+    assert r.returncode == 0, r.stderr
+    loaded = _imported(r.stderr)
+    assert {"pydantic", "sqlite3", "postroom.settings", "postroom.store.direct"} <= loaded
+    heavy = sorted(m for m in loaded if m.split(".")[0] in _NOT_ON_THE_STORE_PATH
+                   or m.startswith(_NOT_FROM_POSTROOM))
+    assert heavy == [], heavy
+    row, _ = _stored(config, subject)
+    assert row["recipients"] == [RCPT] and row["status"] == "queued"
+
+
+def test_smtp_handoff_imports_no_store(tmp_path: Path) -> None:
+    config = tmp_path / "postroom.toml"
+    config.write_text(f'[server]\nhostname = "h.test"\n[sendmail]\n'
+                      f'server = "smtp://127.0.0.1:{free_port()}"\n')
+    r = _run([sys.executable, "-X", "importtime", str(SENDMAIL), "-C", str(config), RCPT],
+             input=b"Subject: s\n\nx\n", env={"HOME": str(tmp_path)})
+    assert r.returncode == 75, r.stderr  # nothing listens there: kept in dead.letter
+    loaded = _imported(r.stderr)
+    assert "smtplib" in loaded
+    assert not [m for m in loaded if m.split(".")[0] in ("sqlalchemy", "alembic", "asyncio")
+                or m.startswith(_NOT_FROM_POSTROOM)]
+
+
+def test_store_row_is_the_queues_row(tmp_path: Path) -> None:
+    """store/direct.py writes, without SQLAlchemy, the very row Queue.enqueue_sync writes
+    (column values and SQLite types); it writes nothing and leaves the work to the full path
+    when there is no database yet, the schema is not the newest, or it is not SQLite."""
+    import dataclasses
+
+    from postroom.envelope import Envelope, new_id
+    from postroom.queue.sql import Queue
+    from postroom.store import direct
+    from postroom.store.db import make_engine, migrate
+
+    raw = (b"From: A <a@example.org>\r\nTo: =?utf-8?q?J=C3=B6rg?= <j@example.org>\r\n"
+           b"Subject: row\r\nMessage-ID: <1@example.org>\r\n\r\nbody\r\n")
+    later = time.time() + 3600
+    envs = [Envelope("a@example.org", [RCPT], raw, source="sendmail:x"),
+            Envelope("", ["jörg@example.org", RCPT], raw, source="s" * 100, connection="c",
+                     tags=["t1", "t2"], metadata={"k": "välue"}, not_before=later,
+                     expires_at=later + 60, priority=1)]
+    db = tmp_path / "data" / "postroom.db"
+    url = f"sqlite:///{db}"
+    assert direct.enqueue(envs[0], database_url=url) is None
+    assert not db.exists()
+    engine = make_engine(url)
+    try:
+        migrate(engine)
+        queue = Queue(engine)
+        pairs = []
+        for env in envs:
+            by_queue = dataclasses.replace(env, id=new_id())
+            by_direct = dataclasses.replace(env, id=new_id())
+            queue.enqueue_sync(by_queue)
+            assert direct.enqueue(by_direct, database_url=url) == by_direct.id
+            pairs.append((by_queue.id, by_direct.id))
+            assert queue.get(by_direct.id) is not None
+        with contextlib.closing(sqlite3.connect(db)) as c:
+            columns = [r[1] for r in c.execute("PRAGMA table_info(messages)")]
+            clocked = {"id", "created_at", "updated_at", "next_attempt_at", "expires_at"}
+            select = ", ".join(f"{col}, typeof({col})" for col in columns if col not in clocked)
+            for a, b in pairs:
+                got = [c.execute(f"SELECT {select} FROM messages WHERE id = ?", (i,)).fetchone()
+                       for i in (a, b)]
+                assert got[0] == got[1]
+            # An older schema: the full path migrates it; this one writes nothing.
+            c.execute("UPDATE alembic_version SET version_num = '0001'")
+            c.commit()
+            before = c.execute("SELECT count(*) FROM messages").fetchone()
+            assert direct.enqueue(envs[0], database_url=url) is None
+            assert c.execute("SELECT count(*) FROM messages").fetchone() == before
+    finally:
+        engine.dispose()
+    assert direct.enqueue(envs[0], database_url="postgresql://u@127.0.0.1:9/db") is None
+    assert direct.enqueue(envs[0], database_url="sqlite:///:memory:") is None
+
+
+def test_configuration_errors_of_what_it_uses(tmp_path: Path) -> None:
+    """A bad value the command uses is still refused with its configuration status (78), the
+    message kept; a bad [[connections]] entry, which only the worker uses, no longer turns mail
+    away (a running `postroom serve` delivers it; `postroom serve` and `doctor` report it)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    config = tmp_path / "postroom.toml"
+    for bad in ('max_message_size = 10\n', 'unknown_key = 1\n',
+                '[sendmail]\nserver = "http://x"\n', '[sendmail]\nusername = "app"\n',
+                '[delivery]\nmax_lifetime = -1\n', '[nonsense]\n'):
+        config.write_text(f'[server]\ndata_dir = "data"\n{bad}')
+        r = _sendmail(config, RCPT, input=b"Subject: kept\n\nx\n", env={"HOME": str(home)})
+        assert r.returncode == 78, (bad, r.stderr)
+        _no_traceback(r)
+        assert "invalid configuration" in r.stderr or "unknown section" in r.stderr, r.stderr
+    assert len(mailbox.mbox(str(home / "dead.letter"))) == 6
+    config.write_text('[server]\ndata_dir = "data"\n[[connections]]\nname = "x"\n'
+                      'transport = "smtp"\nport = "not a port"\n')
+    subject = _subject("bad-connection")
+    r = _sendmail(config, RCPT, input=f"Subject: {subject}\n\nx\n".encode())
+    assert r.returncode == 0, r.stderr
+    assert _stored(config, subject)[0]["status"] == "queued"

@@ -22,7 +22,6 @@ size to use).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 from collections.abc import Callable
@@ -48,7 +47,7 @@ MAX_TXT_STRING = 255  # RFC 1035 3.3.14: one character-string
 class DkimSettings(BaseModel):
     """A connection's ``dkim`` table."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see settings
     domain: str = Field(min_length=1)  # d=: the domain that takes responsibility (From's)
     selector: str = Field(pattern=SELECTOR_RE)  # s=: <selector>._domainkey.<domain>
     # Header fields to sign (h=); default: those of RFC 6376 5.4.1 present in the message,
@@ -308,5 +307,9 @@ async def sign_envelope(env: Envelope, transport: Transport | None) -> Envelope:
     cfg = getattr(transport.settings, "dkim", None) if transport is not None else None
     if transport is None or cfg is None:
         return env
+    # Here, not at the top: settings imports this module, and postroom-sendmail, which starts
+    # once per message, has no event loop.
+    import asyncio
+
     raw = await asyncio.to_thread(sign, env.raw, cfg, transport.ctx.stored_secret)
     return replace(env, raw=raw)

@@ -8,12 +8,12 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-
-from sqlalchemy import Engine, delete, insert, select
+from typing import TYPE_CHECKING
 
 from postroom.exceptions import ConfigError
-from postroom.store.db import write_transaction
-from postroom.store.schema import secrets as secrets_table
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 KEY_ENV = "POSTROOM_SECRET_KEY"
 
@@ -112,8 +112,15 @@ class SecretStore:
             self._vault = Vault(self._key)
         return self._vault
 
+    # SQLAlchemy is imported when a secret is read or written, not with this module: the
+    # transports import redact_auth_command, and validating a configuration imports them
+    # (postroom-sendmail, which starts once per message, never touches the database's engine).
     def set(self, name: str, value: str) -> None:
-        table = secrets_table
+        from sqlalchemy import delete, insert
+
+        from postroom.store.db import write_transaction
+        from postroom.store.schema import secrets as table
+
         with write_transaction(self.engine) as conn:
             conn.execute(delete(table).where(table.c.name == name))
             conn.execute(
@@ -123,7 +130,10 @@ class SecretStore:
             )
 
     def get(self, name: str) -> str | None:
-        table = secrets_table
+        from sqlalchemy import select
+
+        from postroom.store.schema import secrets as table
+
         with self.engine.connect() as conn:
             token = conn.execute(select(table.c.ciphertext).where(table.c.name == name)).scalar()
         return None if token is None else self.vault.decrypt(token)

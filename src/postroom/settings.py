@@ -9,22 +9,37 @@ or stored encrypted in the database with ``postroom connection set-password``.
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import os
 import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from postroom.dkim import DkimSettings
 from postroom.exceptions import ConfigError
-from postroom.oauth.config import OAuthSettings
-from postroom.routing.rules import Route
+
+if TYPE_CHECKING:
+    from postroom.connection_settings import ConnectionBase as ConnectionBase
+    from postroom.connection_settings import ConnectionPolicy as ConnectionPolicy
+    from postroom.routing.rules import Route
+
+# The [[connections]] models live in postroom.connection_settings, imported on first use:
+# they bring the DKIM, OAuth and routing models, which postroom-sendmail (once per message,
+# never delivering) has no use for. `from postroom.settings import ConnectionBase` still works.
+_CONNECTION_MODELS = ("ConnectionBase", "ConnectionPolicy")
+
+
+def __getattr__(name: str) -> type[BaseModel]:
+    if name in _CONNECTION_MODELS:
+        from postroom import connection_settings
+
+        model: type[BaseModel] = getattr(connection_settings, name)
+        return model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 ENV_PREFIX = "POSTROOM_"
 DEFAULT_CONFIG = "postroom.toml"
@@ -38,8 +53,11 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+# defer_build: a model's validator is built when it first validates, not when its module is
+# imported. postroom-sendmail starts once per message and validates only the sections its
+# file has; building every model up front cost it ~15 ms.
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class ServerSettings(_Section):
@@ -71,6 +89,8 @@ class ServerSettings(_Section):
     @field_validator("trusted_networks")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress  # here: most configurations keep the default (start-up time)
+
         for net in v:
             ipaddress.ip_network(net, strict=False)
         return v
@@ -188,7 +208,8 @@ class PolicySettings(_Section):
     """The message policy applied to every delivery attempt, from the stored message (each
     connection may add its own; the merge rule is in postroom.policy)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              defer_build=True)
     envelope_sender: str = ""  # MAIL FROM for every message ("" = the message's own)
     from_: str = Field(default="", alias="from")  # From header, "Name <addr>"
     from_mode: Literal["always", "if_missing"] = "always"
@@ -233,12 +254,6 @@ class PolicySettings(_Section):
         return v
 
 
-class ConnectionPolicy(PolicySettings):
-    """A connection's own `policy` table: over the global [policy] (postroom.policy)."""
-
-    inherit: bool = True  # false: the global [policy] does not apply to this connection
-
-
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400,
             "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -260,33 +275,6 @@ def parse_rate(text: str) -> tuple[int, float]:
     if seconds <= 0:
         raise ValueError(f"{text!r}: the period must be longer than zero")
     return int(count), seconds
-
-
-class ConnectionBase(BaseModel):
-    """Fields every connection has; each transport adds its own (transports/<kind>.py)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    transport: str
-    # Limits shared by every worker and node; over them, mail waits in the queue.
-    rate_limit: list[str] = []  # e.g. ["20/second", "2000/day"] (Gmail's daily cap...)
-    max_sessions: int | None = Field(default=None, ge=1)  # parallel sessions, all workers
-    policy: ConnectionPolicy | None = None  # message policy over the global [policy]
-    oauth: OAuthSettings | None = None  # OAuth 2.0 provider and client (postroom.oauth)
-    dkim: DkimSettings | None = None  # sign what this connection sends (postroom.dkim)
-
-    @field_validator("rate_limit", mode="before")
-    @classmethod
-    def _rates(cls, v: Any) -> Any:
-        items = [v] if isinstance(v, str) else v
-        if isinstance(items, list):
-            for item in items:
-                parse_rate(str(item))
-        return items
-
-    @property
-    def rates(self) -> list[tuple[int, float]]:
-        return [parse_rate(r) for r in self.rate_limit]
 
 
 # Every [section] of postroom.toml but [[connections]], with the model that validates it.
@@ -410,6 +398,8 @@ def _explain(section: str, err: ValidationError, model: type[BaseModel]) -> str:
         if e["type"] == "extra_forbidden":
             fields = _fields_at(model, loc[:-1])
             key = str(loc[-1])
+            import difflib  # only to word an error
+
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
             lines.append(f"{where}: unknown key; {hint}")
@@ -463,6 +453,8 @@ def _connections(items: Any) -> tuple[ConnectionBase, ...]:
 def _routes(items: Any, names: set[str]) -> tuple[Route, ...]:
     if items is None:
         return ()
+    from postroom.routing.rules import Route
+
     if not isinstance(items, list):
         raise ConfigError("routes must be an array of tables: [[routes]]", code="config.type")
     out: list[Route] = []
@@ -473,6 +465,8 @@ def _routes(items: Any, names: set[str]) -> tuple[Route, ...]:
         route: Route = _section(Route, where, item)
         for name in route.chain:
             if name not in names:
+                import difflib  # only to word an error
+
                 close = difflib.get_close_matches(name, sorted(names), n=1)
                 hint = f"did you mean {close[0]!r}?" if close else (
                     f"known: {', '.join(sorted(names)) or 'none configured'}")
@@ -511,11 +505,17 @@ def load(
     *,
     environ: Mapping[str, str] | None = None,
     create: bool = False,
+    connections: bool = True,
 ) -> Settings:
     """Read and validate the configuration.
 
     With ``create=True`` a missing file is written from the commented template first
-    (what `postroom serve` does on a fresh machine).
+    (what `postroom serve` does on a fresh machine). With ``connections=False``,
+    [[connections]] and [[routes]] are neither read nor checked and come back empty: for
+    postroom-sendmail, which stores mail or hands it over and never delivers it. Checking a
+    connection imports its transport (asyncio, ssl...: a fifth of that command's start-up,
+    paid once per message), and a typo there must not turn away mail that a running
+    `postroom serve` would deliver.
     """
     env = os.environ if environ is None else environ
     cfg = config_path_from(path, env)
@@ -548,12 +548,17 @@ def load(
             f"{', '.join(SECTIONS)}, connections, routes",
             code="config.invalid",
         )
-    sections = {name: _section(model, name, data.get(name)) for name, model in SECTIONS.items()}
-    connections = _connections(data.get("connections"))
+    # A section the file and the environment leave out is its defaults, which are valid by
+    # construction (tests/test_cli_config.py checks each equals a validated empty table):
+    # building its validator only to check nothing would slow every command's start.
+    sections: dict[str, Any] = {
+        name: _section(model, name, data[name]) if name in data else model.model_construct()
+        for name, model in SECTIONS.items()}
+    conns = _connections(data.get("connections")) if connections else ()
     return Settings(
         **sections,
-        connections=connections,
-        routes=_routes(data.get("routes"), {c.name for c in connections}),
+        connections=conns,
+        routes=_routes(data.get("routes"), {c.name for c in conns}) if connections else (),
         config_path=cfg if cfg.exists() else None,
         base_dir=(cfg.parent if cfg.exists() else Path.cwd()).resolve(),
     )

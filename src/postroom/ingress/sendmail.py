@@ -21,8 +21,11 @@ in the command line stops before the message is read (as Postfix); any later err
 the message in a dead.letter file (ingress/deadletter.py) and says where.
 
 Start-up cost matters (PHP runs this once per mail): only the standard library is imported
-at first; pydantic (settings) when the configuration is read, SQLAlchemy only in store mode,
-smtplib only in SMTP mode.
+at first; pydantic (settings) when the configuration is read, without [[connections]] and
+[[routes]] (their transports are the worker's business); the message goes into a store whose
+schema is current through the standard library's sqlite3 (store/direct.py), and SQLAlchemy
+and Alembic are imported only to create or migrate the store, or for PostgreSQL; smtplib
+only in SMTP mode. tests/test_sendmail.py checks what one run imports.
 """
 
 from __future__ import annotations
@@ -397,6 +400,15 @@ def enqueue(env: Envelope, settings: Settings, environ: Mapping[str, str]) -> st
 
         return hand_off(settings.sendmail, env, ehlo_name=settings.server.hostname,
                         resolve=settings.resolve, environ=environ)
+    from postroom.store import direct
+
+    # The common case, a store whose schema is current, without SQLAlchemy (store.direct);
+    # else the full path below creates or migrates the store and words any error.
+    stored = direct.enqueue(env, database_url=settings.database_url,
+                            synchronous=settings.server.sqlite_synchronous,
+                            lifetime=settings.delivery.max_lifetime)
+    if stored is not None:
+        return stored
     from postroom.exceptions import StoreError
     from postroom.runtime import Instance
 
@@ -507,8 +519,9 @@ class _Command:
         failure: BaseException | None = None
         sub: Submission | None = None
         try:
+            # Connections are for the worker: this command never delivers (settings.load).
             settings = settings_mod.load(opts.config and _config_file(opts.config),
-                                         environ=self.environ)
+                                         environ=self.environ, connections=False)
             if settings.config_path is None:
                 # Never a store in whatever folder the caller runs in (PHP: the web root).
                 looked = ", ".join(str(p) for p in settings_mod.search_path(self.environ))

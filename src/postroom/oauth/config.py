@@ -33,7 +33,7 @@ TokenAuth = Literal["client_secret_post", "client_secret_basic", "none"]
 
 
 class OAuthSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see settings
 
     provider: str = Field(min_length=1)  # google | microsoft | yahoo | generic (providers.py)
     client_id: str = ""

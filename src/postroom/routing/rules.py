@@ -31,7 +31,7 @@ def _as_list(v: Any) -> Any:
 class Match(BaseModel):
     """What a route matches on; every given key must match."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see settings
     sender: Patterns | None = None  # the envelope sender, e.g. "alerts@*"
     sender_domain: Patterns | None = None  # e.g. "shop.example.com", "*.example.com"
     app: Patterns | None = None  # the app that handed the message in (SMTP AUTH user, API key)
@@ -54,7 +54,7 @@ class Match(BaseModel):
 class Route(BaseModel):
     """One ``[[routes]]`` entry: a match and the ordered chain of connections."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see settings
     name: str = ""
     match: Match | None = None
     chain: list[str] = Field(min_length=1)

@@ -3,60 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import logging
-import os
-import threading
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 
 from postroom.exceptions import ConfigError, StoreError
+from postroom.store.direct import MIGRATIONS, head_revision
+from postroom.store.direct import WriteLock as WriteLock  # its home: the sqlite3 path uses it
 
 log = logging.getLogger(__name__)
-MIGRATIONS = Path(__file__).with_name("migrations")
-
-
-class WriteLock:
-    """One writer at a time across every process that opens the same SQLite file.
-
-    SQLite's own busy handler makes a waiting writer sleep 1, 2, 5, 10... ms between retries,
-    so when `postroom serve` and `postroom worker` share a database most of their time went
-    to sleeping (the split benchmark accepted ~600 msg/s instead of ~1,400). A blocking
-    ``flock`` wakes the waiter the moment the holder commits. Held around whole write
-    transactions, it also means a transaction never has to upgrade a stale read snapshot.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._fd: int | None = None
-        self._threads = threading.Lock()
-
-    def __enter__(self) -> None:
-        self._threads.acquire()
-        try:
-            if self._fd is None:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._threads.release()
-            raise
-
-    def __exit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        try:
-            if self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._threads.release()
 
 
 _write_locks: weakref.WeakKeyDictionary[Engine, WriteLock] = weakref.WeakKeyDictionary()
@@ -98,8 +61,7 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         kwargs["pool_size"] = 8
     elif url.startswith("postgresql"):
-        # Connections are checked before use: a restarted database must not fail deliveries.
-        kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True,
+        kwargs.update(pool_size=10, max_overflow=20,
                       connect_args={"connect_timeout": 10, "application_name": "postroom"})
     # Keep non-ASCII addresses readable (and searchable with LIKE) in JSON columns.
     kwargs["json_serializer"] = functools.partial(json.dumps, ensure_ascii=False)
@@ -117,6 +79,8 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
             "postgresql://USER@HOST/DB",
             code="config.database",
         ) from err
+    if not is_sqlite:
+        _ping_when_idle(engine)
     if is_sqlite:
         if path and path != ":memory:":
             _write_locks[engine] = WriteLock(Path(path + ".lock"))
@@ -134,6 +98,32 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
     return engine
 
 
+PING_AFTER_IDLE = 5.0  # seconds a pooled connection may rest before it is checked
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """A pooled connection that rested is checked before use: a restarted database must
+    not fail deliveries. One in steady use is not: the check is a round trip per
+    transaction, and a worker's claims and results are a few transactions a millisecond.
+    (If a busy connection breaks, its transaction fails and is retried on a new one.)"""
+
+    @event.listens_for(engine, "checkin")
+    def _rested(_dbapi_conn: Any, record: Any) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        rested = record.info.get("checked_in")  # None: a new connection, fresh anyway
+        if rested is None or time.monotonic() - rested < PING_AFTER_IDLE:
+            return
+        try:
+            cur = dbapi_conn.cursor()
+            cur.execute("SELECT 1")
+            cur.close()
+        except Exception as err:  # the pool replaces it and tries again
+            raise DisconnectionError(f"stale database connection: {err}") from err
+
+
 def _safe(url: str) -> str:
     """The URL without its password, for messages and logs."""
     from sqlalchemy.engine import make_url
@@ -144,11 +134,6 @@ def _safe(url: str) -> str:
         return url.split("@")[-1]
 
 
-def _head_revision() -> str:
-    versions = sorted(p.stem for p in (MIGRATIONS / "versions").glob("[0-9]*.py"))
-    return versions[-1].split("_", 1)[0]
-
-
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision. Alembic is only imported when needed, which
     keeps start-up fast and idle memory low on an up-to-date database."""
@@ -157,7 +142,7 @@ def migrate(engine: Engine) -> None:
             current = None
             if inspect(conn).has_table("alembic_version"):
                 current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        if current == _head_revision():
+        if current == head_revision():
             return
         from alembic import command
         from alembic.config import Config

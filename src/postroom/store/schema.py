@@ -22,20 +22,18 @@ from sqlalchemy import (
     Text,
 )
 
+from postroom.store.states import DEFERRED as DEFERRED
+from postroom.store.states import FAILED as FAILED
+from postroom.store.states import PARTIAL as PARTIAL
+from postroom.store.states import PRIORITIES as PRIORITIES
+from postroom.store.states import QUEUED as QUEUED
+from postroom.store.states import SENDING as SENDING
+from postroom.store.states import SENT as SENT
+from postroom.store.states import STATUSES as STATUSES
+from postroom.store.states import WAITING as WAITING
+
 metadata = MetaData()
 
-# Message states. "partial" = some recipients delivered, the rest failed permanently (final).
-QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED = (
-    "queued",
-    "sending",
-    "sent",
-    "partial",
-    "deferred",
-    "failed",
-)
-STATUSES = (QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED)
-WAITING = (QUEUED, DEFERRED)
-PRIORITIES = {"high": 1, "normal": 0, "low": -1}
 
 messages = Table(
     "messages",
