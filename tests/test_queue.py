@@ -839,3 +839,82 @@ def test_worker_heartbeat_is_recorded_and_removed_on_stop(queue: Queue) -> None:
         return alive, [r["id"] for r in queue.workers_seen(0)]
 
     assert run(queue, go) == (["beat-test"], [])
+
+
+class SlowTransport(base.Transport):
+    """Takes ``delay`` seconds per send and counts the sends: for lease tests."""
+
+    def __init__(self, name: str, delay: float) -> None:
+        super().__init__(memory.Settings(name=name), base.TransportContext(ehlo_name="test"))
+        self.delay = delay
+        self.sent: list[str] = []
+
+    async def send(self, envelope: Envelope) -> base.DeliveryResult:
+        await asyncio.sleep(self.delay)
+        self.sent.append(envelope.id)
+        return base.DeliveryResult({r: base.RecipientResult(250, "2.0.0 ok")
+                                    for r in envelope.recipients})
+
+
+def test_a_live_worker_renews_its_leases(engine: Engine) -> None:
+    """Mail still in a worker (a slow upstream, a queue for sessions) keeps its lease: a
+    second worker polling all the while never takes it, nor does the first take it again,
+    and the result is recorded. (Real time: leases run out on the queue's clock.)"""
+    queue = Queue(engine)
+
+    async def go() -> None:
+        slow, other = SlowTransport(CONN, 2.5), SlowTransport(CONN, 0)
+        delivery = {"lease_seconds": 0.8, "poll_interval": 0.05}
+        first = Worker(queue, {CONN: slow}, cfg(**delivery), CONN, owner="host:1")
+        msg_id = await queue.enqueue(envelope("a@example.test"))
+        t1 = asyncio.create_task(first.run())
+        async with asyncio.timeout(10):
+            while not first._inflight:
+                await asyncio.sleep(0.01)
+        second = Worker(queue, {CONN: other}, cfg(**delivery), CONN, owner="host:2")
+        t2 = asyncio.create_task(second.run())
+        try:
+            async with asyncio.timeout(15):
+                while queue.counts().get("sent", 0) < 1:
+                    await asyncio.sleep(0.05)
+        finally:
+            for w, t in ((first, t1), (second, t2)):
+                await w.stop(grace=5)
+                t.cancel()
+            await asyncio.gather(t1, t2, return_exceptions=True)
+        assert slow.sent == [msg_id] and other.sent == []  # 3 leases long, sent once
+        m = queue.get(msg_id)
+        assert m is not None and m["status"] == "sent" and len(m["attempts"]) == 1
+
+    run(queue, go)
+
+
+def test_big_bodies_are_read_when_their_delivery_starts(queue: Queue) -> None:
+    """A claim leaves bodies over BODY_WITH_CLAIM in the database (a worker holds up to
+    `concurrency` claimed messages); the worker reads each when it delivers it, byte-exact."""
+    from postroom.queue.sql import BODY_WITH_CLAIM
+
+    big = (b"From: a@example.org\r\nTo: b@example.test\r\nSubject: big\r\n\r\n"
+           + b"0123456789abcdef" * (BODY_WITH_CLAIM // 16 + 1) + b"\r\n")
+
+    async def go() -> None:
+        small_id = await queue.enqueue(envelope("s@example.test"))
+        big_id = await queue.enqueue(Envelope("a@example.org", ["b@example.test"], big))
+        claimed = {m.id: m for m in await queue.claim("w", 10, lease=60)}
+        assert claimed[small_id].raw and not claimed[small_id].body_later
+        assert claimed[big_id].raw == b"" and claimed[big_id].body_later
+        await queue.release(list(claimed.values()))
+        worker = Worker(queue, {CONN: mem_transport()}, cfg(poll_interval=0.05), CONN)
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(10):
+                while queue.counts().get("sent", 0) < 2:
+                    await asyncio.sleep(0.05)
+        finally:
+            await worker.stop(grace=5)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        sent = {env.id: env.raw for env in memory.Transport.outboxes[CONN]}
+        assert sent[big_id] == big
+
+    run(queue, go)

@@ -31,6 +31,7 @@ from postroom.exceptions import (
     ConnectError,
     DataRejected,
     DeliveryError,
+    ProtocolError,
     SenderRejected,
     TimeoutError_,
     TLSError,
@@ -1150,3 +1151,20 @@ def test_pooled_session_closing_with_421_is_replaced(fake_smtp: Callable[..., Fa
     assert second.recipients[ALICE].code == 250
     assert fake.handler.connections == 2
     assert [m.original_content for m in fake.handler.messages] == raws
+
+
+def test_plain_text_after_starttls_reply_is_refused() -> None:
+    """A reply smuggled in plain text right after "220" to STARTTLS would be read later as
+    if it came through TLS (CVE-2011-0411 and its kin): the transport refuses to go on and
+    sends nothing more, credentials included."""
+    from diag_helpers import Scripted
+
+    ehlo = "250-scripted.test\n250-PIPELINING\n250-STARTTLS\n250 AUTH PLAIN"
+    srv = Scripted(replies={"EHLO": ehlo, "STARTTLS": "220 2.0.0 Ready\n250 2.1.0 injected"})
+    with srv.running():
+        s = settings(port=srv.port, security="starttls", auth="plain", username=ALICE,
+                     password="alicepass", connect_timeout=5, timeout=5)
+        err = send_fails(s, Envelope(SENDER, [ALICE], make_message(new_subject("inj"), ALICE)),
+                         ProtocolError)
+    assert err.code == "protocol" and "STARTTLS injection" in err.message
+    assert srv.commands[-1] == "STARTTLS"  # nothing after it: no handshake, no AUTH, no MAIL

@@ -31,7 +31,7 @@ CONFIG_TEMPLATE = '''\
 # worker = true                         # deliver from inside `postroom serve`
 
 [delivery]
-# concurrency = 40                      # messages in flight per worker
+# concurrency = 100                     # messages in flight per worker
 # min_backoff = 300                     # first retry after 5 min, doubling...
 # max_backoff = 4000                    # ...up to about 67 min between tries
 # max_lifetime = 432000                 # give up after 5 days

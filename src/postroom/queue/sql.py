@@ -205,9 +205,15 @@ _DUE = [
     for level in sorted(PRIORITIES.values(), reverse=True)
     for status in WAITING
 ]
+# A claim reads a body only up to this size. A worker holds what it claimed in memory until
+# each result is recorded (its `concurrency`, 100 by default): bigger bodies are read when
+# their delivery starts, a few at a time (Worker), so claiming 100 messages of 20 MB each
+# does not take 2 GB.
+BODY_WITH_CLAIM = 256 * 1024
 _CLAIMED = (  # what a claim reads back (Claimed)
     messages.c.id, messages.c.sender, messages.c.recipients, messages.c.rcpt_status,
-    messages.c.raw, messages.c.connection, messages.c.attempt_count, messages.c.expires_at,
+    case((messages.c.size <= BODY_WITH_CLAIM, messages.c.raw)).label("raw"), messages.c.size,
+    messages.c.connection, messages.c.attempt_count, messages.c.expires_at,
     messages.c.next_attempt_at, messages.c.priority, messages.c.source, messages.c.tags,
 )
 # Re-checking the status skips rows another worker claimed since the SELECT. It is wrapped
@@ -412,6 +418,7 @@ class Claimed:
     source: str = ""
     tags: list[str] = field(default_factory=list)
     priority: int = 0
+    body_later: bool = False  # a big body, not read with the claim: Queue.body() reads it
 
     @property
     def pending(self) -> list[str]:
@@ -524,6 +531,7 @@ class Queue:
                     recipients=list(r.recipients),
                     rcpt_status=dict(r.rcpt_status),
                     raw=r.raw or b"",
+                    body_later=r.raw is None and r.size > BODY_WITH_CLAIM,
                     connection=r.connection,
                     attempt_count=r.attempt_count,
                     expires_at=r.expires_at,
@@ -725,6 +733,34 @@ class Queue:
         with self.engine.connect() as conn:
             rows = conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status))
             return {r[0]: r[1] for r in rows}
+
+    async def body(self, msg_id: str) -> bytes:
+        """A message's body (for one claimed with ``body_later``)."""
+
+        def read() -> bytes:
+            with self.engine.connect() as conn:
+                raw = conn.execute(select(messages.c.raw).where(messages.c.id == msg_id)).scalar()
+            return bytes(raw or b"")
+
+        try:
+            return await asyncio.to_thread(read)
+        except SQLAlchemyError as err:
+            raise StoreError(f"reading message {msg_id} failed: {err}", code="store.read") from err
+
+    async def renew(self, tokens: Sequence[str], lease: float) -> int:
+        """Extend the leases taken under these claim tokens (messages still being sent), so
+        that no other worker takes mail this one is still working on."""
+
+        def op(conn: Connection) -> int:
+            res = conn.execute(
+                update(messages)
+                .where(messages.c.status == SENDING, messages.c.lease_owner.in_(list(tokens)))
+                .values(lease_until=self.clock() + lease)
+            )
+            return int(res.rowcount)
+
+        n: int = await self.writer.submit(op)
+        return n
 
     # -- workers ---------------------------------------------------------------------------
     async def heartbeat(self, owner: str, started_at: float, *, gone: bool = False) -> None:

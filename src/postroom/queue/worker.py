@@ -33,6 +33,7 @@ from postroom.transports.base import DeliveryResult, RecipientResult, Transport
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0  # how often a worker refreshes its row in `workers`
+BIG_BODIES_AT_ONCE = 4  # bodies over queue.sql.BODY_WITH_CLAIM in memory at a time
 PAUSED_RECHECK = 15.0  # a message whose connections are all paused looks again this late
 
 
@@ -140,6 +141,9 @@ class Worker:
         self._run_task: asyncio.Task[Any] | None = None
         self.started_at = self.clock()
         self._beat_at = 0.0
+        self._leased: dict[str, float] = {}  # claim token -> when its lease was last set
+        self._renew_at = 0.0
+        self._big_bodies = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
 
     def wake(self) -> None:
         """New mail is due (called by an in-process listener): claim without waiting."""
@@ -156,6 +160,7 @@ class Worker:
             log.error("checking for dead workers' leases failed: %s", err)
         while not self._stopping:
             await self._heartbeat()
+            await self._renew_leases()
             free = slots - len(self._inflight)
             claimed: list[Claimed] = []
             if free > 0 and self.transports and not self._queue_paused():
@@ -165,6 +170,8 @@ class Worker:
                     )
                 except PostroomError as err:
                     log.error("claiming messages failed: %s", err)
+            if claimed:
+                self._leased[claimed[0].token] = time.monotonic()
             for msg in claimed:
                 task = asyncio.create_task(self.deliver(msg), name=f"deliver-{msg.id}")
                 self._inflight[msg.id] = (msg, task)
@@ -193,6 +200,27 @@ class Worker:
             await self.queue.heartbeat(self.owner, self.started_at, gone=gone)
         except PostroomError as err:
             log.error("recording this worker's heartbeat failed: %s", err)
+
+    async def _renew_leases(self) -> None:
+        """Extend the leases of messages still in this worker after half their time: mail
+        waiting here for a session or a big body must not be taken by another worker (a
+        duplicate). Only a dead worker's leases run out."""
+        now = time.monotonic()
+        lease = self.cfg.lease_seconds
+        if now - self._renew_at < min(HEARTBEAT_SECONDS, lease / 4):
+            return
+        self._renew_at = now
+        live = {m.token for m, _ in self._inflight.values()}
+        self._leased = {t: at for t, at in self._leased.items() if t in live}
+        old = [t for t, at in self._leased.items() if now - at > lease / 2]
+        if not old:
+            return
+        try:
+            await self.queue.renew(old, lease)
+        except PostroomError as err:
+            log.error("extending the leases of messages in delivery failed: %s", err)
+            return
+        self._leased.update({t: now for t in old})
 
     def _done(self, task: asyncio.Task[list[dict[str, Any]]]) -> None:
         msg_id = task.get_name().removeprefix("deliver-")
@@ -228,6 +256,21 @@ class Worker:
         """One delivery run for a claimed message: each group of recipients (leg) goes along
         its route's chain, falling back as ``routing.chain`` decides. Returns the attempt
         rows recorded, one per connection tried."""
+        if not msg.body_later:
+            return await self._deliver(msg)
+        async with self._big_bodies:  # a big body: read now, a few at a time
+            try:
+                msg.raw = await self.queue.body(msg.id)
+            except PostroomError as err:
+                log.error("message %s: reading its body failed (%s); back to the queue",
+                          msg.id, err)
+                with contextlib.suppress(PostroomError):
+                    await self.queue.release([msg])
+                return []
+            msg.body_later = False
+            return await self._deliver(msg)
+
+    async def _deliver(self, msg: Claimed) -> list[dict[str, Any]]:
         out = Outcome()
         attempts: list[dict[str, Any]] = []
         for leg in self._legs(msg):
