@@ -402,3 +402,26 @@ def test_expiry_time_fails_instead_of_sending_late(queue: Queue, clock: FakeCloc
     with pytest.raises(Exception, match="expire"):
         queue.enqueue_sync(late)
 
+
+
+def test_failures_queued_together_are_counted_together(queue: Queue, clock: FakeClock) -> None:
+    """Many messages failing on one connection at once (breaker kept closed): their
+    failures join the write already queued, and none is lost; the breaker opens once, with
+    one connection_down event."""
+    from postroom.routing.health import Health
+
+    health = Health(queue, failures=5, cooldown=60, clock=clock)
+
+    async def go() -> None:
+        for i in range(7):
+            await health.failed("primary", f"refused #{i}")
+        await health.flush()
+        for i in range(3):  # after the commit: a new write
+            await health.failed("primary", f"refused again #{i}")
+        await health.flush()
+
+    run(queue, go)
+    st = health.all(["primary"])[0]
+    assert (st.failures, st.health, st.last_error) == (10, "down", "refused again #2")
+    assert st.open_until == T0 + 60
+    assert event_kinds(queue).count("connection_down") == 1

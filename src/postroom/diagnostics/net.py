@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
 import threading
 import time
@@ -63,6 +64,12 @@ async def resolve(host: str, port: int) -> list[Address]:
     getaddrinfo cannot be cancelled, so it runs in a daemon thread of its own: a resolver that
     hangs past the deadline is abandoned instead of holding up the event loop's shutdown
     (asyncio.run joins its default executor). Raises socket.gaierror."""
+    try:  # an address needs no resolver, nor its thread (the SMTP transport connects often)
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        return [Address(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))]
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[list[Address]] = loop.create_future()
 

@@ -337,7 +337,10 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
 
-    async def submit(self, op: Write) -> Any:
+    def enqueue(self, op: Write) -> asyncio.Future[Any]:
+        """Queue ``op`` now, in call order, for the next transaction; its future gets the
+        result after the commit. (Writes queued before another are never committed after
+        it: a delivery's events are on disk no later than its result.)"""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -346,7 +349,10 @@ class GroupCommitter:
         self._pending.append((op, fut))
         assert self._wake is not None
         self._wake.set()
-        return await fut
+        return fut
+
+    async def submit(self, op: Write) -> Any:
+        return await self.enqueue(op)
 
     async def _run(self) -> None:
         assert self._wake is not None

@@ -250,6 +250,9 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             await self.queue.release(unfinished)
+        # Health and event writes go out without the deliveries waiting for them (queued
+        # ahead of each result, so committed with it or before it): none is left behind.
+        await self.health.flush()
         await self._heartbeat(gone=True)
 
     async def deliver(self, msg: Claimed) -> list[dict[str, Any]]:
@@ -297,9 +300,6 @@ class Worker:
             attempts=rows,
         ):
             log.warning("message %s: lease lost before the result was recorded", msg.id)
-        # Health and event writes went out in the background; they usually shared the
-        # finish's commit. Wait for them so that nothing is left behind at shutdown.
-        await self.health.flush()
         self.delivered += 1
         # One line per run, like Postfix's maillog: enough to follow mail without the UI.
         via = ">".join(a["connection"] for a in attempts) or "-"

@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
-from postroom.queue.sql import Queue
+from postroom.queue.sql import Queue, RowInsert, Write
 from postroom.store.schema import connection_state, control, events
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,23 @@ def _ensure(conn: Connection, name: str, now: float) -> State:
     return State(**row._mapping)
 
 
+_INSERT_EVENT = insert(events)
+_FAILED = (update(connection_state).where(connection_state.c.name == bindparam("b_name"))
+           .values(failures=bindparam("failures"), health=bindparam("health"),
+                   last_error=bindparam("last_error"), last_error_at=bindparam("last_error_at"),
+                   since=bindparam("since"), open_until=bindparam("open_until")))
+
+
+def event_row(now: float, kind: str, *, message_id: str | None = None,
+              connection: str | None = None, detail: str = "") -> dict[str, Any]:
+    return dict(at=now, kind=kind, message_id=message_id, connection=connection,
+                detail=detail[:2000])
+
+
 def record_event(conn: Connection, now: float, kind: str, *, message_id: str | None = None,
                  connection: str | None = None, detail: str = "") -> None:
-    conn.execute(insert(events).values(at=now, kind=kind, message_id=message_id,
-                                       connection=connection, detail=detail[:2000]))
+    conn.execute(_INSERT_EVENT, event_row(now, kind, message_id=message_id,
+                                          connection=connection, detail=detail))
 
 
 class Health:
@@ -81,27 +95,31 @@ class Health:
         self._cache: dict[str, State] = {}
         self._queue_paused = False
         self._read_at = -1e9
-        self._pending: set[asyncio.Task[Any]] = set()
+        self._pending: set[asyncio.Future[Any]] = set()
         self._skip_noted: dict[str, float] = {}
+        # connection -> (failures not yet written, last error, when); shared with the writer
+        # thread that runs the queued write
+        self._failing: dict[str, tuple[int, str, float]] = {}
+        self._lock = threading.Lock()
 
-    def _background(self, op: Callable[[Connection], Any],
-                    then: Callable[[Any], None] | None = None) -> None:
+    def _background(self, op: Write, then: Callable[[Any], None] | None = None) -> None:
         """Write without making the delivery wait for the commit: health and events are
         bookkeeping, and each awaited commit is an fsync on the delivery path (with the
         breaker open, 0.47x the plain rate). Errors are logged, never raised."""
 
-        async def run() -> None:
-            try:
-                result = await self.queue.writer.submit(op)
-            except Exception as err:  # bookkeeping must never stop a delivery
-                log.error("recording connection health failed: %s", err)
+        def done(fut: asyncio.Future[Any]) -> None:
+            self._pending.discard(fut)
+            if fut.cancelled():
                 return
-            if then is not None:
-                then(result)
+            if (err := fut.exception()) is not None:  # bookkeeping never stops a delivery
+                log.error("recording connection health failed: %s", err)
+            elif then is not None:
+                then(fut.result())
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # Queued at once, ahead of the delivery's result: committed with it or before it.
+        fut = self.queue.writer.enqueue(op)
+        self._pending.add(fut)
+        fut.add_done_callback(done)
 
     async def flush(self) -> None:
         """Wait for the writes still in flight (worker shutdown, tests)."""
@@ -164,33 +182,46 @@ class Health:
         self._background(op)
 
     async def failed(self, name: str, error: str) -> None:
-        now = self.clock()
+        """Count a connection-level failure. Failures that come while one write for this
+        connection is still queued join it: with the breaker kept closed, every message
+        of a batch failing on the same connection is one statement, not one each."""
+        with self._lock:
+            count, _, _ = self._failing.get(name, (0, "", 0.0))
+            self._failing[name] = (count + 1, error, self.clock())
+            if count:
+                return  # the queued write takes this one too
         limit, cooldown = self.failures, self.cooldown
 
+        taken: list[tuple[int, str, float]] = []  # kept if the write is tried again alone
+
         def op(conn: Connection) -> State:
+            if not taken:
+                with self._lock:
+                    taken.append(self._failing.pop(name))
+            n, error, now = taken[0]
             cur = _ensure(conn, name, now)
-            failures = cur.failures + 1
+            failures = cur.failures + n
             health = DOWN if failures >= limit else DEGRADED
-            values: dict[str, Any] = dict(failures=failures, health=health, last_error=error[:2000],
-                                          last_error_at=now)
-            if health != cur.health:
-                values["since"] = now
-            if health == DOWN:
-                values["open_until"] = now + cooldown
-                if cur.health != DOWN:
-                    record_event(conn, now, "connection_down", connection=name,
-                                 detail=f"{failures} failures in a row; last: {error}")
-            conn.execute(update(connection_state).where(connection_state.c.name == name)
-                         .values(**values))
-            return dataclasses.replace(cur, **values)
+            since = now if health != cur.health else cur.since
+            open_until = now + cooldown if health == DOWN else cur.open_until
+            if health == DOWN and cur.health != DOWN:
+                record_event(conn, now, "connection_down", connection=name,
+                             detail=f"{failures} failures in a row; last: {error}")
+            conn.execute(_FAILED, {"b_name": name, "failures": failures, "health": health,
+                                   "last_error": error[:2000], "last_error_at": now,
+                                   "since": since, "open_until": open_until})
+            return dataclasses.replace(cur, failures=failures, health=health, since=since,
+                                       open_until=open_until, last_error=error[:2000],
+                                       last_error_at=now)
 
         self._background(op, then=lambda st: self._cache.__setitem__(name, st))
 
     async def event(self, kind: str, *, message_id: str | None = None,
                     connection: str | None = None, detail: str = "") -> None:
-        now = self.clock()
-        self._background(lambda conn: record_event(conn, now, kind, message_id=message_id,
-                                                   connection=connection, detail=detail))
+        # A row insert: a batch's events go in one executemany (one per message when a
+        # flapping primary makes every message fall back).
+        self._background(RowInsert(_INSERT_EVENT, event_row(
+            self.clock(), kind, message_id=message_id, connection=connection, detail=detail)))
 
     def set_paused(self, name: str | None, paused: bool) -> None:
         """Pause or resume one connection, or (``name=None``) the whole queue. For the CLI
