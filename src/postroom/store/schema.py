@@ -66,11 +66,8 @@ messages = Table(
     Column("priority", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_messages_due", "status", "priority", "next_attempt_at"),
     Index("ix_messages_created", "created_at"),
-    Index("ix_messages_message_id", "message_id"),
-    Index("ix_messages_subject", "subject"),
-    Index("ix_messages_from", "from_header"),
-    Index("ix_messages_to", "to_header"),
-    Index("ix_messages_sender", "sender"),
+    # No index for the searched text columns: search matches lower(column) LIKE '%text%',
+    # which none can serve, and each would cost every write of the row (migration 0005).
 )
 
 attempts = Table(
