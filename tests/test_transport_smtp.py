@@ -277,7 +277,8 @@ def test_xoauth2_token_from_token_provider(peers: Any) -> None:
     asked: list[tuple[str, bool]] = []
 
     class Tokens:
-        def token(self, connection: str, *, refresh: bool = False) -> str:
+        def token(self, connection: str, *, refresh: bool = False,
+                  rejected: str | None = None) -> str:
             asked.append((connection, refresh))
             return str(token)
 
@@ -300,7 +301,8 @@ def test_bad_oauth_token_is_rejected(peers: Any) -> None:
     asked: list[bool] = []
 
     class Tokens:
-        def token(self, connection: str, *, refresh: bool = False) -> str:
+        def token(self, connection: str, *, refresh: bool = False,
+                  rejected: str | None = None) -> str:
             asked.append(refresh)
             return token
 
@@ -322,7 +324,8 @@ def test_rejected_oauth_token_is_refreshed_once(peers: Any) -> None:
     asked: list[bool] = []
 
     class Tokens:
-        def token(self, connection: str, *, refresh: bool = False) -> str:
+        def token(self, connection: str, *, refresh: bool = False,
+                  rejected: str | None = None) -> str:
             asked.append(refresh)
             return str(good) if refresh else "stale-" + uuid.uuid4().hex
 

@@ -154,14 +154,17 @@ class TokenManager:
                                  scope=scope, transport=self.transport)
 
     # -- the TokenProvider interface ----------------------------------------------------------
-    def token(self, connection: str, *, refresh: bool = False) -> str:
-        """An access token for ``connection``. ``refresh=True``: the one this thread was
-        given last was refused; get another (refreshing unless someone already did)."""
+    def token(self, connection: str, *, refresh: bool = False,
+              rejected: str | None = None) -> str:
+        """An access token for ``connection``. ``refresh=True``: ``rejected`` (by default
+        the one this thread was given last) was refused; get another (refreshing unless
+        someone already did)."""
         conn = self.settings.connection(connection)
         if conn.oauth is None:  # a token stored by hand, as before OAuth flows existed
             return self._stored_secret(connection)
         handed: dict[str, str] = self._handed.__dict__.setdefault("tokens", {})
-        rejected = handed.get(connection) if refresh else None
+        if refresh and rejected is None:
+            rejected = handed.get(connection)
         tok = self._token(connection, rejected=rejected, forced=refresh)
         handed[connection] = tok
         return tok

@@ -42,7 +42,11 @@ class DeliveryResult:
 class TokenProvider(Protocol):
     """Gives an OAuth 2.0 access token for a connection (XOAUTH2 / OAUTHBEARER)."""
 
-    def token(self, connection: str, *, refresh: bool = False) -> str: ...
+    def token(self, connection: str, *, refresh: bool = False,
+              rejected: str | None = None) -> str:
+        """``refresh=True``: the server refused ``rejected`` (the token last handed out for
+        this session); give another, refreshing unless someone already did."""
+        ...
 
 
 @dataclass(frozen=True)

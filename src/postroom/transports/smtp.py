@@ -196,7 +196,7 @@ class Transport(base.Transport):
             )
         return stored
 
-    def _token(self, refresh: bool = False) -> str:
+    def _token(self, refresh: bool = False, rejected: str | None = None) -> str:
         s = self.settings
         if s.oauth_token_env and os.environ.get(s.oauth_token_env):
             return os.environ[s.oauth_token_env]
@@ -209,7 +209,7 @@ class Transport(base.Transport):
                     code="auth.token_missing", permanent=False,
                 ) from err
         if self.ctx.tokens is not None:
-            return self.ctx.tokens.token(s.name, refresh=refresh)
+            return self.ctx.tokens.token(s.name, refresh=refresh, rejected=rejected)
         stored = self.ctx.stored_secret(f"connection:{s.name}:token")
         if stored is None:
             raise AuthError(
@@ -352,8 +352,9 @@ class Transport(base.Transport):
             # An access token can be revoked or expire early: refresh it once and try again
             # on the same session (RFC 4954 allows another AUTH after a failed one).
             sess.note("authentication with the access token failed: refreshing it once")
+            # Say which token was refused: this runs on whichever thread is free.
             code, said = await self._auth_exchange(
-                sess, choice, await asyncio.to_thread(self._token, True))
+                sess, choice, await asyncio.to_thread(self._token, True, secret))
         if code != 235:
             err = AuthError.from_reply(f"AUTH {choice} as {user}", code, said,
                                        code="auth.rejected")
