@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 from queue_helpers import T0, FakeClock, envelope, run
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, select
 
 from postroom.envelope import Envelope
 from postroom.exceptions import DeliveryError, StoreError
@@ -22,6 +22,7 @@ from postroom.queue.sql import Claimed, Queue
 from postroom.queue.worker import Worker, decide
 from postroom.settings import DeliverySettings
 from postroom.store.db import make_engine, migrate
+from postroom.store.schema import events
 from postroom.transports import base, memory
 
 T = TypeVar("T")
@@ -148,6 +149,12 @@ def test_claim_leases_and_reclaims_after_expiry(queue: Queue, clock: FakeClock) 
         second = await queue.claim("w2", 10, lease=60)
         assert [m.id for m in second] == [msg_id]
         assert second[0].token != first[0].token
+        # The log says that the next delivery may be a duplicate.
+        with queue.engine.connect() as conn:
+            found = conn.execute(select(events.c.kind, events.c.message_id,
+                                        events.c.detail)).all()
+        assert [(k, m) for k, m, _ in found] == [("lease_expired", msg_id)]
+        assert "duplicate" in found[0][2]
         attempt = {"connection": CONN, "started_at": clock(), "ended_at": clock(),
                    "outcome": "sent", "recipients": {}, "transcript": "", "permanent": False}
         # The first worker comes back too late: its result is not applied.

@@ -35,7 +35,7 @@ from sqlalchemy import select
 
 from postroom.envelope import summarize
 from postroom.store.db import make_engine
-from postroom.store.schema import SENDING, messages
+from postroom.store.schema import SENDING, events, messages
 
 N = 10_000
 LEASE = 10  # seconds a dead worker's messages wait before another worker takes them (a
@@ -154,3 +154,13 @@ def test_worker_killed_mid_run_loses_nothing_and_duplicates_only_its_inflight(
     assert len(twice) <= len(held)
     assert max(seen.values()) <= 2
     assert sink.count() == N + len(twice)
+    # Reported: each message the dead worker held has a lease_expired event in the log,
+    # which says its next delivery may be a duplicate.
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            expired = set(conn.execute(select(events.c.message_id).where(
+                events.c.kind == "lease_expired")).scalars())
+    finally:
+        engine.dispose()
+    assert {r.id for r in held} <= expired

@@ -50,6 +50,7 @@ from postroom.store.schema import (
     SENDING,
     WAITING,
     attempts,
+    events,
     idempotency,
     messages,
     workers,
@@ -260,7 +261,12 @@ _EXPIRE = (
         next_attempt_at=bindparam("now"),
         updated_at=bindparam("now"),
     )
+    .returning(messages.c.id)
 )
+_LEASE_EXPIRED = (  # the event for each: the log must say a duplicate is possible
+    "the worker that was sending it stopped answering (died or hung) before recording a "
+    "result; it is due again, and if that worker had already handed it to the server, the "
+    "next delivery is a duplicate")
 _claim_seq = itertools.count()
 EXPIRE_EVERY = 1.0  # seconds between two checks for run-out leases by one queue
 
@@ -534,9 +540,14 @@ class Queue:
         return op
 
     def _expire_leases(self, conn: Connection, now: float) -> int:
-        """Messages whose lease ran out (their worker died or hung) become due again."""
-        res = conn.execute(_EXPIRE, {"now": now})
-        return int(res.rowcount)
+        """Messages whose lease ran out (their worker died or hung) become due again, each
+        with a ``lease_expired`` event (a possible duplicate)."""
+        ids = [r[0] for r in conn.execute(_EXPIRE, {"now": now})]
+        if ids:
+            conn.execute(insert(events), [
+                {"at": now, "kind": "lease_expired", "message_id": i, "connection": None,
+                 "detail": _LEASE_EXPIRED} for i in ids])
+        return len(ids)
 
     async def claim(
         self, owner: str, limit: int, lease: float, only: str | None = None
