@@ -863,6 +863,21 @@ class SlowTransport(base.Transport):
                                     for r in envelope.recipients})
 
 
+async def stop_when_sent(queue: Queue, n: int,
+                         running: list[tuple[Worker, asyncio.Task[None]]],
+                         timeout: float) -> None:
+    """Wait until ``n`` messages are sent, then stop the running workers (always)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while queue.counts().get("sent", 0) < n:
+                await asyncio.sleep(0.05)
+    finally:
+        for w, t in running:
+            await w.stop(grace=5)
+            t.cancel()
+        await asyncio.gather(*(t for _, t in running), return_exceptions=True)
+
+
 def test_a_live_worker_renews_its_leases(engine: Engine) -> None:
     """Mail still in a worker (a slow upstream, a queue for sessions) keeps its lease: a
     second worker polling all the while never takes it, nor does the first take it again,
@@ -879,16 +894,8 @@ def test_a_live_worker_renews_its_leases(engine: Engine) -> None:
             while not first._inflight:
                 await asyncio.sleep(0.01)
         second = Worker(queue, {CONN: other}, cfg(**delivery), CONN, owner="host:2")
-        t2 = asyncio.create_task(second.run())
-        try:
-            async with asyncio.timeout(15):
-                while queue.counts().get("sent", 0) < 1:
-                    await asyncio.sleep(0.05)
-        finally:
-            for w, t in ((first, t1), (second, t2)):
-                await w.stop(grace=5)
-                t.cancel()
-            await asyncio.gather(t1, t2, return_exceptions=True)
+        await stop_when_sent(queue, 1, [(first, t1), (second, asyncio.create_task(second.run()))],
+                             timeout=15)
         assert slow.sent == [msg_id] and other.sent == []  # 3 leases long, sent once
         m = queue.get(msg_id)
         assert m is not None and m["status"] == "sent" and len(m["attempts"]) == 1
@@ -912,15 +919,7 @@ def test_big_bodies_are_read_when_their_delivery_starts(queue: Queue) -> None:
         assert claimed[big_id].raw == b"" and claimed[big_id].body_later
         await queue.release(list(claimed.values()))
         worker = Worker(queue, {CONN: mem_transport()}, cfg(poll_interval=0.05), CONN)
-        task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(10):
-                while queue.counts().get("sent", 0) < 2:
-                    await asyncio.sleep(0.05)
-        finally:
-            await worker.stop(grace=5)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await stop_when_sent(queue, 2, [(worker, asyncio.create_task(worker.run()))], timeout=10)
         sent = {env.id: env.raw for env in memory.Transport.outboxes[CONN]}
         assert sent[big_id] == big
 
