@@ -213,6 +213,8 @@ def _answer(web: Web, url: str) -> bytes:
     status, body = web.docs.get(url.split("?")[0], (404, "not here"))
     data = body.encode()
     reason = {200: "OK", 404: "Not Found"}.get(status, "Error")
+    if status in (301, 302, 307, 308):  # a redirect: the body is where to
+        data, reason = b"", f"Redirect\r\nLocation: {body}"
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
 

@@ -7,6 +7,11 @@ Interactive on a terminal (confirmation, hidden password prompt); for scripts ev
 has a flag: ``--yes --name N --password-env VAR | --password-stdin --test-to A --no-test
 --json``. Nothing is written unless the login worked (or no login is needed), and a name
 already in use is refused.
+
+What only a person may decide is never decided by ``--yes``: a server that no authenticated
+source vouches for (plain-HTTP autoconfig, a guess, an SRV target outside the domain), or a
+certificate issued for another name, is shown and asked about on a terminal, and refused
+unattended (the message says how to go on: confirm on a terminal, or ``--server``).
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ def wizard(
                                            "probing all candidates together")] = 15.0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON report on stdout (implies "
                                           "--yes)")] = False,
+    server: Annotated[list[str] | None, typer.Option(
+        "--server", help="Probe only this server, HOST or HOST:PORT (repeatable): you vouch "
+        "for it, so it needs no other source", metavar="HOST[:PORT]")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Set up a connection for ADDRESS: find the provider's server (built-in table, MX, SRV,
@@ -110,19 +118,28 @@ def wizard(
     if password_env and password_stdin:
         out.fail(ConfigError("give --password-env or --password-stdin, not both",
                              code="wizard.password"))
+    servers = [_guard(out, lambda s=s: _server_arg(s)) for s in server or []]
     cfg_path = settings_mod.config_path_from(config, os.environ)
     resolver = _guard(out, lambda: Resolver(dns_server, timeout=min(timeout, 5.0)))
     out.say(f"Looking for the submission server of [bold]{address}[/]: built-in table, SRV, "
-            f"autoconfig, MX (DNS: {resolver.describe()})...")
+            f"autoconfig, MX (DNS: {resolver.describe()})..." if not servers else
+            f"Probing the server(s) you named for [bold]{address}[/]...")
     p = _guard(out, lambda: plan(address, resolver, timeout=timeout, ca_file=ca_file,
-                                 oauth=oauth))
+                                 oauth=oauth, unattended=not interactive, servers=servers))
     out.data.update(address=address, plan=p.to_dict())
     _show_plan(out, p)
+    if p.chosen is None and p.refused:
+        out.data["error"] = {"code": "wizard.unauthenticated", "message": p.explanation[0]}
+        out.say("[bold red]Nothing chosen:[/] every working server needs your confirmation "
+                "(see above). Run `postroom wizard` on a terminal without --yes to confirm, "
+                "or name the server with --server HOST[:PORT].")
+        out.done(1)
     if p.chosen is None:
         out.say("[bold red]No server works from here.[/] `postroom probe HOST` shows more; "
                 "if every port is dropped, this network blocks SMTP: an HTTP API transport "
                 "(gmail, msgraph) is the way out.")
         out.done(1)
+    confirmed_name = _confirm_concerns(out, p)
     conn_name = name or default_name(address, p.provider)
     from postroom.configedit import existing_names
 
@@ -132,6 +149,10 @@ def wizard(
             f"with --name, or remove that [[connections]] entry first", code="config.dupe"))
     use_oauth = _choose_oauth(out, p, oauth, interactive)
     entry: dict[str, Any] = {"name": conn_name, **p.connection}
+    if confirmed_name is not None:
+        entry["tls_server_name"] = confirmed_name
+        p.notes.append(f"tls_server_name = \"{confirmed_name}\": the name on the server's "
+                       "certificate, confirmed by you")
     if use_oauth:
         entry.update(_oauth_entry(out, p, client_id, client_secret_env, interactive))
         entry["auth"] = "oauthbearer" if "OAUTHBEARER" in p.chosen.auth and \
@@ -156,6 +177,40 @@ def wizard(
     out.done(_send_test(out, cfg_path, conn_name, test_to or address))
 
 
+def _server_arg(text: str) -> tuple[str, int | None]:
+    """``--server`` HOST, HOST:PORT, [IPv6] or [IPv6]:PORT."""
+    value = text.strip()
+    host, port_text = value, ""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    if not host or any(ch in host for ch in "/@ ") or (port_text and not (
+            port_text.isdigit() and 0 < int(port_text) < 65536)):
+        raise ConfigError(f"--server {text!r}: expected HOST or HOST:PORT, e.g. "
+                          "smtp.example.com:587", code="wizard.server")
+    return host.lower(), int(port_text) if port_text else None
+
+
+def _confirm_concerns(out: _Out, p: Any) -> str | None:
+    """Ask about each of the chosen server's concerns (on a terminal: unattended, the plan
+    never chooses a server with one). A no writes nothing. Returns the certificate's name
+    when the user accepted it as tls_server_name."""
+    from rich.markup import escape
+
+    if not p.concerns:
+        return None
+    for concern in p.concerns:
+        out.say(f"[bold yellow]check[/] {escape(p.chosen.label)}: {escape(concern)}")
+        if not typer.confirm("Use it anyway?", default=False):
+            out.say("nothing written; `postroom wizard ... --server HOST[:PORT]` probes the "
+                    "server your provider's documentation names")
+            out.done(1)
+    name: str | None = p.cert_name
+    return name
+
+
 def _guard(out: _Out, fn: Any) -> Any:
     from postroom.exceptions import PostroomError
 
@@ -176,10 +231,13 @@ def _show_plan(out: _Out, p: Any) -> None:
         out.say(f"  [dim]{escape(line)}[/]")
     if p.provider is not None:
         out.say(f"Provider: [bold]{escape(p.provider.title)}[/]")
-    table = Table("server", "found by", "verdict", "AUTH", title_justify="left")
+    table = Table("server", "found by", "vouched for by", "verdict", "AUTH",
+                  title_justify="left")
     for o in p.options:
         style = "green" if o is p.chosen else ("yellow" if o.usable else "red")
+        by = o.candidate.vouched_by(p.discovery.domain)
         table.add_row(escape(o.label), escape("; ".join(o.candidate.sources)),
+                      escape(by.kind.words) if by else "[red]nobody authenticated[/]",
                       f"[{style}]{o.result.verdict if o.result else '-'}[/]",
                       escape(" ".join(o.auth)) or "-")
     out.con.print(table)

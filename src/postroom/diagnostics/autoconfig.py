@@ -5,7 +5,12 @@ domain publishes them, in Thunderbird's order:
 2. ``https://<domain>/.well-known/autoconfig/mail/config-v1.1.xml``
 3. ``http://autoconfig.<domain>/mail/config-v1.1.xml?emailaddress=<address>`` (the plain-HTTP
    fallback Thunderbird also uses; anyone on the path can forge it, so what it says ranks
-   below what came over HTTPS or from DNS, and the wizard says where it came from)
+   below what came over HTTPS or from DNS, the wizard says where it came from, and never
+   uses it without a person confirming)
+
+A document is authenticated (``Document.secure``) only when every request that fetched it
+was HTTPS with a verified certificate: redirects are followed one by one (at most
+``MAX_REDIRECTS``) and recorded, so an HTTPS URL redirected to plain HTTP is not.
 
 Fetched with httpx, which honours HTTP_PROXY / HTTPS_PROXY / NO_PROXY and SSL_CERT_FILE, and
 resolves names with this machine's resolver. Mozilla's central ISPDB is not asked: that
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_BYTES = 256 * 1024
+MAX_REDIRECTS = 3
 _SOCKET = {"ssl": "smtps", "tls": "smtps", "starttls": "starttls", "plain": "none"}
 
 
@@ -45,10 +51,24 @@ class Document:
     display_name: str = ""
     outgoing: list[Outgoing] = field(default_factory=list)
     oauth: dict[str, str] = field(default_factory=dict)
+    # Every URL requested to get it, the first one included (redirects follow it).
+    chain: tuple[str, ...] = ()
 
     @property
     def secure(self) -> bool:
-        return self.url.startswith("https://")
+        """Fetched only over HTTPS (httpx verifies the certificate: verification is never
+        turned off here), the first request and every redirect."""
+        return self.insecure_reason is None
+
+    @property
+    def insecure_reason(self) -> str | None:
+        hops = self.chain or (self.url,)
+        plain = next((u for u in hops if not u.lower().startswith("https://")), None)
+        if plain is None:
+            return None
+        if plain == hops[0]:
+            return "plain HTTP"
+        return f"redirected from HTTPS to plain HTTP ({plain.split('?')[0]})"
 
 
 def urls(address: str) -> list[str]:
@@ -121,23 +141,38 @@ def _client_verify(ca_file: Path | None) -> Any:
 def fetch(url: str, address: str, timeout: float, ca_file: Path | None = None) -> Fetched:
     import httpx
 
+    chain = [url]
     try:
         with httpx.Client(timeout=timeout, verify=_client_verify(ca_file), trust_env=True,
-                          follow_redirects=True, max_redirects=3) as client, \
-                client.stream("GET", url, headers={"Accept": "application/xml"}) as resp:
-            if resp.status_code != 200:
-                return Fetched(url, error=f"HTTP {resp.status_code}")
-            body = b""
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if len(body) > MAX_BYTES:
-                    return Fetched(url, error=f"larger than {MAX_BYTES // 1024} KiB")
+                          follow_redirects=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                with client.stream("GET", chain[-1],
+                                   headers={"Accept": "application/xml"}) as resp:
+                    if resp.is_redirect and "location" in resp.headers:
+                        target = str(resp.url.join(resp.headers["location"]))
+                        if not target.lower().startswith(("https://", "http://")):
+                            return Fetched(url, error=f"redirected to {target[:100]}: only "
+                                           "http and https are followed")
+                        chain.append(target)
+                        continue
+                    if resp.status_code != 200:
+                        return Fetched(url, error=f"HTTP {resp.status_code}")
+                    body = b""
+                    for chunk in resp.iter_bytes():
+                        body += chunk
+                        if len(body) > MAX_BYTES:
+                            return Fetched(url, error=f"larger than {MAX_BYTES // 1024} KiB")
+                    break
+            else:
+                return Fetched(url, error=f"more than {MAX_REDIRECTS} redirects")
     except httpx.HTTPError as err:
         return Fetched(url, error=_http_error(err))
     try:
-        return Fetched(url, parse(body.decode("utf-8", "replace"), address, url))
+        doc = parse(body.decode("utf-8", "replace"), address, url)
     except ValueError as err:
         return Fetched(url, error=str(err))
+    doc.chain = tuple(chain)
+    return Fetched(url, doc)
 
 
 def _http_error(err: Exception) -> str:

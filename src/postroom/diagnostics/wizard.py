@@ -11,6 +11,13 @@ certificate, AUTH; no credentials sent), ranks them and says why the first one w
    before the MX mapping, plain-HTTP autoconfig and guesses);
 5. implicit TLS before STARTTLS (RFC 8314 3.3), then the faster answer.
 
+Some choices only a person may make, so each option lists its *concerns*: no authenticated
+source vouches for it (postroom.diagnostics.discover.authenticating), or its certificate is
+trusted but issued for another name (taking that name as ``tls_server_name`` would accept
+whatever server holds it). Unattended (``--yes``, or no terminal), an option with a concern
+is never chosen: the plan says which ones were refused and how to go on. On a terminal the
+command shows the concerns and asks.
+
 The plan holds the ``[[connections]]`` keys to write; the command (postroom.commands.wizard)
 does the talking: asks for what is missing, checks the login, stores the password
 encrypted, writes the entry and sends a test message.
@@ -80,11 +87,35 @@ class Option:
             return "not probed"
         return r.summary()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.candidate.to_dict(), "security": self.security, "usable": self.usable,
-                "addresses": self.addresses, "auth": self.auth,
+    @property
+    def cert_name(self) -> str | None:
+        """The name a trusted certificate was issued for, when it is not this host's (a
+        wildcard is no single name to verify against, so it is not offered)."""
+        tls = self.result.tls if self.result is not None else None
+        if tls is None or tls.name_matches is not False or not tls.trusted or \
+                tls.certificate is None:
+            return None
+        names = tls.certificate.dns_names or tls.certificate.common_names
+        return names[0] if names and not names[0].startswith("*") else None
+
+    def concerns(self, domain: str) -> list[str]:
+        """What a person must confirm before this option is used (empty: nothing)."""
+        out: list[str] = []
+        if self.candidate.vouched_by(domain) is None:
+            out.append(f"{self.candidate.unvouched_reason(domain)}: nothing proves "
+                       f"{self.candidate.host} is your provider's server")
+        name = self.cert_name
+        if name is not None:
+            out.append(f"the certificate of {self.candidate.host} is issued for {name}, not "
+                       f"for {self.candidate.host}: verifying the server as {name} "
+                       f"(tls_server_name) is only right if {name} is your provider's")
+        return out
+
+    def to_dict(self, domain: str) -> dict[str, Any]:
+        return {**self.candidate.to_dict(domain), "security": self.security,
+                "usable": self.usable, "addresses": self.addresses, "auth": self.auth,
                 "verdict": str(self.result.verdict) if self.result else None,
-                "summary": self.why(),
+                "summary": self.why(), "concerns": self.concerns(domain),
                 "probe": self.result.to_dict() if self.result else None}
 
 
@@ -98,19 +129,34 @@ class Plan:
     oauth_possible: bool
     connection: dict[str, Any] = field(default_factory=dict)  # [[connections]] keys
     notes: list[str] = field(default_factory=list)
+    # Usable options passed over because no one was there to confirm their concerns.
+    refused: list[Option] = field(default_factory=list)
 
     @property
     def needs_password(self) -> bool:
         return bool(self.chosen and self.chosen.auth)
 
+    @property
+    def concerns(self) -> list[str]:
+        """What the user must confirm before the chosen option is saved."""
+        return self.chosen.concerns(self.discovery.domain) if self.chosen else []
+
+    @property
+    def cert_name(self) -> str | None:
+        """The chosen option's certificate name, taken as tls_server_name only once the
+        user confirms it (the command adds it to the entry)."""
+        return self.chosen.cert_name if self.chosen else None
+
     def to_dict(self) -> dict[str, Any]:
+        domain = self.discovery.domain
         return {"discovery": self.discovery.to_dict(),
                 "provider": ({"id": self.provider.id, "title": self.provider.title,
                               "oauth": self.provider.oauth, "password": self.provider.password,
                               "note": self.provider.note, "docs": self.provider.docs}
                              if self.provider else None),
-                "options": [o.to_dict() for o in self.options],
-                "chosen": self.chosen.to_dict() if self.chosen else None,
+                "options": [o.to_dict(domain) for o in self.options],
+                "chosen": self.chosen.to_dict(domain) if self.chosen else None,
+                "refused": [o.to_dict(domain) for o in self.refused],
                 "explanation": self.explanation, "oauth_possible": self.oauth_possible,
                 "connection": self.connection, "notes": self.notes}
 
@@ -151,19 +197,26 @@ async def _probe_all(d: disc.Discovery, resolver: Resolver, timeout: float,
 
 
 def plan(address: str, resolver: Resolver, *, timeout: float = 15.0,
-         ca_file: Path | None = None, oauth: bool | None = None, http: bool = True) -> Plan:
+         ca_file: Path | None = None, oauth: bool | None = None, http: bool = True,
+         unattended: bool = False, servers: list[tuple[str, int | None]] | None = None
+         ) -> Plan:
     """Discover, probe, rank; ``oauth`` True/False forces the login kind, None lets the
-    provider decide (OAuth where it is the only way)."""
-    d = disc.discover(address, resolver, timeout=min(timeout, 10.0), ca_file=ca_file, http=http)
+    provider decide (OAuth where it is the only way). ``unattended``: nobody can confirm a
+    concern, so an option with one is refused (listed in ``Plan.refused``). ``servers``:
+    the user's own ``--server`` choices instead of discovery."""
+    d = disc.discover(address, resolver, timeout=min(timeout, 10.0), ca_file=ca_file,
+                      http=http, servers=servers)
     options = asyncio.run(_probe_all(d, resolver, timeout, ca_file))
     prov = d.provider
     oauth_possible = bool((prov and prov.oauth) or d.oauth)
     want_oauth = bool(oauth) and oauth_possible
     options.sort(key=lambda o: o.rank(want_oauth))
-    chosen = options[0] if options and options[0].usable else None
+    usable = [o for o in options if o.usable]
+    refused = [o for o in usable if o.concerns(d.domain)] if unattended else []
+    chosen = next((o for o in usable if o not in refused), None)
     if chosen is not None and chosen.candidate.provider is not None:
         prov = prov or chosen.candidate.provider
-    p = Plan(d, options, chosen, prov, [], oauth_possible)
+    p = Plan(d, options, chosen, prov, [], oauth_possible, refused=refused)
     p.explanation = _explain(p)
     if chosen is not None:
         p.connection = _connection(p, address, ca_file, want_oauth)
@@ -173,6 +226,15 @@ def plan(address: str, resolver: Resolver, *, timeout: float = 15.0,
 def _explain(p: Plan) -> list[str]:
     lines: list[str] = []
     c = p.chosen
+    domain = p.discovery.domain
+    if c is None and p.refused:
+        lines.append("no server can be chosen without you (--yes, or no terminal to ask on):")
+        for o in p.refused:
+            lines += [f"  {o.label} refused: {why}" for why in o.concerns(domain)]
+        lines.append("to go on: run the wizard on a terminal without --yes and confirm, or "
+                     "name the server yourself with --server HOST[:PORT] once you know it is "
+                     "your provider's (its documentation says which)")
+        return lines
     if c is None:
         lines.append("no candidate server is usable from here:")
         lines += [f"  {o.label}: {o.why()}" for o in p.options]
@@ -189,9 +251,15 @@ def _explain(p: Plan) -> list[str]:
         lines.append("  no encryption offered: the password would cross the network readable")
     lines.append(f"  AUTH {' '.join(c.auth)} offered" if c.auth else
                  "  no AUTH offered: the server must accept this machine without a login")
-    if c.candidate.trust >= disc.AUTOCONFIG_HTTP:
-        lines.append("  named by an unauthenticated source (plain HTTP or a guess): check that "
-                     "this host is really your provider's")
+    by = c.candidate.vouched_by(domain)
+    lines.append(f"  vouched for by {by.kind.words} ({by.label})" if by else
+                 "  named by an unauthenticated source (plain HTTP or a guess): check that "
+                 "this host is really your provider's")
+    for concern in c.concerns(domain):
+        lines.append(f"  to confirm: {concern}")
+    for o in p.refused:
+        lines += [f"  refused (nobody to confirm it): {o.label}: {why}"
+                  for why in o.concerns(domain)]
     for note in r.notes:
         lines.append(f"  note: {note}")
     others = [o for o in p.options if o is not c]
@@ -208,17 +276,14 @@ def _connection(p: Plan, address: str, ca_file: Path | None, oauth: bool) -> dic
     host = c.candidate.host
     conn: dict[str, Any] = {"transport": "smtp", "host": host, "port": c.candidate.port,
                             "security": c.security}
-    tls = c.result.tls
-    if tls is not None and tls.name_matches is False and tls.certificate is not None:
-        names = tls.certificate.dns_names or tls.certificate.common_names
-        if names and not names[0].startswith("*"):
-            conn["tls_server_name"] = names[0]
+    # A certificate issued for another name is never taken as tls_server_name here: that
+    # needs the user's yes (Plan.cert_name; the command asks, and --yes refuses).
     if not _system_resolves(host) and c.addresses:
         # Found through the DNS server the wizard was given, which this machine's own
         # resolver (the one delivery uses) does not ask: connect by address, and still
         # check the certificate against the name.
         conn["host"] = c.addresses[0]
-        conn.setdefault("tls_server_name", host)
+        conn["tls_server_name"] = host
         p.notes.append(f"{host} resolves only through the DNS server given, not through this "
                        f"machine's resolver: saved as its address {c.addresses[0]} with "
                        f"tls_server_name = \"{host}\"")

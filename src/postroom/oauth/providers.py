@@ -14,12 +14,14 @@ OAuth", "Refresh tokens" (90 days inactivity); Yahoo "OAuth 2.0 Guide".
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import ssl
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from postroom.exceptions import ConfigError
 
@@ -147,12 +149,85 @@ def provider(name: str, where: str = "oauth.provider") -> Provider:
             "discovery_url, for any other)", code="config.oauth.provider") from None
 
 
-def discover(url: str, timeout: float = 10.0, ca_file: str | None = None) -> dict[str, str]:
-    """The endpoints of an RFC 8414 (or OpenID Connect) metadata document."""
-    ctx = ssl.create_default_context(cafile=ca_file)
+MAX_DISCOVERY_BYTES = 1024 * 1024
+MAX_DISCOVERY_REDIRECTS = 3
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """The one rule for a URL Postroom learns rather than is given (a discovery document,
+    the endpoints it lists, an autoconfig <oAuth2> block): None when it may be opened, else
+    what is wrong with it. https only (RFC 8414 sections 2-3 and RFC 6749 sections 3.1-3.2
+    require TLS for the metadata and these endpoints); plain http only to this machine's
+    loopback, where nothing crosses a network (a local identity provider, a test server)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout, context=ctx) as resp:
-            doc = json.load(resp)
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError as err:
+        return f"{url[:100]!r} is not a valid URL ({err})"
+    scheme = parts.scheme.lower()
+    if scheme == "https" and parts.hostname:
+        return None
+    if scheme == "http" and parts.hostname and _loopback(parts.hostname):
+        return None
+    if scheme == "http":
+        return (f"{url[:100]} is plain http to another machine: an OAuth endpoint must be "
+                "https (plain http is allowed only to 127.0.0.1, ::1 or localhost)")
+    return (f"{url[:100]!r} is not an https URL (scheme {scheme or 'missing'!r}): an OAuth "
+            "endpoint must be https (plain http only to 127.0.0.1, ::1 or localhost)")
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _checked(url: str, what: str) -> str:
+    problem = endpoint_url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{what}: {problem}; fix the URL, or give authorize_url and "
+                          "token_url in the connection's oauth table",
+                          code="config.oauth.discovery")
+    return url
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL the rule accepts (urllib alone would follow an
+    https URL to plain http or ftp), and only a few times."""
+
+    max_redirections = MAX_DISCOVERY_REDIRECTS
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                       headers: Any) -> Any:
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            _checked(urllib.parse.urljoin(req.full_url, location),
+                     f"the discovery document {req.full_url} redirects")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def discover(url: str, timeout: float = 10.0, ca_file: str | None = None) -> dict[str, str]:
+    """The endpoints of an RFC 8414 (or OpenID Connect) metadata document; the document and
+    every endpoint it names must pass :func:`endpoint_url_problem`."""
+    _checked(url, f"discovery_url {url[:100]!r}")
+    ctx = ssl.create_default_context(cafile=ca_file)
+    # Only the handlers an http(s) fetch needs: no file:, ftp: or data: opener to fall into.
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(context=ctx), _CheckedRedirects(),
+                    urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler()):
+        opener.add_handler(handler)
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            body = resp.read(MAX_DISCOVERY_BYTES + 1)
+        if len(body) > MAX_DISCOVERY_BYTES:
+            raise ValueError(f"larger than {MAX_DISCOVERY_BYTES // 1024} KiB")
+        doc = json.loads(body)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"cannot read the provider's discovery document {url}: {err}; check discovery_url "
@@ -164,7 +239,8 @@ def discover(url: str, timeout: float = 10.0, ca_file: str | None = None) -> dic
                           code="config.oauth.discovery")
     keys = {"authorize_url": "authorization_endpoint", "token_url": "token_endpoint",
             "device_url": "device_authorization_endpoint", "revoke_url": "revocation_endpoint"}
-    return {ours: str(doc[theirs]) for ours, theirs in keys.items() if doc.get(theirs)}
+    return {ours: _checked(str(doc[theirs]), f"the discovery document {url}: {theirs}")
+            for ours, theirs in keys.items() if doc.get(theirs)}
 
 
 def endpoints(cfg: OAuthSettings, transport: str, connection: str) -> Endpoints:
