@@ -10,6 +10,8 @@
 #      libphp-phpmailer ...; oauth: django-oauth-toolkit in $PEERS/venv), plus python3-venv
 #      if the interpreter cannot create venvs;
 #   2. creates or reuses the venv ${POSTROOM_VENV:-.venv} and runs pip install -e '.[test]';
+#      then runs pip-audit (from a venv of its own) on that venv: a known vulnerability in an
+#      installed package fails the run (scripts/audit_deps.py says which and what to do);
 #   3. starts Postfix+Dovecot and the OAuth2 server (tests/peers/mailserver.sh, oauth.sh) unless
 #      they are already running for $PEERS;
 #   4. runs  python -m pytest -q tests "$@";
@@ -17,7 +19,7 @@
 #   and on exit stops only the servers it started.
 #
 # Exit code: pytest's (exit 5, "no tests collected", counts as a failure); if pytest passed,
-# 1 when a lint step failed.
+# 1 when pip-audit found a known vulnerability or a lint step failed.
 #
 # Environment:
 #   PEERS                    state directory of the peers (default /tmp/peers)
@@ -26,6 +28,10 @@
 #   POSTROOM_LINT            1 (default) runs ruff + mypy after pytest; 0 skips them
 #   POSTROOM_INSTALL_PEERS   1 (default) installs packages for the peers; 0 skips (not root?)
 #   POSTROOM_PYTEST_TIMEOUT  seconds for the whole pytest run (default 1800)
+#   POSTROOM_AUDIT           1 (default) runs pip-audit on the venv; 0 skips it
+#   POSTROOM_AUDIT_VENV      pip-audit's own venv (default $PEERS/pip-audit-venv)
+#   POSTROOM_AUDIT_STRICT    1: also fail when no advisory service answered (default: warn;
+#                            this machine's PyPI serves packages but not their advisories)
 set -euo pipefail
 exec </dev/null
 
@@ -134,11 +140,40 @@ STAMP=$VENV/.postroom-installed
 WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c 'import postroom' 2>/dev/null; then
   # (drop this machine's harmless "Location 'file:///...' is ignored" pip warning)
+  # The venv's own pip and setuptools come from the interpreter's ensurepip (Debian 12: pip
+  # 23.0.1, setuptools 66.1), both with known vulnerabilities that pip-audit (2b) reports.
+  step "pip:upgrade pip setuptools" 300 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U 'pip>=26.1.2' 'setuptools>=83' \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) || die "upgrading pip and setuptools in $VENV failed"
   step "pip:install -e .[test]" 900 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]' \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) || die "pip install -e '.[test]' failed"
   echo "$WANT" >"$STAMP"
 else
   say "venv $VENV is up to date with pyproject.toml"
+fi
+
+# ---- 2b. known vulnerabilities in the installed set (pip-audit) --------------------------------
+# pip-audit has a venv of its own: its dependencies (requests, cachecontrol, cyclonedx...) are
+# then neither installed beside Postroom nor audited as Postroom's. It audits $VENV through
+# PIPAPI_PYTHON_LOCATION (scripts/audit_deps.py). No advisory service answering is a warning,
+# not a failure (see audit_deps.py), unless POSTROOM_AUDIT_STRICT=1.
+audit_rc=0
+if [ "${POSTROOM_AUDIT:-1}" = 1 ]; then
+  AUDIT_VENV=${POSTROOM_AUDIT_VENV:-$PEERS/pip-audit-venv}
+  if ! "$AUDIT_VENV/bin/python" -c 'import pip_audit' 2>/dev/null; then
+    if [ -x "$AUDIT_VENV/bin/python" ] || step venv:create-audit 300 "$PY" -m venv "$AUDIT_VENV"; then
+      step "pip:install pip-audit" 600 "$AUDIT_VENV/bin/python" -m pip install -q --disable-pip-version-check 'pip-audit>=2.7' \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) || say "installing pip-audit into $AUDIT_VENV failed"
+    fi
+  fi
+  if "$AUDIT_VENV/bin/python" -c 'import pip_audit' 2>/dev/null; then
+    export POSTROOM_AUDIT_PYTHON=$AUDIT_VENV/bin/python   # tests/test_hostile_defaults.py uses it too
+    step pip-audit 300 "$AUDIT_VENV/bin/python" scripts/audit_deps.py "$VENV/bin/python" || audit_rc=$?
+    [ "$audit_rc" = 1 ] && say "pip-audit: known vulnerabilities in $VENV (listed above): the run will fail after the tests"
+  elif [ "${POSTROOM_AUDIT_STRICT:-0}" = 1 ]; then
+    say "ERROR: pip-audit is not available in $AUDIT_VENV (POSTROOM_AUDIT_STRICT=1)"; audit_rc=2
+  else
+    say "WARNING: pip-audit is not available in $AUDIT_VENV: no vulnerability audit this time"
+  fi
 fi
 
 # ---- 3. start the peers (mailserver + OAuth server) unless they are running ------------------
@@ -188,6 +223,6 @@ if [ "${POSTROOM_LINT:-1}" = 1 ]; then
   [ -x "$VENV/bin/mypy" ] && { step "mypy --strict src/postroom" 900 "$VENV/bin/mypy" --strict src/postroom || lint_rc=1; }
 fi
 
-say "result: pytest rc=$rc, lint rc=$lint_rc$([ "${POSTROOM_LINT:-1}" = 1 ] || echo ' (skipped)')"
-if [ "$rc" = 0 ] && [ "$lint_rc" != 0 ]; then rc=1; fi
+say "result: pytest rc=$rc, pip-audit rc=$audit_rc$([ "${POSTROOM_AUDIT:-1}" = 1 ] || echo ' (skipped)'), lint rc=$lint_rc$([ "${POSTROOM_LINT:-1}" = 1 ] || echo ' (skipped)')"
+if [ "$rc" = 0 ] && { [ "$audit_rc" != 0 ] || [ "$lint_rc" != 0 ]; }; then rc=1; fi
 exit "$rc"

@@ -128,6 +128,17 @@ class Postroom:
             timeout=timeout,
         )
 
+    def api(self, key: str | None = None, *, source: str | None = None,
+            timeout: float = 15.0) -> Any:
+        """An httpx.Client on this instance's HTTP listener (from ``source``, e.g.
+        "127.0.0.2" for a remote client), with the app's API key when given."""
+        import httpx
+
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.http_port}", timeout=timeout,
+            headers={"Authorization": f"Bearer {key}"} if key else None,
+            transport=httpx.HTTPTransport(local_address=source) if source else None)
+
     def add_app(self, name: str) -> str:
         """`postroom app add NAME`; returns the SMTP secret it prints once."""
         return self.add_app_keys(name)[0]

@@ -11,6 +11,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from postroom.apps import Apps
+from postroom.ingress.accept import Intake
 from postroom.ingress.smtpd import Handler, Policy, PostroomSMTP
 from postroom.queue.sql import Queue
 from postroom.settings import ServerSettings
@@ -20,7 +21,9 @@ from postroom.store.db import make_engine, migrate
 def _handler(tmp_path: Path) -> Handler:
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
-    return Handler(Queue(engine), Apps(engine), Policy(ServerSettings()))
+    apps = Apps(engine, b"k" * 32)
+    return Handler(Queue(engine), apps, Policy(ServerSettings()),
+                   Intake(ServerSettings(), (), apps))
 
 
 def _describe(obj: PostroomSMTP) -> dict[str, Any]:

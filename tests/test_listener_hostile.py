@@ -13,20 +13,17 @@ line endings and quotes dots).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import smtplib
-import socket
 import sqlite3
-import ssl
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from serve_proc import Postroom, smtp_connection
+from smtp_raw import Raw, auth_plain
 
 pytestmark = [pytest.mark.peers]
 
@@ -68,74 +65,9 @@ def secret(pr: Postroom) -> str:
     return pr.add_app(APP)
 
 
-# -- a raw SMTP client ---------------------------------------------------------------------------
-class Raw:
-    """Bytes in, (code, text) out; nothing is normalised."""
-
-    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT,
-                                             source_address=(source, 0))
-        self.rfile = self.sock.makefile("rb")
-        self.greeting = self.reply()
-        assert self.greeting[0] == 220, self.greeting
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> tuple[int, str]:
-        lines: list[str] = []
-        while True:
-            line = self.rfile.readline(65536)
-            if not line:
-                raise EOFError(f"connection closed by the server after {lines!r}")
-            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if line[3:4] != b"-":
-                break
-        return int(lines[-1][:3]), "\n".join(x[4:] for x in lines)
-
-    def cmd(self, line: str | bytes) -> tuple[int, str]:
-        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
-        return self.reply()
-
-    def ehlo(self) -> list[str]:
-        code, text = self.cmd("EHLO client.example.org")
-        assert code == 250, text
-        return [x.split()[0].upper() for x in text.splitlines()[1:] if x.strip()]
-
-    def starttls(self, cafile: Path) -> None:
-        code, text = self.cmd("STARTTLS")
-        assert code == 220, text
-        ctx = ssl.create_default_context(cafile=str(cafile))
-        self.sock = ctx.wrap_socket(self.sock, server_hostname="127.0.0.1")
-        self.rfile = self.sock.makefile("rb")
-
-    def envelope(self) -> None:
-        assert self.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
-        assert self.cmd(f"RCPT TO:<{RCPT}>")[0] == 250
-
-    def data(self, payload: bytes) -> tuple[int, str]:
-        """DATA, then ``payload`` exactly as given (it must carry its own terminator)."""
-        code, text = self.cmd("DATA")
-        assert code == 354, text
-        self.send(payload)
-        return self.reply()
-
-    def expect_closed(self) -> None:
-        try:
-            data = self.sock.recv(1024)
-        except (ConnectionResetError, ssl.SSLError):
-            return
-        assert data == b"", f"expected the server to close the connection, got {data!r}"
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+def envelope(c: Raw) -> None:
+    assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{RCPT}>")[0] == 250
 
 
 # -- what is stored, and is the server still up --------------------------------------------------
@@ -179,10 +111,6 @@ def assert_nothing_stored_and_alive(pr: Postroom, peers: Any, before: set[str]) 
 
 def upstream_subjects(peers: Any) -> list[str]:
     return [str(m.get("Subject", "")) for m in peers.messages(RCPT)]
-
-
-def auth_plain(user: str, password: str) -> str:
-    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
 # -- relaying and AUTH policy --------------------------------------------------------------------
@@ -268,7 +196,7 @@ def test_bad_credentials_are_delayed_then_session_closed(
         assert code == 421 and text.startswith("4.7.0"), text
         assert closed - third_sent >= floor, f"421 came {closed - third_sent:.3f}s after"
         assert closed - first_sent >= MAX_AUTH_FAILURES * floor, f"{closed - first_sent:.3f}s"
-        c.expect_closed()
+        assert c.closed_by_server()
     # The lockout is per session: a new session with the right secret is fine and can send.
     with Raw(pr.smtp_port, REMOTE) as c:
         c.starttls(pr.cert)
@@ -317,7 +245,7 @@ def test_smuggling_with_bare_newlines_is_refused(
     )
     with Raw(pr.smtp_port) as c:
         c.ehlo()
-        c.envelope()
+        envelope(c)
         code, text = c.data(payload)
         assert code == 550 and text.startswith("5.5.2"), text
         # Still in step: the smuggled commands were data, never executed (no stray replies).
@@ -331,7 +259,7 @@ def test_bare_lf_in_a_header_is_refused(pr: Postroom, peers: Any) -> None:
     before = stored_ids(pr)
     with Raw(pr.smtp_port) as c:
         c.ehlo()
-        c.envelope()
+        envelope(c)
         code, text = c.data(b"Subject: a\nBcc: b@example.test\r\n\r\nbody\r\n.\r\n")
         assert code == 550 and text.startswith("5.5.2"), text
     assert_nothing_stored_and_alive(pr, peers, before)
@@ -355,7 +283,7 @@ def test_data_over_the_limit_is_refused_after_data(pr: Postroom, peers: Any) -> 
     before = stored_ids(pr)
     with Raw(pr.smtp_port) as c:
         c.ehlo()
-        c.envelope()
+        envelope(c)
         line = b"y" * 78 + b"\r\n"
         payload = b"Subject: big\r\n\r\n" + line * (MAX_SIZE // len(line) + 2) + b".\r\n"
         code, text = c.data(payload)
@@ -378,7 +306,7 @@ def test_overlong_command_line_is_refused(pr: Postroom, peers: Any, length: int)
         assert code == 500, text
         # The rest of the long line was swallowed, not run as a command.
         assert c.cmd("NOOP")[0] == 250
-        c.envelope()
+        envelope(c)
         assert c.cmd("RSET")[0] == 250
     assert_nothing_stored_and_alive(pr, peers, before)
 
@@ -387,7 +315,7 @@ def test_overlong_data_line_is_refused(pr: Postroom, peers: Any) -> None:
     before = stored_ids(pr)
     with Raw(pr.smtp_port) as c:
         c.ehlo()
-        c.envelope()
+        envelope(c)
         payload = b"Subject: long line\r\n\r\nshort\r\n" + b"z" * 1200 + b"\r\nafter\r\n.\r\n"
         code, text = c.data(payload)
         assert code == 500, text
@@ -466,7 +394,7 @@ def test_non_utf8_header_is_refused(pr: Postroom, peers: Any) -> None:
     with Raw(pr.smtp_port) as c:
         c.ehlo()
         for head in (b"Subject: \xff\xfe\r\n", b"From: \xe9t\xe9 <a@example.org>\r\n"):
-            c.envelope()
+            envelope(c)
             code, text = c.data(head + b"To: " + RCPT.encode() + b"\r\n\r\nbody\r\n.\r\n")
             assert code == 554 and text.startswith("5.6.0"), text
         assert c.cmd("NOOP")[0] == 250

@@ -230,7 +230,7 @@ def test_unknown_connection_and_limits(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "lim", 'max_message_size = 2048\nmax_recipients = 2\n'
                        '[[connections]]\nname = "cap"\ntransport = "capture"\n')
     with Mailer(config=cfg) as m:
-        with pytest.raises(ConfigError, match="cap"):
+        with pytest.raises(MessageError, match="cap"):
             m.send(from_=SENDER, to=RCPT, text="x", connection="nope")
         with pytest.raises(MessageError) as err:
             m.send(from_=SENDER, to=RCPT, text="x" * 5000)

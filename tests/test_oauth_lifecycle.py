@@ -283,23 +283,33 @@ def test_provider_definitions(tmp_path: Path, peers: Any) -> None:
         app_only.endpoints("x")
 
 
-def test_sign_in_start_needs_a_ticket_from_outside(tmp_path: Path) -> None:
+def test_sign_in_start_always_needs_a_ticket(tmp_path: Path) -> None:
+    """Issue 11: an address in trusted_networks no longer starts a sign-in without a ticket
+    (behind a same-host proxy every client is 127.0.0.1); the callback wants the browser's
+    cookie. The real server's doors are in test_hostile_oauth."""
     tm = manager(tmp_path, GOOGLE_SMTP, Endpoint(), Clock())
     app = FastAPI()
     app.include_router(web.router)
     app.state.ctx = SimpleNamespace(settings=tm.settings)
     app.state.oauth = tm
-    client = TestClient(app, follow_redirects=False)  # its address, "testclient", is no IP
+    client = TestClient(app, base_url="http://127.0.0.1:8025", follow_redirects=False,
+                        client=("127.0.0.1", 50000))
     assert client.get("/oauth/start/g").status_code == 403
-    r = client.get(f"/oauth/start/g?ticket={web.ticket(tm.key, 'g')}")
+    once = web.ticket(tm.key, "g", tm.clock())
+    r = client.get(f"/oauth/start/g?ticket={once}")
     assert r.status_code == 302 and r.headers["location"].startswith(
         "https://accounts.google.com/o/oauth2/v2/auth?")
-    assert client.get(f"/oauth/start/g?ticket={web.ticket(tm.key, 'other')}").status_code == 403
+    again = client.get(f"/oauth/start/g?ticket={once}")
+    assert again.status_code == 403 and "already used" in again.text
+    other = web.ticket(tm.key, "other", tm.clock())
+    assert client.get(f"/oauth/start/g?ticket={other}").status_code == 403
     r = client.get("/oauth/callback?state=nope&code=x")
+    assert r.status_code == 400 and "not started in this browser" in r.text
+    r = client.get("/oauth/callback?code=x")
     assert r.status_code == 400 and "already used" in r.text
     state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
-        client.get(f"/oauth/start/g?ticket={web.ticket(tm.key, 'g')}").headers["location"]
-    ).query))["state"]
+        client.get(f"/oauth/start/g?ticket={web.ticket(tm.key, 'g', tm.clock())}")
+        .headers["location"]).query))["state"]
     r = client.get(f"/oauth/callback?state={state}&error=access_denied&error_description=no")
     assert r.status_code == 400 and "declined" in r.text
 

@@ -43,6 +43,7 @@ from sqlalchemy import select
 from postroom import settings as settings_mod
 from postroom.oauth.store import Grant
 from postroom.oauth.tokens import TokenManager
+from postroom.oauth.web import ticket
 from postroom.queue.sql import Queue
 from postroom.runtime import Instance
 from postroom.store.db import make_engine
@@ -87,6 +88,10 @@ class World:
 
     def link(self, name: str) -> str:
         return f"http://127.0.0.1:{self.pr.http_port}/oauth/start/{name}"
+
+    def signin_link(self, name: str) -> str:
+        """The start link with a fresh single-use ticket, as `postroom oauth login` prints."""
+        return f"{self.link(name)}?ticket={ticket(self.tm.key, name)}"
 
     def grant(self, name: str) -> Grant:
         g = self.tm.store.get(name)
@@ -139,7 +144,7 @@ def world(peers: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worl
 
 
 def test_sign_in_stores_tokens_encrypted_and_delivers(world: World, unique_subject: str) -> None:
-    page = sign_in(world.link("dot"))
+    page = sign_in(world.signin_link("dot"))
     assert page.status_code == 200, page.text
     assert "Signed in" in page.text and "smtp offline_access" in page.text
     g = world.grant("dot")
@@ -162,7 +167,7 @@ def test_sign_in_stores_tokens_encrypted_and_delivers(world: World, unique_subje
 
 
 def test_oauthbearer_over_implicit_tls(world: World, unique_subject: str) -> None:
-    assert sign_in(world.link("bearer")).status_code == 200
+    assert sign_in(world.signin_link("bearer")).status_code == 200
     msg_id = world.send("bearer@app.test", unique_subject)
     world.wait_status(msg_id, {"sent"})
     world.peers.wait_for(USER, unique_subject)
@@ -172,7 +177,7 @@ def test_oauthbearer_over_implicit_tls(world: World, unique_subject: str) -> Non
 
 def test_expired_token_is_refreshed_once_and_the_rotated_refresh_token_kept(
         world: World, unique_subject: str) -> None:
-    assert sign_in(world.link("dot")).status_code == 200
+    assert sign_in(world.signin_link("dot")).status_code == 200
     first = world.send("app@app.test", unique_subject + "-1")
     world.wait_status(first, {"sent"})
     before = world.grant("dot")
@@ -195,7 +200,7 @@ def test_expired_token_is_refreshed_once_and_the_rotated_refresh_token_kept(
 
 def test_token_refused_before_expiry_is_refreshed_once_on_535(
         world: World, unique_subject: str) -> None:
-    assert sign_in(world.link("dot")).status_code == 200
+    assert sign_in(world.signin_link("dot")).status_code == 200
     g = world.grant("dot")
     # An access token the mail server refuses although it has not expired (revoked by the
     # provider alone): stored in place of the real one, as a new generation.
@@ -217,7 +222,7 @@ def test_token_refused_before_expiry_is_refreshed_once_on_535(
 
 def test_revoked_grant_defers_explains_alerts_and_renewal_delivers(
         world: World, unique_subject: str) -> None:
-    assert sign_in(world.link("dot")).status_code == 200
+    assert sign_in(world.signin_link("dot")).status_code == 200
     g = world.grant("dot")
     assert g.refresh_token
     revoke_at_provider(world.dot.base, g.refresh_token)  # the user withdraws access
@@ -233,7 +238,7 @@ def test_revoked_grant_defers_explains_alerts_and_renewal_delivers(
     status = json.loads(world.pr.cli("oauth", "status", "--json").stdout)
     assert {r["connection"]: r["state"] for r in status}["dot"] == "dead"
     # Renew: sign in again; the waiting message goes at once (its backoff is 30 s+).
-    assert sign_in(world.link("dot")).status_code == 200
+    assert sign_in(world.signin_link("dot")).status_code == 200
     world.wait_status(msg_id, {"sent"}, timeout=20)
     world.peers.wait_for(USER, unique_subject)
     assert world.grant("dot").state == "ok"
@@ -273,7 +278,7 @@ def test_device_flow_end_to_end(world: World, unique_subject: str) -> None:
 
 
 def test_status_and_revoke_commands(world: World) -> None:
-    assert sign_in(world.link("bearer")).status_code == 200
+    assert sign_in(world.signin_link("bearer")).status_code == 200
     out = world.pr.cli("oauth", "status")
     assert out.returncode == 0, out.stderr
     text = out.stdout.decode()

@@ -79,6 +79,8 @@ def put(queue: Queue, clock: FakeClock, status: str, *rcpts: str, states: dict[s
         env_id: str | None = None, source: str = "test") -> str:
     env = envelope(*(rcpts or ("a@example.org",)), subject=subject)
     env.source = source
+    door, _, owner = source.partition(":")
+    env.app = owner if door in ("api", "smtp") and owner != "trusted" else None
     if env_id is not None:
         env.id = env_id
 

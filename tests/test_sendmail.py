@@ -536,7 +536,9 @@ def test_unreadable_configuration(shared: Path) -> None:
     prefix, home = _as_other_user(shared)
     shared.chmod(0o600 if prefix else 0o000)
     subject = _subject("unreadable")
-    r = _run([str(SENDMAIL), "-C", str(shared), RCPT], prefix=prefix, env={"HOME": str(home)},
+    # Named in the environment: another user's -C file is refused (test_hostile_sendmail).
+    r = _run([str(SENDMAIL), RCPT], prefix=prefix,
+             env={"HOME": str(home), "POSTROOM_CONFIG": str(shared)},
              input=f"Subject: {subject}\n\nkept\n".encode())
     assert r.returncode == 78, r.stderr
     _no_traceback(r)
@@ -555,8 +557,9 @@ def test_store_not_writable_keeps_message(shared: Path) -> None:
         data.chmod(0o500)
     try:
         subject = _subject("not-writable")
-        r = _run([str(SENDMAIL), "-C", str(shared), RCPT], prefix=prefix,
-                 env={"HOME": str(home)}, input=f"Subject: {subject}\n\nkept too\n".encode())
+        r = _run([str(SENDMAIL), RCPT], prefix=prefix,
+                 env={"HOME": str(home), "POSTROOM_CONFIG": str(shared)},
+                 input=f"Subject: {subject}\n\nkept too\n".encode())
     finally:
         data.chmod(0o700)
     assert r.returncode == 75, r.stderr
@@ -569,22 +572,24 @@ def test_store_not_writable_keeps_message(shared: Path) -> None:
 
 def test_dead_letter_setting_and_planted_symlink(tmp_path: Path) -> None:
     """[sendmail] dead_letter is used first; a symlink planted there is never followed (the
-    next place, ~/dead.letter, takes the message)."""
+    next place, ~/dead.letter, takes the message). The file must be inside the data folder
+    (test_hostile_sendmail checks the refusals)."""
     target = tmp_path / "victim"
     target.write_text("")
-    (tmp_path / "planted").symlink_to(target)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "planted").symlink_to(target)
     config = tmp_path / "postroom.toml"
-    config.write_text('[server]\ndata_dir = "data"\n[sendmail]\ndead_letter = "planted"\n')
+    config.write_text('[server]\ndata_dir = "data"\n[sendmail]\ndead_letter = "data/planted"\n')
     home = tmp_path / "home"
     home.mkdir()
     r = _sendmail(config, "-t", input=b"Subject: nobody\n\nbody\n", env={"HOME": str(home)})
     assert r.returncode == 64, r.stderr
     assert target.read_text() == ""
     assert f"kept in {home / 'dead.letter'}" in r.stderr
-    (tmp_path / "planted").unlink()
+    (tmp_path / "data" / "planted").unlink()
     r = _sendmail(config, "-t", input=b"Subject: nobody\n\nbody\n", env={"HOME": str(home)})
-    assert f"kept in {tmp_path / 'planted'}" in r.stderr
-    assert len(mailbox.mbox(str(tmp_path / "planted"))) == 1
+    assert f"kept in {tmp_path / 'data' / 'planted'}" in r.stderr
+    assert len(mailbox.mbox(str(tmp_path / "data" / "planted"))) == 1
 
 
 # -- start-up cost: PHP runs the command once per message ----------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
+
+from postroom.exceptions import ConfigError
+from postroom.fsperm import open_private, private_dir
 
 CONFIG_TEMPLATE = '''\
 # postroom.toml — written by Postroom on first run. Every key is optional; the values shown
@@ -60,10 +62,19 @@ CONFIG_TEMPLATE = '''\
 
 
 def write_config_template(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(CONFIG_TEMPLATE)
+    """The commented template, 0600: the user will add credentials (or secret file paths)
+    to it. O_EXCL: never over a file that appeared meanwhile."""
+    try:
+        private_dir(path.parent)
+        with open_private(path, "x", encoding="utf-8") as f:
+            f.write(CONFIG_TEMPLATE)
+    except FileExistsError:
+        return  # another process wrote it first: theirs is as good
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the configuration file {path}: {err.strerror or err}; create it "
+            "yourself (any content, even empty) or pass --config with a path this user may "
+            "write", code="config.write") from err
 
 
 def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
@@ -75,7 +86,8 @@ def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    cert.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(cert.parent)
+    private_dir(key.parent)
     pkey = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "localhost")])
     now = dt.datetime.now(dt.UTC)
@@ -96,8 +108,10 @@ def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(pkey, hashes.SHA256())
     )
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    # Both 0600. The key is the server's identity. The certificate is public, but it lives
+    # in the 0700 data folder anyway (copy it out to pin it in a client), and one rule for
+    # every file Postroom writes keeps it from being world-writable under umask 000.
+    with open_private(key, "wb") as f:
         f.write(
             pkey.private_bytes(
                 serialization.Encoding.PEM,
@@ -105,5 +119,6 @@ def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
                 serialization.NoEncryption(),
             )
         )
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    with open_private(cert, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
     return True

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from postroom import settings as settings_mod
+from postroom.commands import apps as _apps_commands
 from postroom.commands import connections as _connections_commands
 from postroom.commands import diagnose as _diagnose_commands
 from postroom.commands import oauth as _oauth_commands
@@ -30,10 +31,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-apps_cli = typer.Typer(help="Credentials apps use to hand mail in (SMTP AUTH).",
-                       no_args_is_help=True)
 conn_cli = typer.Typer(help="Connections to your providers.", no_args_is_help=True)
-app.add_typer(apps_cli, name="app")
+app.add_typer(_apps_commands.cli, name="app")
 app.add_typer(conn_cli, name="connection")
 app.add_typer(_queue_commands.cli, name="queue")
 app.add_typer(_connections_commands.cli, name="connections")
@@ -214,6 +213,7 @@ def send(
     from postroom.envelope import Envelope
     from postroom.headers import parse_mailbox
     from postroom.idn import check_address
+    from postroom.ingress.accept import crlf
     from postroom.message import Attachment, Draft
     from postroom.message import build as build_envelope
 
@@ -230,9 +230,10 @@ def send(
         composed = text is not None or html is not None or attach or inline or header
         if not composed and not sys.stdin.isatty():
             raw = sys.stdin.buffer.read()
-            raw = re.sub(rb"\r?\n", b"\r\n", raw)  # sendmail-style input: normalise to CRLF
             addrs = [check_address(parse_mailbox(a)[1]) for a in [sender, *rcpts]]
-            return Envelope(addrs[0], addrs[1:], raw, source="cli", connection=connection)
+            # sendmail-style input: lone LFs become CRLF (a bare CR is refused at intake)
+            return Envelope(addrs[0], addrs[1:], crlf(raw), source="cli",
+                            connection=connection)
         extra: dict[str, str] = {}
         for item in header or []:
             name, colon, value = item.partition(":")
@@ -248,9 +249,11 @@ def send(
         draft = Draft(from_=sender, to=to or [], cc=cc or [], bcc=bcc or [],
                       reply_to=reply_to or [], subject=subject, text=text, html=html,
                       attachments=files, headers=extra)
-        return build_envelope(draft, source="cli", connection=connection)
+        return build_envelope(draft, source="cli", connection=connection,
+                              max_size=inst.settings.server.max_message_size)
 
     env = _guard(build)
+    _guard(lambda: inst.intake.check(env))
     # With --now, held back from running workers, so that this process is the one to deliver.
     msg_id = _guard(lambda: inst.queue.enqueue_sync(env, hold=NOW_HOLD if now else 0.0))
     _console().print(f"queued {msg_id}")
@@ -283,6 +286,7 @@ def test(
         return Envelope(frm, [to], raw, source="cli:test", connection=connection)
 
     env = _guard(build)
+    _guard(lambda: inst.intake.check(env))
     msg_id = _guard(lambda: inst.queue.enqueue_sync(env, hold=NOW_HOLD))
     _deliver_and_report(inst, msg_id)
 
@@ -439,42 +443,7 @@ def resend(
     _console().print(f"queued {new_id} (copy of {msg_id})")
 
 
-# -- apps and connections -----------------------------------------------------------------------
-@apps_cli.command("add")
-def app_add(name: str, config: ConfigOpt = None) -> None:
-    """Create an app; prints its SMTP AUTH secret and HTTP API key once."""
-    inst = _instance(config)
-    secret = _guard(lambda: inst.apps.add(name))
-    con = _console()
-    con.print(f"app [bold]{name}[/] created (shown only now, store them in the app):",
-              soft_wrap=True)
-    con.print(f"  SMTP AUTH: username [bold]{name}[/] password [bold]{secret}[/]",
-              soft_wrap=True)
-    con.print(f"  HTTP API:  Authorization: Bearer [bold]{inst.apps.api_key(name, secret)}[/]",
-              soft_wrap=True)
-
-
-@apps_cli.command("list")
-def app_list(config: ConfigOpt = None) -> None:
-    """List apps."""
-    from rich.table import Table
-
-    inst = _instance(config)
-    table = Table("name", "created", "last used")
-    for a in _guard(inst.apps.list):
-        table.add_row(str(a["name"]), _when(a["created_at"]), _when(a["last_used_at"]))
-    _console().print(table)
-
-
-@apps_cli.command("remove")
-def app_remove(name: str, config: ConfigOpt = None) -> None:
-    """Remove an app: its credentials stop working at once."""
-    inst = _instance(config)
-    if not _guard(lambda: inst.apps.remove(name)):
-        _fail(MessageError(f"no app named {name!r}", code="app.unknown"))
-    _console().print(f"app {name} removed")
-
-
+# -- connections -----------------------------------------------------------------------
 @conn_cli.command("list")
 def conn_list(config: ConfigOpt = None) -> None:
     """Same as `postroom connections`: each connection with its health and limits."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from postroom.exceptions import ConfigError
+from postroom.fsperm import open_private
 
 
 def toml_value(value: Any) -> str:
@@ -95,7 +96,9 @@ def append_connection(path: Path, entry: Mapping[str, Any],
     # Validated as `postroom serve` will read it, from the same folder (relative paths).
     tmp = path.with_name(f".{path.name}.wizard-{os.getpid()}.tmp")
     try:
-        tmp.write_text(new_text, encoding="utf-8")
+        # 0600 like the file itself: the text may hold credentials.
+        with open_private(tmp, "w", encoding="utf-8") as f:
+            f.write(new_text)
         loaded = settings_mod.load(tmp, environ={})
     finally:
         tmp.unlink(missing_ok=True)

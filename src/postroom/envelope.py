@@ -250,7 +250,9 @@ class Envelope:
     sender: str
     recipients: list[str]
     raw: bytes
-    source: str = ""  # "smtp:<app>" / "smtp:trusted" / "cli" ...
+    source: str = ""  # the door, for the log: "smtp:<app>" / "smtp:trusted" / "cli" ...
+    # The owning app, only when a door authenticated it; apps see their own mail by this.
+    app: str | None = None
     connection: str | None = None  # pin delivery to one named connection
     id: str = field(default_factory=new_id)
     tags: list[str] = field(default_factory=list)  # the app's labels, searchable

@@ -11,6 +11,8 @@ succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``
     ├── ConfigError                  bad configuration value (names the key and the fix)
     ├── StoreError                   the database failed
     ├── MessageError                 a message or address we cannot accept as given
+    │   └── IntakeError              refused at intake (ingress.accept): says how each door
+    │                                answers (SMTP reply, HTTP status, when to retry)
     ├── CredentialsError             an app's credentials were refused (HTTP API key)
     └── DeliveryError                one delivery attempt failed
         ├── ConnectError             DNS, refused, unreachable, connect timeout
@@ -63,6 +65,28 @@ class MessageError(PostroomError):
     """A message, address or header that cannot be accepted as given."""
 
     code = "message.invalid"
+
+
+class IntakeError(MessageError):
+    """A door refuses a message (postroom.ingress.accept). Every door answers the same
+    refusal the same way: ``smtp`` is the SMTP reply code and enhanced status ("552 5.3.4"),
+    ``http`` the HTTP status; ``retry_after`` (seconds) is set for a temporary refusal."""
+
+    code = "message.refused"
+
+    def __init__(self, message: str, fix: str = "correct the message", *,
+                 code: str | None = None, smtp: str = "554 5.6.0", http: int = 422,
+                 retry_after: float | None = None) -> None:
+        super().__init__(f"{message}; {fix}", code=code, permanent=retry_after is None)
+        self.problem = message
+        self.fix = fix
+        self.smtp = smtp
+        self.http = http
+        self.retry_after = retry_after
+
+    @property
+    def smtp_reply(self) -> str:
+        return f"{self.smtp} {self.message}"
 
 
 class CredentialsError(PostroomError):

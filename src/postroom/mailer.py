@@ -45,6 +45,7 @@ from typing import Any, Protocol, Self
 from postroom import settings as settings_mod
 from postroom.envelope import Envelope, validate_address
 from postroom.exceptions import ConfigError, MessageError, PostroomError
+from postroom.ingress.accept import crlf
 from postroom.message import Attachment, Draft, build
 from postroom.portal import Portal
 
@@ -154,8 +155,9 @@ def _raw_bytes(raw: bytes | str) -> bytes:
     if not isinstance(raw, bytes | bytearray):
         raise MessageError(f"raw must be the MIME message as bytes, not {type(raw).__name__}",
                            code="message.type")
-    # The store keeps CRLF line ends (RFC 5322), whatever the caller's platform wrote.
-    raw = re.sub(rb"\r?\n", b"\r\n", bytes(raw))
+    # The store keeps CRLF line ends (RFC 5322), whatever the caller's platform wrote; a
+    # bare CR is refused at intake (ingress.accept).
+    raw = crlf(bytes(raw))
     if not _HEADER_LINE.match(raw):
         raise MessageError("raw does not start with a header field (\"Name: value\"); pass a "
                            "whole RFC 5322 message: headers, a blank line, the body",
@@ -262,12 +264,13 @@ def _checkpoint_less_often(engine: Any) -> None:
 class _Embedded:
     """Writes into the local store. ``start`` opens it (on the portal, at first use)."""
 
-    def __init__(self, settings: settings_mod.Settings, app: str) -> None:
+    def __init__(self, settings: settings_mod.Settings, app: str | None) -> None:
         from postroom.runtime import Instance
 
         self.settings = settings
+        # Code that opens the store itself is trusted: Mailer(app=...) names the owner.
         self.app = app
-        self.source = f"python:{app}"
+        self.source = f"python:{app or 'embedded'}"
         self._make = Instance
         self.inst: Any = None
 
@@ -282,34 +285,27 @@ class _Embedded:
             inst.queue.writer = GroupCommitter(inst.engine, inline=True)
             self.inst = inst
 
-    def _check(self, env: Envelope, opts: _Options) -> None:
-        server = self.settings.server
-        if opts.connection is not None:
-            self.settings.connection(opts.connection)  # ConfigError naming the known ones
-        if len(env.raw) > server.max_message_size:
-            raise MessageError(
-                f"message is {len(env.raw):,} bytes; the limit is {server.max_message_size:,} "
-                "(server.max_message_size): send smaller attachments, or links",
-                code="message.too_large")
-        if len(env.recipients) > server.max_recipients:
-            raise MessageError(
-                f"{len(env.recipients)} recipients; the limit is {server.max_recipients} per "
-                "message (server.max_recipients): split the list into several messages",
-                code="message.too_many_recipients")
+    def _check(self, env: Envelope) -> None:
+        """The one intake path (ingress.accept); a registered app's limits apply too."""
+        intake = self.inst.intake
+        env.app = self.app
+        intake.check(env, None if self.app is None else self.inst.apps.policy(self.app))
 
     async def _enqueue(self, env: Envelope, opts: _Options, digest: Callable[[], str]) -> str:
         from postroom.queue.sql import IdempotencyKey
 
-        self._check(env, opts)
+        self._check(env)
         key = opts.idempotency_key
-        idem = IdempotencyKey(self.app, key, digest()) if key is not None else None
+        idem = (IdempotencyKey(self.app or "embedded", key, digest()) if key is not None
+                else None)
         msg_id: str = await self.inst.queue.enqueue(env, idempotency=idem)
         return msg_id
 
     async def send(self, out: _Outgoing) -> str:
         o = out.opts
         env = build(out.draft(), source=self.source, connection=o.connection, tags=o.tags,
-                    metadata=o.metadata, not_before=o.send_at)
+                    metadata=o.metadata, not_before=o.send_at,
+                    max_size=self.settings.server.max_message_size)
         return await self._enqueue(env, o, out.digest)
 
     async def send_raw(self, raw: bytes, sender: str, rcpts: list[str], opts: _Options) -> str:
@@ -479,12 +475,12 @@ class Mailer:
                 f"no postroom.toml found (looked in {places}); run `postroom serve` once to "
                 "create one, or pass Mailer(config=PATH) or Mailer(url=..., api_key=...)",
                 code="config.missing")
-        from postroom.apps import _check_name
+        if app is not None:
+            from postroom.apps import check_name
 
-        app_name = app or "embedded"
-        _check_name(app_name)
+            check_name(app)
         self.mode = "embedded"
-        self._backend = lambda: _Embedded(settings, app_name)
+        self._backend = lambda: _Embedded(settings, app)
 
     # -- the runtime: one portal and one backend per process ------------------------------------
     def _runtime(self) -> _Runtime:

@@ -113,10 +113,13 @@ def build(
     tags: Sequence[str] = (),
     metadata: Mapping[str, str] | None = None,
     not_before: float | None = None,
+    max_size: int | None = None,
 ) -> Envelope:
     """Compose ``draft`` and wrap it for the queue: envelope sender and every recipient
-    (To, Cc and Bcc) validated, raw MIME with CRLF line ends."""
-    raw, sender, rcpts = _compose(draft)
+    (To, Cc and Bcc) validated, raw MIME with CRLF line ends. With ``max_size`` (bytes,
+    the server's max_message_size), a text version derived from the HTML is refused
+    (``message.too_large``) as soon as it cannot fit, before it is built."""
+    raw, sender, rcpts = _compose(draft, max_size)
     if not rcpts:
         raise MessageError("a message needs at least one recipient (to, cc or bcc)",
                            code="message.no_recipients")
@@ -124,9 +127,9 @@ def build(
                     metadata=dict(metadata or {}), not_before=not_before)
 
 
-def render(draft: Draft) -> bytes:
+def render(draft: Draft, *, max_size: int | None = None) -> bytes:
     """The raw MIME of ``draft`` (CRLF), without the envelope; recipients are optional."""
-    return _compose(draft)[0]
+    return _compose(draft, max_size)[0]
 
 
 def compose(
@@ -152,7 +155,7 @@ def compose(
 
 
 # -- composition ----------------------------------------------------------------------------------
-def _compose(draft: Draft) -> tuple[bytes, str, list[str]]:
+def _compose(draft: Draft, max_size: int | None) -> tuple[bytes, str, list[str]]:
     """(raw MIME, envelope sender, envelope recipients) for ``draft``."""
     froms = _mailboxes("from", [draft.from_]) if draft.from_ else []
     if len(froms) != 1:
@@ -190,7 +193,7 @@ def _compose(draft: Draft) -> tuple[bytes, str, list[str]]:
     head = [fields.pop(k) for k in _OWN if k in fields]
     head.extend(fields.values())
     head.append("MIME-Version: 1.0\r\n")
-    raw = "".join(head).encode("utf-8") + _body(draft)
+    raw = "".join(head).encode("utf-8") + _body(draft, max_size)
     rcpts = list(dict.fromkeys(addr for _, addr in (*to, *cc, *bcc)))
     return raw, sender, rcpts
 
@@ -227,22 +230,40 @@ def _message_id(from_addr: str) -> str:
     return f"<{time.time_ns():x}.{os.urandom(8).hex()}@{ascii_domain(domain)}>"
 
 
-def _body(draft: Draft) -> bytes:
+def _body(draft: Draft, max_size: int | None) -> bytes:
     """The content header fields, a blank line and the body."""
     inline = [a for a in draft.attachments if a.content_id] if draft.html is not None else []
     files = [a for a in draft.attachments if a not in inline]
     if draft.html is None:
         body = _text("plain", draft.text or "")
     else:
+        # The text first: when it cannot fit, the refusal comes before the HTML is encoded.
+        text = draft.text if draft.text is not None else html_to_text(
+            draft.html, limit=_room_for_text(draft, max_size))
         html = _text("html", draft.html)
         if inline:
             html = _multipart("related", [html, *(_attachment(a) for a in inline)],
                               '; type="text/html"')
-        text = draft.text if draft.text is not None else html_to_text(draft.html)
         body = _multipart("alternative", [_text("plain", text), html])
     if files:
         body = _multipart("mixed", [body, *(_attachment(a) for a in files)])
     return body
+
+
+def _room_for_text(draft: Draft, max_size: int | None) -> int | None:
+    """How many characters a text version derived from the HTML may have: what the HTML and
+    the attachments leave of ``max_size``. Each takes at least its length in the message
+    (UTF-8 and transfer encodings only add), so the text is never refused when the message
+    would have fit; and HTML a few KB long can render to many times its size."""
+    if max_size is None or draft.html is None:
+        return None
+    room = max_size - len(draft.html) - sum(
+        len(a.content) for a in draft.attachments if isinstance(a.content, bytes | bytearray))
+    if room < 0:
+        raise MessageError(f"the HTML body and attachments alone are over {max_size:,} bytes "
+                           "(server.max_message_size): send smaller attachments (or links), "
+                           "or a shorter HTML body", code="message.too_large")
+    return room
 
 
 def _text(subtype: str, text: str) -> bytes:

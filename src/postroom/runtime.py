@@ -12,10 +12,14 @@ from sqlalchemy import Engine
 
 from postroom import transports as registry
 from postroom.apps import Apps
+from postroom.exceptions import ConfigError
+from postroom.fsperm import open_to_others, private_dir
+from postroom.ingress.accept import Intake
 from postroom.queue.sql import Queue
 from postroom.secrets import SecretStore, load_or_create_key
 from postroom.settings import Settings
 from postroom.store.db import make_engine, migrate
+from postroom.store.direct import sqlite_path
 from postroom.transports.base import Transport, TransportContext
 
 if TYPE_CHECKING:
@@ -40,7 +44,14 @@ class Instance:
 
     def __post_init__(self) -> None:
         # 0700: the folder holds message bodies, the database and the encryption key.
-        self.settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_dir = self.settings.data_dir
+        try:
+            private_dir(data_dir)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot create the data folder {data_dir}: {err.strerror or err}; create it "
+                "(mode 700, owned by the user Postroom runs as) or set server.data_dir to a "
+                "folder this user may write", code="config.data_dir") from err
         self.engine = make_engine(
             self.settings.database_url, synchronous=self.settings.server.sqlite_synchronous
         )
@@ -52,7 +63,12 @@ class Instance:
 
     @cached_property
     def apps(self) -> Apps:
-        return Apps(self.engine)
+        return Apps(self.engine, lambda: load_or_create_key(self.key_file))
+
+    @cached_property
+    def intake(self) -> Intake:
+        """The checks every door makes before a message is stored (ingress.accept)."""
+        return Intake.of(self.settings, self.apps)
 
     @property
     def key_file(self) -> Path:
@@ -68,6 +84,28 @@ class Instance:
         if s.server.tls_cert and s.server.tls_key:
             return s.resolve(s.server.tls_cert), s.resolve(s.server.tls_key)
         return s.data_dir / "tls" / "cert.pem", s.data_dir / "tls" / "key.pem"
+
+    def permission_warnings(self) -> list[str]:
+        """What of this instance's own files other users can read or change, each with the
+        fix. Only warned about, never changed (see postroom.fsperm): a group may share the
+        folder on purpose. The key file is not listed: it is refused outright when open to
+        others (postroom.secrets), as a leaked key undoes encryption at rest."""
+        s = self.settings
+        checks = [(s.data_dir, "data folder", "it holds the database, the key and the TLS "
+                   "key", "700")]
+        db = sqlite_path(s.database_url)
+        if db is not None:
+            checks += [(Path(f"{db}{suffix}"), "database file", "it holds every message and "
+                        "stored credential", "600") for suffix in ("", "-wal", "-shm")]
+        checks.append((self.tls_files[1], "TLS private key", "it lets anyone impersonate "
+                       "this server", "600"))
+        out = []
+        for path, what, why, fix in checks:
+            mode = open_to_others(path)
+            if mode is not None:
+                out.append(f"{what} {path} is open to other users (mode {mode:03o}): {why}; "
+                           f"run: chmod {fix} {path} (unless a group shares it on purpose)")
+        return out
 
     @cached_property
     def oauth(self) -> TokenManager:

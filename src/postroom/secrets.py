@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postroom.exceptions import ConfigError
+from postroom.fsperm import open_private, private_dir
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -36,14 +37,18 @@ def load_or_create_key(path: Path, environ: Mapping[str, str] | None = None) -> 
         key = path.read_bytes().strip()
         _check_key(key, str(path))
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = base64.urlsafe_b64encode(os.urandom(32))  # the Fernet key format
     # O_EXCL: two processes starting at once must not both write a different key.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        f = open_private(private_dir(path.parent) / path.name, "xb")
     except FileExistsError:
         return load_or_create_key(path, env)
-    with os.fdopen(fd, "wb") as f:
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the secret key file {path}: {err.strerror or err}; set "
+            f"server.secret_key_file to a path this user may write, or give the key in "
+            f"{KEY_ENV}", code="config.secret_key.write") from err
+    with f:
         f.write(key + b"\n")
         f.flush()
         os.fsync(f.fileno())

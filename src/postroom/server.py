@@ -6,6 +6,8 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 from postroom.bootstrap import ensure_certificate
@@ -17,13 +19,131 @@ from postroom.settings import Settings
 log = logging.getLogger("postroom")
 
 
+class RepeatFilter(logging.Filter):
+    """Lets through at most ``burst`` records of one kind per ``interval`` seconds, then one
+    "suppressed K similar lines" record for the rest.
+
+    A kind is (logger, level, first line of the message template): what repeats in a flood
+    is the template, while its arguments (addresses, descriptors) vary. The case that needs
+    it: out of file descriptors, asyncio logs "socket.accept() out of system resource", with
+    a traceback, once per pending connection (up to the listen backlog) every second, and
+    did so 218,578 times in 12 s. The summary is written when the kind's interval has ended
+    and any record comes through the handler, so a count is never lost while the process
+    logs anything at all. Memory: at most ``max_kinds`` kinds are tracked.
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[logging.LogRecord], object],
+        *,
+        burst: int = 20,
+        interval: float = 10.0,
+        max_kinds: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.sink = sink  # where summaries go: the handler this filter is installed on
+        self.burst = burst
+        self.interval = interval
+        self.max_kinds = max_kinds
+        self.clock = clock
+        # kind -> [start of its interval, records let through, records suppressed]
+        self._kinds: dict[tuple[str, int, str], list[float]] = {}
+        self._next_sweep = 0.0
+        self._lock = threading.Lock()  # records come from executor threads too
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "postroom_summary", False):
+            return True
+        now = self.clock()
+        kind = (record.name, record.levelno, str(record.msg).partition("\n")[0])
+        with self._lock:
+            ended = self._sweep(now) if now >= self._next_sweep else []
+            state = self._kinds.get(kind)
+            if state is None:
+                if len(self._kinds) >= self.max_kinds:
+                    oldest = next(iter(self._kinds))
+                    ended.append((oldest, self._kinds.pop(oldest)))
+                state = self._kinds[kind] = [now, 0, 0]
+            if state[1] < self.burst:
+                state[1] += 1
+                passed = True
+            else:
+                state[2] += 1
+                passed = False
+        for k, st in ended:
+            if st[2]:
+                self._summary(k, st, now)
+        return passed
+
+    def _sweep(self, now: float) -> list[tuple[tuple[str, int, str], list[float]]]:
+        self._next_sweep = now + self.interval
+        ended = [(k, st) for k, st in self._kinds.items() if now - st[0] >= self.interval]
+        for k, _ in ended:
+            del self._kinds[k]
+        return ended
+
+    def _summary(self, kind: tuple[str, int, str], state: list[float], now: float) -> None:
+        name, level, first_line = kind
+        record = logging.LogRecord(
+            name, level, __file__, 0, "suppressed %d similar lines in %.0f s: %s",
+            (int(state[2]), now - state[0], first_line), None,
+        )
+        record.postroom_summary = True
+        self.sink(record)
+
+
 def setup_logging() -> None:
-    """One line per event on stderr; aiosmtpd's per-connection chatter only when debugging."""
+    """One line per event on stderr; aiosmtpd's per-connection chatter only when debugging;
+    a line repeated in a flood is written a few times, then counted (RepeatFilter)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
+            handler.addFilter(RepeatFilter(handler.handle))
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return (soft, hard) after.
+
+    Each SMTP or HTTP session holds a descriptor, and the usual soft limit (1024) is far
+    below the hard one (often 524288): a few hundred idle connections would otherwise leave
+    no descriptor for the database, the delivery connections or the next accept().
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX (Windows): there is no such limit to raise
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return (soft, hard)
+    # An unlimited hard limit (macOS) still refuses more than the kernel's own maximum.
+    targets = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 10240]
+    for target in targets:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            continue
+        soft = target
+        break
+    return (soft, hard)
+
+
+def _check_open_files(settings: Settings) -> None:
+    soft, hard = raise_open_files_limit()
+    # Sessions, plus deliveries in flight, plus the database, listeners and a margin.
+    need = settings.server.smtp_max_sessions + settings.delivery.concurrency + 100
+    if 0 <= soft < need:
+        log.warning(
+            "open-file limit is %d (hard limit %d), below the %d that smtp_max_sessions (%d) "
+            "and delivery.concurrency (%d) may use: raise the hard limit (systemd "
+            "LimitNOFILE=, `ulimit -Hn`) or lower smtp_max_sessions", soft, hard, need,
+            settings.server.smtp_max_sessions, settings.delivery.concurrency)
 
 
 def _say(text: str) -> None:
@@ -66,12 +186,15 @@ async def serve(
 ) -> None:
     """Listen for mail (and deliver it, unless ``server.worker = false``) until stopped."""
     setup_logging()
+    _check_open_files(settings)
     inst = Instance(settings)
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
     cert, key = inst.tls_files
     if ensure_certificate(cert, key, settings.server.hostname):
         _say(f"created a self-signed certificate for STARTTLS: {cert}")
+    for warning in inst.permission_warnings():
+        log.warning("%s", warning)
     inst.secrets  # noqa: B018 - creates the encryption key on first run, before any client
     tls = smtpd.tls_context(str(cert), str(key))
     transports = inst.transports()
@@ -82,6 +205,7 @@ async def serve(
         inst.queue,
         inst.apps,
         smtpd.Policy(settings.server),
+        inst.intake,
         on_enqueued=(lambda _id: worker.wake()) if worker else None,
     )
     worker_task: asyncio.Task[None] | None = None
@@ -93,10 +217,16 @@ async def serve(
             worker_running=(lambda: worker_task is not None and not worker_task.done())
             if worker else None,
             worker_owner=worker.owner if worker else None,
+            intake=inst.intake,
         )
-        http, (hh, hp) = await http_front.start(ctx, *settings.http_listen)
-        _say(f"postroom: HTTP API on http://{hh}:{hp}/api/v1 (docs /api/v1/docs, "
-             "health /healthz)")
+        web = settings.http
+        https = None
+        if web.tls:  # its own pair, or the SMTP listener's (made above when missing)
+            https = ((settings.resolve(web.tls_cert), settings.resolve(web.tls_key))
+                     if web.tls_cert and web.tls_key else (cert, key))
+        http, (hh, hp) = await http_front.start(ctx, *settings.http_listen, tls=https)
+        _say(f"postroom: HTTP API on http{'s' if https else ''}://{hh}:{hp}/api/v1 (docs "
+             "/api/v1/docs, health /healthz)")
     servers = [await smtpd.start(handler, settings.server, *settings.smtp_listen, tls)]
     if settings.smtps_listen:
         servers.append(
@@ -138,9 +268,12 @@ async def serve(
 async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """A delivery worker alone (scale-out): claims from the shared queue until stopped."""
     setup_logging()
+    _check_open_files(settings)
     inst = Instance(settings)
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
+    for warning in inst.permission_warnings():
+        log.warning("%s", warning)
     transports = inst.transports()
     worker = inst.worker(transports)
     task = asyncio.create_task(worker.run())

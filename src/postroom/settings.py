@@ -72,10 +72,35 @@ class ServerSettings(_Section):
     secret_key_file: Path | None = None  # default: data_dir/secret.key (or POSTROOM_SECRET_KEY)
     max_message_size: int = Field(default=35 * 1024 * 1024, ge=1024)
     max_recipients: int = Field(default=1000, ge=1)
+    # Two privileges, two settings. trusted_networks says who may *relay*: send over SMTP
+    # without AUTH (with trusted_without_auth) and AUTH without TLS (postroom.ingress.smtpd,
+    # its only user). admin_networks says who may reach the pages that *administer* this
+    # instance: the OAuth sign-in (/oauth/...) now, the web admin later. There an address is
+    # never enough: behind a same-host TLS proxy every internet client is 127.0.0.1, so the
+    # OAuth pages also want the signed single-use ticket `postroom oauth login` prints.
     trusted_networks: list[str] = ["127.0.0.1/32", "::1/128"]
     trusted_without_auth: bool = True  # clients in trusted_networks may send without AUTH
+    admin_networks: list[str] = ["127.0.0.1/32", "::1/128"]
+    # Names the admin and OAuth pages answer to besides localhost, 127.0.0.1, ::1, the host
+    # of http_listen, of [oauth] public_url and of each redirect URI: a page served under any
+    # other Host is refused, which defeats DNS rebinding (postroom.ingress.hostcheck).
+    allowed_hosts: list[str] = []
     auth_failure_delay: float = Field(default=2.0, ge=0)
+    # Each further failure from the same address (IPv6: /64) within 10 minutes doubles the
+    # delay, across sessions, up to this (postroom.ingress.guard.FailureLimiter).
+    auth_failure_max_delay: float = Field(default=60.0, ge=0)
     max_auth_failures: int = Field(default=3, ge=1)
+    # SMTP sessions open at once, in all and per client address (IPv6: per /64; clients in
+    # trusted_networks are held only to the total, of which they alone may use the last 10%).
+    # Each costs a file descriptor; `postroom serve` raises its RLIMIT_NOFILE to the hard limit.
+    smtp_max_sessions: int = Field(default=500, ge=1)
+    smtp_max_sessions_per_ip: int = Field(default=50, ge=1)
+    # Seconds without a command before a session is closed (RFC 5321 4.5.3.2.7 asks servers
+    # for 5 minutes); a DATA transfer must also finish within it.
+    smtp_idle_timeout: float = Field(default=300.0, gt=0)
+    # Seconds a client outside trusted_networks has to authenticate before it is closed with
+    # 421: it cannot send anything before, so a longer stay only holds a session.
+    smtp_auth_deadline: float = Field(default=60.0, gt=0)
     worker: bool = True  # run the delivery worker inside `postroom serve`
     sqlite_synchronous: Literal["full", "normal"] = "full"
 
@@ -86,7 +111,7 @@ class ServerSettings(_Section):
             _parse_listen(v)
         return v
 
-    @field_validator("trusted_networks")
+    @field_validator("trusted_networks", "admin_networks")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
         import ipaddress  # here: most configurations keep the default (start-up time)
@@ -127,9 +152,33 @@ class DeliverySettings(_Section):
 
 
 class HttpSettings(_Section):
-    """The HTTP API (`server.http_listen`)."""
+    """The HTTP API (`server.http_listen`); postroom.ingress.http_front enforces these."""
 
     max_body_size: int = Field(default=50 * 1024 * 1024, ge=1024)  # request body, bytes
+    # HTTPS on http_listen, with tls_cert/tls_key, or else server.tls_cert/tls_key (or the
+    # self-signed certificate made in data_dir/tls, as for SMTP).
+    tls: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Connections open at once, in all and per client address (IPv6: per /64); clients in
+    # server.trusted_networks only count toward the total, whose last tenth is theirs alone.
+    max_connections: int = Field(default=500, ge=10)
+    max_connections_per_ip: int = Field(default=20, ge=1)
+    # Requests being answered at once, counted the same way; more get 503 and Retry-After.
+    max_requests: int = Field(default=200, ge=10)
+    max_requests_per_ip: int = Field(default=10, ge=1)
+    # Seconds for a request's line and headers to arrive, for each pause in its body, and
+    # for the whole body; past any of them the client gets 408 and is closed.
+    header_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=30.0, gt=0)
+    body_timeout: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _cert_pair(self) -> HttpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither (server.tls_cert and "
+                             "tls_key, or the self-signed certificate, are used)")
+        return self
 
 
 class OAuthSection(_Section):
@@ -175,7 +224,21 @@ class SendmailSettings(_Section):
     tls_verify: bool = True
     timeout: float = Field(default=30, gt=0)  # seconds, per SMTP step
     domain: str = ""  # added to bare user names (root) and the Unix user; default: hostname
-    dead_letter: Path | None = None  # unsendable messages are kept here; default ~/dead.letter
+    # Unsendable messages are kept here (default ~/dead.letter): a file inside data_dir, or
+    # ~/dead.letter itself; checked by ingress/deadletter.confine.
+    dead_letter: Path | None = None
+    # Folders whose configurations any user may name with `postroom-sendmail -C`; read from
+    # the default configuration only (Postfix's alternate_config_directories, postconf(5)).
+    alternate_config_directories: list[Path] = []
+
+    @field_validator("alternate_config_directories")
+    @classmethod
+    def _alternates(cls, v: list[Path]) -> list[Path]:
+        for folder in v:
+            if not folder.is_absolute():
+                raise ValueError(f"{str(folder)!r} is not an absolute path; give folders as "
+                                 "/etc/postroom/site-a")
+        return v
 
     @field_validator("server")
     @classmethod

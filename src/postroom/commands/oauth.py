@@ -62,8 +62,9 @@ def login(
     con.print("   (a different one there makes the provider refuse with "
               "redirect_uri_mismatch; set [oauth] public_url if browsers reach Postroom by "
               "another address)", soft_wrap=True)
-    con.print("2. With `postroom serve` running, open this link in a browser (valid for an "
-              "hour) and sign in as the mailbox's account:", soft_wrap=True)
+    con.print("2. With `postroom serve` running, open this link in a browser (it starts one "
+              "sign-in, within 15 minutes) and sign in as the mailbox's account:",
+              soft_wrap=True)
     con.print(f"     {escape(link)}", soft_wrap=True, highlight=False)
     con.print(f"3. Check with `postroom oauth status`. No browser here? `postroom oauth login "
               f"{escape(name)} --device`", soft_wrap=True)

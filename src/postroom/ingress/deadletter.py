@@ -10,6 +10,12 @@ reboot, unlike /tmp (FHS 3.0, 5.15), and the name carries the uid so users never
 Files are created 0600, never followed through a symlink (O_NOFOLLOW), must belong to the
 user and have a single link, are appended under an exclusive flock and fsync'ed; a failed
 write is cut back so that no half entry stays behind.
+
+The configured file is confined (``confine``): the entry holds text the sender chose, so a
+configuration that put it in a web root as ``shell.php`` (or ``.htaccess``) would turn a
+refused mail into code the web server runs. It must be inside the data folder, or be
+``~/dead.letter`` itself, and its name carries no extension but ``.letter`` or ``.mbox``
+(Apache's mod_mime acts on every extension of a name, so ``x.php.letter`` is refused too).
 """
 
 from __future__ import annotations
@@ -22,13 +28,54 @@ import stat
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postroom.envelope import split_header
-from postroom.exceptions import StoreError
+from postroom.exceptions import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from postroom.settings import Settings
 
 # mboxrd: every line that reads as a From_ line, however many '>' it already has, gets one
 # more; readers take one off again.
 _FROM_ = re.compile(rb"^(>*From )", re.MULTILINE)
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.letter|\.mbox)?")
+
+
+def confine(configured: Path, *, data_dir: Path, home: str) -> Path:
+    """``configured`` (absolute) when it is a safe place for dead letters, else ConfigError.
+
+    Safe: a file named as ``_SAFE_NAME`` inside ``data_dir``, or ``home``/dead.letter. The
+    folder is compared with symlinks resolved (a link inside the data folder must not lead
+    out of it); the file itself is opened with O_NOFOLLOW by ``keep``."""
+    path = Path(os.path.normpath(configured))
+    folder = Path(os.path.realpath(path.parent))
+    data = Path(os.path.realpath(data_dir))
+    inside = folder == data or data in folder.parents
+    own = bool(home) and path == Path(os.path.normpath(Path(home) / "dead.letter"))
+    fix = (f"set it to a file inside the data folder, such as "
+           f"\"{data / 'dead.letter'}\", or leave it out (~/dead.letter)")
+    if not (inside or own):
+        raise ConfigError(f"sendmail.dead_letter: {path} is outside the data folder {data} "
+                          f"and is not ~/dead.letter; {fix}", code="config.sendmail.dead_letter")
+    if not _SAFE_NAME.fullmatch(path.name):
+        raise ConfigError(f"sendmail.dead_letter: the name {path.name!r} may be run or served "
+                          "as a page by a web server; use letters, digits, '-' and '_' with at "
+                          f"most a .letter or .mbox extension; {fix}",
+                          code="config.sendmail.dead_letter")
+    return path
+
+
+def configured_file(settings: Settings, environ: Mapping[str, str], home: str) -> Path | None:
+    """``[sendmail] dead_letter``, confined; None when it is not set."""
+    if settings.sendmail.dead_letter is None:
+        return None
+    # Relative to the configuration, but not Path.resolve(): that would follow a symlink
+    # planted in its place, which the append refuses to do.
+    return confine(settings.base_dir / settings.sendmail.dead_letter,
+                   data_dir=settings.data_dir, home=environ.get("HOME") or home)
 
 
 def places(configured: Path | None, environ: Mapping[str, str], home: str, uid: int) -> list[Path]:

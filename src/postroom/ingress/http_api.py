@@ -16,9 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import math
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from email.utils import getaddresses
 from typing import Annotated, Any, Literal
 
@@ -27,10 +25,12 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from postroom import __version__
+from postroom.apps import AppPolicy
 from postroom.diagnostics.advice import advice_for_attempt
 from postroom.envelope import Envelope, new_id, validate_address
-from postroom.exceptions import MessageError, StoreError
-from postroom.ingress import http_raw
+from postroom.exceptions import IntakeError, MessageError, StoreError
+from postroom.ingress import http_docs, http_raw
+from postroom.ingress.http_auth import AUTH_STATE, Refusal
 from postroom.ingress.http_errors import HttpError, install
 from postroom.ingress.http_front import Context
 from postroom.ingress.http_models import (
@@ -72,59 +72,24 @@ async def context(request: Request) -> Context:
     return ctx
 
 
-class KeyCache:
-    """API keys verified in the last ``ttl`` seconds (by SHA-256 of the token), so that a
-    busy app's requests skip even the cheap re-check (a SELECT on a worker thread). A key
-    removed with `postroom app remove` stops working within ``ttl``."""
-
-    def __init__(self, ttl: float = 1.0, size: int = 1024) -> None:
-        self.ttl, self.size = ttl, size
-        self._seen: dict[bytes, tuple[str, float]] = {}
-
-    def get(self, digest: bytes) -> str | None:
-        hit = self._seen.get(digest)
-        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
-
-    def put(self, digest: bytes, app: str) -> None:
-        if len(self._seen) >= self.size:
-            self._seen.clear()
-        self._seen[digest] = (app, time.monotonic() + self.ttl)
-
-
-_CHALLENGE = 'Bearer realm="postroom"'
-
-
 async def authenticated(
     request: Request,
+    # Not read (the Authorization header is): declares the security scheme in the OpenAPI
+    # document.
     creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     ctx: Annotated[Context, Depends(context)],
 ) -> str:
-    """The app the request's API key belongs to; 401 (RFC 6750 3) without a valid one."""
-    if creds is None:
-        given = request.headers.get("authorization")
-        raise HttpError(
-            401, "auth.missing",
-            "no API key" if given is None else "the Authorization header is not a Bearer token",
-            "send 'Authorization: Bearer NAME.SECRET' with the key `postroom app add NAME` "
-            "printed", headers={"WWW-Authenticate": _CHALLENGE})
-    token = creds.credentials
-    digest = hashlib.sha256(token.encode()).digest()
-    cache: KeyCache = request.app.state.keys
-    app = cache.get(digest)
-    if app is None and len(token) <= 200:
-        # argon2 is deliberately slow: checks run on their own threads so that a burst of
-        # bad keys cannot hold up the database writes that share the default executor.
-        app = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.auth_pool, ctx.apps.verify_api_key, token)
-        if app is not None:
-            cache.put(digest, app)
-    if app is None:
-        raise HttpError(
-            401, "auth.invalid", "unknown or revoked API key",
-            "check the key (NAME.SECRET as `postroom app add NAME` printed it); `postroom app "
-            "list` shows the apps", headers={"WWW-Authenticate":
-                                             f'{_CHALLENGE}, error="invalid_token"'})
-    return app
+    """The app the request's API key belongs to; 401 (RFC 6750 3) without a valid one.
+    Under `postroom serve` the HTTP front has checked the key before reading the body and
+    put the app in the scope; the check here is for the application called on its own."""
+    checked = request.scope.get("state", {}).get(AUTH_STATE)
+    if isinstance(checked, str):
+        return checked
+    found = await ctx.keys.check(ctx.apps, request.headers.get("authorization"))
+    if isinstance(found, Refusal):
+        raise HttpError(401, found.code, found.message, found.fix,
+                        headers={"WWW-Authenticate": found.challenge})
+    return found
 
 
 App = Annotated[str, Depends(authenticated)]
@@ -199,21 +164,41 @@ def _addresses(field: str, values: list[str]) -> list[str]:
     return out
 
 
-def _connection(ctx: Context, name: str | None) -> str | None:
-    known = [c.name for c in ctx.settings.connections]
-    if name is not None and name not in known:
-        raise HttpError(422, "connection.unknown", f"no connection named {name!r}",
-                        f"use one of: {', '.join(known) or 'none configured'}; or omit "
-                        "`connection` to let routing choose", field="connection")
-    return name
+_FIELDS = {"connection.unknown": "connection", "app.connection_not_allowed": "connection",
+           "message.too_many_recipients": "to", "message.no_recipients": "to",
+           "app.sender_not_allowed": "from"}
+
+
+def _refused(err: IntakeError) -> HttpError:
+    """ingress.accept's refusal, as this door answers it."""
+    headers = {"Retry-After": str(math.ceil(err.retry_after))} if err.retry_after else None
+    return HttpError(err.http, err.code, err.problem, err.fix, field=_FIELDS.get(err.code),
+                     headers=headers)
+
+
+def _policy(ctx: Context, app: str) -> AppPolicy:
+    try:
+        return ctx.checks().current_app(app)
+    except IntakeError as err:
+        raise _refused(err) from err
 
 
 def _recipient_limit(ctx: Context, count: int) -> None:
-    limit = ctx.settings.server.max_recipients
-    if count > limit:
-        raise HttpError(422, "message.too_many_recipients",
-                        f"{count} recipients; at most {limit} per message",
-                        "split the message, or raise server.max_recipients", field="to")
+    try:
+        ctx.checks().check_recipient_count(count)
+    except IntakeError as err:
+        raise _refused(err) from err
+
+
+def _admit(ctx: Context, env: Envelope, app: str) -> None:
+    """The one intake path's checks (ingress.accept), for a message ``app`` hands in."""
+    env.app = app
+    try:
+        ctx.checks().check(env, _policy(ctx, app))
+    except IntakeError as err:
+        raise _refused(err) from err
+    except MessageError as err:
+        raise HttpError(422, err.code, err.message, "correct the message") from err
 
 
 def _decode(i: int, att: AttachmentIn) -> Attachment:
@@ -248,14 +233,6 @@ def _draft(ctx: Context, body: MessageIn) -> tuple[Draft, int]:
     return draft, size
 
 
-def _size_limit(ctx: Context, env: Envelope) -> None:
-    limit = ctx.settings.server.max_message_size
-    if len(env.raw) > limit:
-        raise HttpError(413, "message.too_large",
-                        f"the message is {len(env.raw)} bytes; at most {limit}",
-                        "send smaller attachments (or links), or raise server.max_message_size")
-
-
 def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -264,7 +241,7 @@ async def _enqueue(ctx: Context, env: Envelope, app: str, key: str | None,
                    request_hash: Callable[[], str]) -> JSONResponse:
     """Store ``env`` (at most once per Idempotency-Key) and answer 202, or 200 for a repeat.
     ``request_hash`` is only called with a key: what identifies "the same request"."""
-    _size_limit(ctx, env)
+    _admit(ctx, env, app)
     idem = IdempotencyKey(app, key, request_hash()) if key is not None else None
     try:
         msg_id = await ctx.queue.enqueue(env, idempotency=idem)
@@ -297,7 +274,7 @@ def _iso(at: float) -> dt.datetime:
 
 def _owned(row: dict[str, Any] | None, app: str, msg_id: str) -> dict[str, Any]:
     # Another app's message is "not found", not "forbidden": its existence is not told.
-    if row is None or row["id"] != msg_id or not str(row["source"]).endswith(f":{app}"):
+    if row is None or row["id"] != msg_id or row["app"] != app:
         raise HttpError(404, "message.unknown", f"no message {msg_id!r} for this app",
                         "use an id this app's send returned; GET /api/v1/messages lists them",
                         field="id")
@@ -346,22 +323,27 @@ _ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"description": "Stored; it w
 async def send_message(body: MessageIn, app: App, ctx: Ctx,
                        idempotency_key: IdemHeader = None) -> JSONResponse:
     not_before = _send_at(ctx, body.send_at)
-    connection = _connection(ctx, body.connection)
+    connection = body.connection
     draft, size = _draft(ctx, body)
 
     expires_at = None if body.expires_at is None else _time(body.expires_at, "expires_at")
 
     def compose() -> Envelope:
         env = build(draft, source=f"api:{app}", connection=connection, tags=body.tags,
-                    metadata=body.metadata, not_before=not_before)
+                    metadata=body.metadata, not_before=not_before,
+                    max_size=ctx.settings.server.max_message_size)
         env.priority = PRIORITIES[body.priority]
         env.expires_at = expires_at
         return env
 
     try:
-        env = await asyncio.to_thread(compose) if size > _THREAD_ABOVE else compose()
+        # HTML is turned into text at about a microsecond a byte: off the loop well before
+        # _THREAD_ABOVE, or a few hundred KB of it would stall every other request.
+        threaded = size > _THREAD_ABOVE or len(body.html or "") > _THREAD_ABOVE // 16
+        env = await asyncio.to_thread(compose) if threaded else compose()
     except MessageError as err:
-        raise HttpError(422, err.code, err.message, "correct the message") from err
+        status = 413 if err.code == "message.too_large" else 422
+        raise HttpError(status, err.code, err.message, "correct the message") from err
     return await _enqueue(ctx, env, app, idempotency_key,
                           lambda: _hash("messages", body.model_dump(mode="json", by_alias=True)))
 
@@ -393,12 +375,12 @@ async def send_raw(
                         f"Content-Type is {ctype or 'missing'!r}, not message/rfc822",
                         "send the message as the body with 'Content-Type: message/rfc822'")
     raw = await request.body()
-    if len(raw) > ctx.settings.server.max_message_size:
-        raise HttpError(413, "message.too_large", f"the message is {len(raw)} bytes; at most "
-                        f"{ctx.settings.server.max_message_size}",
-                        "send smaller attachments (or links), or raise server.max_message_size")
+    try:
+        ctx.checks().check_size(len(raw))  # before parsing it
+    except IntakeError as err:
+        raise _refused(err) from err
     not_before = _send_at(ctx, send_at)
-    pinned = _connection(ctx, connection)
+    pinned = connection
     tags = tag or []
     for i, t in enumerate(tags):
         if not 1 <= len(t) <= 100:
@@ -500,10 +482,17 @@ async def resend(
 
 @router.get("/connections", summary="Connections: health, pause switch, limits in use")
 async def list_connections(app: App, ctx: Ctx) -> dict[str, Any]:
-    """The same as `postroom connections --json`."""
+    """The same as `postroom connections --json`, limited to the connections this app may
+    use (when `postroom app set --connection` limits it)."""
     from postroom.queue.status import connections_report
 
-    return await asyncio.to_thread(connections_report, ctx.queue, ctx.settings)
+    policy = _policy(ctx, app)
+    report: dict[str, Any] = await asyncio.to_thread(connections_report, ctx.queue,
+                                                     ctx.settings)
+    if policy.connections:
+        report["connections"] = [c for c in report["connections"]
+                                 if policy.may_use(str(c.get("name")))]
+    return report
 
 
 def create_app(ctx: Context) -> FastAPI:
@@ -512,11 +501,10 @@ def create_app(ctx: Context) -> FastAPI:
         description="Hand mail to Postroom, follow it, resend it. Authenticate with the API "
         "key `postroom app add NAME` prints. Errors: `{\"error\": {code, message, fix, "
         "field}}`.",
-        openapi_url=f"{PREFIX}/openapi.json", docs_url=f"{PREFIX}/docs", redoc_url=None,
+        openapi_url=f"{PREFIX}/openapi.json", docs_url=None, redoc_url=None,
     )
+    http_docs.install(api, PREFIX, api.title)  # Swagger UI from the package, not a CDN
     api.state.ctx = ctx
-    api.state.auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api-auth")
-    api.state.keys = KeyCache()
     api.include_router(router)
     api.include_router(oauth_web.router)  # /oauth/start/{connection}, /oauth/callback
     install(api)

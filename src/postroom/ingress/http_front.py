@@ -1,6 +1,16 @@
 """The HTTP listener of `postroom serve`: uvicorn in the server's event loop, a small ASGI
-front that answers ``/healthz`` itself, enforces ``[http] max_body_size``, and hands
-``/api/v1`` to the FastAPI application (``http_api``).
+front that answers ``/healthz`` itself, and hands ``/api/v1`` to the FastAPI application
+(``http_api``) once the request has passed the front's checks, cheapest first:
+
+1. connections: caps per client address and in all, a deadline for each request's head
+   (``http_conn``, in uvicorn's protocol);
+2. requests in flight: the same kind of caps (503 with Retry-After);
+3. the API key, from the headers alone (``http_auth``): no body is read, buffered or parsed
+   for a client without a valid key, whose 401 comes ever later while it keeps failing;
+4. the body: ``[http] max_body_size``, a deadline for each pause and for the whole.
+
+/healthz shows its details (store errors, worker ids, queue sizes) to server.admin_networks
+only; everyone else gets the verdict alone.
 
 Both are loaded when first needed: uvicorn on the first connection, FastAPI on the first
 API request. `postroom serve` must idle within 60 MB, and they cost about 2 MB and 10 MB
@@ -11,25 +21,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
 from postroom.apps import Apps
 from postroom.exceptions import ConfigError
+from postroom.ingress.accept import Intake
+from postroom.ingress.guard import FailureLimiter, SessionCaps
+from postroom.ingress.http_auth import AUTH_STATE, KeyChecker
 from postroom.queue.sql import Queue
 from postroom.queue.worker import HEARTBEAT_SECONDS
 from postroom.settings import Settings
 from postroom.store.schema import DEFERRED, QUEUED, SENDING, messages
 
 log = logging.getLogger(__name__)
+PREFIX = "/api/v1"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -49,6 +66,13 @@ class Context:
     # True while this process's own delivery worker runs (None: it has none).
     worker_running: Callable[[], bool] | None = None
     worker_owner: str | None = None
+    intake: Intake | None = None  # ingress.accept; made from settings and apps when None
+    keys: KeyChecker = field(default_factory=KeyChecker)  # API keys (http_auth)
+
+    def checks(self) -> Intake:
+        if self.intake is None:
+            self.intake = Intake.of(self.settings, self.apps)
+        return self.intake
 
 
 def _pid_alive(pid: int) -> bool:
@@ -124,14 +148,88 @@ def _error(code: str, message: str, fix: str, field: str | None = None) -> dict[
     return {"error": {"code": code, "message": message, "fix": fix, "field": field}}
 
 
+def _networks(names: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(n, strict=False) for n in names]
+
+
+def _in(ip: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # an IPv4 client on a dual-stack socket
+    return any(addr in net for net in nets)
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def _announces_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if (name == b"content-length" and value.strip() not in (b"", b"0")) or \
+                name == b"transfer-encoding":
+            return True
+    return False
+
+
+def _closing(send: Send) -> Send:
+    """``send`` with ``Connection: close`` added to the response: the request's body was
+    not read, and is not worth reading to reach a next request on the connection."""
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()),
+                                               (b"connection", b"close")]}
+        await send(message)
+
+    return wrapped
+
+
+async def _empty() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+@dataclass(frozen=True)
+class _Later:
+    """An answer to send once the request no longer counts toward the caps."""
+
+    delay: float
+    status: int
+    body: dict[str, Any]
+    headers: Sequence[tuple[bytes, bytes]]
+
+
 class Front:
-    """The ASGI application uvicorn runs."""
+    """The ASGI application uvicorn runs: /healthz, the caps on requests in flight, the API
+    key checked from the headers before any body is read, the body read under its limit and
+    deadlines, then FastAPI."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.max_body = ctx.settings.http.max_body_size
+        http, server = ctx.settings.http, ctx.settings.server
+        self.http = http
+        self.max_body = http.max_body_size
+        self.trusted = _networks(server.trusted_networks)
+        self.admin = _networks(server.admin_networks)
+        self.requests = SessionCaps(per_peer=http.max_requests_per_ip, total=http.max_requests,
+                                    reserve=http.max_requests // 10)
+        # A bad key from outside trusted_networks is answered ever later (see _authenticate).
+        self.failures = FailureLimiter(
+            base_delay=server.auth_failure_delay,
+            max_delay=max(server.auth_failure_delay, server.auth_failure_max_delay))
+        self._public_health: tuple[float, int, dict[str, Any]] | None = None
         self._api: ASGIApp | None = None
         self._loading = asyncio.Lock()
+
+    def is_trusted(self, ip: str) -> bool:
+        return _in(ip, self.trusted)
+
+    def sees_details(self, ip: str) -> bool:
+        """Whether /healthz may show this client the store's errors, worker ids and queue
+        sizes: only administrators (server.admin_networks) may."""
+        return _in(ip, self.admin)
 
     async def api(self) -> ASGIApp:
         if self._api is None:
@@ -149,18 +247,42 @@ class Front:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
-        method = scope["method"]
-        if scope["path"] == "/healthz":
-            if method not in ("GET", "HEAD"):
-                await _json(send, 405, _error("method.not_allowed", f"{method} /healthz",
-                                              "use GET"), [(b"allow", b"GET, HEAD")])
-                return
-            status, report = await health(self.ctx)
-            await _json(send, status, report, head=method == "HEAD")
+        ip = _client(scope)
+        if not self.requests.try_open(ip, exempt=self.is_trusted(ip)):
+            await _json(send, 503, _error(
+                "http.busy", "too many requests in progress, from your address or in all",
+                "retry after the Retry-After seconds; send fewer requests at once"),
+                [(b"retry-after", b"2")], close=_announces_body(scope))
             return
-        body = await self._body(scope, receive, send)
-        if body is None:
-            return
+        try:
+            later = await self._handle(scope, receive, send, ip)
+        finally:
+            self.requests.close(ip)
+        if later is not None:
+            # Waited out here, no longer counted as in flight: a client being slowed down
+            # holds its own connection only, never a place another client needs.
+            await asyncio.sleep(later.delay)
+            await _json(send, later.status, later.body, later.headers, close=True)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send,
+                      ip: str) -> _Later | None:
+        method, path = scope["method"], scope["path"]
+        if path == "/healthz":
+            await self._health(send, method, ip)
+            return None
+        body = b""
+        if path == PREFIX or (path.startswith(PREFIX + "/") and not _public(path)):
+            refusal = await self._authenticate(scope, ip)
+            if refusal is not None:
+                return refusal
+            read = await self._body(scope, receive, send)
+            if read is None:
+                return None
+            body = read
+        elif _announces_body(scope):
+            # Public pages take no body: it is not read, and the connection ends after the
+            # answer (else its bytes would be read as the next request).
+            send = _closing(send)
         sent = False
 
         async def replay() -> Message:
@@ -176,10 +298,63 @@ class Front:
         except Exception:
             # The application has answered 500 already (its last-resort handler); this is
             # where the traceback goes, to the log and never to the client.
-            log.exception("HTTP %s %s failed", method, scope["path"])
+            log.exception("HTTP %s %s failed", method, path)
+        return None
+
+    async def _health(self, send: Send, method: str, ip: str) -> None:
+        if method not in ("GET", "HEAD"):
+            await _json(send, 405, _error("method.not_allowed", f"{method} /healthz",
+                                          "use GET"), [(b"allow", b"GET, HEAD")])
+            return
+        if self.sees_details(ip):
+            status, report = await health(self.ctx)
+        else:
+            status, report = await self._status_only()
+        await _json(send, status, report, head=method == "HEAD")
+
+    async def _status_only(self) -> tuple[int, dict[str, Any]]:
+        """/healthz for everyone else: the verdict alone, worked out at most once a second
+        however often it is asked (each check is two queries on the store)."""
+        now = time.monotonic()
+        if self._public_health is None or self._public_health[0] < now:
+            status, report = await health(self.ctx)
+            self._public_health = (now + 1.0, status, {"status": report["status"]})
+        return self._public_health[1], self._public_health[2]
+
+    async def _authenticate(self, scope: Scope, ip: str) -> _Later | None:
+        """Check the API key from the headers; the body is still unread. On success the app
+        goes into the scope for the API's route dependency; else the 401 to send, after the
+        peer's failure delay (none inside trusted_networks: this host's apps, where a retry
+        loop with a stale key must not stall, and API keys are 192-bit random: delaying
+        guesses protects the server's time, not the keys)."""
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+        found = await self.ctx.keys.check(self.ctx.apps, header)
+        if isinstance(found, str):
+            self.failures.succeeded(ip)
+            scope.setdefault("state", {})[AUTH_STATE] = found
+            return None
+        delay = 0.0
+        if not self.is_trusted(ip):
+            self.failures.failed(ip)
+            delay = self.failures.delay(ip)
+        return _Later(delay, 401, _error(found.code, found.message, found.fix),
+                      [(b"www-authenticate", found.challenge.encode())])
+
+    async def _receive(self, receive: Receive, deadline: float) -> Message | None:
+        """The next part of the body, or None once the read or body deadline has passed."""
+        left = min(self.http.read_timeout, deadline - asyncio.get_running_loop().time())
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                return await receive()
+        except TimeoutError:
+            return None
 
     async def _body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        """The whole request body, or None after answering 413 when it is over the limit."""
+        """The whole request body, or None after answering 413 (over the limit) or 408 (too
+        slow), or when the client went away."""
         declared = None
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
@@ -189,9 +364,18 @@ class Front:
         over = declared is not None and declared > self.max_body
         expects_continue = any(n == b"expect" and v.lower() == b"100-continue"
                                for n, v in scope["headers"])
+        deadline = asyncio.get_running_loop().time() + self.http.body_timeout
         if not (over and expects_continue):  # else the client has not sent the body yet
             while True:
-                msg = await receive()
+                msg = await self._receive(receive, deadline)
+                if msg is None:
+                    await _json(send, 408, _error(
+                        "request.timeout", "the request body did not arrive in time "
+                        f"(a pause over {self.http.read_timeout:g} s, or more than "
+                        f"{self.http.body_timeout:g} s in all)",
+                        "send the body without pauses; for slow links raise [http] "
+                        "read_timeout or body_timeout"), close=True)
+                    return None
                 if msg["type"] == "http.disconnect":
                     return None
                 part = msg.get("body", b"")
@@ -215,21 +399,39 @@ class Front:
         return b"".join(chunks)
 
 
-def _uvicorn(app: ASGIApp) -> Any:
-    """A uvicorn.Server for ``app`` without its own signal handling: `postroom serve` owns
+def _public(path: str) -> bool:
+    """API paths served without a key: the OpenAPI document and the docs page."""
+    return path in (f"{PREFIX}/openapi.json", f"{PREFIX}/docs") or \
+        path.startswith(f"{PREFIX}/docs/")
+
+
+def _uvicorn(front: Front, tls: tuple[Path, Path] | None) -> Any:
+    """A uvicorn.Server for ``front`` without its own signal handling: `postroom serve` owns
     SIGTERM and SIGINT and stops this server with everything else."""
     import uvicorn
+
+    from postroom.ingress.http_conn import guarded_protocol
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield
 
+    http = front.http
+    connections = SessionCaps(per_peer=http.max_connections_per_ip,
+                              total=http.max_connections, reserve=http.max_connections // 10)
+    protocol = guarded_protocol(connections, front.is_trusted, http.header_timeout)
     return Server(uvicorn.Config(
         # ws="none": no websocket library is imported even when one is installed.
-        app, lifespan="off", ws="none", log_config=None, access_log=False,
+        front, lifespan="off", ws="none", log_config=None, access_log=False,
         server_header=False, proxy_headers=False, timeout_graceful_shutdown=5,
-        timeout_keep_alive=15,
+        timeout_keep_alive=15, http=protocol,
+        # A request line and headers over 16 KiB get 400 (h11's limit, made explicit).
+        h11_max_incomplete_event_size=16 * 1024,
+        ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
+        # uvicorn's default cipher string ("TLSv1") admits CBC and SHA-1 suites for TLS 1.2;
+        # these are Mozilla's "intermediate" ones. TLS 1.3 suites are not set by this.
+        ssl_ciphers="ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20",
     ))
 
 
@@ -241,9 +443,11 @@ class Listener:
     process carries none of it: a `postroom serve` that only ever gets SMTP mail stays
     ~2 MB smaller (its idle budget is 60 MB)."""
 
-    def __init__(self, app: ASGIApp, sock: socket.socket) -> None:
+    def __init__(self, app: Front, sock: socket.socket,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.app = app
         self.sock = sock
+        self.tls = tls
         self.server: Any = None
         self.task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -259,7 +463,7 @@ class Listener:
 
     async def _serve(self) -> None:
         try:
-            self.server = await asyncio.to_thread(_uvicorn, self.app)
+            self.server = await asyncio.to_thread(_uvicorn, self.app, self.tls)
             await self.server.serve(sockets=[self.sock])
         except (Exception, SystemExit):  # uvicorn exits on a failed start-up
             log.exception("the HTTP listener stopped; the API and /healthz are unavailable")
@@ -274,6 +478,7 @@ class Listener:
                 self.server.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        self.app.ctx.keys.close()
         self.sock.close()
 
 
@@ -301,12 +506,28 @@ def _bind(host: str, port: int) -> socket.socket:
         ) from err
 
 
-async def start(ctx: Context, host: str, port: int) -> tuple[Listener, tuple[str, int]]:
-    """Listen on host:port; returns the listener (``await listener.stop()``) and the
-    address."""
+def _check_tls(cert: Path, key: Path) -> None:
+    """Load the pair once at start-up: a wrong path or a key that does not match is a
+    ConfigError now, not a listener that dies on its first connection."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"cannot serve HTTPS with certificate {cert} and key {key}: "
+            f"{getattr(err, 'strerror', None) or err}; fix [http] tls_cert / tls_key (or "
+            "server.tls_cert / tls_key), or set [http] tls = false", code="config.tls",
+        ) from err
+
+
+async def start(ctx: Context, host: str, port: int,
+                tls: tuple[Path, Path] | None = None) -> tuple[Listener, tuple[str, int]]:
+    """Listen on host:port (HTTPS with the ``tls`` certificate and key files); returns the
+    listener (``await listener.stop()``) and the address."""
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    if tls is not None:
+        _check_tls(*tls)
     sock = _bind(host, port)
-    listener = Listener(Front(ctx), sock)
+    listener = Listener(Front(ctx), sock, tls)
     listener.start()
     bound: tuple[str, int] = sock.getsockname()[:2]
     return listener, bound

@@ -1,7 +1,7 @@
 """Ready-made MIME handed to ``POST /messages/raw``: check it, read its envelope, tidy it.
 
 The bytes are kept as they came (a signed message must stay byte-identical) except for what
-a submission server does too (RFC 6409 8, as Postfix's cleanup): line ends become CRLF;
+a submission server does too (RFC 6409 8, as Postfix's cleanup): lone LFs become CRLF;
 Bcc, Resent-Bcc, Return-Path and Content-Length are removed (a Bcc must never reach a
 recipient); a missing Date or Message-ID is added (envelope.complete_headers).
 """
@@ -17,6 +17,7 @@ from email.utils import getaddresses
 
 from postroom.envelope import complete_headers, field_text
 from postroom.exceptions import MessageError
+from postroom.ingress.accept import crlf
 
 _NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 3.6.8 ftext: printable but ':'
 # Structural damage that would deliver something other than what the app meant to send.
@@ -73,9 +74,7 @@ def check(raw: bytes, hostname: str) -> RawMessage:
     """Validate ``raw`` (a whole message) and derive its default envelope."""
     if not raw.strip():
         raise MessageError(f"the request body is empty; {_FIX}", code="raw.empty")
-    if b"\x00" in raw:
-        raise _malformed("it contains NUL bytes (RFC 5322 2.3)")
-    raw = re.sub(rb"\r?\n", b"\r\n", raw)
+    raw = crlf(raw)  # a bare CR is left for ingress.accept to refuse, with NUL bytes
     fields = _fields(raw.partition(b"\r\n\r\n")[0])
     msg = BytesParser(policy=compat32).parsebytes(raw)
     for part in msg.walk():

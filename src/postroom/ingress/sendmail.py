@@ -69,7 +69,10 @@ Reads a message on standard input (LF or CRLF line ends) and queues it in Postro
   -f SENDER     envelope sender; also -fSENDER and -r SENDER (default: USER@DOMAIN)
   -F NAME       full name in the From: field added when the message has none
   -C FILE       Postroom configuration (default: $POSTROOM_CONFIG, ./postroom.toml,
-                ~/.config/postroom/postroom.toml, /etc/postroom/postroom.toml)
+                ~/.config/postroom/postroom.toml, /etc/postroom/postroom.toml); users
+                other than root may name only a folder listed in the default one's
+                [sendmail] alternate_config_directories, or their own file when the
+                default configuration is theirs (else use $POSTROOM_CONFIG)
   -bm           read and queue a message (the default)
   -v            print the queued message's id on standard error
 Accepted and ignored, as by Postfix: -Am -Ac -B 7BIT|8BITMIME -c -e X -G -h N -L LABEL -m
@@ -130,6 +133,10 @@ def _option(opts: Options, letter: str, value: str | None) -> None:
     elif letter == "F":
         opts.full_name = value
     elif letter == "C":
+        # Postfix takes the last -C; here a second one is refused, so that an argument
+        # appended to a fixed command line (PHP mail()'s fifth) cannot replace the first.
+        if opts.config is not None and opts.config != value:
+            raise _usage(f"-C given twice ({opts.config}, {value}): give one configuration")
         opts.config = value
     elif letter == "o" and value is not None and value.startswith("i"):
         opts.dot_ends = False  # -oi; every other -o option is ignored, as by Postfix
@@ -334,7 +341,7 @@ def read_message(stream: IO[bytes], *, dot_ends: bool, limit: int) -> bytes:
     while _MBOX_FROM.match(data):
         cut = data.find(b"\n")
         data = b"" if cut < 0 else data[cut + 1:]
-    # Postfix strips every CR before the LF; a bare CR elsewhere stays as it is.
+    # Postfix strips every CR before the LF; a bare CR elsewhere is refused at intake.
     data = re.sub(rb"\r*\n", b"\r\n", data)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
@@ -376,6 +383,7 @@ def header_recipients(raw: bytes, domain: str) -> list[str]:
 
 def build(raw: bytes, opts: Options, sub: Submission, settings: Settings) -> Envelope:
     from postroom.envelope import Envelope, complete_headers
+    from postroom.ingress.accept import Intake
 
     recipients = list(sub.recipients)
     if opts.extract:
@@ -384,13 +392,11 @@ def build(raw: bytes, opts: Options, sub: Submission, settings: Settings) -> Env
     if not recipients:
         raise SendmailError("no recipient addresses found in the message's To:, Cc: or Bcc: "
                             "fields (-t)", EX_USAGE, code="sendmail.no_recipients")
-    if len(recipients) > settings.server.max_recipients:
-        raise SendmailError(f"{len(recipients)} recipients, more than server.max_recipients "
-                            f"({settings.server.max_recipients})", EX_DATAERR,
-                            code="sendmail.too_many_recipients")
     message = complete_headers(raw, sender=sub.sender, domain=sub.domain,
                                full_name=sub.full_name)
-    return Envelope(sub.sender, recipients, message, source=sub.source)
+    env = Envelope(sub.sender, recipients, message, source=sub.source)
+    Intake.of(settings).check(env)  # the one intake path: a local user is not an app
+    return env
 
 
 def enqueue(env: Envelope, settings: Settings, environ: Mapping[str, str]) -> str:
@@ -482,10 +488,11 @@ class _Command:
         from postroom.ingress import deadletter
 
         configured = None
-        if settings is not None and settings.sendmail.dead_letter is not None:
-            # Relative to the configuration, but not Path.resolve(): that would follow a
-            # symlink planted in its place, which the append refuses to do.
-            configured = settings.base_dir / settings.sendmail.dead_letter
+        if settings is not None:
+            # A dead_letter that confine() refuses was reported by _submit; the message
+            # then goes to the default places.
+            with contextlib.suppress(PostroomError):
+                configured = deadletter.configured_file(settings, self.environ, user.home)
         entry = deadletter.mbox_entry(raw, sender=sender, recipients=recipients,
                                       reason=_describe(err))
         try:
@@ -514,20 +521,26 @@ class _Command:
     def _submit(self, opts: Options, user: User) -> int:
         from postroom import settings as settings_mod
         from postroom.exceptions import ConfigError
+        from postroom.ingress import deadletter
+        from postroom.ingress.sendmail_config import trusted_config
 
         settings: Settings | None = None
         failure: BaseException | None = None
         sub: Submission | None = None
         try:
             # Connections are for the worker: this command never delivers (settings.load).
-            settings = settings_mod.load(opts.config and _config_file(opts.config),
-                                         environ=self.environ, connections=False)
+            # -C is argv, which PHP mail()'s fifth argument reaches: not every file is
+            # honoured (ingress/sendmail_config.py).
+            named = trusted_config(opts.config, self.environ, user.uid) if opts.config else None
+            settings = settings_mod.load(named, environ=self.environ, connections=False)
             if settings.config_path is None:
                 # Never a store in whatever folder the caller runs in (PHP: the web root).
                 looked = ", ".join(str(p) for p in settings_mod.search_path(self.environ))
                 raise ConfigError(f"no Postroom configuration found (looked for {looked}); "
                                   "give -C FILE or set POSTROOM_CONFIG",
                                   code="config.missing")
+            # A dead_letter outside its bounds is refused now, not at the first failure.
+            deadletter.configured_file(settings, self.environ, user.home)
             # Command-line addresses are checked before the message is read, as Postfix.
             sub = resolve(opts, user, settings, self.environ)
         except SendmailError as err:
@@ -563,11 +576,6 @@ class _Command:
         if opts.verbose:
             self.say(f"queued {result}")
         return EX_OK
-
-
-def _config_file(value: str) -> str:
-    """-C takes the file or, as Postfix's -C, the folder that holds it."""
-    return os.path.join(value, "postroom.toml") if os.path.isdir(value) else value
 
 
 def run(argv: Sequence[str], *, prog: str = "postroom-sendmail", stdin: IO[bytes] | None = None,

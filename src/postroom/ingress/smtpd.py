@@ -4,8 +4,14 @@ Policy, deny by default:
 - clients in ``trusted_networks`` may send without AUTH (when ``trusted_without_auth``);
   everyone else must authenticate as an app first — never an open relay;
 - AUTH is only offered and accepted over TLS, except to clients in ``trusted_networks``;
-- failed AUTH is answered after a delay, and the session is closed after a few failures;
-- bare CR or LF in DATA is refused (SMTP smuggling, as Postfix ``smtpd_forbid_bare_newline``).
+- failed AUTH is answered after a delay that grows with the address's recent failures
+  (across sessions), and the session is closed after a few failures;
+- sessions are capped per address and in all, junk commands (NOOP...) per session, and a
+  client outside ``trusted_networks`` must authenticate within ``smtp_auth_deadline``;
+- an authenticated session sends as its app: the app's limits apply (allowed senders,
+  rate), and a session whose app was removed or rotated since it logged in sends no more;
+- what a message must be to be stored is not decided here: ``ingress.accept`` (the one
+  intake path) says, for this door as for every other (bare CR or LF, size, header bytes).
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from postroom.apps import Apps
+from postroom.apps import AppPolicy, Apps
 from postroom.envelope import Envelope, validate_address
-from postroom.exceptions import MessageError, PostroomError
+from postroom.exceptions import IntakeError, MessageError, PostroomError
+from postroom.ingress.accept import Intake
+from postroom.ingress.guard import FailureLimiter, SessionCaps
 from postroom.queue.sql import Queue
 from postroom.settings import ServerSettings
 
@@ -35,13 +43,23 @@ log = logging.getLogger(__name__)
 _SIMPLE_ADDR = re.compile(r'[^\s<>()\[\]\\,;:"@]+@[^\s<>()\[\]\\,;:"@]+')
 
 
-def has_bare_newline(data: bytes) -> bool:
-    """True if ``data`` holds a CR not followed by LF or an LF not preceded by CR."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+# aiosmtpd's per-session command budgets (its command_call_limit): a command over budget is
+# answered "421 4.7.0 <COMMAND> sent too many times" and the session is closed. Every valid
+# command restarts the idle timer, so without a budget a NOOP loop holds a session (and its
+# file descriptor) forever. The commands of real mail (MAIL, RCPT, DATA, and RSET, which
+# PHPMailer's keep-alive sends between messages) get budgets no mail-sending session reaches;
+# the rest get small ones (Postfix: smtpd_junk_command_limit = 100).
+COMMAND_CALL_LIMITS = {
+    "*": 100_000, "RSET": 10_000, "NOOP": 100, "HELO": 100, "EHLO": 100,
+    "VRFY": 10, "EXPN": 10, "HELP": 10, "AUTH": 10, "STARTTLS": 3,
+}
+TOO_MANY_SESSIONS = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 
 
 class Policy:
+    """What every session of one `postroom serve` shares: its rules, and the per-peer
+    accounting (open sessions, failed AUTHs) across the SMTP and SMTPS listeners."""
+
     def __init__(self, server: ServerSettings) -> None:
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in server.trusted_networks]
         self.trusted_without_auth = server.trusted_without_auth
@@ -49,6 +67,17 @@ class Policy:
         self.max_size = server.max_message_size
         self.auth_failure_delay = server.auth_failure_delay
         self.max_auth_failures = server.max_auth_failures
+        self.auth_deadline = server.smtp_auth_deadline
+        self.auth_failures = FailureLimiter(
+            base_delay=server.auth_failure_delay,
+            max_delay=max(server.auth_failure_delay, server.auth_failure_max_delay),
+        )
+        # A tenth of the places is kept for trusted_networks (this host's apps by default).
+        self.sessions = SessionCaps(
+            per_peer=server.smtp_max_sessions_per_ip,
+            total=server.smtp_max_sessions,
+            reserve=server.smtp_max_sessions // 10,
+        )
 
     def is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
         return ip is not None and any(ip in net for net in self.trusted)
@@ -84,8 +113,10 @@ class PostroomSMTP(SMTP):
         self.trusted = False
         self.auth_failures = 0
         self.auth_pending: LoginPassword | None = None
-        self.verify = handler.apps.verify
+        self.app: AppPolicy | None = None  # the app this session authenticated as
         self.handler = handler
+        self.peer_addr: str | None = None  # counted in policy.sessions while this is set
+        self.auth_deadline: asyncio.TimerHandle | None = None
 
     @classmethod
     def like(cls, template: PostroomSMTP) -> PostroomSMTP:
@@ -132,41 +163,97 @@ class PostroomSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None  # not the second call made by STARTTLS
+        if first:
+            peer = transport.get_extra_info("peername")
+            ip = _peer_ip(peer)
+            self.trusted = self.policy.is_trusted(ip)
+            addr = str(ip) if ip is not None else str(peer)
+            if not self.policy.sessions.try_open(addr, exempt=self.trusted):
+                # Refused before aiosmtpd sees the connection: no session, no reader task,
+                # no banner; connection_lost below then has nothing of aiosmtpd's to undo.
+                log.warning("refused a connection from %s: too many sessions (%d open)",
+                            addr, self.policy.sessions.open)
+                transport.write(TOO_MANY_SESSIONS)  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self.peer_addr = addr
         super().connection_made(transport)
         if first and self.session is not None:
-            ip = _peer_ip(self.session.peer)
-            self.trusted = self.policy.is_trusted(ip)
             # AUTH in the clear only from trusted_networks (default: this machine's 127.0.0.1
             # and ::1, not every loopback address); implicit TLS is already encrypted.
             self._auth_require_tls = not (self.implicit_tls or self.trusted)
+            if not self.trusted:
+                self.auth_deadline = self.loop.call_later(
+                    self.policy.auth_deadline, self._auth_deadline_passed
+                )
+
+    def _auth_deadline_passed(self) -> None:
+        # Outside trusted_networks nothing can be sent before AUTH: a client that has not
+        # authenticated by now only holds a session (idle or looping on NOOP, RSET, EHLO...).
+        if self.transport is None or self.session is None or self.session.authenticated:
+            return
+        log.info("closing %s: not authenticated %.0f s after connecting",
+                 self.peer_addr, self.policy.auth_deadline)
+        self.transport.write(  # type: ignore[attr-defined]
+            b"421 4.7.0 Authenticate within %g seconds of connecting; closing\r\n"
+            % self.policy.auth_deadline
+        )
+        self.transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.auth_deadline is not None:
+            self.auth_deadline.cancel()
+            self.auth_deadline = None
+        if self.peer_addr is None:
+            if self.session is None:
+                return  # refused in connection_made: aiosmtpd never started on it
+        else:
+            # aiosmtpd may call this twice (TLS setup errors): give the place back once.
+            self.policy.sessions.close(self.peer_addr)
+            self.peer_addr = None
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self.session is None:
+            return False  # refused in connection_made (over TLS the EOF still comes here)
+        result: bool | None = super().eof_received()
+        return result
 
     async def smtp_AUTH(self, arg: str) -> None:
         # aiosmtpd parses the exchange and hands the credentials to Handler.authenticator,
-        # which only parks them here; the answer is given below, after an argon2 check in a
-        # thread (it takes ~0.1 s on purpose and must not stall every other session).
+        # which only parks them here; the answer is given below, after the check on a thread
+        # (a keyed hash and a cached lookup, but the lookup may have to ask the database).
         self.auth_pending = None
         await super().smtp_AUTH(arg)
         creds, self.auth_pending = self.auth_pending, None
         if creds is None:
             return  # aiosmtpd already answered (bad base64, unknown mechanism, aborted...)
         try:
-            ok = await asyncio.to_thread(
-                self.verify, creds.login.decode(), creds.password.decode()
+            app = await asyncio.to_thread(
+                self.handler.apps.authenticate, creds.login.decode(), creds.password.decode()
             )
         except UnicodeDecodeError:
-            ok = False
+            app = None
         assert self.session is not None
-        if ok:
+        if app is not None:
+            self.app = app
             self.session.authenticated = True
             self.session.auth_data = creds
             self.session.login_data = creds.login
+            self.policy.auth_failures.succeeded(self.peer_addr or str(self.session.peer))
             await self.push("235 2.7.0 Authentication successful")
             return
         self.auth_failures += 1
-        log.warning("failed AUTH from %s (%d)", self.session.peer, self.auth_failures)
-        # Delay the failure reply itself (as Dovecot does), so guessing is slow even for a
-        # client that opens a new connection for every try.
-        await asyncio.sleep(self.policy.auth_failure_delay)
+        limiter, addr = self.policy.auth_failures, self.peer_addr or str(self.session.peer)
+        limiter.failed(addr)
+        delay = limiter.delay(addr)
+        log.warning("failed AUTH from %s (%d in this session, %d from this address); "
+                    "answering in %.1f s", addr, self.auth_failures, limiter.failures(addr),
+                    delay)
+        # Delay the failure reply itself (as Dovecot does), growing with the address's recent
+        # failures, so guessing is slow even for a client that opens a new connection for
+        # every try. The wait is a timer on the event loop: it holds no thread.
+        await asyncio.sleep(delay)
         await self.push("535 5.7.8 Authentication credentials invalid")
         if self.auth_failures >= self.policy.max_auth_failures:
             await self.push("421 4.7.0 Too many failed authentication attempts, closing")
@@ -182,11 +269,13 @@ class Handler:
         queue: Queue,
         apps: Apps,
         policy: Policy,
+        intake: Intake,
         on_enqueued: Callable[[str], Any] | None = None,
     ) -> None:
         self.queue = queue
         self.apps = apps
         self.policy = policy
+        self.intake = intake
         self.on_enqueued = on_enqueued
 
     def authenticator(
@@ -218,6 +307,17 @@ class Handler:
             validate_address(address, allow_empty=True)
         except MessageError as err:
             return f"553 5.1.7 Bad sender address syntax: {err.message}"
+        if server.app is not None:
+            try:
+                # Each transaction asks again: `postroom app remove` or `rotate` in another
+                # process must stop a session that is already logged in.
+                server.app = self.intake.current_app(server.app.name, server.app.credential)
+                self.intake.check_sender(server.app, address)
+            except IntakeError as err:
+                if err.code == "app.revoked":
+                    server.app = None
+                    session.authenticated = False
+                return err.smtp_reply
         if not address.isascii() and "SMTPUTF8" not in (o.upper() for o in mail_options):
             return "553 5.6.7 Non-ASCII sender address needs MAIL FROM ... SMTPUTF8 (RFC 6531)"
         for opt in mail_options:
@@ -225,7 +325,9 @@ class Handler:
             if key.upper() == "SIZE" and value.isdigit() and int(value) > self.policy.max_size:
                 return (f"552 5.3.4 Message size exceeds the limit of {self.policy.max_size} "
                         "bytes")
-        envelope.mail_from = address
+        # aiosmtpd's RCPT and DATA take an empty mail_from for "no MAIL yet" (503): the null
+        # path is kept as "<>" until DATA builds the envelope.
+        envelope.mail_from = address or "<>"
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
@@ -233,8 +335,10 @@ class Handler:
         self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, address: str,
         rcpt_options: list[str],
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.policy.max_recipients:
-            return f"452 4.5.3 Too many recipients (at most {self.policy.max_recipients})"
+        try:
+            self.intake.check_recipient_count(len(envelope.rcpt_tos) + 1)
+        except IntakeError as err:
+            return err.smtp_reply
         try:
             validate_address(address)
         except MessageError as err:
@@ -249,26 +353,20 @@ class Handler:
     async def handle_DATA(
         self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope
     ) -> str:
-        raw: bytes = envelope.original_content or b""
-        if has_bare_newline(raw):
-            return ("550 5.5.2 Message refused: bare CR or LF in the data; lines must end with "
-                    "CRLF (RFC 5321 2.3.8)")
-        head_end = raw.find(b"\r\n\r\n")
-        head = raw if head_end < 0 else raw[:head_end]
-        if not head.isascii():
-            try:
-                head.decode("utf-8")
-            except UnicodeDecodeError:
-                return ("554 5.6.0 Message refused: header bytes are not UTF-8; encode "
-                        "non-ASCII header text with RFC 2047 or send UTF-8 (RFC 6532)")
-        login = getattr(session.auth_data, "login", None)
-        source = f"smtp:{login.decode(errors='replace')}" if login else "smtp:trusted"
+        app = server.app
         env = Envelope(
-            sender=envelope.mail_from or "",
+            sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             recipients=list(envelope.rcpt_tos),
-            raw=raw,
-            source=source,
+            raw=envelope.original_content or b"",
+            source=f"smtp:{app.name}" if app is not None else "smtp:trusted",
+            app=app.name if app is not None else None,
         )
+        try:
+            self.intake.check(env, app)
+        except IntakeError as err:
+            return f"{err.smtp} Message refused: {err.message}"
+        except MessageError as err:
+            return f"554 5.6.0 Message refused: {err.message}"
         try:
             msg_id = await self.queue.enqueue(env)
         except PostroomError as err:
@@ -308,7 +406,8 @@ async def start(
         tls_context=None if implicit_tls else tls,
         authenticator=handler.authenticator,
         auth_require_tls=True,
-        command_call_limit=None,
+        command_call_limit=COMMAND_CALL_LIMITS,
+        timeout=server.smtp_idle_timeout,
     )
 
     def factory() -> PostroomSMTP:

@@ -5,6 +5,7 @@ connection and maps what can go wrong to postroom.oauth.errors."""
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import time
 import warnings
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from postroom.oauth.config import OAuthSettings
     from postroom.oauth.providers import Endpoints
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"  # RFC 8628 section 3.4
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"  # RFC 7523 section 2.1
@@ -165,18 +167,64 @@ def _id_token_account(id_token: Any) -> str | None:
     """The account an OpenID Connect ID token names. It came straight from the token endpoint
     over TLS, which OpenID Connect Core 3.1.3.7 accepts in place of checking its signature;
     it is only shown to the user and compared with the configured username."""
+    names = _id_token_names(id_token)
+    return names[0] if names else None
+
+
+def _id_token_names(id_token: Any) -> tuple[str, ...]:
     if not isinstance(id_token, str) or id_token.count(".") != 2:
-        return None
+        return ()
     import base64
 
     part = id_token.split(".")[1]
     try:
         claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     except ValueError:
-        return None
+        return ()
     if not isinstance(claims, dict):
-        return None
-    for key in ("email", "preferred_username", "upn"):
-        if isinstance(claims.get(key), str) and claims[key]:
-            return str(claims[key])
-    return None
+        return ()
+    return _names(claims, ("email", "preferred_username", "upn"))
+
+
+def _names(data: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
+    found = (data.get(k) for k in keys)
+    return tuple(dict.fromkeys(v for v in found if isinstance(v, str) and v))
+
+
+# Where a provider says who signed in when its token response has no ID token (no "openid"
+# scope was asked for), by (provider, transport kind): the URL, and the JSON fields naming
+# the account. The token's own scopes must allow the call: Gmail's users.getProfile takes
+# https://mail.google.com/ (not gmail.send alone); Graph /me takes User.Read, which a new app
+# registration holds and Microsoft adds to the Graph access token once it was consented.
+PROFILES: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    ("google", "smtp"): ("https://gmail.googleapis.com/gmail/v1/users/me/profile",
+                         ("emailAddress",)),
+    ("google", "gmail"): ("https://gmail.googleapis.com/gmail/v1/users/me/profile",
+                          ("emailAddress",)),
+    ("microsoft", "msgraph"): ("https://graph.microsoft.com/v1.0/me",
+                               ("mail", "userPrincipalName")),
+}
+
+
+def signed_in_accounts(token: Any, cfg: OAuthSettings, transport_kind: str, *,
+                       transport: httpx.BaseTransport | None = None) -> tuple[str, ...]:
+    """The names of the account a sign-in was made by (an address, a user principal name...),
+    best known first; empty when neither an ID token nor the provider's profile says."""
+    data = dict(token)
+    names = _id_token_names(data.get("id_token"))
+    profile = PROFILES.get((cfg.provider, transport_kind))
+    if names or profile is None or not data.get("access_token"):
+        return names
+    url, keys = profile
+    verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(cfg.ca_file))
+                                     if cfg.ca_file else True)
+    try:
+        with httpx.Client(timeout=cfg.timeout, verify=verify, trust_env=True,
+                          transport=transport) as http:
+            resp = http.get(url, headers={"Authorization": f"Bearer {data['access_token']}"})
+            body = resp.json() if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as err:
+        # Unknown, not refused: the caller says that the account could not be checked.
+        log.warning("oauth: %s did not say who signed in: %s", url, err)
+        return ()
+    return _names(body, keys) if isinstance(body, dict) else ()

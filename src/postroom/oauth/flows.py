@@ -9,6 +9,12 @@
 - Client credentials (Microsoft Graph app-only) and Google service accounts need no sign-in:
   the first delivery gets a token (:func:`app_only`).
 - :func:`revoke`: RFC 7009 at the provider where it has an endpoint, then forget the grant.
+
+Whoever finishes a sign-in decides which account a connection sends as, so before a new
+grant replaces the old one :func:`finish` and :func:`device_wait` ask who signed in (the ID
+token, else the provider's profile call) and compare it with the account the connection
+names (SMTP ``username``, Graph ``mailbox``, Gmail ``user``). Another account: the new
+tokens are dropped, the old grant stays, and the error names both accounts.
 """
 
 from __future__ import annotations
@@ -26,11 +32,23 @@ from postroom.oauth.client import DeviceCode
 from postroom.oauth.errors import GrantError
 from postroom.oauth.store import Grant, Pending
 from postroom.oauth.tokens import TokenManager
+from postroom.settings import ConnectionBase
+
+
+@dataclass(frozen=True)
+class Started:
+    url: str  # the provider's authorization URL
+    state: str  # the OAuth state it carries (the web page binds it to the browser)
 
 
 def start(tm: TokenManager, name: str) -> str:
     """The provider's authorization URL for ``name``; its state and PKCE verifier are kept
     for :func:`finish`."""
+    return begin(tm, name).url
+
+
+def begin(tm: TokenManager, name: str) -> Started:
+    """:func:`start`, also returning the state."""
     _, cfg = tm.config(name)
     if cfg.grant != "user":
         raise ConfigError(
@@ -49,7 +67,7 @@ def start(tm: TokenManager, name: str) -> str:
         ep.authorize_url, state=state, code_verifier=verifier if ep.provider.pkce else None,
         **ep.authorize_params)
     tm.store.add_pending(Pending(state, name, verifier, tm.redirect_uri(name), tm.clock()))
-    return str(url)
+    return Started(str(url), state)
 
 
 @dataclass(frozen=True)
@@ -93,8 +111,58 @@ def finish(tm: TokenManager, params: dict[str, str]) -> Finished:
     token = oauth_client.call(
         lambda: client.fetch_token(ep.token_url, grant_type="authorization_code", code=code,
                                    **extra), ctx)
-    grant = tm.save(name, token, "authorization_code")
-    return Finished(name, grant, [w for _, w in tm.warnings(grant)])
+    return keep(tm, name, token, "authorization_code")
+
+
+def configured_account(conn: ConnectionBase) -> tuple[str, str] | None:
+    """(setting, value) of the account the connection says it sends as, if it names one:
+    SMTP ``username``, Gmail ``user``, Graph ``mailbox`` ("me" names nobody)."""
+    for key in ("username", "mailbox", "user"):
+        value = getattr(conn, key, None)
+        if isinstance(value, str) and value.strip() and value.strip().lower() != "me":
+            return key, value.strip()
+    return None
+
+
+def keep(tm: TokenManager, name: str, token: Any, grant_type: str) -> Finished:
+    """Store what a sign-in returned, if the account that signed in is the connection's."""
+    conn, cfg = tm.config(name)
+    ep = tm.endpoints(name)
+    who = oauth_client.signed_in_accounts(token, cfg, conn.transport, transport=tm.transport)
+    want = configured_account(conn)
+    notes: list[str] = []
+    if want is not None and who and want[1].casefold() not in {w.casefold() for w in who}:
+        raise _wrong_account(tm, name, want, who[0])
+    if want is not None and not who:
+        notes.append(
+            f"{ep.provider.title} did not say which account signed in, so Postroom could not "
+            f"check that it is {want[1]} (the connection's {want[0]}); if it was another "
+            f"one, sign in again as {want[1]}")
+    elif want is None and who:
+        notes.append(
+            f"connection {name} names no account (username, mailbox or user), so it now "
+            f"sends as {who[0]}, whoever signed in; name the account in its configuration "
+            "to have Postroom refuse a sign-in by any other")
+    grant = tm.save(name, token, grant_type, account=who[0] if who else None)
+    for note in notes:
+        tm.event("oauth_account_note", name, note)
+    return Finished(name, grant, notes + [w for _, w in tm.warnings(grant)])
+
+
+def _wrong_account(tm: TokenManager, name: str, want: tuple[str, str],
+                   got: str) -> GrantError:
+    setting, account = want
+    old = tm.store.get(name)
+    kept = (f"its grant for {old.account or 'the earlier sign-in'} stays in place"
+            if old is not None else "it stays without a grant")
+    err = GrantError(
+        f"connection {name} sends as {account} (its {setting}), but the sign-in was made by "
+        f"{got}. The new tokens were not stored: {kept}. Fix: sign in as {account} (open a "
+        f"new link from `postroom oauth login {name}`, in a private window if this browser "
+        f"is signed in to {got} at the provider); or, if {name} should send as {got}, change "
+        f"its {setting} to {got} first", code="oauth.account_mismatch")
+    tm.event("oauth_account_refused", name, err.message)
+    return err
 
 
 def device_start(tm: TokenManager, name: str) -> DeviceCode:
@@ -144,8 +212,7 @@ def device_wait(tm: TokenManager, name: str, code: DeviceCode, *,
                 interval += 5
                 continue
             raise
-        grant = tm.save(name, token, "device_code")
-        return Finished(name, grant, [w for _, w in tm.warnings(grant)])
+        return keep(tm, name, token, "device_code")
 
 
 def revoke(tm: TokenManager, name: str) -> str:

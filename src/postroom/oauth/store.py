@@ -1,6 +1,11 @@
 """Where grants live: the ``oauth_grants`` table (tokens Fernet-encrypted with the instance
 key, like every stored secret) and ``oauth_pending`` (authorizations under way: ``state`` ->
-PKCE verifier, kept in the database so that the callback may reach any node)."""
+PKCE verifier, kept in the database so that the callback may reach any node).
+
+``oauth_pending`` also remembers the sign-in tickets already used (rows whose ``state`` is
+``ticket:<nonce>``): a ticket opens one sign-in, once, on whichever node or process it is
+presented, and after a restart too. Such a row is kept until well after its ticket expired
+(``created_at`` is the ticket's expiry), then swept with the stale authorizations."""
 
 from __future__ import annotations
 
@@ -9,12 +14,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from postroom.secrets import Vault
 from postroom.store.db import write_transaction
 from postroom.store.schema import oauth_grants, oauth_pending
 
 PENDING_SECONDS = 900.0  # an authorization not finished within 15 minutes is forgotten
+TICKET_PREFIX = "ticket:"  # oauth_pending rows that record a used ticket, not an authorization
 _SECRET = ("access_token", "refresh_token")
 
 
@@ -119,9 +126,24 @@ class GrantStore:
                 state=p.state, connection=p.connection, verifier=self.vault.encrypt(p.verifier),
                 redirect_uri=p.redirect_uri, created_at=p.created_at))
 
+    def use_ticket(self, nonce: str, connection: str, until: float) -> bool:
+        """Record that the ticket ``nonce`` (valid until ``until``) was used; False when it
+        had been used before, by this process or any other sharing the database."""
+        try:
+            with write_transaction(self.engine) as c:
+                # The primary key decides between two simultaneous uses: one insert wins.
+                c.execute(insert(oauth_pending).values(
+                    state=f"{TICKET_PREFIX}{nonce}", connection=connection, verifier="",
+                    redirect_uri="", created_at=until))
+        except IntegrityError:
+            return False
+        return True
+
     def take_pending(self, state: str, now: float | None = None) -> Pending | None:
         """The authorization ``state`` belongs to, removed (a state is good for one use)."""
         now = time.time() if now is None else now
+        if state.startswith(TICKET_PREFIX):  # a used ticket is no authorization
+            return None
         with write_transaction(self.engine) as c:
             row = c.execute(select(oauth_pending).where(oauth_pending.c.state == state)).first()
             if row is None:

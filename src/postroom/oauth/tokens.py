@@ -371,13 +371,16 @@ class TokenManager:
                                                                     self.start_link(name)))
 
     # -- after sign-in ---------------------------------------------------------------------------
-    def save(self, name: str, token: Any, grant_type: str) -> Grant:
-        """Store what a sign-in (authorization code or device code) returned."""
+    def save(self, name: str, token: Any, grant_type: str, *,
+             account: str | None = None) -> Grant:
+        """Store what a sign-in (authorization code or device code) returned; ``account``:
+        who signed in, when the sign-in found out (postroom.oauth.flows.keep)."""
         conn, cfg = self.config(name)
         now = self.clock()
         values = oauth_client.token_fields(token, now)
         scopes = values.pop("scopes", self.endpoints(name).scopes)
-        account = values.pop("account", None) or _account_of(conn)
+        named = values.pop("account", None)
+        account = account or named or _account_of(conn)
         grant = Grant(connection=name, provider=cfg.provider, client_id=cfg.client_id,
                       grant_type=grant_type, scopes=scopes, granted_at=now, account=account,
                       generation=1, **values)

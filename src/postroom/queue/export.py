@@ -13,7 +13,8 @@
 Both stream: the log is read a page at a time (newest first, as `postroom log` shows it)
 and a body one message at a time, so memory stays bounded however big the export is. Files
 are written under a temporary name and renamed when complete: an interrupted export never
-leaves a file that looks whole.
+leaves a file that looks whole. They hold mail, so files are 0600 and a folder the export
+creates is 0700, whatever the umask (postroom.fsperm).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, TextIO
 from sqlalchemy import select
 
 from postroom.exceptions import MessageError
+from postroom.fsperm import open_private, private_dir
 from postroom.queue.sql import Queue
 from postroom.store.schema import PRIORITIES, messages
 
@@ -118,7 +120,8 @@ def write_eml(queue: Queue, rows: Iterable[dict[str, Any]], dest: Path,
             raise MessageError(f"--out {dest}: is a folder; name a .zip file", code="cli.out")
         part = dest.with_name(dest.name + ".part")
         try:
-            with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as zf:
+            with open_private(part, "wb") as raw_out, \
+                    zipfile.ZipFile(raw_out, "w", zipfile.ZIP_DEFLATED) as zf:
                 for row in rows:
                     raw = _body(queue, row["id"])
                     if raw is None:
@@ -135,7 +138,7 @@ def write_eml(queue: Queue, rows: Iterable[dict[str, Any]], dest: Path,
             part.unlink(missing_ok=True)
         return written, skipped
     try:
-        dest.mkdir(parents=True, exist_ok=True)
+        private_dir(dest)
         for row in rows:
             raw = _body(queue, row["id"])
             if raw is None:
@@ -143,7 +146,8 @@ def write_eml(queue: Queue, rows: Iterable[dict[str, Any]], dest: Path,
             else:
                 target = dest / eml_name(row)
                 part = target.with_name(target.name + ".part")
-                part.write_bytes(raw)
+                with open_private(part, "wb") as f:
+                    f.write(raw)
                 os.replace(part, target)
                 written += 1
             if progress is not None:
@@ -158,7 +162,7 @@ def export_csv_file(rows: Iterable[dict[str, Any]], dest: Path,
     """CSV into the file ``dest`` (replaced once complete)."""
     part = dest.with_name(dest.name + ".part")
     try:
-        with part.open("w", encoding="utf-8", newline="") as f:
+        with open_private(part, "w", encoding="utf-8", newline="") as f:
             n = write_csv(rows, f, progress)
         os.replace(part, dest)
     except OSError as err:

@@ -76,8 +76,7 @@ class Filter:
         if self.statuses:
             cond.append(m.status.in_(self.statuses))
         if self.app:
-            esc = self.app.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            cond.append(m.source.like(f"%:{esc}", escape="\\"))
+            cond.append(m.app == self.app)
         if self.to:
             cond.append(_contains(self.to, m.to_header, cast(m.recipients, Text)))
         if self.sender:

@@ -215,7 +215,8 @@ _CLAIMED = (  # what a claim reads back (Claimed)
     messages.c.id, messages.c.sender, messages.c.recipients, messages.c.rcpt_status,
     case((messages.c.size <= BODY_WITH_CLAIM, messages.c.raw)).label("raw"), messages.c.size,
     messages.c.connection, messages.c.attempt_count, messages.c.expires_at,
-    messages.c.next_attempt_at, messages.c.priority, messages.c.source, messages.c.tags,
+    messages.c.next_attempt_at, messages.c.priority, messages.c.source, messages.c.app,
+    messages.c.tags,
 )
 # Re-checking the status skips rows another worker claimed since the SELECT. It is wrapped
 # in coalesce() so that it cannot match an index: SQLite would otherwise walk the
@@ -411,6 +412,7 @@ class Claimed:
     attempt_count: int
     expires_at: float
     source: str = ""
+    app: str | None = None
     tags: list[str] = field(default_factory=list)
     priority: int = 0
     body_later: bool = False  # a big body, not read with the claim: Queue.body() reads it
@@ -531,6 +533,7 @@ class Queue:
                     attempt_count=r.attempt_count,
                     expires_at=r.expires_at,
                     source=r.source,
+                    app=r.app,
                     tags=list(r.tags or []),
                     priority=r.priority,
                 )
@@ -666,7 +669,7 @@ class Queue:
         limit: int = 50,
     ) -> list[dict[str, Any]]:
         """The log, newest first. ``text`` matches subject, From, To and Message-ID;
-        ``app``: only what that app handed in, through any door (source "<door>:<app>");
+        ``app``: only what that app handed in, through any door (the owner column);
         ``before`` = (created_at, id) of the last row of the previous page (a cursor that
         stays correct while new mail arrives, unlike an offset)."""
         cols = [c for c in messages.c if c.name not in ("raw", "rcpt_status")]
@@ -692,7 +695,7 @@ class Queue:
         if source:
             q = q.where(messages.c.source == source)
         if app:
-            q = q.where(messages.c.source.like("%:" + _escape_like(app), escape="\\"))
+            q = q.where(messages.c.app == app)
         if tag:
             q = q.where(cast(messages.c.tags, Text).like(
                 "%" + _escape_like(json_string(tag)) + "%", escape="\\"))
@@ -790,6 +793,7 @@ class Queue:
             recipients=to or list(orig["recipients"]),
             raw=orig["raw"],
             source=f"resend:{orig['id']}",
+            app=orig["app"],  # an operator's resend stays visible to the app it belongs to
             connection=orig["connection"],
             id=new_id(),
             tags=list(orig.get("tags") or []),

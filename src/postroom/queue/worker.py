@@ -26,7 +26,7 @@ from postroom.queue.limits import Limiter, limited
 from postroom.queue.sql import Claimed, Queue, worker_id
 from postroom.routing.chain import Next, after_failure, counts_against_connection
 from postroom.routing.health import Health
-from postroom.routing.rules import Facts, Leg, Route, Router, app_of
+from postroom.routing.rules import Facts, Leg, Route, Router
 from postroom.settings import DeliverySettings
 from postroom.store.schema import DEFERRED, FAILED, PARTIAL, SENT
 from postroom.transports.base import DeliveryResult, RecipientResult, Transport
@@ -323,7 +323,7 @@ class Worker:
                 fresh.append(rcpt)
         legs = [Leg("unknown outcome", (via,), tuple(r)) for via, r in unknown.items()]
         if fresh:
-            facts = Facts(sender=msg.sender, recipients=fresh, app=app_of(msg.source),
+            facts = Facts(sender=msg.sender, recipients=fresh, app=msg.app or "",
                           tags=msg.tags, headers=self._headers(msg.raw))
             legs += self.router.legs(facts, pinned=msg.connection)
         return legs

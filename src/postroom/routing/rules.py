@@ -89,12 +89,6 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2]
 
 
-def app_of(source: str) -> str:
-    """The app part of a message's source ("smtp:shop" -> "shop"; "smtp:trusted" -> "")."""
-    door, _, app = source.partition(":")
-    return "" if app in ("", "trusted") or door in ("cli", "resend") else app
-
-
 class Router:
     def __init__(self, routes: Sequence[Route], default_connection: str | None) -> None:
         self.routes = list(routes)

@@ -16,7 +16,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 
 from postroom.exceptions import ConfigError, StoreError
-from postroom.store.direct import MIGRATIONS, head_revision
+from postroom.fsperm import open_private, private_dir
+from postroom.store.direct import MIGRATIONS, head_revision, sqlite_path
 from postroom.store.direct import WriteLock as WriteLock  # its home: the sqlite3 path uses it
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,26 @@ def _driver_url(url: str) -> str:
     return url
 
 
+def _create_private(path: str, *, plain: bool) -> None:
+    """The SQLite file's folder (0700) and, for a plain ``sqlite:///PATH``, the file itself,
+    empty and 0600, before SQLite opens it: SQLite would create it 0644 less the umask
+    (world-readable under the usual 022), and it creates the -wal and -shm files with the
+    database file's mode, so those follow. A file that exists is left as it is."""
+    try:
+        private_dir(Path(path).parent)
+        if plain:
+            with contextlib.suppress(FileExistsError), open_private(Path(path), "xb"):
+                pass  # an empty file is an empty SQLite database
+    except OSError as err:
+        # A store this user cannot write is a temporary failure (sendmail exits 75 and keeps
+        # the message), as when an existing database is not writable.
+        raise StoreError(
+            f"cannot create the database file {path}: {err.strerror or err}; create its "
+            "folder (mode 700) or point server.database somewhere this user may write",
+            code="store.create",
+        ) from err
+
+
 def is_postgresql(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
@@ -57,7 +78,7 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
     if is_sqlite:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path, plain=sqlite_path(url) is not None)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         kwargs["pool_size"] = 8
     elif url.startswith("postgresql"):

@@ -38,6 +38,7 @@ def message_row(env: Envelope, now: float, lifetime: float, hold: float = 0.0) -
         "recipients": list(env.recipients),
         "rcpt_status": {r: {"state": "pending"} for r in env.recipients},
         "source": env.source[:80],
+        "app": env.app,
         "connection": env.connection,
         "message_id": summary.message_id,
         "subject": summary.subject,

@@ -51,7 +51,10 @@ messages = Table(
     Column("recipients", JSON, nullable=False),  # every envelope recipient, in order
     # {address: {"state": "pending"|"sent"|"failed", "code": int, "reply": str}}
     Column("rcpt_status", JSON, nullable=False),
-    Column("source", String(80), nullable=False),
+    Column("source", String(80), nullable=False),  # the door, for the log ("smtp:shop")
+    # The app that owns the message: set only when a door authenticated one (API key, SMTP
+    # AUTH, Mailer(app=...)). Apps read and resend by equality on this, never on `source`.
+    Column("app", String(64)),
     Column("connection", String(64)),  # pinned connection, if the sender chose one
     Column("message_id", String(255), nullable=False),
     Column("subject", String(255), nullable=False),
@@ -97,9 +100,13 @@ apps = Table(
     "apps",
     metadata,
     Column("name", String(64), primary_key=True),
-    Column("secret_hash", String(255), nullable=False),  # argon2id
+    Column("secret_hash", String(255), nullable=False),  # HMAC-SHA256 (older rows: argon2id)
     Column("created_at", Float, nullable=False),
     Column("last_used_at", Float),
+    Column("rotated_at", Float),
+    Column("allowed_senders", JSON),  # addresses / domains it may send as; NULL: any
+    Column("allowed_connections", JSON),  # connections it may pin and see; NULL: any
+    Column("rate_limit", String(32)),  # "100/hour"; NULL: none
 )
 
 secrets = Table(

@@ -124,10 +124,17 @@ def _text(lines: list[str]) -> str:
     return " ".join(line.strip() for line in lines)
 
 
+# A dot at the start of the data or after any line break, CR or LF alone included: intake
+# refuses bare CR and LF, but a row stored before that rule (or written by other means) must
+# not put "\r.\r\n" on the wire, which some servers read as the end of the data (SMTP
+# smuggling: the rest would arrive as a second message, past our policy and DKIM).
+_LINE_START_DOT = re.compile(rb"(?:\A|(?<=[\r\n]))\.")
+
+
 def _dot_stuff(raw: bytes) -> bytes:
     """RFC 5321 section 4.5.2 transparency, and the final CRLF before the ending dot."""
-    if raw.startswith(b".") or b"\n." in raw:
-        raw = re.sub(rb"(?m)^\.", b"..", raw)
+    if raw.startswith(b".") or b"\n." in raw or b"\r." in raw:
+        raw = _LINE_START_DOT.sub(b"..", raw)
     return raw if raw.endswith(b"\r\n") else raw + b"\r\n"
 
 
