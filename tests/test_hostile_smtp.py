@@ -417,10 +417,17 @@ def test_repeat_filter_writes_a_summary_after_the_interval() -> None:
 
     sink = Sink()
     sink.addFilter(RepeatFilter(sink.handle, burst=3, interval=10, clock=lambda: now[0]))
-    logger = logging.getLogger("postroom.test.repeat")
+    logger = logging.getLogger("postroom.ingress.test-repeat")  # a listener's logger
     logger.propagate = False
     logger.addHandler(sink)
+    delivery = logging.getLogger("postroom.queue.test-repeat")  # one line per message: kept
+    delivery.propagate = False
+    delivery.addHandler(sink)
     try:
+        for i in range(100):
+            delivery.warning("message %d status=deferred", i)
+        assert len(seen) == 100
+        seen.clear()
         for i in range(1000):
             logger.error("accept failed on fd %d\nsocket: %r", i, object())
         logger.error("something else")
@@ -431,6 +438,7 @@ def test_repeat_filter_writes_a_summary_after_the_interval() -> None:
         assert seen[5].startswith("accept failed on fd 1000")
     finally:
         logger.removeHandler(sink)
+        delivery.removeHandler(sink)
 
 
 def test_failure_limiter_grows_forgets_and_stays_bounded() -> None:

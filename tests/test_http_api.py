@@ -690,7 +690,8 @@ def test_healthz_unhealthy_without_a_worker(tmp_path: Any, peers: Any) -> None:
 def test_healthz_unhealthy_when_the_store_fails(tmp_path: Any) -> None:
     """The store check itself (in-process): a database that cannot be opened is a 503 that
     says so, not an exception."""
-    from postroom.ingress.http_front import Context, health
+    from postroom.ingress.health import health
+    from postroom.ingress.http_front import Context
     from postroom.queue.sql import Queue
     from postroom.store.db import make_engine
 

@@ -208,6 +208,9 @@ def test_token_refused_before_expiry_is_refreshed_once_on_535(
                           generation=g.generation + 1, issued_at=time.time() - 60,
                           expires_at=time.time() + 3600)
     requests = world.dot.token_requests()
+    # A session the previous test left in the pool is already logged in and would carry
+    # this message without an AUTH: wait out the connection's idle_timeout (1 s).
+    time.sleep(1.2)
     msg_id = world.send("app@app.test", unique_subject)
     m = world.wait_status(msg_id, {"sent", "deferred"})
     assert m["status"] == "sent", m["last_error"]

@@ -30,6 +30,10 @@ class RepeatFilter(logging.Filter):
     did so 218,578 times in 12 s. The summary is written when the kind's interval has ended
     and any record comes through the handler, so a count is never lost while the process
     logs anything at all. Memory: at most ``max_kinds`` kinds are tracked.
+
+    Only the loggers in ``limited`` are counted: the listeners and the event loop, whose
+    lines a client can make us write at will. The delivery's lines (one per message and
+    attempt) are the operator's record, bounded by the mail accepted: never dropped.
     """
 
     def __init__(
@@ -40,8 +44,10 @@ class RepeatFilter(logging.Filter):
         interval: float = 10.0,
         max_kinds: int = 1000,
         clock: Callable[[], float] = time.monotonic,
+        limited: tuple[str, ...] = ("asyncio", "uvicorn", "mail.log", "postroom.ingress"),
     ) -> None:
         super().__init__()
+        self.limited = limited
         self.sink = sink  # where summaries go: the handler this filter is installed on
         self.burst = burst
         self.interval = interval
@@ -54,6 +60,8 @@ class RepeatFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "postroom_summary", False):
+            return True
+        if not any(record.name == p or record.name.startswith(p + ".") for p in self.limited):
             return True
         now = self.clock()
         kind = (record.name, record.levelno, str(record.msg).partition("\n")[0])

@@ -1,4 +1,5 @@
-"""Per-peer accounting shared by the listeners: how many sessions a peer may hold, and how long
+"""Per-peer rules shared by the listeners and the admin pages: whether a client is in a set of
+networks (trusted_networks, admin_networks), how many sessions a peer may hold, and how long
 a peer that keeps failing to authenticate waits for its next answer.
 
 Pure and synchronous (no I/O, no locks: the listeners call it from the event loop thread), and
@@ -15,7 +16,36 @@ from __future__ import annotations
 import collections
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def client_address(value: object) -> Address | None:
+    """A client's IP address from what a socket or ASGI server reports (a string, or a
+    (host, port) peer), IPv4-mapped IPv6 (a dual-stack socket's IPv4 client) as IPv4; None
+    for anything that is not an IP address."""
+    if isinstance(value, tuple | list):
+        value = value[0] if value else None
+    try:
+        addr = ipaddress.ip_address(str(value).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+class Networks:
+    """A configured list of networks, and the one way to ask whether a client is in it."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = tuple(names)
+        self._nets = [ipaddress.ip_network(n, strict=False) for n in self.names]
+
+    def __contains__(self, client: object) -> bool:
+        addr = client_address(client)
+        return addr is not None and any(addr in net for net in self._nets)
 
 
 def peer_key(ip: str) -> str:
@@ -24,13 +54,10 @@ def peer_key(ip: str) -> str:
     Anything that is not an IP address (a Unix socket path, "") is returned unchanged, so
     such peers share one count per distinct value.
     """
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
-    except ValueError:
+    addr = client_address(ip)  # an IPv6 zone ("fe80::1%eth0") dropped, IPv4-mapped unwrapped
+    if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
 

@@ -14,9 +14,9 @@ privilege from ``server.trusted_networks``, which only says who may relay.
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit
 
+from postroom.ingress.guard import Networks
 from postroom.settings import Settings
 
 MISDIRECTED = 421
@@ -73,17 +73,8 @@ def host_refusal(settings: Settings, header: str | None) -> str | None:
 def admin_refusal(settings: Settings, client: str | None) -> str | None:
     """Why a client at this address may not administer Postroom, or None when it may
     (it is in ``server.admin_networks``)."""
-    try:
-        addr = ipaddress.ip_address(client or "")
-    except ValueError:
-        addr = None
-    if addr is not None:
-        # An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        nets = [ipaddress.ip_network(n, strict=False) for n in settings.server.admin_networks]
-        if any(addr in net for net in nets):
-            return None
+    if client in Networks(settings.server.admin_networks):
+        return None
     who = client or "an unknown address"
     return (f"this page administers Postroom, and {who} is not in server.admin_networks "
             f"({', '.join(settings.server.admin_networks) or 'empty'}). Open it on the "

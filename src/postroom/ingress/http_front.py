@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
-import os
 import socket
 import ssl
 import time
@@ -33,17 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-
 from postroom.apps import Apps
 from postroom.exceptions import ConfigError
 from postroom.ingress.accept import Intake
-from postroom.ingress.guard import FailureLimiter, SessionCaps
+from postroom.ingress.guard import FailureLimiter, Networks, SessionCaps
+from postroom.ingress.health import health
 from postroom.ingress.http_auth import AUTH_STATE, KeyChecker
 from postroom.queue.sql import Queue
-from postroom.queue.worker import HEARTBEAT_SECONDS
 from postroom.settings import Settings
-from postroom.store.schema import DEFERRED, QUEUED, SENDING, messages
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
@@ -75,63 +70,6 @@ class Context:
         return self.intake
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _live_workers(ctx: Context, now: float) -> list[str]:
-    """Workers that reported within 3 heartbeats; on this host the process must also exist
-    (a killed worker is seen as gone at once, not after its heartbeat goes stale)."""
-    host = socket.gethostname()[:40]
-    alive = []
-    for row in ctx.queue.workers_seen(now - 3 * HEARTBEAT_SECONDS):
-        wid = str(row["id"])
-        whost, _, pid = wid.rpartition(":")
-        if whost == host and pid.isdigit() and not _pid_alive(int(pid)):
-            continue
-        alive.append(wid)
-    return alive
-
-
-def _waiting(ctx: Context) -> dict[str, int]:
-    # Only the states a health check cares about: the (status, ...) index answers this
-    # without reading the whole log, unlike counting every status.
-    q = (select(messages.c.status, func.count())
-         .where(messages.c.status.in_((QUEUED, DEFERRED, SENDING)))
-         .group_by(messages.c.status))
-    with ctx.queue.engine.connect() as conn:
-        found = {str(s): int(n) for s, n in conn.execute(q)}
-    return {s: found.get(s, 0) for s in (QUEUED, DEFERRED, SENDING)}
-
-
-async def health(ctx: Context) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, body) of /healthz: 200 when the store answers and a worker is alive."""
-    body: dict[str, Any] = {"status": "ok", "store": {"ok": True}, "worker": {}, "queue": {}}
-    alive: list[str] = []
-    try:
-        body["queue"] = await asyncio.to_thread(_waiting, ctx)
-        alive = await asyncio.to_thread(_live_workers, ctx, time.time())
-    except Exception as err:  # any failure of the store is what this endpoint reports
-        log.warning("/healthz: the store did not answer: %s", err)
-        body["store"] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
-    in_process = ctx.worker_running() if ctx.worker_running is not None else None
-    others = [w for w in alive if w != ctx.worker_owner]
-    body["worker"] = {"ok": bool(in_process or others), "in_process": in_process,
-                      "others": others}
-    if not body["worker"]["ok"]:
-        body["worker"]["fix"] = ("no delivery worker is running: set server.worker = true or "
-                                 "start `postroom worker` with the same configuration")
-    healthy = body["store"]["ok"] and body["worker"]["ok"]
-    body["status"] = "ok" if healthy else "unhealthy"
-    return (200 if healthy else 503), body
-
-
 async def _json(send: Send, status: int, body: Any,
                 headers: Sequence[tuple[bytes, bytes]] = (),
                 *, head: bool = False, close: bool = False) -> None:
@@ -146,20 +84,6 @@ async def _json(send: Send, status: int, body: Any,
 
 def _error(code: str, message: str, fix: str, field: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "fix": fix, "field": field}}
-
-
-def _networks(names: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(n, strict=False) for n in names]
-
-
-def _in(ip: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # an IPv4 client on a dual-stack socket
-    return any(addr in net for net in nets)
 
 
 def _client(scope: Scope) -> str:
@@ -211,8 +135,8 @@ class Front:
         http, server = ctx.settings.http, ctx.settings.server
         self.http = http
         self.max_body = http.max_body_size
-        self.trusted = _networks(server.trusted_networks)
-        self.admin = _networks(server.admin_networks)
+        self.trusted = Networks(server.trusted_networks)
+        self.admin = Networks(server.admin_networks)
         self.requests = SessionCaps(per_peer=http.max_requests_per_ip, total=http.max_requests,
                                     reserve=http.max_requests // 10)
         # A bad key from outside trusted_networks is answered ever later (see _authenticate).
@@ -224,12 +148,12 @@ class Front:
         self._loading = asyncio.Lock()
 
     def is_trusted(self, ip: str) -> bool:
-        return _in(ip, self.trusted)
+        return ip in self.trusted
 
     def sees_details(self, ip: str) -> bool:
         """Whether /healthz may show this client the store's errors, worker ids and queue
         sizes: only administrators (server.admin_networks) may."""
-        return _in(ip, self.admin)
+        return ip in self.admin
 
     async def api(self) -> ASGIApp:
         if self._api is None:

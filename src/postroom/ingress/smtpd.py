@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import logging
 import re
 import ssl
@@ -33,7 +32,7 @@ from postroom.apps import AppPolicy, Apps
 from postroom.envelope import Envelope, validate_address
 from postroom.exceptions import IntakeError, MessageError, PostroomError
 from postroom.ingress.accept import Intake
-from postroom.ingress.guard import FailureLimiter, SessionCaps
+from postroom.ingress.guard import FailureLimiter, Networks, SessionCaps, client_address
 from postroom.queue.sql import Queue
 from postroom.settings import ServerSettings
 
@@ -61,7 +60,7 @@ class Policy:
     accounting (open sessions, failed AUTHs) across the SMTP and SMTPS listeners."""
 
     def __init__(self, server: ServerSettings) -> None:
-        self.trusted = [ipaddress.ip_network(n, strict=False) for n in server.trusted_networks]
+        self.trusted = Networks(server.trusted_networks)
         self.trusted_without_auth = server.trusted_without_auth
         self.max_recipients = server.max_recipients
         self.max_size = server.max_message_size
@@ -78,19 +77,6 @@ class Policy:
             total=server.smtp_max_sessions,
             reserve=server.smtp_max_sessions // 10,
         )
-
-    def is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
-        return ip is not None and any(ip in net for net in self.trusted)
-
-
-def _peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(peer[0])
-    except (TypeError, ValueError, IndexError):
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
 
 
 def _rebind(method: Any, obj: object) -> Any:
@@ -165,8 +151,8 @@ class PostroomSMTP(SMTP):
         first = self._original_transport is None  # not the second call made by STARTTLS
         if first:
             peer = transport.get_extra_info("peername")
-            ip = _peer_ip(peer)
-            self.trusted = self.policy.is_trusted(ip)
+            ip = client_address(peer)
+            self.trusted = ip in self.policy.trusted
             addr = str(ip) if ip is not None else str(peer)
             if not self.policy.sessions.try_open(addr, exempt=self.trusted):
                 # Refused before aiosmtpd sees the connection: no session, no reader task,
