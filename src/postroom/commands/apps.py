@@ -58,7 +58,7 @@ def add(name: str, sender: SenderOpt = None, connection: ConnectionOpt = None,
 @cli.command("rotate")
 def rotate(name: str, config: ConfigOpt = None) -> None:
     """Give an app a new secret: the old one stops working, open SMTP sessions included
-    (within a second on a running server)."""
+    (within two seconds on a running server)."""
     inst = instance(config)
     secret = guard(lambda: inst.apps.rotate(name))
     _print_credentials(name, secret, inst.apps.api_key(name, secret), "has new credentials")
