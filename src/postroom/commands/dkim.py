@@ -19,7 +19,34 @@ SelectorOpt = Annotated[str, typer.Option("--selector", "-s", help="The selector
                                           show_default=False)]
 
 
-def _print_record(info: Any, *, as_json: bool, intro: str) -> None:
+def _sign_with(info: Any, settings: Any) -> str:
+    """The step after publishing, naming the connections it concerns: those that send From
+    the key's domain (their forced From or username), found as the doctor finds them."""
+    from postroom.diagnostics.doctor import senders, signing_for
+
+    sig = signing_for(info.domain, senders(settings), [])
+    table = f'dkim = {{ domain = "{info.domain}", selector = "{info.selector}" }}'
+    users = sig.signers.get(info.selector, [])
+    if users:
+        return (f"{_names(users)} already {'signs' if len(users) == 1 else 'sign'} with it: "
+                "publish the record")
+    others = [c for sel, cs in sig.signers.items() for c in cs]
+    targets = sig.unsigned + others
+    if not targets:
+        return (f"Then sign with it: add  {table}  to the [[connections]] entry that sends "
+                f"mail From {info.domain}")
+    text = f"Then sign with it: add  {table}  to {_names(targets)}"
+    if others:
+        text += (f" ({_names(others)} {'signs' if len(others) == 1 else 'sign'} with "
+                 "another selector today: switch once this record is published)")
+    return text
+
+
+def _names(names: list[str]) -> str:
+    return ("connection " if len(names) == 1 else "connections ") + ", ".join(names)
+
+
+def _print_record(info: Any, *, as_json: bool, intro: str, settings: Any) -> None:
     from rich.markup import escape
 
     if as_json:
@@ -33,10 +60,9 @@ def _print_record(info: Any, *, as_json: bool, intro: str) -> None:
         con.print(f'    "{escape(s)}"', soft_wrap=True, highlight=False)
     con.print("  zone-file form:", soft_wrap=True)
     con.print(f"    {escape(info.zone_line)}", soft_wrap=True, highlight=False)
-    con.print(f"Then sign with it: add  dkim = {{ domain = \"{escape(info.domain)}\", selector = "
-              f"\"{escape(info.selector)}\" }}  to the [[connections]] entry, and check with "
-              f"`postroom doctor --domain {escape(info.domain)}`.", soft_wrap=True,
-              highlight=False)
+    # escape(): "[[connections]]" is Rich markup otherwise, and printed as "[]".
+    con.print(escape(f"{_sign_with(info, settings)}, and check with `postroom doctor "
+                     f"--domain {info.domain}`."), soft_wrap=True, highlight=False)
 
 
 @cli.command()
@@ -58,7 +84,7 @@ def keygen(
     info = guard(lambda: dkim.keygen(inst.secrets.get, inst.secrets.set, domain, selector,
                                      bits, force=force))
     _print_record(info, as_json=as_json, intro=f"[green]DKIM key made[/] ({info.bits} bits, "
-                  "stored encrypted). Publish this DNS record:")
+                  "stored encrypted). Publish this DNS record:", settings=inst.settings)
 
 
 @cli.command()
@@ -78,7 +104,8 @@ def show(domain: DomainOpt, selector: SelectorOpt, as_json: JsonOpt = False,
         fail(ConfigError(f"no DKIM key for {dkim.dns_name(d, selector)}; make one with "
                          f"`postroom dkim keygen --domain {d} --selector {selector}`",
                          code="dkim.unknown"))
-    _print_record(info, as_json=as_json, intro="Publish this DNS record:")
+    _print_record(info, as_json=as_json, intro="Publish this DNS record:",
+                  settings=inst.settings)
 
 
 @cli.command("list")

@@ -39,7 +39,7 @@ from postroom.diagnostics.domaincheck import (
     DomainFacts,
     Finding,
     Record,
-    add_mechanism,
+    Signing,
     check_domain,
 )
 from postroom.exceptions import PostroomError
@@ -130,11 +130,30 @@ def selectors_for(domain: str, sends: Iterable[Sender],
     return list(dict.fromkeys(sels))
 
 
+def signing_for(domain: str, sends: Iterable[Sender],
+                stored: Iterable[tuple[str, str]]) -> Signing:
+    """Which connections sign for ``domain`` and with which selector, the keys stored for
+    it, and the connections that send From it without signing."""
+    out = Signing(domain, stored=[sel for d, sel in stored if d == domain])
+    for s in sends:
+        if s.dkim is not None and s.dkim.domain == domain:
+            users = out.signers.setdefault(s.dkim.selector, [])
+            if s.connection not in users:
+                users.append(s.connection)
+        elif s.dkim is None and s.from_domain == domain and s.connection not in out.unsigned:
+            out.unsigned.append(s.connection)
+    return out
+
+
 # -- per connection ------------------------------------------------------------------------------
 @dataclass
 class _SpfVerdict:
     passed: bool
     finding: Finding
+    # Mechanisms the envelope domain's record must gain for this connection. The record to
+    # publish is filled in once every connection is known (one_spf_record): one name has
+    # one SPF record, so each finding shows the same record with every connection's needs.
+    needs: str = ""
 
 
 def check_spf(resolver: Resolver, s: Sender, facts: DomainFacts) -> _SpfVerdict:
@@ -144,10 +163,23 @@ def check_spf(resolver: Resolver, s: Sender, facts: DomainFacts) -> _SpfVerdict:
     what = s.host or (s.provider.title if s.provider else s.connection)
     if a is None or a.record is None:
         mech = _mechanism_for(resolver, s)
+        if a is not None and len(a.records) > 1:
+            return _SpfVerdict(False, Finding(
+                subject, "spf.sender", FAIL, f"{d} publishes {len(a.records)} SPF records, "
+                f"itself an error (permerror, RFC 7208 3.2): nothing authorises {what}",
+                fix="replace them with one record" + (f" that also has {mech}" if mech else ""),
+            ), mech)
+        if a is not None and a.status == spf.NONE:
+            return _SpfVerdict(False, Finding(
+                subject, "spf.sender", FAIL, f"{d} has no SPF record, so nothing authorises "
+                f"{what}", fix="publish an SPF record" + (f" with {mech}" if mech else
+                                                           " listing the servers it sends from")
+            ), mech)
         return _SpfVerdict(False, Finding(
-            subject, "spf.sender", FAIL, f"{d} has no usable SPF record, so nothing authorises "
-            f"{what}", fix="publish an SPF record with the mechanism for this connection",
-            record=Record(d, "TXT", f"v=spf1 {mech} ~all") if mech else None))
+            subject, "spf.sender", FAIL, f"{d} has no usable SPF record "
+            f"({a.reason if a else 'not checked'}), so nothing authorises {what}",
+            fix=f"fix {d}'s SPF record first (see the SPF finding of {d})"
+            + (f", then add {mech}" if mech else "")))
     if s.provider is not None and s.provider.spf:
         hit = next((inc for inc in s.provider.spf if inc in a.includes), None)
         if hit:
@@ -159,8 +191,7 @@ def check_spf(resolver: Resolver, s: Sender, facts: DomainFacts) -> _SpfVerdict:
             subject, "spf.sender", FAIL, f"your SPF does not authorise {what}: {d}'s record "
             f"has no include:{s.provider.spf[0]} ({s.provider.title} sends from its own "
             "servers, not from the address you connect to)",
-            fix=f"add {mech} to the record (before the all)" + _lookup_note(a, 1),
-            record=Record(d, "TXT", add_mechanism(a.record, mech))))
+            fix=f"add {mech} to the record (before the all)"), mech)
     if s.host is None:
         return _SpfVerdict(False, Finding(subject, "spf.sender", INFO,
                                           f"where {s.connection} sends from is not known: "
@@ -190,16 +221,56 @@ def check_spf(resolver: Resolver, s: Sender, facts: DomainFacts) -> _SpfVerdict:
     return _SpfVerdict(False, Finding(
         subject, "spf.sender", FAIL, f"your SPF does not authorise {s.host} "
         f"({', '.join(r.ip for r in bad)}): {d} gives it '{worst.result}'{note}",
-        fix=f"add {mechs} (or a:{s.host}) to the record, before the all"
-        + _lookup_note(a, 0), record=Record(d, "TXT", add_mechanism(a.record, mechs)),
-        details=worst.trace))
+        fix=f"add {mechs} (or a:{s.host}) to the record, before the all",
+        details=worst.trace), mechs)
 
 
-def _lookup_note(a: spf.Analysis, extra: int) -> str:
-    if a.lookups + extra > spf.MAX_LOOKUPS:
-        return (f"; the record would then need {a.lookups + extra} DNS lookups, more than "
-                f"{spf.MAX_LOOKUPS}: remove others first")
-    return ""
+def one_spf_record(resolver: Resolver, facts: DomainFacts,
+                   verdicts: Sequence[tuple[Sender, _SpfVerdict]]) -> None:
+    """Give every SPF finding of one name the same record to publish: the name's records
+    (one, or several merged) with the mechanisms of every connection that needs one.
+    Advising each connection its own record would have the user publish two, and two SPF
+    records on one name fail SPF for all its mail (RFC 7208 3.2)."""
+    d, a = facts.domain, facts.spf
+    if a is None or (a.record is None and len(a.records) <= 1 and a.status != spf.NONE):
+        return  # broken or unreadable: its own finding says what to fix first
+    needs = [(s, v) for s, v in verdicts if v.needs]
+    mechs = [v.needs for _, v in needs]
+    if not a.records and not mechs:
+        return  # nothing published, nothing known to authorise: the domain finding's advice
+    text = spf.merge(a.records, mechs or (["mx"] if facts.mx and not facts.null_mx else []))
+    cost = spf.analyze_text(resolver, d, text)
+    if cost.record is None:
+        return
+    record = Record(d, "TXT", text)
+    note = ""
+    if cost.lookups > spf.MAX_LOOKUPS:
+        note = (f"; this record needs {cost.lookups} DNS lookups, more than "
+                f"{spf.MAX_LOOKUPS}: receivers would treat it as broken, so first replace "
+                "include/a/mx of your own servers with ip4:/ip6: ranges or drop includes of "
+                "services you no longer use")
+    users = sorted({s.connection for s, _ in needs})
+    mine = next((f for f in facts.findings if f.check == "spf"), None)
+    if mine is not None and (mine.record is not None or a.status == spf.NONE):
+        mine.record = record
+        if users:
+            mine.fix = (mine.fix or "publish this record") + \
+                f" (this one has what {_connections(users, 'need')})" + note
+    for s, v in needs:
+        v.finding.record = record
+        rest = [u for u in users if u != s.connection]
+        if rest:
+            v.finding.fix = (v.finding.fix or "") + (
+                f"; the record shown also has what {_connections(rest, 'need')}: {d} must "
+                "publish exactly one SPF record")
+        v.finding.fix = (v.finding.fix or "") + note
+
+
+def _connections(names: Sequence[str], verb: str) -> str:
+    """"connection a needs" / "connections a, b need"."""
+    if len(names) == 1:
+        return f"connection {names[0]} {verb}s"
+    return f"connections {', '.join(names)} {verb}"
 
 
 def _addresses(resolver: Resolver, host: str) -> list[str]:
@@ -219,7 +290,7 @@ def _mechanism_for(resolver: Resolver, s: Sender) -> str:
 
 
 def check_dkim(s: Sender, facts: DomainFacts, stored_key: dkim.KeyInfo | None,
-               ) -> tuple[str | None, Finding]:
+               signing: Signing) -> tuple[str | None, Finding]:
     """(the aligned-candidate signing domain when DKIM will pass, finding)."""
     subject = s.subject
     cfg = s.dkim
@@ -258,13 +329,11 @@ def check_dkim(s: Sender, facts: DomainFacts, stored_key: dkim.KeyInfo | None,
         f"DKIM signature of {facts.domain} (a provider signing with its own domain does not "
         "align with your From)",
         fix=(f"turn on DKIM for {facts.domain} at {prov.title} ({prov.docs})" if prov and
-             prov.docs else f"let Postroom sign: postroom dkim keygen --domain {facts.domain} "
-             f"--selector postroom, publish the record, and add dkim = {{ domain = "
-             f"\"{facts.domain}\", selector = \"postroom\" }} to connection {s.connection}"))
+             prov.docs and not signing.signers else signing.advice(s.connection)))
 
 
 def check_alignment(s: Sender, facts: DomainFacts, spf_pass: bool,
-                    dkim_domain: str | None) -> Finding:
+                    dkim_domain: str | None, signing: Signing) -> Finding:
     subject = s.subject
     pol = facts.dmarc
     fd, ed = s.from_domain, s.envelope_domain
@@ -287,8 +356,7 @@ def check_alignment(s: Sender, facts: DomainFacts, spf_pass: bool,
                      f"use an envelope sender under {dmarc.org_domain(fd)}")
     elif not spf_pass:
         fixes.append(f"authorise the connection in {ed}'s SPF (see the SPF finding)")
-    fixes.append(f"sign with DKIM for {fd} (postroom dkim keygen --domain {fd} --selector "
-                 "postroom, and the connection's dkim table)")
+    fixes.append(f"sign with DKIM for {fd} ({signing.advice(s.connection)})")
     status = FAIL if policy in ("reject", "quarantine") else WARN
     verb = {"reject": "receivers reject", "quarantine": "receivers put in spam"}.get(
         policy, "DMARC fails for")
@@ -382,24 +450,30 @@ def run(inst: Any, resolver: Resolver, domains: Sequence[str] = (), *, connect: 
             "configuration", "domains", WARN, "no sending domain to check: no connection has "
             "a username address or a forced From", fix="run postroom doctor --domain "
             "example.com"))
-    facts = {d: check_domain(resolver, d, [*selectors, *selectors_for(d, sends, stored)])
-             for d in wanted}
+    signing = {d: signing_for(d, sends, stored) for d in wanted}
+    facts = {d: check_domain(resolver, d, [*selectors, *selectors_for(d, sends, stored)],
+                             signing[d]) for d in wanted}
     for d in wanted:
         report.findings += facts[d].findings
+    spf_verdicts: dict[str, list[tuple[Sender, _SpfVerdict]]] = {}
     for s in sends:
         env_facts, from_facts = facts[s.envelope_domain], facts[s.from_domain]
         spf_v = check_spf(resolver, s, env_facts)
+        spf_verdicts.setdefault(s.envelope_domain, []).append((s, spf_v))
         report.findings.append(spf_v.finding)
         key = dkim.stored(inst.secrets.get, s.dkim.domain, s.dkim.selector) if s.dkim else None
         dkim_facts = facts[s.dkim.domain] if s.dkim else from_facts
-        dkim_domain, dkim_finding = check_dkim(s, dkim_facts, key)
+        dkim_domain, dkim_finding = check_dkim(s, dkim_facts, key, signing[dkim_facts.domain])
         report.findings.append(dkim_finding)
         if s.envelope_domain != s.from_domain and not env_facts.accepts_mail:
             report.findings.append(Finding(
                 s.subject, "mx", WARN,
                 f"the envelope sender's domain {s.envelope_domain} receives no mail: bounces "
                 "are lost"))
-        report.findings.append(check_alignment(s, from_facts, spf_v.passed, dkim_domain))
+        report.findings.append(check_alignment(s, from_facts, spf_v.passed, dkim_domain,
+                                               signing[s.from_domain]))
+    for d in wanted:
+        one_spf_record(resolver, facts[d], spf_verdicts.get(d, []))
     if settings.connections:
         report.findings += asyncio.run(connection_health(inst, connect, timeout))
     return report

@@ -84,11 +84,72 @@ class DomainFacts:
     findings: list[Finding] = field(default_factory=list)
 
 
-def check_domain(resolver: Resolver, domain: str, selectors: Iterable[str] = ()) -> DomainFacts:
+@dataclass
+class Signing:
+    """How Postroom signs for one domain today, so that DKIM advice names the selector a
+    connection already signs with (one key to publish, not a second one) and the
+    connections to add the ``dkim`` table to."""
+
+    domain: str
+    signers: dict[str, list[str]] = field(default_factory=dict)  # selector -> connections
+    stored: list[str] = field(default_factory=list)  # selectors with a key in the store
+    unsigned: list[str] = field(default_factory=list)  # connections sending From it unsigned
+
+    def selector(self) -> str:
+        """The selector to use: one a connection signs with (its key stored first), else a
+        stored key's, else "postroom"."""
+        ranked = sorted(self.signers, key=lambda sel: sel not in self.stored)
+        return (ranked or self.stored or ["postroom"])[0]
+
+    def _key_step(self, sel: str) -> str:
+        if sel in self.stored:
+            return (f"publish its key (postroom dkim show --domain {self.domain} --selector "
+                    f"{sel} prints the record)")
+        return (f"make its key with postroom dkim keygen --domain {self.domain} --selector "
+                f"{sel} and publish the record it prints")
+
+    def advice(self, connection: str | None = None) -> str:
+        """What to do so that mail From the domain (through ``connection``, or any) carries
+        an aligned DKIM signature made by Postroom."""
+        d, sel = self.domain, self.selector()
+        table = f'dkim = {{ domain = "{d}", selector = "{sel}" }}'
+        users = self.signers.get(sel, [])
+        if connection is not None and any(connection in c for c in self.signers.values()):
+            mine = next(s for s, c in self.signers.items() if connection in c)
+            return f"connection {connection} signs with selector {mine}: " + \
+                self._key_step(mine)
+        if connection is not None:
+            where = f"connection {connection}"
+        elif self.unsigned:
+            where = ("connection " if len(self.unsigned) == 1 else "connections ") + \
+                ", ".join(self.unsigned)
+        else:
+            where = f"the [[connections]] entry that sends From {d}"
+        if users:
+            one = len(users) == 1
+            who = ("connection " if one else "connections ") + ", ".join(users)
+            if connection is None:
+                return (f"{who} {'signs' if one else 'sign'} with selector {sel}: "
+                        f"{self._key_step(sel)}"
+                        + (f"; add {table} to {where} too" if self.unsigned else ""))
+            return (f"let Postroom sign as {who} already {'does' if one else 'do'}: add "
+                    f"{table} to {where}")
+        if sel in self.stored:
+            return (f"let Postroom sign with the key it already has for {d}: add {table} to "
+                    f"{where}, and {self._key_step(sel)}")
+        return (f"let Postroom sign: postroom dkim keygen --domain {d} --selector {sel}, "
+                f"publish the record it prints, and add {table} to {where}")
+
+
+def check_domain(resolver: Resolver, domain: str, selectors: Iterable[str] = (),
+                 signing: Signing | None = None) -> DomainFacts:
+    """``signing``: how Postroom signs for the domain (its selectors are tried too)."""
     facts = DomainFacts(domain)
+    sign = signing or Signing(domain)
     _mx(resolver, facts)
     _spf(resolver, facts)
-    _dkim(resolver, facts, [*dict.fromkeys([*selectors, *COMMON_SELECTORS])])
+    _dkim(resolver, facts, [*dict.fromkeys([*selectors, *sign.signers, *sign.stored,
+                                             *COMMON_SELECTORS])], sign)
     _dmarc(resolver, facts)
     return facts
 
@@ -119,17 +180,21 @@ def _mx(resolver: Resolver, f: DomainFacts) -> None:
     if not hosts:
         addrs = resolver.addresses(d)
         if addrs:
+            # The one host known to exist is the domain itself: this MX keeps mail going
+            # where it goes today. A name like mail.<domain> would be a guess shown as fact.
             f.findings.append(Finding(
                 d, "mx", WARN, f"no MX record: mail for {d} goes to its A/AAAA address "
                 f"({', '.join(addrs[:3])}) (RFC 5321 5.1)",
-                fix=f"publish an MX record naming the server that receives mail for {d}",
-                record=Record(d, "MX", f"10 mail.{d}.")))
+                fix=f"publish an MX record: this one names {d} itself, the host that receives "
+                "its mail today; name your mail provider's host instead if another server "
+                "should receive it", record=Record(d, "MX", f"10 {d}.")))
         else:
             f.accepts_mail = False
             f.findings.append(Finding(
                 d, "mx", FAIL, f"{d} has neither MX nor address records: nothing can reply or "
                 "bounce to it, and many receivers refuse mail from a domain that cannot "
-                "receive", fix=f"publish MX records for {d} (your mail provider gives them)"))
+                "receive", fix=f"publish an MX record for {d}: {d}. IN MX 10 <your mail "
+                "server>. (a placeholder: put the host name your mail provider gives)"))
         return
     missing = [h for _, h in hosts if not resolver.addresses(h)]
     text = ", ".join(f"{p} {h}" for p, h in hosts)
@@ -152,10 +217,17 @@ def _spf(resolver: Resolver, f: DomainFacts) -> None:
             "(Gmail and Yahoo require SPF or DKIM, bulk senders both)",
             fix="publish an SPF record listing the servers that send for the domain (the "
             "connections' checks below give the mechanisms)",
-            record=Record(d, "TXT", "v=spf1 mx ~all")))
+            record=Record(d, "TXT", spf.merge([], ["mx"])) if f.mx else None))
         return
     if a.status == spf.TEMPERROR:
         f.findings.append(Finding(d, "spf", WARN, f"SPF lookup failed: {a.reason}"))
+        return
+    if len(a.records) > 1:
+        merged = spf.merge(a.records)
+        f.findings.append(Finding(
+            d, "spf", FAIL, f"{a.reason}: " + " | ".join(a.records),
+            fix="replace them with one record that has the mechanisms of all of them",
+            record=Record(d, "TXT", merged) if _parses(merged) else None))
         return
     if a.record is None:
         f.findings.append(Finding(d, "spf", FAIL, f"SPF is broken (permerror): {a.reason}",
@@ -180,28 +252,26 @@ def _spf(resolver: Resolver, f: DomainFacts) -> None:
         f.findings.append(Finding(
             d, "spf", WARN, f"{summary}: no 'all' at the end, so unlisted servers get "
             "'neutral': the record protects nothing", fix="end the record with ~all or -all",
-            record=Record(d, "TXT", f"{a.record.text} ~all"), details=details))
+            record=Record(d, "TXT", spf.merge([a.record.text])), details=details))
     elif qual == spf.NEUTRAL:
         f.findings.append(Finding(
             d, "spf", WARN, f"{summary}: '?all' treats unlisted servers as neutral",
             fix="end the record with ~all (soft fail) or -all (fail)",
-            record=Record(d, "TXT", a.record.text.replace("?all", "~all")), details=details))
+            record=Record(d, "TXT", spf.merge([a.record.text])), details=details))
     else:
         f.findings.append(Finding(d, "spf", OK, summary, details=details))
 
 
-def add_mechanism(record: spf.Record, mechanism: str) -> str:
-    """The record with ``mechanism`` added before its ``all`` (or redirect), where
-    receivers read it."""
-    terms = record.text.split()
-    at = next((i for i, t in enumerate(terms)
-               if t.lstrip("+-~?").lower() == "all" or t.lower().startswith("redirect=")),
-              len(terms))
-    return " ".join([*terms[:at], mechanism, *terms[at:]])
+def _parses(text: str) -> bool:
+    try:
+        spf.parse(text)
+    except spf.SPFError:
+        return False
+    return True
 
 
 # -- DKIM ----------------------------------------------------------------------------------------
-def _dkim(resolver: Resolver, f: DomainFacts, selectors: list[str]) -> None:
+def _dkim(resolver: Resolver, f: DomainFacts, selectors: list[str], sign: Signing) -> None:
     d = f.domain
 
     def look(sel: str) -> tuple[str, list[str]]:
@@ -237,10 +307,8 @@ def _dkim(resolver: Resolver, f: DomainFacts, selectors: list[str]) -> None:
         f.findings.append(Finding(
             d, "dkim", WARN, f"no DKIM key found at the {len(selectors)} selectors tried "
             f"({', '.join(selectors[:6])}...)",
-            fix=f"have your provider sign for {d} (its DKIM set-up page), or let Postroom sign: "
-            f"postroom dkim keygen --domain {d} --selector postroom, publish the record it "
-            f"prints, and add dkim = {{ domain = \"{d}\", selector = \"postroom\" }} to "
-            "the connection"))
+            fix=sign.advice() if sign.signers else f"have your provider sign for {d} (its "
+            f"DKIM set-up page), or {sign.advice()}"))
 
 
 # -- DMARC ---------------------------------------------------------------------------------------
@@ -255,7 +323,8 @@ def _dmarc(resolver: Resolver, f: DomainFacts) -> None:
             "with forged mail, and you get no reports (Gmail and Yahoo require DMARC from "
             "bulk senders)",
             fix="start by monitoring (p=none with reports), then move to quarantine or reject "
-            "once the reports show only your own mail",
+            f"once the reports show only your own mail; rua= is where the reports go: "
+            f"dmarc-reports@{dmarc.org_domain(d)} must be a mailbox you read (or put yours)",
             record=Record(f"_dmarc.{d}", "TXT", f"v=DMARC1; p=none; rua={rua}")))
         return
     where = f"_dmarc.{pol.domain}" + (" (inherited from the organizational domain)"

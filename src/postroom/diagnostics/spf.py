@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from postroom.diagnostics.dns import Resolver
@@ -264,8 +264,9 @@ def record_for(resolver: Resolver, domain: str) -> tuple[str, Record | None, str
     if not spf:
         return NONE, None, f"{domain} publishes no SPF record"
     if len(spf) > 1:
-        return PERMERROR, None, (f"{domain} publishes {len(spf)} SPF records; there must be "
-                                 "exactly one (merge them)")
+        return PERMERROR, None, (f"{domain} publishes {len(spf)} SPF records: two SPF records "
+                                 "on one name are themselves an error, receivers return "
+                                 "permerror and SPF fails for all its mail (RFC 7208 3.2)")
     try:
         return "ok", parse(spf[0]), ""
     except SPFError as err:
@@ -385,6 +386,7 @@ class Analysis:
     status: str  # "ok", NONE, PERMERROR, TEMPERROR
     record: Record | None = None
     reason: str = ""
+    records: list[str] = field(default_factory=list)  # every v=spf1 text at the name
     lookups: int = 0  # worst case: an address that matches nothing
     void_lookups: int = 0
     includes: list[str] = field(default_factory=list)  # every include/redirect target
@@ -401,8 +403,24 @@ class Analysis:
 def analyze(resolver: Resolver, domain: str) -> Analysis:
     status, rec, reason = record_for(resolver, domain)
     out = Analysis(domain, status, rec, reason)
+    _, texts = resolver.txt(domain)  # cached: record_for just asked
+    out.records = [t for t in texts if is_spf(t)]
     if rec is None:
         return out
+    return _analyze(resolver, domain, rec, out)
+
+
+def analyze_text(resolver: Resolver, domain: str, text: str) -> Analysis:
+    """The cost of a record not published yet (the doctor's merged record), walked as if
+    ``domain`` published it."""
+    try:
+        rec = parse(text)
+    except SPFError as err:
+        return Analysis(domain, PERMERROR, None, err.reason, [text])
+    return _analyze(resolver, domain, rec, Analysis(domain, "ok", rec, "", [text]))
+
+
+def _analyze(resolver: Resolver, domain: str, rec: Record, out: Analysis) -> Analysis:
     out.tree.append(f"{domain}: {rec.text}")
     _walk(resolver, rec, domain, out, depth=1, seen={domain.lower()})
     if out.lookups > MAX_LOOKUPS:
@@ -469,3 +487,47 @@ def _walk(resolver: Resolver, rec: Record, domain: str, out: Analysis, depth: in
             if ans.void and (term.name == "exists" or resolver.query(target, "AAAA").void):
                 out.void_lookups += 1
                 out.tree.append(f"{indent}{term.text}: {ans.describe()}")
+
+
+# -- one record per name -------------------------------------------------------------------------
+def merge(texts: Sequence[str], mechanisms: Iterable[str] = ()) -> str:
+    """The one record to publish at a name: every term of ``texts`` (what the name publishes:
+    one record, or several published by mistake) in their order without repeats, then
+    ``mechanisms`` (what the connections need) before the final ``all`` or ``redirect=``,
+    where receivers read them (RFC 7208 5.1: nothing after ``all`` is evaluated).
+
+    The ``all`` is the records' own when they agree on ``-all`` or ``~all``, else ``~all``
+    (a missing, neutral ``?all`` or ``+all`` protects nothing). A lone record's
+    ``redirect=`` without ``all`` is kept last; once records are merged, each redirect
+    becomes an ``include:`` (only one redirect may exist, RFC 7208 6.1)."""
+    terms: list[str] = []
+    modifiers: dict[str, str] = {}
+    alls: list[str] = []
+    redirects: list[str] = []
+    for text in texts:
+        for raw in text.split()[1:]:
+            low = raw.lower()
+            if low.lstrip("+-~?") == "all":
+                alls.append(low if low[0] in "+-~?" else "+" + low)
+            elif low.startswith("redirect="):
+                redirects.append(raw.partition("=")[2])
+            elif _MODIFIER.match(raw) and raw.partition("=")[0].lower() not in _MECHANISMS:
+                modifiers.setdefault(raw.partition("=")[0].lower(), raw)  # exp=: the first
+            else:
+                terms.append(raw)
+    for mechanism in mechanisms:
+        terms += mechanism.split()
+    tail: list[str] = []
+    if len(texts) == 1 and not alls and len(redirects) == 1:
+        tail = [f"redirect={redirects[0]}"]
+    else:
+        terms += [f"include:{r}" for r in redirects]
+        tail = [alls[0] if len(set(alls)) == 1 and alls[0] in ("-all", "~all") else "~all"]
+    seen: set[str] = set()
+    unique = []
+    for t in terms:
+        key = t.lower().removeprefix("+")
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    return " ".join(["v=spf1", *unique, *tail, *modifiers.values()])
