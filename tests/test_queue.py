@@ -482,9 +482,11 @@ def test_session_error_transient_defers(queue: Queue, clock: FakeClock) -> None:
 
 
 def test_session_error_permanent_fails(queue: Queue, clock: FakeClock) -> None:
+    # (A refused login is no such error: it holds the mail, tests/test_config_mistakes.py.)
     t = FailingTransport(CONN, lambda: DeliveryError(
-        "AUTH PLAIN as x: 535 5.7.8 bad credentials", code="auth.rejected", permanent=True,
-        reply_code=535, reply_text="5.7.8 bad credentials"))
+        "MAIL FROM:<a@example.test>: 554 5.7.1 Sender address rejected: Access denied",
+        code="sender.rejected", permanent=True, reply_code=554,
+        reply_text="5.7.1 Sender address rejected: Access denied"))
     worker = make_worker(queue, clock, t)
 
     async def go() -> None:
@@ -492,11 +494,11 @@ def test_session_error_permanent_fails(queue: Queue, clock: FakeClock) -> None:
         [attempt] = await attempt_once(queue, worker)
         assert attempt["outcome"] == "failed"
         assert attempt["permanent"] is True
-        assert attempt["reply_code"] == 535
+        assert attempt["reply_code"] == 554
         m = queue.get(msg_id)
         assert m is not None
         assert m["status"] == "failed"
-        assert m["rcpt_status"]["a@example.test"]["code"] == 535
+        assert m["rcpt_status"]["a@example.test"]["code"] == 554
         clock.advance(86400)
         assert await queue.claim("w", 10, lease=60) == []  # no retry
 

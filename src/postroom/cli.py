@@ -124,23 +124,36 @@ def worker(config: ConfigOpt = None) -> None:
 
 # -- sending ------------------------------------------------------------------------------
 NOW_HOLD = 60.0  # `send --now` / `test`: seconds a running worker leaves the message to us
+# A test is tried once, here, and recorded; it is never left queued for `serve` (or an OAuth
+# sign-in) to send later, to an address typed for a test, perhaps long ago.
+TEST_NOT_RETRIED = "a test send is not retried"
 
 
-def _deliver_and_report(inst: Any, msg_id: str) -> None:
+def one_try_expiry() -> float:
+    """Expiry of a test message: its hold. Should the process that tries it die first, a
+    worker tries it once after the hold, and then it is sent or failed, never retried."""
+    return time.time() + NOW_HOLD
+
+
+def _deliver_and_report(inst: Any, msg_id: str, no_retry: str | None = None) -> None:
     """Deliver a just-queued message in this process, print every attempt (one per
     connection tried) and exit 1 unless it was sent."""
-    attempts = _deliver_now(inst, msg_id)
+    attempts = _deliver_now(inst, msg_id, no_retry)
     for attempt in attempts:
         _print_attempt(attempt, inst.settings)
     row = inst.queue.get(msg_id) or {}
     if row.get("status") != "sent":
+        if no_retry is not None:
+            _console().print(f"not sent: {no_retry}; nothing is left in the queue", markup=False)
         if not attempts:
-            _console().print(f"not sent yet: {row.get('last_error') or 'waiting'}",
-                             markup=False)
+            state = "not sent" if row.get("status") == "failed" else "not sent yet"
+            _console().print(f"{state}: {row.get('last_error') or 'waiting'}", markup=False)
         raise typer.Exit(1)
 
 
-def _deliver_now(inst: Any, msg_id: str) -> list[dict[str, Any]]:
+def _deliver_now(inst: Any, msg_id: str, no_retry: str | None = None) -> list[dict[str, Any]]:
+    """One delivery run of ``msg_id`` in this process; ``no_retry``: the reason it gets no
+    other (a test send), see queue.sql.Claimed."""
     async def go() -> list[dict[str, Any]]:
         transports = inst.transports()
         w = inst.worker(transports)
@@ -150,6 +163,7 @@ def _deliver_now(inst: Any, msg_id: str) -> list[dict[str, Any]]:
             if not claimed:
                 raise MessageError(f"message {msg_id} is not waiting for delivery",
                                    code="message.not_waiting")
+            claimed[0].no_retry = no_retry
             attempts: list[dict[str, Any]] = await w.deliver(claimed[0])
             return attempts
         finally:
@@ -283,12 +297,13 @@ def test(
         raw = compose(sender=frm, to=[to], subject=f"Postroom test via {connection}",
                       text=f"This is a test message from Postroom through connection "
                       f"{connection!r}. If you can read it, delivery works.\n")
-        return Envelope(frm, [to], raw, source="cli:test", connection=connection)
+        return Envelope(frm, [to], raw, source="cli:test", connection=connection,
+                        expires_at=one_try_expiry())
 
     env = _guard(build)
     _guard(lambda: inst.intake.check(env))
     msg_id = _guard(lambda: inst.queue.enqueue_sync(env, hold=NOW_HOLD))
-    _deliver_and_report(inst, msg_id)
+    _deliver_and_report(inst, msg_id, TEST_NOT_RETRIED)
 
 
 @app.command()

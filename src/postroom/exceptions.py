@@ -23,9 +23,23 @@ succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``
         ├── DataRejected             the message cannot be sent as it is (e.g. over SIZE)
         ├── ProtocolError            the server spoke something we do not understand
         └── UnsupportedFeature       the message needs something the server lacks (SMTPUTF8)
+
+A :class:`DeliveryError` also says what it is *about* (``scope``, a :class:`Scope`): the
+message, the connection's configuration, or the connection right now.
+``postroom.routing.chain`` turns that into what happens next (fail, hold, fall back).
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class Scope(enum.Enum):
+    """What a delivery failure is about; ``routing.chain`` holds the one rule for each."""
+
+    MESSAGE = "message"  # the message or its recipients: the same on any connection
+    CONFIGURATION = "configuration"  # this connection is set up wrong (credentials, TLS...)
+    CONNECTION = "connection"  # this connection or its server, now (network, busy, refusal)
 
 
 class PostroomError(Exception):
@@ -102,6 +116,7 @@ class DeliveryError(PostroomError):
 
     code = "delivery"
     permanent = False
+    scope = Scope.CONNECTION
 
     def __init__(
         self,
@@ -111,8 +126,11 @@ class DeliveryError(PostroomError):
         permanent: bool | None = None,
         reply_code: int | None = None,
         reply_text: str | None = None,
+        scope: Scope | None = None,
     ) -> None:
         super().__init__(message, code=code, permanent=permanent)
+        if scope is not None:
+            self.scope = scope
         self.reply_code = reply_code
         self.reply_text = reply_text
         # Filled in by the transport: the session so far (secrets redacted), and whether
@@ -144,10 +162,12 @@ class TimeoutError_(DeliveryError):
 
 class TLSError(DeliveryError):
     code = "tls"
+    scope = Scope.CONFIGURATION
 
 
 class AuthError(DeliveryError):
     code = "auth"
+    scope = Scope.CONFIGURATION
 
 
 class SenderRejected(DeliveryError):
@@ -156,6 +176,7 @@ class SenderRejected(DeliveryError):
 
 class DataRejected(DeliveryError):
     code = "data.rejected"
+    scope = Scope.MESSAGE
 
 
 class ProtocolError(DeliveryError):

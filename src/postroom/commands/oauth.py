@@ -49,10 +49,15 @@ def login(
         return
     if cfg.grant != "user":
         guard(lambda: flows.start(tm, name))  # explains that nobody signs in
-    if inst.settings.http_listen is None and not inst.settings.oauth.public_url:
-        con.print("[yellow]warning[/]: server.http_listen is off, so no Postroom here receives "
-                  "the provider's callback; turn it on (or set [oauth] public_url to a node "
-                  "that has it), or use --device", soft_wrap=True)
+    if not tm.sign_in_link(name):
+        # No Postroom serves the link nor receives the provider's callback: printing it
+        # would send the user to an address where nothing answers.
+        con.print("server.http_listen is off and [oauth] public_url is not set, so no "
+                  "Postroom serves the sign-in link or receives the provider's callback. Sign "
+                  f"in with a code instead: `postroom oauth login {escape(name)} --device`; or "
+                  "turn on server.http_listen (or set [oauth] public_url to a node that has "
+                  "it) and run this again", soft_wrap=True)
+        raise typer.Exit(1)
     link = f"{tm.start_link(name)}?ticket={ticket(tm.key, name)}"
     redirect = tm.redirect_uri(name)
     con.print(f"1. Register this redirect URI for the app at {escape(ep.provider.title)} "
@@ -75,7 +80,8 @@ def _signed_in(name: str, account: str | None, scopes: tuple[str, ...],
     from rich.markup import escape
 
     con = console()
-    con.print(f"[green]signed in[/]: connection {escape(name)} as {escape(account or '?')} "
+    con.print(f"[green]signed in[/]: connection {escape(name)} as "
+              f"{escape(account or 'an account the provider did not name')} "
               f"(scopes: {escape(' '.join(scopes))}); the tokens are stored encrypted",
               soft_wrap=True)
     for w in warnings:
@@ -98,10 +104,13 @@ def _rows(inst: Any) -> list[dict[str, Any]]:
                        last_refresh_at=g.last_refresh_at, refreshes=g.refreshes,
                        last_used_at=g.last_used_at, last_error=g.last_error,
                        last_error_at=g.last_error_at,
-                       missing_scopes=tm.missing_scopes(conn.name, g))
+                       missing_scopes=tm.missing_scopes(conn.name, g),
+                       account_mismatch=tm.account_mismatch(conn.name, g))
+            if g.state == "dead":  # its access token is refused too, whatever its expiry
+                row["expires_at"] = None
         else:
             row.update(state="no_grant" if cfg.grant == "user" else "not_fetched_yet",
-                       sign_in=tm.start_link(conn.name))
+                       sign_in=tm.sign_in_link(conn.name) or None)
         rows.append(row)
     return rows
 
@@ -130,16 +139,20 @@ def status(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
         text = f"[{style}]{state}[/]"
         if r.get("missing_scopes"):
             text += f" [yellow]missing {escape(' '.join(r['missing_scopes']))}[/]"
+        if r.get("account_mismatch"):
+            text += f"\n[yellow]{escape(r['account_mismatch'])}[/]"
         if r.get("last_error") and state != "ok":
             text += f"\n{escape(r['last_error'][:300])}"
         if state == "no_grant":
             text += f"\nsign in: postroom oauth login {escape(r['connection'])}"
         exp = r.get("expires_at")
-        expiry = "-" if not r["signed_in"] else (
+        expiry = "-" if not r["signed_in"] else "unusable: sign in again" if state == "dead" else (
             "no expiry" if exp is None else f"expires {relative(exp, now)}" if exp > now
             else f"expired {when(exp)}")
         table.add_row(escape(r["connection"]), escape(r["provider"]),
-                      escape(r.get("account") or "-"), escape(" ".join(r.get("scopes", []))),
+                      escape(r.get("account") or ("not named by the provider" if r["signed_in"]
+                                                   else "-")),
+                      escape(" ".join(r.get("scopes", []))),
                       expiry, when(r.get("last_refresh_at")), text)
     con.print(table)
 

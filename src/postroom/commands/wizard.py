@@ -440,12 +440,13 @@ def _send_test(out: _Out, path: Path, name: str, to: str) -> int:
         raw = compose(sender=frm, to=[to], subject=f"Postroom test via {name}",
                       text=f"This is a test message from Postroom through connection {name!r},"
                       " set up by `postroom wizard`. If you can read it, delivery works.\n")
-        return Envelope(frm, [to], raw, source="cli:wizard", connection=name)
+        return Envelope(frm, [to], raw, source="cli:wizard", connection=name,
+                        expires_at=cli.one_try_expiry())
 
     env = _guard(out, build)
     msg_id = _guard(out, lambda: inst.queue.enqueue_sync(env, hold=cli.NOW_HOLD))
     out.say(f"Sending a test message to {to} (message {msg_id})...")
-    attempts = cli._deliver_now(inst, msg_id)
+    attempts = cli._deliver_now(inst, msg_id, cli.TEST_NOT_RETRIED)
     if not out.as_json:
         for a in attempts:
             cli._print_attempt(a, inst.settings)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -55,6 +55,8 @@ class Facts:
     transcript: str = ""
     enhanced: str | None = None  # read from ``text`` when not given
     port: int | None = None
+    connection: str | None = None  # the connection's name, for {connection} in a fix
+    signin: str | None = None  # how to sign in on this instance, for {signin} (OAuth)
 
     @property
     def status(self) -> str | None:
@@ -79,9 +81,8 @@ class Facts:
         m = _CONNECTING.search(self.transcript)
         if not m:
             return self
-        return Facts(self.code, self.reply_code, self.text, self.host or m.group(1),
-                     self.security or m.group(3), self.transcript, self.enhanced,
-                     self.port or int(m.group(2)))
+        return replace(self, host=self.host or m.group(1), security=self.security or m.group(3),
+                       port=self.port or int(m.group(2)))
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,12 @@ class Advice:
         return {"id": self.id, "cause": self.cause, "fix": self.fix, "docs": list(self.docs)}
 
     def filled(self, facts: Facts) -> Advice:
-        """With {host} and {port} replaced by the failing server's (HOST/PORT if unknown)."""
-        values = {"{host}": facts.host or "HOST", "{port}": str(facts.port or "PORT")}
+        """With {host} and {port} replaced by the failing server's (HOST/PORT if unknown),
+        {connection} by its name and {signin} by how to sign in (OAuth)."""
+        name = facts.connection or "CONNECTION"
+        values = {"{host}": facts.host or "HOST", "{port}": str(facts.port or "PORT"),
+                  "{signin}": facts.signin or f"run `postroom oauth login {name}`",
+                  "{connection}": name}
 
         def fill(text: str) -> str:
             for key, value in values.items():
@@ -322,6 +327,8 @@ def advice_for_attempt(
     security mode when the transcript does not. Returns Advice.to_dict() (plus "recipient"
     when it is about one recipient), or None when the attempt succeeded or nothing matches."""
     conn_host, conn_security, conn_port = host, None, None
+    name = str(attempt.get("connection") or "") or None
+    signin = sign_in_hint(settings, name) if name else None
     if settings is not None and attempt.get("connection"):
         try:
             conn = settings.connection(str(attempt["connection"]))
@@ -335,7 +342,8 @@ def advice_for_attempt(
         text = " ".join(str(t) for t in (attempt.get("reply_text"), attempt.get("error_message"))
                         if t)
         found = advise(Facts(str(attempt["error_code"]), _int(attempt.get("reply_code")), text,
-                             conn_host, conn_security, transcript, port=conn_port))
+                             conn_host, conn_security, transcript, port=conn_port,
+                             connection=name, signin=signin))
         return found.to_dict() if found else None
     refused = [(rcpt, r) for rcpt, r in (attempt.get("recipients") or {}).items()
                if isinstance(r, Mapping) and not 200 <= (_int(r.get("code")) or 0) < 300]
@@ -346,6 +354,31 @@ def advice_for_attempt(
         if found:
             return {**found.to_dict(), "recipient": rcpt}
     return None
+
+
+def sign_in_hint(settings: Any, connection: str) -> str:
+    """How to sign ``connection`` in again on this instance: with the link `postroom oauth
+    login` prints where a Postroom serves it (server.http_listen on, or [oauth] public_url),
+    else with a code (the device flow)."""
+    from postroom.oauth.errors import sign_in_how
+    from postroom.oauth.providers import PROVIDERS
+
+    if settings is None:
+        return f"run `postroom oauth login {connection}`"
+    try:
+        conn = settings.connection(connection)
+    except PostroomError:
+        conn = None
+    cfg = getattr(conn, "oauth", None)
+    known = PROVIDERS.get(str(getattr(cfg, "provider", "")))
+    device = known is None or not set(
+        known.scopes.get(str(getattr(conn, "transport", "")), known.scopes.get("*", ()))
+    ) & set(known.device_refuses)
+    oauth = getattr(settings, "oauth", None)
+    if getattr(settings, "http_listen", None) or getattr(oauth, "public_url", None):
+        return (f"run `postroom oauth login {connection}` and open the link it prints"
+                + (" (no browser at hand: add --device)" if device else ""))
+    return sign_in_how(connection, "", device=device)
 
 
 def _int(value: Any) -> int | None:

@@ -50,7 +50,7 @@ def check_one(tm: TokenManager, name: str) -> Check:
     now = tm.clock()
     grant = tm.store.get(name)
     if grant is None and cfg.grant == "user":
-        detail = errors.failure("no_grant", name, link=tm.start_link(name)).message
+        detail = errors.failure("no_grant", name, **tm.relogin(name)).message
         tm.event("oauth_no_grant", name, detail, unless_within=ONCE_A_DAY)
         return Check(name, False, "no_grant", detail)
     idle_days = ep.provider.refresh_idle_days
@@ -62,7 +62,8 @@ def check_one(tm: TokenManager, name: str) -> Check:
                 f"connection {name}: the refresh token was last used {idle:.0f} days ago; "
                 f"{ep.provider.title} ends refresh tokens unused for {idle_days} days (was "
                 "Postroom stopped?). Refreshing it now; if that fails, sign in again: "
-                f"{tm.start_link(name)}"), unless_within=ONCE_A_DAY)
+                f"{tm.relogin(name).get('signin') or tm.sign_in_link(name)}"),
+                unless_within=ONCE_A_DAY)
     try:
         if grant is None or now - (grant.last_refresh_at or grant.granted_at) > REFRESH_EVERY:
             grant = tm.refresh_now(name)
@@ -75,8 +76,14 @@ def check_one(tm: TokenManager, name: str) -> Check:
     for kind, text in tm.warnings(grant):
         tm.event(kind, name, text, unless_within=ONCE_A_DAY)
         return Check(name, False, "warning", text)
+    # The account that signed in, not the configured one: they differ, the server refuses.
+    mismatch = tm.account_mismatch(name, grant)
+    if mismatch is not None:
+        tm.event("oauth_account_mismatch", name, mismatch, unless_within=ONCE_A_DAY)
+        return Check(name, False, "warning", mismatch)
     exp = f"; access token valid until {grant.expires_at:.0f}" if grant.expires_at else ""
-    return Check(name, True, "ok", f"signed in as {grant.account or '?'}{exp}")
+    who = grant.account or "an account the provider did not name"
+    return Check(name, True, "ok", f"signed in as {who}{exp}")
 
 
 async def run_checks(tm: TokenManager) -> list[Check]:

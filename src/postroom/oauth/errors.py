@@ -34,7 +34,22 @@ class Cause:
     dead: bool = False  # the grant is unusable: only a new sign-in (consent) helps
 
 
-RELOGIN = "sign in again: open {link} (or run `postroom oauth login {connection}`)"
+RELOGIN = "sign in again: {signin}"
+# How to sign in, with the link only where a Postroom serves it (server.http_listen on, or
+# [oauth] public_url): a link to a listener that is off leads nowhere.
+SIGN_IN_LINK = "open {link} (or run `postroom oauth login {connection}`)"
+SIGN_IN_DEVICE = ("run `postroom oauth login {connection} --device` (a code to enter on any "
+                  "device; the sign-in link needs server.http_listen, which is off)")
+SIGN_IN_NO_DEVICE = ("turn on server.http_listen (or set [oauth] public_url to a node that has "
+                     "it), then run `postroom oauth login {connection}` and open the link it "
+                     "prints: the provider allows no mail permission in the device-code flow")
+
+
+def sign_in_how(connection: str, link: str, *, device: bool = True) -> str:
+    """How to sign ``connection`` in: the link where one is served, else a code on another
+    device where the provider allows it for mail (Google does not), else what to turn on."""
+    text = SIGN_IN_LINK if link else SIGN_IN_DEVICE if device else SIGN_IN_NO_DEVICE
+    return text.replace("{link}", link).replace("{connection}", connection)
 
 CAUSES: dict[str, Cause] = {
     "invalid_grant": Cause(
@@ -87,14 +102,14 @@ CAUSES: dict[str, Cause] = {
         "sign in again and accept every permission asked for: " + RELOGIN, dead=True),
     "access_denied": Cause(
         "oauth.access_denied", "the user declined to grant access",
-        "open {link} again and accept, signed in as the mailbox's account"),
+        "sign in again and accept, signed in as the mailbox's account: {signin}"),
     "expired_token": Cause(
         "oauth.device_expired", "the device code expired before it was approved",
         "run `postroom oauth login {connection} --device` again and approve within the time "
         "shown"),
     "no_grant": Cause(
         "oauth.no_grant", "this connection has no OAuth grant yet",
-        "sign in: open {link} (or run `postroom oauth login {connection}`)"),
+        "sign in: {signin}"),
     "client_changed": Cause(
         "oauth.client_changed",
         "the grant was made for another client_id than the one configured now",
@@ -108,6 +123,12 @@ CAUSES: dict[str, Cause] = {
         "nothing to change if it is passing: Postroom retries; check this machine's network "
         "and proxy (HTTPS_PROXY) if it persists"),
 }
+
+# Causes whose whole fix is to sign in again: the advice catalog's oauth.invalid_grant and
+# oauth.sign_in entries say how (postroom/diagnostics/advice.toml).
+SIGN_IN_FIXES = frozenset({"invalid_grant", "idle_grant", "consent_required",
+                           "interaction_required", "client_changed", "no_grant",
+                           "access_denied", "scope_missing"})
 
 # Microsoft's error numbers (error_description "AADSTS65001: ..."), from the Entra ID
 # "Authentication and authorization error codes" reference. They say more than ``error``.
@@ -153,19 +174,27 @@ def failure(key: str, connection: str, *, said: str = "", **fill: str) -> GrantE
     cause = CAUSES.get(key)
     if cause is None:
         return GrantError(f"connection {connection}: OAuth error: {said}")
-    values = {"connection": connection, "link": f"/oauth/start/{connection}", "console":
+    values = {"connection": connection, "link": "", "console":
               "the provider's developer console", "redirect_uri": "?", "scopes": "?",
               "granted": "?", "needed": "?", "detail": said, **fill}
+    if not values["link"].startswith(("http://", "https://")):
+        values["link"] = ""  # a relative link is no address a user can open
+    if "signin" not in fill:
+        values["signin"] = sign_in_how(connection, values["link"])
 
     def text(s: str) -> str:
-        for k, v in values.items():
-            s = s.replace("{" + k + "}", v)
+        for k in ("signin", *values):  # {signin} holds other fields: it goes first
+            s = s.replace("{" + k + "}", values[k])
         return s
 
     provider_said = f" (the provider said: {said})" if said and key not in (
         "unavailable", "secret_missing") else ""
-    err = GrantError(f"connection {connection}: {text(cause.why)}{provider_said}. "
-                     f"Fix: {text(cause.fix)}", code=cause.code)
+    why = f"{text(cause.why)}{provider_said}"
+    # reply_text is the line an attempt shows as its error. Where the fix is a sign-in, the
+    # advice catalog words it (with how to sign in on this instance), so the line holds the
+    # cause alone and the fix is printed once; other fixes stay in the line.
+    err = GrantError(f"connection {connection}: {why}. Fix: {text(cause.fix)}", code=cause.code,
+                     reply_text=why if key in SIGN_IN_FIXES else None)
     err.dead = cause.dead
     return err
 
@@ -184,11 +213,17 @@ def _challenge(transcript: str) -> dict[str, str] | None:
     return None
 
 
-def explain_smtp(err: DeliveryError, transcript: str, username: str) -> DeliveryError:
+def explain_smtp(err: DeliveryError, transcript: str, username: str, *,
+                 account: str | None = None) -> DeliveryError:
     """A clearer AuthError for an SMTP AUTH XOAUTH2/OAUTHBEARER refusal. Codes stay under
     ``auth.rejected`` (so the general advice for it still applies) and the error is
-    transient: a token problem is fixed by signing in again, and the mail waits for it."""
+    transient: a token problem is fixed by signing in again, and the mail waits for it.
+    ``account``: who signed in for the grant, when known; another account than
+    ``username`` is the cause whatever the server's challenge says."""
     reply = err.reply_text or ""
+    ch = _challenge(transcript) or {}
+    status = ch.get("status", "")
+    retried = "refreshing it once" in transcript
     if "5.7.139" in reply and re.search(r"smtpclientauthentication is disabled|"
                                          r"smtp_auth_disabled", reply, re.I):
         why = ("Microsoft 365 has SMTP AUTH turned off for this tenant or mailbox; that blocks "
@@ -197,9 +232,14 @@ def explain_smtp(err: DeliveryError, transcript: str, username: str) -> Delivery
                "with the Mail.Send permission), or have an Exchange admin turn on Authenticated "
                "SMTP for the mailbox (https://aka.ms/smtp_auth_disabled)")
         code = "auth.rejected.smtp_auth_disabled"
+    elif account and account.casefold() != username.casefold():
+        why = (f"account mismatch: the token is for {account} (who signed in), but the "
+               f"connection logs in as {username!r}; servers accept a token only for its own "
+               "account")
+        fix = (f"set the connection's username = \"{account}\" (and send as that address or "
+               f"an alias it may use), or sign in again as {username}")
+        code = "auth.rejected.oauth_account"
     else:
-        ch = _challenge(transcript) or {}
-        status = ch.get("status", "")
         if status == "400" or status.startswith("5"):
             why = (f"the server refused the token for user {username!r}: the account that "
                    "granted access is not this username (or the message's sender is not that "
@@ -210,8 +250,10 @@ def explain_smtp(err: DeliveryError, transcript: str, username: str) -> Delivery
                    "may use; or sign in again as the mailbox's own account")
             code = "auth.rejected.oauth_account"
         else:
+            after = ", even after one refresh" if retried else ""
             why = (f"the server refused the access token (challenge status {status or '?'}): "
-                   "it expired or was revoked, even after one refresh")
+                   f"it expired or was revoked{after}, or it was granted by another account "
+                   f"than {username!r}")
             fix = "sign in again: `postroom oauth login CONNECTION` (see `postroom oauth status`)"
             code = "auth.rejected.oauth_token"
     out = AuthError(f"{err.message} — {why}. Fix: {fix}", code=code, permanent=False,

@@ -143,7 +143,9 @@ def keep(tm: TokenManager, name: str, token: Any, grant_type: str) -> Finished:
             f"connection {name} names no account (username, mailbox or user), so it now "
             f"sends as {who[0]}, whoever signed in; name the account in its configuration "
             "to have Postroom refuse a sign-in by any other")
-    grant = tm.save(name, token, grant_type, account=who[0] if who else None)
+    # Of the names the provider gave (user principal name, address...), the one configured.
+    same = [w for w in who if want is not None and w.casefold() == want[1].casefold()]
+    grant = tm.save(name, token, grant_type, account=next(iter(same or who), None))
     for note in notes:
         tm.event("oauth_account_note", name, note)
     return Finished(name, grant, notes + [w for _, w in tm.warnings(grant)])

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine, text
 
-from postroom.exceptions import AuthError, ConfigError, DeliveryError
+from postroom.exceptions import AuthError, ConfigError, DeliveryError, PostroomError
 from postroom.oauth import client as oauth_client
 from postroom.oauth import errors, providers
 from postroom.oauth.config import OAuthSettings
@@ -135,9 +135,43 @@ class TokenManager:
     def start_link(self, name: str) -> str:
         return f"{self.public_url}/oauth/start/{name}"
 
+    def sign_in_link(self, name: str) -> str:
+        """The sign-in link to offer in errors and checks; "" when no Postroom serves it (no
+        [oauth] public_url and server.http_listen = ""): a link there would lead nowhere."""
+        s = self.settings
+        return self.start_link(name) if s.oauth.public_url or s.http_listen else ""
+
+    def relogin(self, name: str) -> dict[str, str]:
+        """The ``link`` and ``signin`` fill of errors.failure: how to sign in on this
+        instance (the device flow only where the provider allows it the mail scopes)."""
+        link = self.sign_in_link(name)
+        try:
+            ep = self.endpoints(name)
+        except PostroomError:  # a broken oauth table: its own error says so
+            return {"link": link}
+        device = bool(ep.device_url) and not set(ep.scopes) & set(ep.provider.device_refuses)
+        return {"link": link, "signin": errors.sign_in_how(name, link, device=device)}
+
+    def _sign_in(self, name: str) -> str:
+        fill = self.relogin(name)
+        return fill.get("signin") or errors.sign_in_how(name, fill["link"])
+
+    def account_mismatch(self, name: str, grant: Grant | None) -> str | None:
+        """Why the server will refuse the grant's tokens when the account that signed in is
+        not the connection's username (None when they agree or either is unknown)."""
+        conn = self.settings.connection(name)
+        want = getattr(conn, "username", None)
+        if grant is None or not grant.user or not grant.account or not isinstance(want, str):
+            return None
+        if grant.account.casefold() == want.casefold():
+            return None
+        return (f"connection {name}: the account that signed in is {grant.account}, but the "
+                f"connection's username is {want}: the mail server refuses a token for another "
+                f"account. Fix: set username = \"{grant.account}\", or sign in again as {want}")
+
     def context(self, name: str) -> oauth_client.Context:
         ep = self.endpoints(name)
-        return oauth_client.Context(name, self.start_link(name), ep.provider.console,
+        return oauth_client.Context(name, self.sign_in_link(name), ep.provider.console,
                                     self.redirect_uri(name), " ".join(ep.scopes))
 
     def secret(self, name: str) -> str | None:
@@ -184,11 +218,24 @@ class TokenManager:
                 "oauth_token_file", code="auth.token_missing", permanent=False)
         return self.store.vault.decrypt(cipher)
 
-    @staticmethod
-    def explain(err: DeliveryError, transcript: str, username: str) -> DeliveryError:
+    def explain(self, err: DeliveryError, transcript: str, username: str,
+                connection: str | None = None) -> DeliveryError:
         """For the SMTP transport: what a refused XOAUTH2/OAUTHBEARER login means
-        (postroom.oauth.errors.explain_smtp)."""
-        return errors.explain_smtp(err, transcript, username)
+        (postroom.oauth.errors.explain_smtp), knowing who signed in."""
+        grant = self.store.get(connection) if connection else None
+        account = grant.account if grant is not None and grant.user else None
+        return errors.explain_smtp(err, transcript, username, account=account)
+
+    def token_again(self, connection: str, rejected: str) -> tuple[str, str]:
+        """For a server that refused ``rejected``: another token, and what was done to get
+        it, in words for the session transcript (a refresh is claimed only when one was
+        made here)."""
+        self._handed.outcome = "stored"
+        token = self.token(connection, refresh=True, rejected=rejected)
+        outcome = getattr(self._handed, "outcome", "stored")
+        if token == rejected:
+            outcome = "stored" if outcome == "stored" else "unchanged"
+        return token, _AGAIN[outcome]
 
     async def atoken(self, connection: str, *, rejected: str | None = None) -> str:
         """For asyncio code: ``rejected`` is a token the server refused (401)."""
@@ -205,6 +252,7 @@ class TokenManager:
             # One indexed read per call (that is, per new session, not per message): a
             # token replaced elsewhere (a new sign-in, another node's refresh) is seen at once.
             self._touch(name)
+            self._handed.outcome = "replaced"
             return cached.token
         with self._exclusive(name):
             grant = self.store.get(name)
@@ -216,6 +264,7 @@ class TokenManager:
                 if now < fresh.refresh_at and not refused:
                     # Someone (another thread, worker or node) refreshed it meanwhile.
                     self._cache[name] = fresh
+                    self._handed.outcome = "replaced"
                     return fresh.token
                 since = now - (grant.last_refresh_at or -1e18)
                 if refused and since < FRESH_REFUSED:
@@ -224,11 +273,15 @@ class TokenManager:
                     # help, and at a provider that revokes the old token on refresh it would
                     # cut off every other worker. (A token from a sign-in is refreshed: a
                     # refusal right after it may well be a grant withdrawn since.)
-                    raise GrantError(
-                        f"connection {name}: the server refused an access token refreshed "
-                        f"{since:.0f} s ago; not refreshing it again", code="oauth.token_refused")
+                    mismatch = self.account_mismatch(name, grant)
+                    said = (f"the server refused an access token refreshed {since:.0f} s ago; "
+                            "not refreshing it again")
+                    raise GrantError(f"connection {name}: {said}"
+                                     + (f". {mismatch}" if mismatch else ""),
+                                     code="oauth.token_refused", reply_text=said)
             result = self._renew(name, grant)
             self._touch(name)
+            self._handed.outcome = "refreshed"
             return result
 
     def refresh_now(self, name: str, *, unless_within: float = 60.0) -> Grant:
@@ -242,7 +295,7 @@ class TokenManager:
                 self._renew(name, grant)
         found = self.store.get(name)
         if found is None:
-            raise errors.failure("no_grant", name, link=self.start_link(name))
+            raise errors.failure("no_grant", name, **self.relogin(name))
         return found
 
     def _generation(self, name: str) -> int:
@@ -271,9 +324,9 @@ class TokenManager:
         now = self.clock()
         if grant is None:
             if cfg.grant == "user":
-                raise errors.failure("no_grant", name, link=self.start_link(name))
+                raise errors.failure("no_grant", name, **self.relogin(name))
         elif grant.client_id != self._client_id(cfg) and grant.user:
-            raise errors.failure("client_changed", name, link=self.start_link(name))
+            raise errors.failure("client_changed", name, **self.relogin(name))
         elif grant.state == "dead" and (grant.last_error_at or 0) > now - DEAD_RETRY:
             raise GrantError(grant.last_error or "the grant is dead: sign in again",
                              code=grant.last_error_code or "oauth.invalid_grant")
@@ -301,7 +354,7 @@ class TokenManager:
     def _refresh(self, name: str, grant: Grant) -> Any:
         if not grant.refresh_token:
             raise errors.failure("invalid_grant", name, said="no refresh token was issued",
-                                 link=self.start_link(name))
+                                 **self.relogin(name))
         client = self.client(name)
         log.info("oauth: refreshing the access token of connection %s", name)
         return oauth_client.call(
@@ -368,19 +421,21 @@ class TokenManager:
             age = (now - grant.granted_at) / 86400
             if days and err.code == "oauth.invalid_grant" and days - 0.5 <= age <= days + 1:
                 self.event("oauth_testing_app", name, _testing_app(name, age, days,
-                                                                    self.start_link(name)))
+                                                                    self._sign_in(name)))
 
     # -- after sign-in ---------------------------------------------------------------------------
     def save(self, name: str, token: Any, grant_type: str, *,
              account: str | None = None) -> Grant:
         """Store what a sign-in (authorization code or device code) returned; ``account``:
         who signed in, when the sign-in found out (postroom.oauth.flows.keep)."""
-        conn, cfg = self.config(name)
+        _, cfg = self.config(name)
         now = self.clock()
         values = oauth_client.token_fields(token, now)
         scopes = values.pop("scopes", self.endpoints(name).scopes)
         named = values.pop("account", None)
-        account = account or named or _account_of(conn)
+        # Who signed in, as the provider said; never the configured account in its place:
+        # `oauth login`, the checks and the mismatch advice report this one.
+        account = account or named
         grant = Grant(connection=name, provider=cfg.provider, client_id=cfg.client_id,
                       grant_type=grant_type, scopes=scopes, granted_at=now, account=account,
                       generation=1, **values)
@@ -443,13 +498,13 @@ class TokenManager:
         missing = self.missing_scopes(name, grant)
         if missing:
             out.append(("oauth_scope_missing", errors.failure(
-                "scope_missing", name, link=self.start_link(name),
+                "scope_missing", name, **self.relogin(name),
                 granted=" ".join(grant.scopes) or "none", needed=" or ".join(missing)).message))
         days = self.endpoints(name).provider.testing_app_days
         if days and grant.refresh_expires_at and grant.user and (
                 grant.refresh_expires_at - grant.granted_at) <= (days + 1) * 86400:
             out.append(("oauth_testing_app", _testing_app(
-                name, 0, days, self.start_link(name), at_grant=True)))
+                name, 0, days, self._sign_in(name), at_grant=True)))
         return out
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -524,6 +579,17 @@ class TokenManager:
             yield
         finally:
             os.close(fd)  # closing releases the flock
+
+
+# What token_again did, for the transcript ("refreshing it once" only when it did).
+_AGAIN = {
+    "refreshed": "refreshing it once: the provider issued a new access token",
+    "replaced": "another worker had already replaced the token; trying that one (no refresh "
+                "here)",
+    "unchanged": "the provider gave no new token (not reachable now); not tried again",
+    "stored": "the token was stored by hand (no oauth table), so nothing can refresh it; not "
+              "tried again",
+}
 
 
 def _testing_app(name: str, age: float, days: int, link: str, *, at_grant: bool = False) -> str:

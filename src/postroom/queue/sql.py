@@ -416,6 +416,9 @@ class Claimed:
     tags: list[str] = field(default_factory=list)
     priority: int = 0
     body_later: bool = False  # a big body, not read with the claim: Queue.body() reads it
+    # Why this try is the message's only one (a test send): what is not sent now fails
+    # with this reason instead of waiting for a retry. None: retried until it expires.
+    no_retry: str | None = None
 
     @property
     def pending(self) -> list[str]:

@@ -24,7 +24,14 @@ from postroom.exceptions import ConfigError, DeliveryError, PostroomError
 from postroom.queue.backoff import backoff
 from postroom.queue.limits import Limiter, limited
 from postroom.queue.sql import Claimed, Queue, worker_id
-from postroom.routing.chain import Next, after_failure, counts_against_connection
+from postroom.routing.chain import (
+    Next,
+    after_failure,
+    counts_against_connection,
+    fails_message,
+    misconfigured,
+    scope_of,
+)
 from postroom.routing.health import Health
 from postroom.routing.rules import Facts, Leg, Route, Router
 from postroom.settings import DeliverySettings
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0  # how often a worker refreshes its row in `workers`
 BIG_BODIES_AT_ONCE = 4  # bodies over queue.sql.BODY_WITH_CLAIM in memory at a time
 PAUSED_RECHECK = 15.0  # a message whose connections are all paused looks again this late
+HELD = ("held in the queue, not failed: the connection's configuration is wrong; once it "
+        "is fixed the message goes at its next try (it fails only when its lifetime ends)")
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Decision:
     next_attempt_at: float
     outcome: str
     last_error: str | None
+    gave_up: str | None = None  # why recipients still pending were failed (lifetime, test)
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Outcome:
     unknown: dict[str, str] = field(default_factory=dict)  # rcpt -> connection (ambiguous)
     waits: dict[str, float] = field(default_factory=dict)  # rcpt -> retry time (limits...)
     wait_reasons: list[str] = field(default_factory=list)
+    held: bool = False  # the last connection tried is misconfigured: waiting for the fix
 
 
 def decide(
@@ -81,20 +92,24 @@ def decide(
     errors += out.wait_reasons
     last_error = "; ".join(errors)[:2000] or None
     pending = msg.pending
+    gave_up: str | None = None
     if pending:
         retry = [now + backoff(max(attempt_no, 1), cfg.min_backoff, cfg.max_backoff)
                  for r in pending if r not in out.waits]
         retry += [out.waits[r] for r in pending if r in out.waits]
         when = min(retry)
-        if when <= msg.expires_at:
+        # Pending recipients are failed when no retry may follow: the lifetime is over, or
+        # the message allows one try only (a test send).
+        if msg.no_retry is None and when <= msg.expires_at:
             return Decision(DEFERRED, when, DEFERRED, last_error)
-        for rcpt in pending:  # lifetime over: give up on what is left (Postfix: bounce)
+        why = msg.no_retry or "gave up: maximum lifetime reached"
+        for rcpt in pending:  # give up on what is left (Postfix: bounce)
             msg.rcpt_status[rcpt]["state"] = "failed"
             msg.rcpt_status[rcpt]["reply"] = (
-                "gave up: maximum lifetime reached; last reply: "
-                + str(msg.rcpt_status[rcpt].get("reply", ""))
+                f"{why}; last reply: " + str(msg.rcpt_status[rcpt].get("reply", ""))
             )[:500]
-        last_error = f"expired after {attempt_no} attempts; {last_error or ''}".strip("; ")
+        gave_up = msg.no_retry or f"expired after {attempt_no} attempts"
+        last_error = f"{gave_up}; {last_error or ''}".strip("; ")
     # The message's own recipients decide; forced policy recipients only ride along.
     states = [msg.rcpt_status[r]["state"] for r in msg.recipients]
     if all(s == "sent" for s in states):
@@ -103,15 +118,18 @@ def decide(
         status = PARTIAL
     else:
         status = FAILED
-    return Decision(status, now, status, last_error)
+    return Decision(status, now, status, last_error, gave_up)
 
 
 def results_for_error(rcpts: list[str], err: DeliveryError) -> dict[str, RecipientResult]:
-    """A session-level failure applies to every recipient of the attempt."""
-    code = err.reply_code or (554 if err.permanent else 451)
-    if err.permanent and not 500 <= code < 600:
+    """A session-level failure applies to every recipient of the attempt: failed when the
+    rule fails the message for it, else pending (a connection's configuration error is
+    held: pending, code 451, whatever the server replied)."""
+    final = fails_message(err)
+    code = err.reply_code or (554 if final else 451)
+    if final and not 500 <= code < 600:
         code = 554
-    if not err.permanent and 500 <= code < 600:
+    if not final and 500 <= code < 600:
         code = 451
     return {r: RecipientResult(code, f"{err.code}: {err.message}") for r in rcpts}
 
@@ -283,14 +301,15 @@ class Worker:
         message_policy.settle(msg.rcpt_status, final=d.status != DEFERRED)
         if attempts and attempts[-1]["error_code"] and d.last_error and not out.wait_reasons:
             last = attempts[-1]
-            expired = d.last_error.startswith("expired after")
             # The session error is clearer than decide()'s per-recipient copies of it, but
-            # keep decide()'s "expired" verdict: it says why a transient error became final.
+            # keep decide()'s reason for giving up: it says why a transient error became
+            # final; and a held message says why it waits rather than failed.
             if last["outcome"] != "unknown":
                 d.last_error = f"{last['error_code']}: {last['error_message']}"
-                if expired:
-                    d.last_error = f"expired after {msg.attempt_count + 1} attempts; " \
-                        + d.last_error
+                if d.status == DEFERRED and out.held:
+                    d.last_error += f"; {HELD}"
+                if d.gave_up:
+                    d.last_error = f"{d.gave_up}; {d.last_error}"
         for a in attempts:  # the try that ended a leg shows what became of the message
             if a["outcome"] not in ("fallback", "unknown"):
                 a["outcome"] = d.outcome
@@ -382,7 +401,8 @@ class Worker:
                 return
             attempt.pop("_results")
             verdict = after_failure(err)
-            if counts_against_connection(err):
+            # A connection missing from the configuration has no breaker to count on.
+            if transport is not None and counts_against_connection(err):
                 await self.health.failed(name, f"{err.code}: {err.message}")
             if verdict is Next.UNKNOWN:
                 attempt["outcome"] = "unknown"
@@ -396,6 +416,7 @@ class Worker:
                 attempt["outcome"] = "fallback"
                 continue
             out.results.update(results_for_error(rcpts, err))
+            out.held = misconfigured(err)
             return
         # Every connection of the chain was skipped (paused or circuit open): wait for them.
         until = wait_until if wait_until is not None else self.clock() + PAUSED_RECHECK
@@ -429,7 +450,8 @@ class Worker:
             err = e
             results = results_for_error(env.recipients, e)
         except PostroomError as e:
-            err = DeliveryError(str(e), code=e.code, permanent=e.permanent)
+            err = DeliveryError(str(e), code=e.code, permanent=e.permanent,
+                                scope=scope_of(e))
             results = results_for_error(env.recipients, err)
         except Exception as e:  # a bug must not lose the message: defer it, log loudly
             log.exception("delivery of %s crashed", msg.id)
@@ -445,7 +467,7 @@ class Worker:
                 result.reply_text if result else None),
             "error_code": err.code if err else None,
             "error_message": err.message if err else None,
-            "permanent": bool(err and err.permanent),
+            "permanent": bool(err and fails_message(err)),
             "recipients": {r: {"code": res.code, "reply": res.reply[:500], "state": (
                 "sent" if res.ok else "failed" if res.permanent else "pending")}
                 for r, res in results.items()},

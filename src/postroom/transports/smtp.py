@@ -39,6 +39,7 @@ from postroom.exceptions import (
     DeliveryError,
     MessageError,
     ProtocolError,
+    Scope,
     SenderRejected,
     TimeoutError_,
     TLSError,
@@ -225,6 +226,20 @@ class Transport(base.Transport):
             )
         return stored
 
+    def _token_again(self, rejected: str) -> tuple[str | None, str]:
+        """After the server refused ``rejected``: another token (None when there is none to
+        try) and what was done to get it, in words for the transcript."""
+        s = self.settings
+        if (s.oauth_token_env and os.environ.get(s.oauth_token_env)) or s.oauth_token_file:
+            return None, ("the token comes from oauth_token_env or oauth_token_file, which "
+                          "Postroom cannot refresh; not tried again")
+        again = getattr(self.ctx.tokens, "token_again", None)
+        if again is None:  # a token provider that only hands out tokens
+            return self._token(True, rejected), ("asked the token provider to refresh it once "
+                                                 "(it does not say whether it did)")
+        token, what = again(s.name, rejected)
+        return (None if token == rejected else token), str(what)
+
     # -- talking (every wait for the server is bounded by `timeout`) -----------------------------
     async def _reply(self, sess: _Session | Wire) -> tuple[int, list[str]]:
         wire = sess.wire if isinstance(sess, _Session) else sess
@@ -244,30 +259,90 @@ class Transport(base.Transport):
         s = self.settings
         host, port = s.host, s.effective_port
         transcript.append(f"*  connecting to {host}:{port} ({s.security})")
-        async with asyncio.timeout(s.connect_timeout):
-            last: OSError = ConnectionError(f"{host} has no address")
-            for addr in (await net.resolve(host, port))[:_MAX_ADDRESSES]:
+        # The address reached, once TCP is up: a timeout after that is no dropped port.
+        reached: net.Address | None = None
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                last: OSError = ConnectionError(f"{host} has no address")
+                for addr in (await net.resolve(host, port))[:_MAX_ADDRESSES]:
+                    try:
+                        reader, writer = await asyncio.open_connection(
+                            addr.ip, port, family=addr.family, limit=MAX_LINE)
+                        break
+                    except OSError as err:  # refused or unreachable here: the next address
+                        last = err
+                else:
+                    raise last
+                reached = addr
+                transcript.append(f"*  connected to {addr.ip} port {port}")
+                wire = Wire(reader, writer, transcript)
                 try:
-                    reader, writer = await asyncio.open_connection(
-                        addr.ip, port, family=addr.family, limit=MAX_LINE)
-                    break
-                except OSError as err:  # refused or unreachable here: the next address
-                    last = err
-            else:
-                raise last
-            wire = Wire(reader, writer, transcript)
-            try:
-                if s.security == "smtps":
-                    await self._start_tls(wire)
-                code, lines = await wire.reply()
-            except BaseException:
-                wire.abort()
-                raise
+                    if s.security == "smtps":
+                        await self._start_tls(wire)
+                    code, lines = await wire.reply()
+                except BaseException:
+                    wire.abort()
+                    raise
+        except TimeoutError:
+            raise await self._no_greeting(reached, transcript) from None
         if code != 220:
             wire.abort()
             raise ConnectError.from_reply("server greeting", code, _text(lines),
                                           code="connect.greeting")
         return wire
+
+    async def _no_greeting(self, reached: net.Address | None,
+                           transcript: list[str]) -> DeliveryError:
+        """The error for a session that did not start within ``connect_timeout``. No TCP
+        connection: the port is dropped on the way. Connected but silent in plain text: most
+        often an implicit-TLS port (465) waiting for our handshake while we wait for its
+        greeting; a TLS handshake on a new connection tells, and the error says what it
+        found."""
+        s = self.settings
+        where, wait = f"{s.host}:{s.effective_port}", f"{s.connect_timeout:g} s"
+        if reached is None:
+            return TimeoutError_(
+                f"{where}: no TCP connection within {wait}: nothing answered (a firewall "
+                "dropping the port, or a host that is down)", code="timeout.connect")
+        if s.security == "smtps":
+            return TimeoutError_(f"{where}: connected, but the TLS handshake did not finish "
+                                 f"within {wait}", code="timeout.tls")
+        transcript.append(f"*  connected, but no greeting within {wait}: trying a TLS "
+                          "handshake on a new connection")
+        version, said = await self._tls_answers(reached)
+        if version is not None:
+            transcript.append(f"*  a TLS server answered ({version}): this port speaks "
+                              "implicit TLS")
+            return TLSError(
+                f"{where}: connected, but no greeting within {wait}; a TLS server answered "
+                f"on a new connection ({version}): the port expects TLS from the first byte; "
+                "set security = \"smtps\"", code="tls.implicit_expected")
+        transcript.append(f"*  no TLS server answered either ({said})")
+        return TimeoutError_(f"{where}: connected, but no greeting within {wait}, and no TLS "
+                             f"server answered either ({said})", code="timeout.greeting")
+
+    async def _tls_answers(self, addr: net.Address) -> tuple[str | None, str]:
+        """(TLS version, "") when a TLS handshake with ``addr`` succeeds, else (None, why).
+        Detection only: the certificate is not checked here (the real session checks it),
+        and nothing is sent after the handshake."""
+        s = self.settings
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(min(s.connect_timeout, _TLS_PROBE_WAIT)):
+                _, writer = await asyncio.open_connection(
+                    addr.ip, s.effective_port, family=addr.family, ssl=ctx,
+                    server_hostname=s.tls_server_name or s.host)
+            obj = writer.get_extra_info("ssl_object")
+            return (str(obj.version()) if obj is not None else "TLS"), ""
+        except TimeoutError:
+            return None, "the handshake got no answer"
+        except (ssl.SSLError, OSError) as err:
+            return None, f"the handshake failed: {getattr(err, 'reason', None) or err}"
+        finally:
+            if writer is not None:
+                writer.transport.abort()
 
     async def _start_tls(self, wire: Wire) -> None:
         s = self.settings
@@ -293,11 +368,7 @@ class Transport(base.Transport):
             sess = _Session(wire, await self._ehlo(wire))
             if s.security == "starttls":
                 if not sess.has("starttls"):
-                    raise TLSError(
-                        f"{s.host}:{s.effective_port} does not offer STARTTLS; use security = "
-                        "\"smtps\" on port 465, or \"none\" only on a trusted network",
-                        code="tls.starttls_unavailable",
-                    )
+                    raise TLSError(self._no_starttls(sess), code="tls.starttls_unavailable")
                 code, lines = await self._command(wire, "STARTTLS")
                 if code != 220:
                     raise TLSError.from_reply("STARTTLS", code, _text(lines),
@@ -334,6 +405,9 @@ class Transport(base.Transport):
                 "trusted network)", code="auth.plaintext_refused", permanent=True,
             )
         offered = [m.upper() for m in sess.features.get("AUTH", "").split()]
+        if not offered:
+            raise AuthError(self._no_auth(sess), code="auth.mechanism_unavailable",
+                            permanent=True)
         if mech == "auto":
             choice = next((m for m in _AUTO_ORDER if m in offered), None)
             if choice is None:
@@ -356,12 +430,18 @@ class Transport(base.Transport):
         secret = await asyncio.to_thread(self._token if oauth else self._password)
         code, said = await self._auth_exchange(sess, choice, secret)
         if code == 535 and oauth and self.ctx.tokens is not None:
-            # An access token can be revoked or expire early: refresh it once and try again
-            # on the same session (RFC 4954 allows another AUTH after a failed one).
-            sess.note("authentication with the access token failed: refreshing it once")
-            # Say which token was refused: this runs on whichever thread is free.
-            code, said = await self._auth_exchange(
-                sess, choice, await asyncio.to_thread(self._token, True, secret))
+            # An access token can be revoked or expire early: get another once and try again
+            # on the same session (RFC 4954 allows another AUTH after a failed one). The
+            # transcript says what was done: a refresh is claimed only when one happened.
+            try:
+                renewed, what = await asyncio.to_thread(self._token_again, secret)
+            except DeliveryError as refused:
+                sess.note(f"authentication with the access token failed; no new token: "
+                          f"{refused.message}")
+                raise
+            sess.note(f"authentication with the access token failed: {what}")
+            if renewed is not None:
+                code, said = await self._auth_exchange(sess, choice, renewed)
         if code != 235:
             err = AuthError.from_reply(f"AUTH {choice} as {user}", code, said,
                                        code="auth.rejected")
@@ -370,8 +450,33 @@ class Transport(base.Transport):
             explain = getattr(self.ctx.tokens, "explain", None) if oauth else None
             if explain is not None:
                 err = await asyncio.to_thread(explain, err, "\n".join(sess.wire.transcript),
-                                              user)
+                                              user, s.name)
             raise err
+
+    def _no_starttls(self, sess: _Session) -> str:
+        where = f"{self.settings.host}:{self.settings.effective_port}"
+        if not sess.has("auth"):
+            return (f"{where} offers neither STARTTLS nor AUTH: a relay or MX port (mail "
+                    "between servers), not a submission port; use the submission port (587 "
+                    "with security = \"starttls\" or 465 with security = \"smtps\")")
+        return (f"{where} does not offer STARTTLS; use security = \"smtps\" on port 465, or "
+                "\"none\" only on a trusted network")
+
+    def _no_auth(self, sess: _Session) -> str:
+        """Why a server that offers no AUTH mechanism at all cannot take our login: which
+        fix applies depends on what else it offered."""
+        where = f"{self.settings.host}:{self.settings.effective_port}"
+        if sess.wire.tls_facts() is not None:
+            return (f"{where} offers no AUTH at all, even over TLS: it accepts clients by their "
+                    "address, or it is not a submission port; remove the username, or use the "
+                    "provider's submission port (587 or 465)")
+        if sess.has("starttls"):
+            return (f"{where} offers no AUTH before TLS (it offers STARTTLS): set security = "
+                    "\"starttls\"")
+        return (f"{where} offers neither AUTH nor STARTTLS: a relay or MX port (mail between "
+                "servers), not a submission port; use the submission port (587 with security = "
+                "\"starttls\" or 465 with security = \"smtps\"), or remove the username if "
+                "this relay accepts this machine by its address")
 
     async def _auth_exchange(self, sess: _Session, mech: str, secret: str) -> tuple[int, str]:
         """RFC 4954 exchange with UTF-8 credentials; the transcript shows the mechanism
@@ -505,13 +610,20 @@ class Transport(base.Transport):
         lines += [f"rcpt TO:<{w}>" for w in env.recipients]
         if any("\r" in ln or "\n" in ln for ln in lines):
             raise ProtocolError("an envelope address contains a line break",
-                                code="message.address", permanent=True)
+                                code="message.address", permanent=True,
+                                scope=Scope.MESSAGE)
         sess.clean = False
         (code, said), rcpt_replies, data_reply = await self._envelope(sess, lines)
         if code != 250:
             if code == 421 and sess.reused:  # closing down: try a new session once
                 raise Closed(f"{code} {_text(said)}")
-            raise SenderRejected.from_reply(f"MAIL FROM:<{env.sender}>", code, _text(said))
+            err = SenderRejected.from_reply(f"MAIL FROM:<{env.sender}>", code, _text(said))
+            if code == 530:
+                # "Authentication required" / "Must issue a STARTTLS command first" (RFC
+                # 4954 6, RFC 3207 4): the connection's security or auth is set up wrong,
+                # not the sender: hold the message (routing.chain), do not fail it.
+                err.scope = Scope.CONFIGURATION
+            raise err
         results = {rcpt: base.RecipientResult(c, _text(t))
                    for rcpt, (c, t) in zip(keys, rcpt_replies, strict=True)}
         accepted = [r for r in keys if results[r].ok]
@@ -581,7 +693,7 @@ class Transport(base.Transport):
         except MessageError as err:
             raise UnsupportedFeature(
                 f"{self.settings.host} does not support SMTPUTF8: {err.message}",
-                code="message.smtputf8",
+                code="message.smtputf8", scope=Scope.MESSAGE,
             ) from err
         sess.note("no SMTPUTF8 here: internationalized domains sent as A-labels")
         return wire
@@ -615,6 +727,9 @@ class Transport(base.Transport):
 
 _MAX_ADDRESSES = 8  # addresses of one host tried in turn
 _QUIT_WAIT = 2.0  # a goodbye is polite, not worth waiting for
+_TLS_PROBE_WAIT = 10.0  # the TLS handshake tried after a silent greeting, at most
+# getaddrinfo's "no such name" answers (EAI_NODATA is not defined everywhere)
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 # Errors of a pooled session that the server closed while it was idle (Closed among them)
@@ -627,14 +742,16 @@ def _map_error(err: BaseException, s: Settings, after_data: bool) -> DeliveryErr
     where = f"{s.host}:{s.effective_port}"
     mapped: DeliveryError
     if isinstance(err, socket.gaierror):
-        mapped = ConnectError(f"cannot resolve {s.host}: {err.strerror}", code="connect.dns")
+        # A name that does not exist is the configuration's `host`; a resolver that failed
+        # (EAI_AGAIN) is trouble of the moment.
+        mapped = ConnectError(f"cannot resolve {s.host}: {err.strerror}", code="connect.dns",
+                              scope=Scope.CONFIGURATION if err.errno in _NO_SUCH_NAME
+                              else Scope.CONNECTION)
     elif isinstance(err, ConnectionRefusedError):
         mapped = ConnectError(f"{where} refused the connection", code="connect.refused")
     elif isinstance(err, ssl.SSLCertVerificationError):
-        mapped = TLSError(
-            f"TLS certificate of {where} not trusted: {err.verify_message}; if the server uses "
-            "a private CA, set ca_file", code="tls.certificate",
-        )
+        mapped = TLSError(f"TLS certificate of {where} not trusted: {err.verify_message}"
+                          f"{_certificate_hint(err.verify_code)}", code="tls.certificate")
     elif isinstance(err, ssl.SSLError):
         hint = ""
         if "WRONG_VERSION_NUMBER" in str(err):
@@ -657,6 +774,24 @@ def _map_error(err: BaseException, s: Settings, after_data: bool) -> DeliveryErr
         return None
     mapped.after_data = after_data
     return mapped
+
+
+# OpenSSL's verify codes (X509_V_ERR_*): the issuer is unknown (a private CA helps), the
+# name does not match (a CA file would not), or the dates are wrong.
+_UNKNOWN_ISSUER = {2, 18, 19, 20, 21}
+_NAME_MISMATCH = {62, 64}
+_DATES = {9, 10}
+
+
+def _certificate_hint(verify_code: int) -> str:
+    if verify_code in _UNKNOWN_ISSUER:
+        return "; if the server uses a private CA, set ca_file"
+    if verify_code in _NAME_MISMATCH:
+        return ("; the certificate is for other names: use one of them as host, or set "
+                "tls_server_name")
+    if verify_code in _DATES:
+        return "; check this machine's clock (`date`)"
+    return ""
 
 
 def _plain(user: str, secret: str, _h: str, _p: int) -> Any:
