@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import Field
@@ -71,6 +73,21 @@ class Request:
     headers: dict[str, str]
     content: bytes
     summary: str  # for the transcript, e.g. "raw MIME, 1234 bytes base64url in JSON"
+    # False: a pre-authenticated URL (an upload session's): no Authorization header goes
+    # with it, and its query, which carries the credential, stays out of the transcript.
+    auth: bool = True
+
+
+@dataclass
+class Exchange:
+    """The requests of one delivery: their transcript lines and the access token in use."""
+
+    lines: list[str] = field(default_factory=list)
+    token: str | None = None
+
+    @property
+    def transcript(self) -> str:
+        return "\n".join(self.lines)
 
 
 class HttpTransport(base.Transport):
@@ -121,31 +138,55 @@ class HttpTransport(base.Transport):
         return await asyncio.to_thread(tokens.token, self.name, refresh=rejected is not None)
 
     async def send(self, envelope: Envelope) -> base.DeliveryResult:
-        lines: list[str] = []
-        req = self.build(envelope)
-        token = await self._token()
-        resp = await self._call(req, token, lines)
-        if resp.status_code == 401:
-            lines.append("*  the access token was refused (401): refreshing it once")
-            token = await self._token(rejected=token)
-            resp = await self._call(req, token, lines)
-        transcript = "\n".join(lines)
+        ex = Exchange()
+        resp = await self.request(ex, self.build(envelope))
         if resp.is_success:
-            said = self.accepted(resp)
-            res = base.RecipientResult(250, f"{self.title}: {said}")
-            return base.DeliveryResult({r: res for r in envelope.recipients}, transcript,
-                                       reply_code=250, reply_text=said)
-        err = self._classify(resp)
-        err.transcript = transcript
-        raise err
+            return self.delivered(envelope, resp, ex)
+        raise self.failure(resp, ex)
 
-    async def _call(self, req: Request, token: str, lines: list[str]) -> httpx.Response:
-        lines.append(f"C: {req.method} {req.url} ({req.summary}; Authorization: Bearer ****)")
+    async def request(self, ex: Exchange, req: Request) -> httpx.Response:
+        """Make one request of a delivery: with the connection's token (refreshed once on a
+        401), or without one for a pre-authenticated URL. Any answer is returned; a
+        network failure raises a DeliveryError carrying the transcript so far."""
+        if not req.auth:
+            return await self._call(req, None, ex.lines)
+        if ex.token is None:
+            ex.token = await self._token()
+        resp = await self._call(req, ex.token, ex.lines)
+        if resp.status_code == 401:
+            ex.lines.append("*  the access token was refused (401): refreshing it once")
+            ex.token = await self._token(rejected=ex.token)
+            resp = await self._call(req, ex.token, ex.lines)
+        return resp
+
+    def delivered(self, envelope: Envelope, resp: httpx.Response,
+                  ex: Exchange) -> base.DeliveryResult:
+        """Every recipient accepted, in the provider's words."""
+        said = self.accepted(resp)
+        res = base.RecipientResult(250, f"{self.title}: {said}")
+        return base.DeliveryResult({r: res for r in envelope.recipients}, ex.transcript,
+                                   reply_code=250, reply_text=said)
+
+    def failure(self, resp: httpx.Response, ex: Exchange) -> DeliveryError:
+        """The error a refusing answer means, with the transcript so far."""
+        err = self._classify(resp)
+        err.transcript = ex.transcript
+        return err
+
+    async def _call(self, req: Request, token: str | None,
+                    lines: list[str]) -> httpx.Response:
+        if token is None:
+            lines.append(f"C: {req.method} {hide_query(req.url)} ({req.summary}; "
+                         "no Authorization: the URL is pre-authenticated)")
+            headers = req.headers
+        else:
+            lines.append(f"C: {req.method} {req.url} ({req.summary}; "
+                         "Authorization: Bearer ****)")
+            headers = {**req.headers, "Authorization": f"Bearer {token}"}
         sent = False
         try:
-            request = self.client.build_request(
-                req.method, req.url, content=req.content,
-                headers={**req.headers, "Authorization": f"Bearer {token}"})
+            request = self.client.build_request(req.method, req.url, content=req.content,
+                                                headers=headers)
             sent = True
             resp = await self.client.send(request)
         except httpx.TimeoutException as err:
@@ -171,7 +212,9 @@ class HttpTransport(base.Transport):
                                   code="connect.failed")
             mapped.transcript = "\n".join(lines)
             raise mapped from err
-        body = resp.text[:500].replace("\n", " ")
+        # A URL in an answer may be a credential itself (an upload session's): its query
+        # stays out of the transcript.
+        body = _URL_QUERY.sub(r"\1?****", resp.text[:500].replace("\n", " "))
         lines.append(f"S: {resp.status_code} {body}".rstrip())
         return resp
 
@@ -266,3 +309,14 @@ def match_headers(env: Envelope, title: str) -> bytes:
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode("ascii")
+
+
+# Up to a quote or a space: a URL in a JSON string (paths may hold ' as Graph's do).
+_URL_QUERY = re.compile(r'(https?://[^\s"?]+)\?[^\s"]*')
+
+
+def hide_query(url: str) -> str:
+    """``url`` with its query replaced by ``****``: a pre-authenticated URL carries its
+    credential there (Graph's upload sessions: ``?authtoken=...``)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query="****")) if parts.query else url
