@@ -1,37 +1,74 @@
 """DMARC (RFC 7489): find the policy that governs a From domain and judge alignment.
 
 The record is looked up at ``_dmarc.<From domain>``, then at the organizational domain's
-(section 6.6.3). The organizational domain is found without the Public Suffix List (no
-download, nothing remote): the last two labels, or three under the common two-level
-public suffixes (co.uk, com.au...). That is right for the domains people send from; a
-domain under a rarer suffix gets its own name's record checked, which is also what most
-senders publish.
+(section 6.6.3). The organizational domain (section 3.2) is the public suffix plus one label,
+the public suffix coming from the Public Suffix List that the ``publicsuffixlist`` package
+ships: nothing is fetched at run time, and the list is brought up to date by upgrading that
+package (it is released with each change of the list).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING
 
 from postroom.diagnostics.dns import Resolver
+from postroom.exceptions import MessageError
+from postroom.idn import ascii_domain
 
-# Second-level labels that are public suffixes under many country TLDs (co.uk, com.au,
-# ac.jp, gov.br...): the organizational domain is one label deeper there.
-_SECOND_LEVEL = {"co", "com", "net", "org", "gov", "ac", "edu", "ne", "or", "go", "gob",
-                 "mil", "ltd", "plc", "nic", "sch", "nom", "gen", "biz", "info"}
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
+
 POLICIES = ("none", "quarantine", "reject")
 
 
+@cache
+def _suffixes() -> PublicSuffixList:
+    """The list, parsed once and only when a DMARC question is asked: parsing it takes
+    memory and time that `serve`, which never asks, must not pay.
+
+    The whole list, its private section included: RFC 7489 names the Public Suffix List
+    without narrowing it, and the private entries are exactly the names under which
+    strangers register (foo.github.io and bar.github.io have different owners). Reading
+    only the ICANN section would make them one organizational domain, so that one could
+    pass relaxed alignment for the other. A TLD missing from the list counts as a public
+    suffix (the list's own "*" rule), so names under .test or a new TLD still work."""
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList(accept_unknown=True)
+
+
 def org_domain(domain: str) -> str:
-    labels = domain.lower().rstrip(".").split(".")
-    keep = 3 if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL \
-        else 2
-    return ".".join(labels[-keep:])
+    """The organizational domain of ``domain``, lower-cased, in the form it was given
+    (U-labels stay Unicode, A-labels stay punycode: the list matches both). A name that is
+    itself a public suffix (co.uk, github.io) is its own organizational domain."""
+    name = domain.lower().rstrip(".")
+    return _suffixes().privatesuffix(name) or name
+
+
+def ascii_name(domain: str) -> str:
+    """One spelling for names that may be written as U-labels or A-labels (the A-labels,
+    which is also what a URI in a record must use)."""
+    name = domain.lower().rstrip(".")
+    try:
+        return ascii_domain(name)
+    except MessageError:
+        # Not a valid IDN: compared as written; the DNS lookups report the name itself.
+        return name
+
+
+def report_uri(domain: str) -> str:
+    """The rua= address suggested for ``domain``: one mailbox at its organizational domain,
+    which its subdomains' reports can share, as an ASCII mailto: URI (a URI has no
+    Unicode form)."""
+    return f"mailto:dmarc-reports@{ascii_name(org_domain(domain))}"
 
 
 def aligned(a: str, b: str, mode: str) -> bool:
     """Identifier alignment (RFC 7489 3.1): strict is the same name, relaxed the same
     organizational domain."""
-    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    a, b = ascii_name(a), ascii_name(b)
     return a == b if mode == "s" else org_domain(a) == org_domain(b)
 
 
@@ -97,8 +134,9 @@ def parse(domain: str, text: str) -> Policy:
 def lookup(resolver: Resolver, domain: str) -> tuple[Policy | None, str]:
     """(policy, note): the policy that applies to mail From ``domain``; the note says where
     it was found or why none was."""
+    domain = domain.lower().rstrip(".")
     org = org_domain(domain)
-    candidates = [domain] if org == domain.lower() else [domain, org]
+    candidates = [domain] if org == domain else [domain, org]
     for i, name in enumerate(candidates):
         ans, texts = resolver.txt(f"_dmarc.{name}")
         if ans.temporary:
@@ -115,4 +153,4 @@ def lookup(resolver: Resolver, domain: str) -> tuple[Policy | None, str]:
             pol.inherited = i > 0
             return pol, f"_dmarc.{name}"
     return None, f"no DMARC record at _dmarc.{domain}" + (
-        f" or _dmarc.{org}" if org != domain.lower() else "")
+        f" or _dmarc.{org}" if org != domain else "")

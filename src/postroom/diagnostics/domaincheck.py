@@ -316,7 +316,7 @@ def _dmarc(resolver: Resolver, f: DomainFacts) -> None:
     d = f.domain
     pol, note = dmarc.lookup(resolver, d)
     f.dmarc, f.dmarc_note = pol, note
-    rua = f"mailto:dmarc-reports@{dmarc.org_domain(d)}"
+    rua = dmarc.report_uri(d)
     if pol is None:
         f.findings.append(Finding(
             d, "dmarc", WARN, f"no DMARC policy ({note}): receivers decide alone what to do "
@@ -324,7 +324,7 @@ def _dmarc(resolver: Resolver, f: DomainFacts) -> None:
             "bulk senders)",
             fix="start by monitoring (p=none with reports), then move to quarantine or reject "
             f"once the reports show only your own mail; rua= is where the reports go: "
-            f"dmarc-reports@{dmarc.org_domain(d)} must be a mailbox you read (or put yours)",
+            f"{rua.removeprefix('mailto:')} must be a mailbox you read (or put yours)",
             record=Record(f"_dmarc.{d}", "TXT", f"v=DMARC1; p=none; rua={rua}")))
         return
     where = f"_dmarc.{pol.domain}" + (" (inherited from the organizational domain)"

@@ -39,6 +39,9 @@ class Provider:
     username: str = "%EMAILADDRESS%"
     note: str = ""
     docs: str = ""
+    # Where the facts above were checked: the provider's pages, or "unverified: ..." saying
+    # that none was found (a fact from memory is marked as such, never dressed as sourced).
+    sources: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def login(self, address: str) -> str:
@@ -65,7 +68,7 @@ def _provider(item: Any, i: int) -> Provider:
         raise ConfigError(f"{where}: password must be one of {PASSWORD_KINDS}",
                           code="providers.invalid")
     known = {"id", "title", "domains", "mx", "hosts", "transports", "servers", "spf",
-             "dkim_selectors", "oauth", "password", "username", "note", "docs"}
+             "dkim_selectors", "oauth", "password", "username", "note", "docs", "sources"}
     unknown = set(item) - known
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}", code="providers.invalid")
@@ -80,7 +83,7 @@ def _provider(item: Any, i: int) -> Provider:
         dkim_selectors=tuple(str(s) for s in item.get("dkim_selectors", ())),
         oauth=item.get("oauth"), password=str(item.get("password", "account")),
         username=str(item.get("username", "%EMAILADDRESS%")), note=str(item.get("note", "")),
-        docs=str(item.get("docs", "")))
+        docs=str(item.get("docs", "")), sources=tuple(str(u) for u in item.get("sources", ())))
 
 
 def load(text: str) -> tuple[Provider, ...]:

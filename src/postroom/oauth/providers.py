@@ -9,7 +9,9 @@ Sources: Google "Using OAuth 2.0 for Web Server Applications", "OAuth 2.0 for TV
 Limited-Input Device Applications", "Using OAuth 2.0 for Server to Server Applications";
 Microsoft identity platform "OAuth 2.0 authorization code flow", "device authorization
 grant", "client credentials flow", "Authenticate an IMAP, POP or SMTP connection using
-OAuth", "Refresh tokens" (90 days inactivity); Yahoo "OAuth 2.0 Guide".
+OAuth", "Refresh tokens" (90 days inactivity); Yahoo "OAuth 2.0 Guide". The facts issue 19
+asked to check carry the page they were checked against beside them; a fact no page was
+found for says "unverified".
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ GOOGLE = Provider(
     token_url="https://oauth2.googleapis.com/token",
     device_url="https://oauth2.googleapis.com/device/code",
     revoke_url="https://oauth2.googleapis.com/revoke",
+    # SMTP: https://mail.google.com/ is "the scope for IMAP, POP, and SMTP access"
+    # (https://developers.google.com/gmail/xoauth2_protocol). Gmail API: gmail.send, unverified
+    # here (the Gmail API scopes page was not read).
     scopes=MappingProxyType({"smtp": ("https://mail.google.com/",),
                              "gmail": ("https://www.googleapis.com/auth/gmail.send",)}),
     send_scopes=MappingProxyType({"smtp": ("https://mail.google.com/",),
@@ -78,6 +83,12 @@ GOOGLE = Provider(
     # the first consent otherwise, and a re-login would leave the old, dead one in place).
     authorize_params=MappingProxyType({"access_type": "offline", "prompt": "consent"}),
     testing_app_days=7,
+    # The device flow "supports a limited set of scopes", listed at
+    # https://developers.google.com/identity/protocols/oauth2/limited-input-device#allowedscopes
+    # (an allow-list: OpenID Connect, Drive's per-file scopes, YouTube): no Gmail scope is on
+    # it, and asking for one gets invalid_scope (as reported in
+    # https://github.com/googleapis/google-api-python-client/issues/41). Postroom's two Gmail
+    # scopes are named here so that it says so before asking.
     device_refuses=("https://mail.google.com/", "https://www.googleapis.com/auth/gmail.send"),
     console="https://console.cloud.google.com/apis/credentials",
     revoke_note="or remove Postroom's access at https://myaccount.google.com/permissions",
@@ -109,10 +120,22 @@ MICROSOFT = Provider(
 
 YAHOO = Provider(
     name="yahoo", title="Yahoo",
+    # Endpoints: https://developer.yahoo.com/oauth2/guide/flows_authcode/ (request_auth,
+    # get_token). Yahoo publishes no device flow and no RFC 7009 revocation endpoint there.
     authorize_url="https://api.login.yahoo.com/oauth2/request_auth",
     token_url="https://api.login.yahoo.com/oauth2/get_token",
+    # Scope identifiers are "<api>-r" (read) and "<api>-w" (read/write), mail-r being Yahoo's
+    # own example (https://developer.yahoo.com/oauth2/guide/yahoo_scopes/); sending needs the
+    # write scope, mail-w. Mail scopes for IMAP/SMTP are granted only after Yahoo approves a
+    # "Mail API Access" request (https://developer.nylas.com/docs/provider-guides/
+    # yahoo-authentication/, a third party's guide: no Yahoo page on it was found).
     scopes=MappingProxyType({"smtp": ("mail-w",)}),
     send_scopes=MappingProxyType({"smtp": ("mail-w",)}),
+    # The client authenticates at get_token with HTTP Basic (base64 client_id:client_secret),
+    # for the code exchange and the refresh alike, as Yahoo's own token guides show:
+    # https://developer.yahooinc.com/dsp/api/docs/authentication/refresh-token.html and
+    # http://fe.prod.ydn.yahoo.com/brightroll/dsp/api/docs/tokens/ . PKCE: unverified (no
+    # Yahoo page found on it); a server without it ignores the parameters (RFC 6749 3.1).
     token_auth="client_secret_basic",
     console="https://developer.yahoo.com/apps/",
     revoke_note="and remove the app at https://login.yahoo.com/myaccount/security/app-access",
