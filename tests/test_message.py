@@ -656,8 +656,9 @@ def test_failing_forced_recipient_neither_fails_nor_loops(queue: Queue,
     st = stored["rcpt_status"]
     assert st[TO]["state"] == "sent"
     assert st["gone@example.com"]["state"] == "failed"
-    assert st["archive@example.com"]["state"] == "failed"
-    assert st["archive@example.com"]["reply"].startswith(mpolicy.NOT_RETRIED)
+    # a temporary failure: retried on its own later (tests/test_forced_bcc_retry.py)
+    assert st["archive@example.com"]["state"] == "pending"
+    assert st["archive@example.com"]["reply"] == "4.3.0 busy"
     assert stored["recipients"] == [TO]
     assert [e.recipients for e in t.outbox] == [[TO]]
 

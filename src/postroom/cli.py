@@ -384,7 +384,7 @@ def log_cmd(
                    since=since_ts)
         return
     rows = _guard(lambda: inst.queue.search(status=status, to=to, sender=sender, since=since_ts,
-                                            limit=limit or 50))
+                                            limit=limit or 50, states=as_json))
     if as_json:
         for r in rows:
             print(json.dumps(r, default=str))
@@ -433,7 +433,12 @@ def show(
     con.print(f"envelope: <{m['sender']}> → {', '.join(m['recipients'])}  ({m['size']} bytes)",
               markup=False)
     for rcpt, st in m["rcpt_status"].items():
-        forced = f" (added by the message policy: {st['forced']})" if st.get("forced") else ""
+        forced = ""
+        if st.get("forced"):  # a copy the policy added: retried on its own (postroom.policy)
+            forced = f" (added by the message policy: {st['forced']}"
+            if st.get("state") == "pending" and m.get("copy_due"):
+                forced += f"; retried on its own, next try {_when(m['copy_due'])}"
+            forced += ")"
         con.print(f"  {rcpt}: {st.get('state')} {st.get('code', '')} {st.get('reply', '')}"
                   f"{forced}", markup=False)
     if m["status"] == "deferred":

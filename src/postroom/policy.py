@@ -19,15 +19,18 @@ Added header fields replace any field of the same name in the message (a field s
 Reply-To may appear only once). Forced To/Cc addresses are appended to the message's To/Cc
 field (or make one); forced Bcc addresses are only added to the envelope.
 
-Forced recipients and the log (:func:`record`, :func:`settle`): their results are part of
-the attempt's per-recipient results and are kept in the message's recipient status marked
-``"forced": "to"|"cc"|"bcc"``, but the message's status is decided by its own recipients
-only. A forced recipient rides along with the attempts the message needs anyway: once
-accepted (or refused for good) it is not sent again, a temporary failure is tried again only
-if the message is tried again for its own recipients, and when the message is finished a
-forced recipient still pending is marked failed ("not retried"). So a forced copy is
-neither duplicated nor the cause of a retry loop, and it never makes a delivered message
-look partial or failed.
+Forced recipients and the log (:func:`record`, :func:`copies_due`, :func:`give_up`): their
+results are part of the attempt's per-recipient results and are kept in the message's
+recipient status marked ``"forced": "to"|"cc"|"bcc"`` with the connection whose policy
+added them (``"via"``) and their number of tries, but the message's status is decided by its
+own recipients only. Once accepted (or refused for good) a forced recipient is not sent
+again. While the message's own recipients are still being tried, a forced recipient with a
+temporary failure rides along with those tries; once they are finished and someone got the
+message, it is retried on its own (:meth:`MessagePolicy.copy`: the same stored message, only
+that recipient in RCPT TO, on the connection that added it) with the normal backoff until it
+is delivered or the message's lifetime ends, because an archive that silently misses
+messages is worse than none. So a forced copy is never duplicated to anyone else, and it
+never makes a delivered message look partial or failed.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ _NOT_ADDABLE = {
     "message-id": "every message has its own", "date": "every message has its own",
 }
 _ADDR = re.compile(rb"[^\s<>,;:\"()@]+@[^\s<>,;:\"()@]+")
-NOT_RETRIED = ("not retried: a recipient added by the message policy is sent along with the "
-               "message's own deliveries, and those are finished")
+NOT_COPIED = ("not sent: every recipient of the message itself failed, so there is no "
+              "delivered message to copy")
 
 
 # -- validation (called by the settings models) ------------------------------------------------
@@ -156,6 +159,14 @@ class MessagePolicy:
                       recipients=[*env.recipients, *forced], raw=raw)
         return Applied(out, forced)
 
+    def copy(self, env: Envelope, forced: Mapping[str, str]) -> Applied:
+        """A forced copy retried on its own: the message as every other recipient got it
+        (same header fields added), with only the ``forced`` recipients in the envelope."""
+        raw = self._rewrite(env.raw) if (self._fields or self._add) else env.raw
+        out = replace(env, sender=self.envelope_sender or env.sender,
+                      recipients=list(forced), raw=raw)
+        return Applied(out, dict(forced))
+
     def _rewrite(self, raw: bytes) -> bytes:
         end = raw.find(b"\r\n\r\n")
         if end < 0:  # no body: the whole message is its header
@@ -224,30 +235,41 @@ def for_settings(settings: Settings) -> dict[str, MessagePolicy]:
 
 # -- forced recipients in the log --------------------------------------------------------------
 def record(status: dict[str, dict[str, Any]], forced: Mapping[str, str],
-           results: Mapping[str, RecipientResult], attempt: dict[str, Any] | None = None) -> None:
-    """Keep this attempt's results for the forced recipients in the recipient status, and
-    mark them in the attempt row's recipients."""
+           results: Mapping[str, RecipientResult], attempt: dict[str, Any] | None = None,
+           via: str = "") -> None:
+    """Keep this attempt's results for the forced recipients in the recipient status (with
+    ``via``, the connection whose policy added them and that retries them), and mark them
+    in the attempt row's recipients."""
     rows = attempt.get("recipients") if attempt is not None else None
     for addr, kind in forced.items():
         res = results.get(addr)
         if res is None:
             continue
         state = "sent" if res.ok else "failed" if res.permanent else "pending"
+        tries = int(status.get(addr, {}).get("tries") or 0) + 1
         status[addr] = {"state": state, "code": res.code, "reply": res.reply[:500],
-                        "forced": kind}
+                        "forced": kind, "via": via, "tries": tries}
         if isinstance(rows, dict) and isinstance(rows.get(addr), dict):
             rows[addr]["forced"] = kind
 
 
-def settle(status: dict[str, dict[str, Any]], final: bool) -> None:
-    """When the message is finished, a forced recipient still pending is given up: it is
-    only ever sent along with the message's own deliveries."""
-    if not final:
-        return
+def copies_due(status: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """The forced recipients still to send, by the connection that retries them:
+    ``{via: {address: kind}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for addr, entry in status.items():
+        if entry.get("forced") and entry.get("state") == "pending":
+            out.setdefault(str(entry.get("via") or ""), {})[addr] = str(entry["forced"])
+    return out
+
+
+def give_up(status: dict[str, dict[str, Any]], why: str) -> None:
+    """Fail the forced recipients still pending, saying why and what the server last said."""
     for entry in status.values():
         if entry.get("forced") and entry.get("state") == "pending":
             entry["state"] = "failed"
-            entry["reply"] = f"{NOT_RETRIED}; last reply: {entry.get('reply', '')}"[:500]
+            entry["reply"] = f"{why}; last reply: {entry.get('code') or ''} " \
+                f"{entry.get('reply') or ''}".rstrip()[:500]
 
 
 def own_results(results: Mapping[str, RecipientResult],

@@ -448,9 +448,11 @@ async def list_messages(
             summary="One message: recipients' states and every attempt")
 async def get_message(msg_id: MsgId, app: App, ctx: Ctx) -> MessageDetail:
     row = _owned(await asyncio.to_thread(ctx.queue.get, msg_id), app, msg_id)
+    # The message's own recipients, then the copies its policy added (marked "forced").
+    forced = [r for r, st in row["rcpt_status"].items() if st.get("forced")]
     states = [{"address": r, **{k: v for k, v in row["rcpt_status"].get(r, {}).items()
-                                if k in ("state", "code", "reply")}}
-              for r in row["recipients"]]
+                                if k in ("state", "code", "reply", "forced")}}
+              for r in [*row["recipients"], *forced]]
     attempts = [{**a, "started_at": _iso(a["started_at"]), "ended_at": _iso(a["ended_at"]),
                  "permanent": bool(a["permanent"]), "transcript": a["transcript"] or "",
                  "advice": advice_for_attempt(a, settings=ctx.settings)}

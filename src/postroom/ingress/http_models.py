@@ -120,6 +120,10 @@ class RecipientOut(BaseModel):
     state: str = Field(description="pending | sent | failed")
     code: int | None = None
     reply: str | None = None
+    forced: str | None = Field(
+        default=None, description="to | cc | bcc: a recipient added by the message policy "
+        "(an archive copy). Its state does not decide the message's status; while pending "
+        "it is retried on its own until the message's lifetime ends.")
 
 
 class AttemptOut(BaseModel):

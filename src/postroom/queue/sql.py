@@ -45,9 +45,11 @@ from postroom.store.db import is_postgresql, write_transaction
 from postroom.store.rows import message_row as message_row
 from postroom.store.schema import (
     DEFERRED,
+    PARTIAL,
     PRIORITIES,
     QUEUED,
     SENDING,
+    SENT,
     WAITING,
     attempts,
     events,
@@ -129,7 +131,8 @@ def _finish_pg(conn: Connection, fins: list[FinishRow]) -> list[bool]:
     results = [{"id": p["b_id"], "token": p["b_token"], "status": p["status"],
                 "next_attempt_at": p["next_attempt_at"], "rcpt_status": p["rcpt_status"],
                 "last_error": p["last_error"], "counted": p["counted"],
-                "updated_at": p["updated_at"]} for p in (f.params for f in fins)]
+                "updated_at": p["updated_at"], "copy_due": p["copy_due"]}
+               for p in (f.params for f in fins)]
     tried = [row for f in fins for row in f.attempts]
     done = conn.exec_driver_sql(_FINISH_PG, {"results": dumps(results),
                                              "attempts": dumps(tried)})
@@ -139,15 +142,21 @@ def _finish_pg(conn: Connection, fins: list[FinishRow]) -> list[bool]:
 
 # Attempts are recorded even with a lost lease (they happened; the log tells it), so the
 # INSERT does not depend on the UPDATE. Both see the same snapshot and run once each.
+# A forced copy's run (a finished message, not 'sending') keeps the message's status and
+# error: those belong to its own recipients (postroom.policy).
 _FINISH_PG = """
 WITH v AS (
   SELECT * FROM json_to_recordset(%(results)s::json)
     AS v(id text, token text, status text, next_attempt_at float8, rcpt_status json,
-         last_error text, counted int, updated_at float8)
+         last_error text, counted int, updated_at float8, copy_due float8)
 ), done AS (
-  UPDATE messages AS m SET status = v.status, next_attempt_at = v.next_attempt_at,
+  UPDATE messages AS m
+  SET status = CASE WHEN m.status = 'sending' THEN v.status ELSE m.status END,
+    next_attempt_at = v.next_attempt_at,
     lease_owner = NULL, lease_until = NULL, attempt_count = m.attempt_count + v.counted,
-    rcpt_status = v.rcpt_status, last_error = v.last_error, updated_at = v.updated_at
+    rcpt_status = v.rcpt_status,
+    last_error = CASE WHEN m.status = 'sending' THEN v.last_error ELSE m.last_error END,
+    updated_at = v.updated_at, copy_due = v.copy_due
   FROM v WHERE m.id = v.id AND m.lease_owner = v.token
   RETURNING m.id
 ), tried AS (
@@ -167,18 +176,20 @@ SELECT id FROM done
 # Statements built once: SQLAlchemy then only looks up their compiled form.
 _INSERT_MESSAGE = insert(messages)
 _INSERT_ATTEMPT = insert(attempts)
+_OWN_RUN = messages.c.status == SENDING  # not a forced copy's run (see _FINISH_PG)
 _FINISH = (
     update(messages)
     .where(messages.c.id == bindparam("b_id"), messages.c.lease_owner == bindparam("b_token"))
     .values(
-        status=bindparam("status"),
+        status=case((_OWN_RUN, bindparam("status")), else_=messages.c.status),
         next_attempt_at=bindparam("next_attempt_at"),
         lease_owner=None,
         lease_until=None,
         attempt_count=messages.c.attempt_count + bindparam("counted"),
         rcpt_status=bindparam("rcpt_status", type_=messages.c.rcpt_status.type),
-        last_error=bindparam("last_error"),
+        last_error=case((_OWN_RUN, bindparam("last_error")), else_=messages.c.last_error),
         updated_at=bindparam("updated_at"),
+        copy_due=bindparam("copy_due"),
     )
 )
 # Who holds these messages' leases (locked on PostgreSQL until the batch commits).
@@ -216,7 +227,7 @@ _CLAIMED = (  # what a claim reads back (Claimed)
     case((messages.c.size <= BODY_WITH_CLAIM, messages.c.raw)).label("raw"), messages.c.size,
     messages.c.connection, messages.c.attempt_count, messages.c.expires_at,
     messages.c.next_attempt_at, messages.c.priority, messages.c.source, messages.c.app,
-    messages.c.tags,
+    messages.c.tags, messages.c.status,
 )
 # Re-checking the status skips rows another worker claimed since the SELECT. It is wrapped
 # in coalesce() so that it cannot match an index: SQLite would otherwise walk the
@@ -249,6 +260,27 @@ _CLAIM_PG = (
     update(messages)
     .where(messages.c.id == _PICK.c.id, messages.c.status.in_(WAITING))
     .values(**_LEASED)
+    .returning(*_CLAIMED)
+)
+# Finished messages with a forced copy due (postroom.policy): the message keeps its status;
+# the lease is the claim token plus copy_due pushed to the lease's end, so the copy of a
+# worker that died is simply due again then (no 'sending' row for _EXPIRE to reset).
+_COPIES_DUE = (
+    select(messages.c.id)
+    .where(messages.c.copy_due <= bindparam("now"))
+    .order_by(messages.c.copy_due)
+    .limit(bindparam("lim"))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM_COPIES = (
+    update(messages)
+    .where(
+        messages.c.id.in_(bindparam("ids", expanding=True)),
+        messages.c.copy_due <= bindparam("now"),
+        messages.c.status.in_((SENT, PARTIAL)),
+    )
+    .values(lease_owner=bindparam("token"), lease_until=bindparam("until"),
+            copy_due=bindparam("until"))
     .returning(*_CLAIMED)
 )
 # Messages whose lease ran out (their worker died or hung) become due again.
@@ -416,6 +448,9 @@ class Claimed:
     tags: list[str] = field(default_factory=list)
     priority: int = 0
     body_later: bool = False  # a big body, not read with the claim: Queue.body() reads it
+    # As claimed: 'sending' for a delivery of the message, or 'sent' / 'partial' for a run
+    # of its forced copies alone (postroom.policy).
+    status: str = SENDING
     # Why this try is the message's only one (a test send): what is not sent now fails
     # with this reason instead of waiting for a retry. None: retried until it expires.
     no_retry: str | None = None
@@ -523,6 +558,9 @@ class Queue:
             elif ids := [only] if only is not None else _due_ids(conn, now, limit):
                 # "only": deliver this one now, whatever its retry time
                 rows = conn.execute(_CLAIM, {"ids": ids, **lease_args}).all()
+            if only is None and len(rows) < limit and (copies := [r[0] for r in conn.execute(
+                    _COPIES_DUE, {"now": now, "lim": limit - len(rows)})]):
+                rows = [*rows, *conn.execute(_CLAIM_COPIES, {"ids": copies, **lease_args})]
             return [
                 Claimed(
                     id=r.id,
@@ -539,6 +577,7 @@ class Queue:
                     app=r.app,
                     tags=list(r.tags or []),
                     priority=r.priority,
+                    status=r.status,
                 )
                 for r in sorted(rows, key=lambda r: (-r.priority, r.next_attempt_at))
             ]
@@ -572,6 +611,7 @@ class Queue:
         next_attempt_at: float,
         last_error: str | None,
         attempts: Sequence[dict[str, Any]],
+        copy_due: float | None = None,
     ) -> FinishRow:
         return FinishRow(
             {
@@ -583,6 +623,7 @@ class Queue:
                 "last_error": last_error,
                 "counted": 1 if attempts else 0,
                 "updated_at": self.clock(),
+                "copy_due": copy_due,
             },
             [{"message_id": msg.id, **a} for a in attempts],
         )
@@ -595,14 +636,16 @@ class Queue:
         next_attempt_at: float,
         last_error: str | None,
         attempts: Sequence[dict[str, Any]],
+        copy_due: float | None = None,
     ) -> bool:
         """Record the attempts (one per connection tried; none when the message only waited
-        for a limit) and the message's next state. False if the lease was lost (another
-        worker reclaimed the message after our lease ran out)."""
+        for a limit) and the message's next state; ``copy_due``: when its forced copies
+        still pending are tried on their own. False if the lease was lost (another worker
+        reclaimed the message after our lease ran out)."""
         ok: bool = await self.writer.submit(
             self._finish_op(
                 msg, status=status, next_attempt_at=next_attempt_at, last_error=last_error,
-                attempts=attempts,
+                attempts=attempts, copy_due=copy_due,
             )
         )
         return ok
@@ -641,6 +684,13 @@ class Queue:
 
         def op(conn: Connection) -> None:
             for m in msgs:
+                if m.status != SENDING:  # a forced copy's run: the message keeps its status
+                    conn.execute(
+                        update(messages)
+                        .where(messages.c.id == m.id, messages.c.lease_owner == m.token)
+                        .values(lease_owner=None, lease_until=None, copy_due=self.clock())
+                    )
+                    continue
                 conn.execute(
                     update(messages)
                     .where(messages.c.id == m.id, messages.c.lease_owner == m.token)
@@ -670,12 +720,15 @@ class Queue:
         until: float | None = None,
         before: tuple[float, str] | None = None,
         limit: int = 50,
+        states: bool = False,
     ) -> list[dict[str, Any]]:
         """The log, newest first. ``text`` matches subject, From, To and Message-ID;
         ``app``: only what that app handed in, through any door (the owner column);
         ``before`` = (created_at, id) of the last row of the previous page (a cursor that
-        stays correct while new mail arrives, unlike an offset)."""
-        cols = [c for c in messages.c if c.name not in ("raw", "rcpt_status")]
+        stays correct while new mail arrives, unlike an offset); ``states``: with each
+        recipient's state (rcpt_status, forced copies included)."""
+        cols = [c for c in messages.c
+                if c.name != "raw" and (states or c.name != "rcpt_status")]
         q = (
             select(*cols)
             .order_by(messages.c.created_at.desc(), messages.c.id.desc())
@@ -758,12 +811,19 @@ class Queue:
         that no other worker takes mail this one is still working on."""
 
         def op(conn: Connection) -> int:
+            until = self.clock() + lease
             res = conn.execute(
                 update(messages)
                 .where(messages.c.status == SENDING, messages.c.lease_owner.in_(list(tokens)))
-                .values(lease_until=self.clock() + lease)
+                .values(lease_until=until)
             )
-            return int(res.rowcount)
+            copies = conn.execute(  # forced copies' runs: their lease ends at copy_due
+                update(messages)
+                .where(messages.c.status.in_((SENT, PARTIAL)), messages.c.copy_due.is_not(None),
+                       messages.c.lease_owner.in_(list(tokens)))
+                .values(lease_until=until, copy_due=until)
+            )
+            return int(res.rowcount) + int(copies.rowcount)
 
         n: int = await self.writer.submit(op)
         return n

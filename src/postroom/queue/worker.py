@@ -2,7 +2,9 @@
 
 Outcome per recipient: accepted -> sent; 5xx -> failed (never retried); anything else ->
 pending, retried later with backoff, until the message's lifetime runs out. Only the
-recipients still pending are sent on the next try.
+recipients still pending are sent on the next try. A recipient forced by the message policy
+(an archive Bcc) still pending when the message is finished is then retried on its own
+(:meth:`Worker._deliver_copies`), without changing the message's status.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,16 +34,17 @@ from postroom.routing.chain import (
     misconfigured,
     scope_of,
 )
-from postroom.routing.health import Health
+from postroom.routing.health import Health, State
 from postroom.routing.rules import Facts, Leg, Route, Router
 from postroom.settings import DeliverySettings
-from postroom.store.schema import DEFERRED, FAILED, PARTIAL, SENT
+from postroom.store.schema import DEFERRED, FAILED, PARTIAL, SENDING, SENT
 from postroom.transports.base import DeliveryResult, RecipientResult, Transport
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0  # how often a worker refreshes its row in `workers`
 BIG_BODIES_AT_ONCE = 4  # bodies over queue.sql.BODY_WITH_CLAIM in memory at a time
 PAUSED_RECHECK = 15.0  # a message whose connections are all paused looks again this late
+LIFETIME_OVER = "gave up: maximum lifetime reached"
 HELD = ("held in the queue, not failed: the connection's configuration is wrong; once it "
         "is fixed the message goes at its next try (it fails only when its lifetime ends)")
 
@@ -102,7 +105,7 @@ def decide(
         # the message allows one try only (a test send).
         if msg.no_retry is None and when <= msg.expires_at:
             return Decision(DEFERRED, when, DEFERRED, last_error)
-        why = msg.no_retry or "gave up: maximum lifetime reached"
+        why = msg.no_retry or LIFETIME_OVER
         for rcpt in pending:  # give up on what is left (Postfix: bounce)
             msg.rcpt_status[rcpt]["state"] = "failed"
             msg.rcpt_status[rcpt]["reply"] = (
@@ -119,6 +122,26 @@ def decide(
     else:
         status = FAILED
     return Decision(status, now, status, last_error, gave_up)
+
+
+def copies_next(msg: Claimed, status: str, now: float, cfg: DeliverySettings) -> float | None:
+    """When the message's forced copies still pending are tried on their own (None: none
+    is, or they were given up here). While the message itself is deferred they ride along
+    with its own tries; once it is finished they are retried with the normal backoff until
+    its lifetime ends, unless nobody got the message (nothing to copy) or it was allowed
+    one try only (a test send)."""
+    tries = [int(e.get("tries") or 1) for e in msg.rcpt_status.values()
+             if e.get("forced") and e.get("state") == "pending"]
+    if status == DEFERRED or not tries:
+        return None
+    why = msg.no_retry or (message_policy.NOT_COPIED if status == FAILED else None)
+    if why is None:
+        when = now + backoff(min(tries), cfg.min_backoff, cfg.max_backoff)
+        if when <= msg.expires_at:
+            return when
+        why = LIFETIME_OVER
+    message_policy.give_up(msg.rcpt_status, why)
+    return None
 
 
 def results_for_error(rcpts: list[str], err: DeliveryError) -> dict[str, RecipientResult]:
@@ -292,13 +315,15 @@ class Worker:
             return await self._deliver(msg)
 
     async def _deliver(self, msg: Claimed) -> list[dict[str, Any]]:
+        if msg.status != SENDING:
+            return await self._deliver_copies(msg)
         out = Outcome()
         attempts: list[dict[str, Any]] = []
         for leg in self._legs(msg):
             await self._deliver_leg(msg, leg, out, attempts)
         now = self.clock()
         d = decide(msg, out, now, self.cfg)
-        message_policy.settle(msg.rcpt_status, final=d.status != DEFERRED)
+        copy_due = copies_next(msg, d.status, now, self.cfg)
         if attempts and attempts[-1]["error_code"] and d.last_error and not out.wait_reasons:
             last = attempts[-1]
             # The session error is clearer than decide()'s per-recipient copies of it, but
@@ -316,7 +341,7 @@ class Worker:
         rows = [{k: v for k, v in a.items() if k != "error_message"} for a in attempts]
         if not await self.queue.finish(
             msg, status=d.status, next_attempt_at=d.next_attempt_at, last_error=d.last_error,
-            attempts=rows,
+            attempts=rows, copy_due=copy_due,
         ):
             log.warning("message %s: lease lost before the result was recorded", msg.id)
         self.delivered += 1
@@ -330,6 +355,54 @@ class Worker:
         if self.on_delivered is not None:
             self.on_delivered(msg, d)
         return rows
+
+    async def _deliver_copies(self, msg: Claimed) -> list[dict[str, Any]]:
+        """A run of a finished message's forced copies alone: each pending one goes to the
+        connection whose policy added it, with only the copies in RCPT TO. The message's
+        status and error stay as its own recipients left them (Queue.finish)."""
+        attempts: list[dict[str, Any]] = []
+        waits: list[float] = []
+        for hop, (via, copies) in enumerate(message_policy.copies_due(msg.rcpt_status).items()):
+            name = via or msg.connection or self.default_connection or ""
+            transport = self.transports.get(name)
+            st = self.health.state(name)
+            if transport is not None and st.blocked(self.clock()) is not None:
+                waits.append(self._blocked_until(st))  # not a try: its lifetime still runs
+                continue
+            tried = await self._try(msg, name, transport, [], hop, copies)
+            if isinstance(tried, float):  # over our own rate or session limit
+                waits.append(tried)
+                continue
+            attempt, err = tried
+            attempt.pop("_results")
+            if err is None:
+                await self.health.succeeded(name)
+            elif transport is not None and counts_against_connection(err):
+                await self.health.failed(name, f"{err.code}: {err.message}")
+            attempt["outcome"] = "copy"
+            attempts.append(attempt)
+        now = self.clock()
+        due = copies_next(msg, msg.status, now, self.cfg) if attempts else None
+        if waits:
+            due = min([*waits, *([due] if due is not None else [])])
+            if due > msg.expires_at:
+                message_policy.give_up(msg.rcpt_status, LIFETIME_OVER)
+                due = None
+        rows = [{k: v for k, v in a.items() if k != "error_message"} for a in attempts]
+        if not await self.queue.finish(msg, status=msg.status, next_attempt_at=now,
+                                       last_error=None, attempts=rows, copy_due=due):
+            log.warning("message %s: lease lost before the copy's result was recorded", msg.id)
+        left = message_policy.copies_due(msg.rcpt_status)
+        log.info("%s: forced copy via=%s status=%s pending=%s", msg.id,
+                 ">".join(a["connection"] for a in attempts) or "-", msg.status,
+                 ",".join(a for c in left.values() for a in c) or "-")
+        return rows
+
+    def _blocked_until(self, st: State) -> float:
+        """When a paused or broken (circuit open) connection is worth looking at again."""
+        if not st.paused and st.open_until:
+            return float(st.open_until)
+        return self.clock() + PAUSED_RECHECK
 
     def _legs(self, msg: Claimed) -> list[Leg]:
         unknown: dict[str, list[str]] = {}
@@ -369,23 +442,16 @@ class Worker:
             reason = st.blocked(self.clock())
             if transport is not None and reason is not None:
                 blocked.append(f"{name} {reason}")
-                until = st.open_until if not st.paused and st.open_until else \
-                    self.clock() + PAUSED_RECHECK
+                until = self._blocked_until(st)
                 wait_until = until if wait_until is None else min(wait_until, until)
                 continue
-            holder = f"{self.owner}:{msg.id}:{hop}"
-            if transport is not None and limited(transport.settings):
-                retry = await self.limiter.acquire(transport.settings, holder)
-                if retry is not None:  # over our own limit: wait, never fail or fall back
-                    out.waits.update({r: retry for r in rcpts})
-                    out.wait_reasons.append(f"{name}: rate or session limit reached; "
-                                            "waiting in the queue")
-                    return
-            try:
-                attempt, err = await self._send(msg, name, transport, rcpts)
-            finally:
-                if transport is not None and limited(transport.settings):
-                    await self.limiter.release(transport.settings, holder)
+            tried = await self._try(msg, name, transport, rcpts, hop)
+            if isinstance(tried, float):  # over our own limit: wait, never fail or fall back
+                out.waits.update({r: tried for r in rcpts})
+                out.wait_reasons.append(f"{name}: rate or session limit reached; "
+                                        "waiting in the queue")
+                return
+            attempt, err = tried
             attempts.append(attempt)
             if err is None:
                 out.results.update(attempt.pop("_results"))
@@ -424,10 +490,28 @@ class Worker:
         out.wait_reasons.append(f"{', '.join(rcpts)}: no usable connection "
                                 f"({'; '.join(blocked)})")
 
+    async def _try(self, msg: Claimed, name: str, transport: Transport | None,
+                   rcpts: list[str], hop: int, copies: Mapping[str, str] | None = None,
+                   ) -> tuple[dict[str, Any], DeliveryError | None] | float:
+        """:meth:`_send` within the connection's rate and session limits; when they are
+        reached, the time to come back instead."""
+        holder = f"{self.owner}:{msg.id}:{hop}"
+        if transport is not None and limited(transport.settings):
+            retry = await self.limiter.acquire(transport.settings, holder)
+            if retry is not None:
+                return float(retry)
+        try:
+            return await self._send(msg, name, transport, rcpts, copies)
+        finally:
+            if transport is not None and limited(transport.settings):
+                await self.limiter.release(transport.settings, holder)
+
     async def _send(self, msg: Claimed, name: str, transport: Transport | None,
-                    rcpts: list[str]) -> tuple[dict[str, Any], DeliveryError | None]:
+                    rcpts: list[str], copies: Mapping[str, str] | None = None,
+                    ) -> tuple[dict[str, Any], DeliveryError | None]:
         """One try on one connection; returns its attempt row (with the per-recipient
-        results under "_results") and the session error, if any."""
+        results under "_results") and the session error, if any. ``copies``: a forced
+        copies' run, only those recipients (``rcpts`` is empty)."""
         started = self.clock()
         env = Envelope(msg.sender, rcpts, msg.raw, id=msg.id)
         forced: dict[str, str] = {}
@@ -440,7 +524,10 @@ class Worker:
                     code="config.connection.unknown", permanent=False,
                 )
             policy = self.policies.get(name)
-            if policy is not None:  # from the stored message each time: nothing added twice
+            if copies is not None:  # as everyone else got it, to the copies alone
+                applied = (policy or message_policy.MessagePolicy()).copy(env, copies)
+                env, forced = applied.envelope, applied.forced
+            elif policy is not None:  # from the stored message each time: nothing added twice
                 applied = policy.apply(env, msg.rcpt_status)
                 env, forced = applied.envelope, applied.forced
             env = await dkim.sign_envelope(env, transport)  # these exact bytes, this attempt
@@ -475,6 +562,6 @@ class Worker:
             "_results": results,
         }
         if forced:  # logged with the attempt, kept out of what decides the message's status
-            message_policy.record(msg.rcpt_status, forced, results, attempt)
+            message_policy.record(msg.rcpt_status, forced, results, attempt, via=name)
             attempt["_results"] = message_policy.own_results(results, forced)
         return attempt, err

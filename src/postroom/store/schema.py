@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 from postroom.store.states import DEFERRED as DEFERRED
@@ -67,7 +68,14 @@ messages = Table(
     Column("meta", JSON),  # the app's own key/value pairs ("metadata" in the API)
     # PRIORITIES: higher goes first (a password reset before a newsletter).
     Column("priority", Integer, nullable=False, default=0, server_default="0"),
+    # When a policy-forced copy (an archive Bcc) of a finished message is due again on its
+    # own; NULL when none waits (postroom.policy, migration 0007).
+    Column("copy_due", Float),
     Index("ix_messages_due", "status", "priority", "next_attempt_at"),
+    # Partial: only the few rows with a copy waiting are in it, so no other write pays for it
+    # (a comparison on copy_due implies NOT NULL: SQLite and PostgreSQL both use it).
+    Index("ix_messages_copy_due", "copy_due", sqlite_where=text("copy_due IS NOT NULL"),
+          postgresql_where=text("copy_due IS NOT NULL")),
     Index("ix_messages_created", "created_at"),
     # No index for the searched text columns: search matches lower(column) LIKE '%text%',
     # which none can serve, and each would cost every write of the row (migration 0005).
