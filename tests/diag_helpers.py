@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import os
 import socket
 import ssl
 import threading
@@ -286,3 +287,50 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def _echoing(fd: int) -> bool:
+    import termios
+
+    return bool(termios.tcgetattr(fd)[3] & termios.ECHO)
+
+
+def pty_run(argv: list[str], env: dict[str, str], answers: list[tuple[bytes, bytes]],
+             timeout: float = 60.0) -> tuple[int, str]:
+    """Run argv on a pseudo-terminal, answering each prompt (a byte string to wait for) in
+    turn; returns (exit code, everything shown on the terminal)."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the wizard on a terminal
+        os.execvpe(argv[0], argv, env)
+    out = b""
+    pending = list(answers)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if pending and pending[0][0] in out:
+                # A hidden prompt (getpass) turns echo off with TCSAFLUSH, which throws away
+                # input typed before: answer only once the terminal stopped echoing, or
+                # the answer is lost (and shown) under load.
+                if b"password" in pending[0][0] and _echoing(fd):
+                    continue
+                os.write(fd, pending.pop(0)[1])
+                out += b"\n<answered>\n"
+        else:
+            os.kill(pid, 9)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode("utf-8", "replace")

@@ -5,6 +5,7 @@ Ports are picked free on 127.0.0.1; every wait is bounded; stop() always reaps t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,16 @@ class Postroom:
             base_url=f"http://127.0.0.1:{self.http_port}", timeout=timeout,
             headers={"Authorization": f"Bearer {key}"} if key else None,
             transport=httpx.HTTPTransport(local_address=source) if source else None)
+
+    @contextlib.contextmanager
+    def warm_api(self, key: str, message: dict[str, Any], timeout: float = 15.0
+                 ) -> Iterator[Any]:
+        """The legitimate client of hostile tests: this host, ``key``, one kept-alive
+        connection, after one accepted ``message`` (which loads FastAPI in the server)."""
+        with self.api(key, timeout=timeout) as c:
+            first = c.post("/api/v1/messages", json=message)
+            assert first.status_code == 202, first.text
+            yield c
 
     def add_app(self, name: str) -> str:
         """`postroom app add NAME`; returns the SMTP secret it prints once."""

@@ -220,17 +220,14 @@ def key(pr: Postroom) -> str:
 @pytest.fixture(scope="module")
 def legit(pr: Postroom, key: str) -> Iterator[httpx.Client]:
     """The legitimate client: this host, a valid key, one kept-alive connection."""
-    with pr.api(key, timeout=TIMEOUT) as c:
-        assert c.post("/api/v1/messages", json=MESSAGE).status_code == 202  # loads FastAPI
+    with pr.warm_api(key, MESSAGE, timeout=TIMEOUT) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def hostile(pr: Postroom, key: str) -> Iterator[httpx.Client]:
     """The same app's key, used from 127.0.0.2."""
-    transport = httpx.HTTPTransport(local_address=REMOTE)
-    with httpx.Client(base_url=f"http://127.0.0.1:{pr.http_port}", transport=transport,
-                      timeout=HOSTILE_TIMEOUT, headers={"Authorization": f"Bearer {key}"}) as c:
+    with pr.api(key, source=REMOTE, timeout=HOSTILE_TIMEOUT) as c:
         yield c
 
 

@@ -55,8 +55,7 @@ def key(pr: Postroom) -> str:
 @pytest.fixture(scope="module")
 def legit(pr: Postroom, key: str) -> Iterator[httpx.Client]:
     """The legitimate client: this host, a valid key, one kept-alive connection."""
-    with pr.api(key, timeout=TIMEOUT) as c:
-        assert c.post("/api/v1/messages", json=MESSAGE).status_code == 202  # loads FastAPI
+    with pr.warm_api(key, MESSAGE, timeout=TIMEOUT) as c:
         yield c
 
 

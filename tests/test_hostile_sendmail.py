@@ -57,13 +57,9 @@ def _tools() -> None:
 
 @pytest.fixture(scope="module")
 def pr(tmp_path_factory: pytest.TempPathFactory, peers: Any) -> Iterator[Postroom]:
-    p = Postroom(tmp_path_factory.mktemp("hostile-sendmail"),
-                 connections=smtp_connection(peers.plain_port))
-    p.start()
-    try:
+    with Postroom(tmp_path_factory.mktemp("hostile-sendmail"),
+                 connections=smtp_connection(peers.plain_port)) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @dataclass

@@ -19,18 +19,16 @@ import contextlib
 import http.server
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from diag_helpers import ProviderHandler, make_ca, make_cert, provider, server_context
+from diag_helpers import ProviderHandler, make_ca, make_cert, provider, pty_run, server_context
 from dns_helpers import Web, dns_server, web
 
 from postroom.diagnostics import autoconfig, discover
@@ -85,42 +83,6 @@ def run_wizard(cfg: Path, w: Web, dns: str, *args: str,
                           timeout=RUN_TIMEOUT, env=_env(w, env), stdin=subprocess.DEVNULL)
 
 
-def run_on_terminal(argv: list[str], env: dict[str, str],
-                    answers: list[tuple[bytes, bytes]]) -> tuple[int, str]:
-    """argv on a pseudo-terminal, answering each prompt in turn (bounded in time); returns
-    the exit code and the screen. A password prompt is answered once echo is off (getpass
-    flushes input typed before)."""
-    import pty
-    import termios
-
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execvpe(argv[0], argv, env)
-    screen, pending = b"", list(answers)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.2)[0]:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                screen += chunk
-            if pending and pending[0][0] in screen:
-                if b"password" in pending[0][0] and termios.tcgetattr(fd)[3] & termios.ECHO:
-                    continue
-                os.write(fd, pending.pop(0)[1])
-                screen += b"\n<answered>\n"
-        else:
-            os.kill(pid, 9)
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    return os.waitstatus_to_exitcode(status), screen.decode("utf-8", "replace")
-
-
 def _saved(cfg: Path) -> dict[str, Any]:
     return dict(tomllib.loads(cfg.read_text())["connections"][0])
 
@@ -143,11 +105,12 @@ def test_plain_http_autoconfig_is_refused_unattended(tmp_path: Path, peers: Any)
                            "--server", f"mail.example.test:{peers.submission_port}",
                            "--password-env", "WIZ_PW", "--no-test", "--name", "named", env=pw)
         # ... or confirms on a terminal, after seeing who vouches for it.
-        code, screen = run_on_terminal(
+        code, screen = pty_run(
             _argv(cfg, dns.address, "--ca-file", peers.ca_file, "--no-test", "--name", "asked"),
             _env(w, {"TERM": "dumb"}),
             [(b"Use it anyway?", b"y\r"), (b"Save connection 'asked'", b"y\r"),
-             (b"password for testuser@example.test", peers.users[USER].encode() + b"\r")])
+             (b"password for testuser@example.test", peers.users[USER].encode() + b"\r")],
+            timeout=RUN_TIMEOUT)
     # (a) nothing chosen, nothing written, and the message says why and how to go on
     assert refused.returncode == 1, refused.stdout + refused.stderr
     data = json.loads(refused.stdout)
@@ -243,10 +206,10 @@ def test_certificate_name_is_not_adopted(tmp_path: Path) -> None:
                              "--no-test", env=pw)
             argv = _argv(tmp_path / "c.toml", dns.address, "--ca-file", str(ca.path),
                          "--no-test")
-            code, screen = run_on_terminal(
+            code, screen = pty_run(
                 argv, _env(w, {"TERM": "dumb"}),
                 [(b"Use it anyway?", b"y\r"), (b"Save connection", b"y\r"),
-                 (b"password for", b"anything\r")])
+                 (b"password for", b"anything\r")], timeout=RUN_TIMEOUT)
         with dns_server(srv_zone(right)) as dns:
             ok = run_wizard(tmp_path / "b.toml", w, dns.address, "--yes", "--json",
                             "--ca-file", str(ca.path), "--password-env", "WIZ_PW",

@@ -122,13 +122,9 @@ def _no_traceback(r: subprocess.CompletedProcess[str]) -> None:
 # -- through a running `postroom serve` to the real upstream ------------------------------------
 @pytest.fixture(scope="module")
 def pr(tmp_path_factory: pytest.TempPathFactory, peers: Any) -> Iterator[Postroom]:
-    p = Postroom(tmp_path_factory.mktemp("sendmail-serve"),
-                 connections=smtp_connection(peers.plain_port))
-    p.start()
-    try:
+    with Postroom(tmp_path_factory.mktemp("sendmail-serve"),
+                 connections=smtp_connection(peers.plain_port)) as p:
         yield p
-    finally:
-        p.stop()
 
 
 def test_php_mail_function(pr: Postroom, peers: Any) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from diag_helpers import pty_run
 from dns_helpers import Web, dns_server, web
 
 from postroom import configedit
@@ -212,53 +213,6 @@ def test_wrong_password_writes_nothing(tmp_path: Path, peers: Any) -> None:
     assert "--password-env VAR or --password-stdin" in nopw.stderr
 
 
-def _echoing(fd: int) -> bool:
-    import termios
-
-    return bool(termios.tcgetattr(fd)[3] & termios.ECHO)
-
-
-def _pty_run(argv: list[str], env: dict[str, str], answers: list[tuple[bytes, bytes]],
-             timeout: float = 60.0) -> tuple[int, str]:
-    """Run argv on a pseudo-terminal, answering each prompt (a byte string to wait for) in
-    turn; returns (exit code, everything shown on the terminal)."""
-    import pty
-    import select
-    import time
-
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the wizard on a terminal
-        os.execvpe(argv[0], argv, env)
-    out = b""
-    pending = list(answers)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:  # the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            if pending and pending[0][0] in out:
-                # A hidden prompt (getpass) turns echo off with TCSAFLUSH, which throws away
-                # input typed before: answer only once the terminal stopped echoing, or
-                # the answer is lost (and shown) under load.
-                if b"password" in pending[0][0] and _echoing(fd):
-                    continue
-                os.write(fd, pending.pop(0)[1])
-                out += b"\n<answered>\n"
-        else:
-            os.kill(pid, 9)
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    return os.waitstatus_to_exitcode(status), out.decode("utf-8", "replace")
-
-
 def test_interactive_asks_and_hides_the_password(tmp_path: Path, peers: Any) -> None:
     cfg = tmp_path / "postroom.toml"
     password = peers.users[USER]
@@ -266,7 +220,7 @@ def test_interactive_asks_and_hides_the_password(tmp_path: Path, peers: Any) -> 
             web(tmp_path, {}) as w:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
         env.update(w.env, COLUMNS="160", TERM="dumb")
-        code, screen = _pty_run(
+        code, screen = pty_run(
             [sys.executable, "-m", "postroom.cli", "wizard", USER, "--dns-server",
              dns.address, "--ca-file", peers.ca_file, "--config", str(cfg),
              "--test-to", "alice@example.test", "--timeout", "15"], env,

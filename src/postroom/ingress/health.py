@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from postroom.queue.sql import pid_alive
 from postroom.queue.worker import HEARTBEAT_SECONDS
 from postroom.store.schema import DEFERRED, QUEUED, SENDING, messages
 
@@ -21,16 +21,6 @@ if TYPE_CHECKING:
     from postroom.ingress.http_front import Context
 
 log = logging.getLogger(__name__)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _live_workers(ctx: Context, now: float) -> list[str]:
@@ -41,7 +31,7 @@ def _live_workers(ctx: Context, now: float) -> list[str]:
     for row in ctx.queue.workers_seen(now - 3 * HEARTBEAT_SECONDS):
         wid = str(row["id"])
         whost, _, pid = wid.rpartition(":")
-        if whost == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if whost == host and pid.isdigit() and not pid_alive(int(pid)):
             continue
         alive.append(wid)
     return alive

@@ -330,7 +330,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (ours or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -665,7 +666,7 @@ class Queue:
             dead = []
             for r in rows:
                 pid = r.lease_owner.split(":")[1] if r.lease_owner.count(":") >= 2 else ""
-                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                     dead.append(r.id)
             if dead:
                 conn.execute(
