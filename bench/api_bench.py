@@ -154,7 +154,7 @@ def run_postroom_direct(work: Path, n: int) -> dict[str, Any]:
 
     try:
         result = timed(send, n)
-        result["stored"] = sum(inst.queue.counts().values())
+        result["stored"] = sum(inst.queue.log.counts().values())
     finally:
         inst.close()
     result["sqlite"] = "WAL, synchronous=FULL"

@@ -233,7 +233,7 @@ security = "none"
             count.update(claim=0, msgs=0)
 
         def queued_now() -> int:
-            return int(queue.counts().get("queued", 0))
+            return int(queue.log.counts().get("queued", 0))
 
         # the claim's cost depends on how many messages wait: first a short queue (what the
         # enqueue steps above left behind is marked delivered)...

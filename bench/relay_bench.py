@@ -9,6 +9,7 @@ Topology (everything on 127.0.0.1, ports picked free at start)::
     smtp-source --> Postfix (private instance, `postfix -c DIR`) --+
     smtp-source --> postroom serve (worker inside)  ---------------+--> smtp-sink -c (counts)
     smtp-source --> postroom serve (worker = false) + postroom worker
+    smtp-source --> postroom serve (worker inside), the email log's indexes dropped
 
 For every case (2 KB / 50 KB messages x new connection per message / reused connections,
 10 parallel sessions) each server gets the same smtp-source run, one after the other. A fresh
@@ -23,6 +24,13 @@ instance for the whole run whose queue is empty between cases. Measured per run:
   and the whole box (/proc/stat, includes smtp-source, smtp-sink, kernel and this harness);
 * memory: Postroom's RSS right after start (nothing sent yet) and its peak (VmHWM); sampled
   sums of RSS and PSS over all processes of each server during the load.
+
+The last variant (``postroom-noidx``, not run by default: ``--servers
+postroom,postroom-noidx``) starts on a copy of the same migrated database from which
+bench/_logindex.py dropped migration 0008's indexes and triggers (the email log's text
+index, pending and rollup triggers, filter indexes); serve sees the head revision and
+migrates nothing. The report's "Postroom with/without log indexes" lines divide the default
+variant's rates by it, per case (issue 13: >= 0.9x).
 
 Correctness checks: smtp-source exit status, smtp-sink count == messages sent (no loss, no
 duplicates), Postfix queue empty afterwards, every row of Postroom's `messages` table is
@@ -55,6 +63,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +82,16 @@ CASES = [  # (size bytes, reuse connections)
     (51200, False),
     (51200, True),
 ]
-SERVERS = ("postfix", "postroom", "split")
+SERVERS = ("postfix", "postroom", "postroom-noidx", "split")
+DEFAULT_SERVERS = ("postfix", "postroom", "split")
+NOIDX = "postroom-noidx"  # postroom serve on a database without the email log's indexes
 LABEL = {
     "postfix": "Postfix",
     "postroom": "postroom serve",
+    NOIDX: "postroom serve, log indexes off",
     "split": "postroom serve + worker",
 }
-TARGETS = {"accept": 3.0, "e2e": 2.0, "idle_rss_mb": 60.0}
+TARGETS = {"accept": 3.0, "e2e": 2.0, "idle_rss_mb": 60.0, "log_indexes": 0.9}
 GEN_END = "<!-- END GENERATED: text below this line is kept when the bench rewrites the file -->"
 
 
@@ -308,13 +320,19 @@ security = "none"
 
 
 class Postroom:
-    """`postroom serve` (and, split, `postroom worker`) on a fresh copy of a data folder."""
+    """`postroom serve` (and, split, `postroom worker`) on a fresh copy of a data folder;
+    with ``log_indexes`` false, the copy's database loses the email log's indexes first."""
 
-    def __init__(self, root: Path, template: Path | None, sink_port: int, split: bool) -> None:
+    def __init__(self, root: Path, template: Path | None, sink_port: int, split: bool,
+                 log_indexes: bool = True) -> None:
         self.root, self.split = root, split
         root.mkdir(parents=True, exist_ok=True)
         if template is not None:
             shutil.copytree(template, root / "data")
+        if not log_indexes:
+            if template is None:
+                raise ValueError("log_indexes=False needs a template: a migrated database")
+            drop_indexes(self.db)
         self.port = free_port()
         self.config = write_config(root, self.port, sink_port, split)
         self.procs: list[Proc] = []
@@ -375,6 +393,20 @@ class Postroom:
                 break
             time.sleep(0.1)
         return st
+
+
+def drop_indexes(db: Path) -> None:
+    """Drop the email log's indexes and triggers in the SQLite database ``db`` (already at
+    the head revision: the template's), closing every connection before serve opens it."""
+    from _logindex import drop_log_indexes
+
+    from postroom.store.db import make_engine
+
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        drop_log_indexes(engine)
+    finally:
+        engine.dispose()
 
 
 def make_template(work: Path, sink_port: int) -> tuple[Path, dict[str, int]]:
@@ -461,7 +493,8 @@ def run_postroom(kind: str, work: Path, template: Path, sink: Sink, size: int, r
                  n: int, warm: int, timeout: float, keep: bool, tag: str,
                  quiet: float) -> dict[str, Any]:
     root = work / f"{kind}-{tag}"
-    pr = Postroom(root, template, sink.port, split=(kind == "split"))
+    pr = Postroom(root, template, sink.port, split=(kind == "split"),
+                  log_indexes=(kind != NOIDX))
     code = src_hash()
     try:
         pr.start()
@@ -673,7 +706,7 @@ def versions() -> dict[str, str]:
             "kernel": platform.release(), "git": git}
 
 
-def environment(scale: float, reps: int, n: int) -> dict[str, Any]:
+def environment(scale: float, reps: int, n: int, servers: list[str]) -> dict[str, Any]:
     model = "-"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -691,7 +724,9 @@ def environment(scale: float, reps: int, n: int) -> dict[str, Any]:
             "reps": reps, "msgs": n, "versions": versions(),
             "command": "python bench/relay_bench.py" + (f" --scale {scale:g}" if scale != 1
                                                        else "") +
-                       (f" --reps {reps}" if reps != 1 else "")}
+                       (f" --reps {reps}" if reps != 1 else "") +
+                       (f" --servers {','.join(servers)}"
+                        if tuple(servers) != DEFAULT_SERVERS else "")}
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -723,6 +758,31 @@ def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
             a["hwm"] = max(r["mem_end"].get("hwm_kb", 0) for r in rs)
         out[key] = a
     return out
+
+
+def log_index_lines(agg: dict[tuple[str, str], dict[str, Any]], cases: list[str],
+                    w: Callable[[str], object]) -> None:
+    """Postroom's rates with the email log's indexes divided by those without, per case
+    (issue 13's target); nothing when the run had no ``postroom-noidx`` variant."""
+    pairs = [(c, agg[(c, "postroom")], agg[(c, NOIDX)]) for c in cases
+             if (c, "postroom") in agg and (c, NOIDX) in agg]
+    if not pairs:
+        return
+    goal = TARGETS["log_indexes"]
+    w("## Postroom with/without log indexes")
+    w("")
+    w(f"`{LABEL['postroom']}` divided by `{LABEL[NOIDX]}` (the same serve on a database "
+      "without migration 0008's email-log indexes and triggers, bench/_logindex.py), "
+      f"medians; target ≥ {goal:g}× (issue 13).")
+    w("")
+    for c, on, off in pairs:
+        ra, re_ = on["accept"] / off["accept"], on["e2e"] / off["e2e"]
+        w(f"- Postroom with/without log indexes, {c}: accepted {ra:.2f}× "
+          f"{'✅' if ra >= goal else '❌'} ({fmt_rate(on['accept'])} / "
+          f"{fmt_rate(off['accept'])} msg/s), end-to-end {re_:.2f}× "
+          f"{'✅' if re_ >= goal else '❌'} ({fmt_rate(on['e2e'])} / {fmt_rate(off['e2e'])} "
+          "msg/s)")
+    w("")
 
 
 def report(env: dict[str, Any], records: list[dict[str, Any]], extra: dict[str, Any]) -> str:
@@ -845,6 +905,7 @@ def report(env: dict[str, Any], records: list[dict[str, Any]], extra: dict[str, 
             w(f"| {c} | {LABEL[s]} | {ra:.2f}× {'✅' if oka else '❌'} | "
               f"{re_:.2f}× {'✅' if oke else '❌'} |")
     w("")
+    log_index_lines(agg, cases, w)
     w("## Memory")
     w("")
     w("| what | RSS MB | PSS MB |")
@@ -943,6 +1004,10 @@ def report(env: dict[str, Any], records: list[dict[str, Any]], extra: dict[str, 
       "idle memory is taken 0.5 s after the port answers, before anything is sent. The split "
       "variant runs `[server] worker = false` plus `postroom worker` (`poll_interval = 0.05`) "
       "on the same database, so the listener and the deliveries can use both cores.")
+    if any(r["server"] == NOIDX for r in records):
+        w(f"- `{LABEL[NOIDX]}`: the default variant on a copy of the same migrated template "
+          "database from which the email log's indexes and triggers (migration 0008) were "
+          "dropped before serve started.")
     w("- Warm-up before each measured run: a few messages of the same case (not counted in "
       "the rates, counted in the database check).")
     w("- The box is shared and noisy (see /work/shared/bench/RESULTS.md: Postfix varies by up "
@@ -968,8 +1033,10 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply the 20,000 messages per run (0.1 for a quick run)")
     ap.add_argument("--reps", type=int, default=1, help="repetitions of every run")
-    ap.add_argument("--servers", default=",".join(SERVERS),
-                    help="comma-separated subset of: " + ", ".join(SERVERS))
+    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                    help="comma-separated subset of: " + ", ".join(SERVERS) + f" (default: "
+                         f"{','.join(DEFAULT_SERVERS)}; {NOIDX} = postroom serve without the "
+                         "email log's indexes, for the with/without ratio)")
     ap.add_argument("--cases", default="",
                     help="comma-separated subset of case numbers 1-4 (2K new, 2K -d, 50K new, "
                          "50K -d)")
@@ -999,6 +1066,9 @@ def main() -> int:
             sys.exit("needs Postfix's postfix, smtp-source and smtp-sink (apt-get install "
                      "postfix)")
     servers = [s for s in a.servers.split(",") if s]
+    unknown = [s for s in servers if s not in SERVERS]
+    if unknown:
+        sys.exit(f"--servers: unknown {', '.join(unknown)}; pick from {', '.join(SERVERS)}")
     if "postfix" not in servers:
         say("note: without postfix there is nothing to compare against (no ratios)")
     cases = [CASES[int(i) - 1] for i in a.cases.split(",") if i] or CASES
@@ -1008,7 +1078,7 @@ def main() -> int:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="postroom-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o755)
-    env = environment(a.scale, a.reps, n)
+    env = environment(a.scale, a.reps, n, servers)
     say(f"work dir {work}; {n:,} messages per run; servers {servers}; "
         f"loadavg {env['loadavg_start']}")
     t_start = time.time()

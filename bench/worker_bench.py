@@ -20,6 +20,14 @@ connections, by
   N = 1, 2, 4 on PostgreSQL, 1 on SQLite), Django's SMTP backend to the same sink, the
   same number of messages of the same size, pre-enqueued with `post_office.mail.send_many`.
 
+Beside the plain 1-worker runs on PostgreSQL and SQLite, the same run on a database from
+which bench/_logindex.py dropped the email log's indexes and triggers (migration 0008: text
+index, pending and rollup triggers, filter indexes) right after migrating it, before the
+enqueue ("log indexes off"; ``--only pg-1-noidx,sqlite-1-noidx`` with ``pg-1,sqlite-1``):
+the report's "with/without log indexes" line divides the enqueue and delivery rates of the
+plain runs by these (issue 13: >= 0.9x). Messages are counted by status in ``messages``
+itself, since the log's counts come from the rollups the triggers keep.
+
 Each run starts on a fresh database. Postroom's workers start with the queue paused
 (`postroom queue pause`'s switch) and are resumed once all of them are up; the rate is
 N / (time every message is recorded as sent - time of the first arrival at the sink), so
@@ -70,6 +78,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 import _report  # noqa: E402 - bench/_report.py: the docs/benchmarks.md block
+from _logindex import drop_log_indexes, status_counts  # noqa: E402 - bench/_logindex.py
 from pgserver import PgServer  # noqa: E402
 from postfix_instance import children_of, proc_cpu  # noqa: E402
 from relay_bench import (  # noqa: E402
@@ -93,6 +102,7 @@ SIZE = 2048
 SENDER, DOMAIN = "bench@example.com", "example.org"
 TARGET_ONE, TARGET_TWO = 2000.0, 1.6  # msg/s for one worker; 2 workers vs 1 (issue 4)
 TUNED = ("concurrency=40", "claim_batch=50")  # the default before session 3
+LOG_INDEX_TARGET = 0.9  # with/without the email log's indexes, enqueue and delivery (issue 13)
 
 
 _DATABASES: list[str] = []  # the runs' PostgreSQL databases, dropped before the next run
@@ -125,9 +135,10 @@ def raw_message(i: int, run: str) -> bytes:
     return (head + body).encode()
 
 
-def enqueue_postroom(url: str, n: int) -> float:
+def enqueue_postroom(url: str, n: int, log_indexes: bool = True) -> float:
     """Store n messages through Postroom's own enqueue (group commit), with the queue paused
-    so that the workers started next wait for the signal. Returns seconds taken."""
+    so that the workers started next wait for the signal; without ``log_indexes``, on a
+    database whose email-log indexes were dropped first. Returns seconds taken."""
     from postroom.envelope import Envelope
     from postroom.queue.sql import Queue
     from postroom.routing.health import Health
@@ -135,6 +146,8 @@ def enqueue_postroom(url: str, n: int) -> float:
 
     engine = make_engine(url)
     migrate(engine)
+    if not log_indexes:
+        drop_log_indexes(engine)
     queue = Queue(engine)
     Health(queue, 5, 60).set_paused(None, True)
     run = uuid.uuid4().hex[:8]
@@ -168,15 +181,13 @@ def set_paused(url: str, paused: bool) -> None:
 def wait_recorded(url: str, n: int, timeout: float = 60) -> float | None:
     """When all n messages are recorded as sent (the worker's last commits come a little
     after the sink's last arrival): the end of a run, as post-office's is its exit."""
-    from postroom.queue.sql import Queue
     from postroom.store.db import make_engine
 
     engine = make_engine(url)
-    queue = Queue(engine)
     deadline = time.perf_counter() + timeout
     try:
         while time.perf_counter() < deadline:
-            if queue.counts().get("sent", 0) >= n:
+            if status_counts(engine).get("sent", 0) >= n:
                 return time.perf_counter()
             time.sleep(0.01)
         return None
@@ -185,12 +196,11 @@ def wait_recorded(url: str, n: int, timeout: float = 60) -> float | None:
 
 
 def postroom_counts(url: str) -> dict[str, int]:
-    from postroom.queue.sql import Queue
     from postroom.store.db import make_engine
 
     engine = make_engine(url)
     try:
-        return Queue(engine).counts()
+        return status_counts(engine)
     finally:
         engine.dispose()
 
@@ -296,13 +306,15 @@ def wait_log(path: Path, text: str, proc: Proc, timeout: float = 60) -> None:
 
 def run_postroom(label: str, work: Path, pg: PgServer, sink: Sink, n: int, workers: int,
                  db: str, fallback: str | None = None, quiet: float = 20,
-                 profile: Path | None = None, tuning: tuple[str, ...] = ()) -> dict[str, Any]:
+                 profile: Path | None = None, tuning: tuple[str, ...] = (),
+                 log_indexes: bool = True) -> dict[str, Any]:
     root = work / label.replace(" ", "-").replace(",", "")
     root.mkdir(parents=True)
     url = fresh_database(pg) if db == "postgresql" else f"sqlite:///{root / 'queue.db'}"
     rec: dict[str, Any] = {"label": label, "kind": "postroom", "db": db, "procs": workers,
-                           "msgs": n, "fallback": fallback, "tuning": list(tuning)}
-    rec["enqueue_s"] = enqueue_postroom(url, n)
+                           "msgs": n, "fallback": fallback, "tuning": list(tuning),
+                           "log_indexes": log_indexes}
+    rec["enqueue_s"] = enqueue_postroom(url, n, log_indexes)
     procs: list[Proc] = []
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -562,13 +574,44 @@ def extra_us(r: dict[str, Any], ref: dict[str, Any]) -> float:
     return us(r, "cpu") + us(r, "pg_cpu") - us(ref, "cpu") - us(ref, "pg_cpu")
 
 
+def log_index_lines(recs: list[dict[str, Any]], base: dict[Any, dict[str, Any]]) -> list[str]:
+    """The plain 1-worker runs' enqueue and delivery rates divided by those of the same run
+    with the email log's indexes off, per database (``base``: 1-process runs by report key);
+    no lines when the run had no "log indexes off" row."""
+    out = []
+    for r in recs:
+        if r["kind"] != "postroom" or r.get("log_indexes", True) or r.get("tuning"):
+            continue
+        on = base.get(("postroom", r["db"], (), True))
+        if on is None:
+            continue
+        enq = (on["msgs"] / on["enqueue_s"]) / (r["msgs"] / r["enqueue_s"])
+        dlv = rate(on) / rate(r)
+
+        def mark(x: float) -> str:
+            return "met" if x >= LOG_INDEX_TARGET else "missed"
+
+        out.append(f"- {r['db']}, 1 worker: enqueue {enq:.2f}× (**{mark(enq)}**; "
+                   f"{on['msgs'] / on['enqueue_s']:,.0f} / {r['msgs'] / r['enqueue_s']:,.0f} "
+                   f"msg/s), delivery {dlv:.2f}× (**{mark(dlv)}**; {rate(on):,.0f} / "
+                   f"{rate(r):,.0f} msg/s)")
+    if not out:
+        return []
+    return ["", f"Postroom with/without log indexes (issue 13, target ≥ {LOG_INDEX_TARGET:g}×): "
+            "each plain run divided by the same run on a database without the email log's "
+            "indexes and triggers (migration 0008, dropped by bench/_logindex.py before the "
+            "enqueue). Enqueue = the pre-enqueue through the group commit (1,000 concurrent "
+            "callers, in this process); delivery = the rate above, whose workers also run the "
+            "text indexer chore.", "", *out]
+
+
 def report(env: dict[str, Any], recs: list[dict[str, Any]],
            profs: list[dict[str, Any]]) -> str:
-    def key(r: dict[str, Any]) -> tuple[str, str, tuple[str, ...]]:
-        return r["kind"], r["db"], tuple(r.get("tuning") or ())
+    def key(r: dict[str, Any]) -> tuple[str, str, tuple[str, ...], bool]:
+        return r["kind"], r["db"], tuple(r.get("tuning") or ()), r.get("log_indexes", True)
 
     base = {key(r): r for r in recs if r["procs"] == 1 and not r.get("fallback")}
-    pg1 = base.get(("postroom", "postgresql", ()))
+    pg1 = base.get(("postroom", "postgresql", (), True))
     L = [BEGIN, "", "## Delivery workers: throughput on PostgreSQL and SQLite, vs "
          "django-post-office", "",
          f"Generated by `python bench/{NAME} --messages {env['n']}` on {env['date']} "
@@ -599,7 +642,7 @@ def report(env: dict[str, Any], recs: list[dict[str, Any]],
           " Postroom CPU µs/msg (worker + db) | post-office CPU µs/msg (sender + db) |",
           "|---|---|---|---|---|---|---|"]
     for r in recs:
-        if r["kind"] != "postroom" or r.get("fallback") or r.get("tuning"):
+        if key(r) != ("postroom", r["db"], (), True) or r.get("fallback"):
             continue
         po = next((x for x in recs if x["kind"] == "post-office" and x["db"] == r["db"]
                    and x["procs"] == r["procs"]), None)
@@ -609,9 +652,10 @@ def report(env: dict[str, Any], recs: list[dict[str, Any]],
                  f"{rate(r) / rate(po):.2f}× | {us(r, 'cpu') + us(r, 'pg_cpu'):,.0f} | "
                  f"{us(po, 'cpu') + us(po, 'pg_cpu'):,.0f} |")
     fb = [r for r in recs if r.get("fallback")]
+    L += log_index_lines(recs, base)
     for tuning in sorted({key(r)[2] for r in recs if r["kind"] == "postroom"}):
-        runs = {r["procs"]: r for r in recs if key(r) == ("postroom", "postgresql", tuning)
-                and not r.get("fallback")}
+        runs = {r["procs"]: r for r in recs
+                if key(r) == ("postroom", "postgresql", tuning, True) and not r.get("fallback")}
         pg = {n: rate(r) for n, r in runs.items()}
         one, two = pg.get(1, float("nan")), pg.get(2, float("nan"))
         how = ("default [delivery]" if not tuning else
@@ -631,7 +675,7 @@ def report(env: dict[str, Any], recs: list[dict[str, Any]],
               f"PostgreSQL); 2 workers ≥ {TARGET_TWO}× one: "
               f"**{'met' if two / one >= TARGET_TWO else 'missed'}** ({two / one:.2f}×{why})."]
     for r in recs:
-        if key(r)[:2] == ("postroom", "postgresql") and r["procs"] == 1 \
+        if key(r)[:2] == ("postroom", "postgresql") and key(r)[3] and r["procs"] == 1 \
                 and not r.get("fallback"):
             how = ("default [delivery]" if not r.get("tuning") else
                    ", ".join(t.replace("=", " ") for t in r["tuning"]))
@@ -712,8 +756,9 @@ def render_saved(files: list[Path], out: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=10_000, help="per run")
-    ap.add_argument("--only", default="", help="comma-separated run labels to keep "
-                    "(substring match), e.g. 'postroom' or 'sqlite'")
+    ap.add_argument("--only", default="", help="comma-separated runs to keep: a run's id "
+                    "(exact: pg-1, pg-1-noidx, sqlite-1, sqlite-1-noidx, pg-2, pg-1-c40, "
+                    "po-pg-1...) or part of its label, e.g. 'postroom' or 'sqlite'")
     ap.add_argument("--no-post-office", action="store_true")
     ap.add_argument("--no-fallback", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
@@ -747,40 +792,53 @@ def main() -> int:
         env["versions"]["Django"] = md.version("Django")
     except Exception:
         pass
-    plan: list[tuple[str, Any]] = [
-        ("Postroom, PostgreSQL, 1 worker", dict(workers=1, db="postgresql")),
-        ("Postroom, PostgreSQL, 2 workers", dict(workers=2, db="postgresql")),
-        ("Postroom, PostgreSQL, 4 workers", dict(workers=4, db="postgresql")),
-        ("Postroom, SQLite, 1 worker", dict(workers=1, db="sqlite")),
+    # (id for --only, label, arguments); each "log indexes off" run right after its
+    # plain one, so the pair sees the same state of the (shared) box.
+    plan: list[tuple[str, str, Any]] = [
+        ("pg-1", "Postroom, PostgreSQL, 1 worker", dict(workers=1, db="postgresql")),
+        ("pg-1-noidx", "Postroom, PostgreSQL, 1 worker, log indexes off",
+         dict(workers=1, db="postgresql", log_indexes=False)),
+        ("pg-2", "Postroom, PostgreSQL, 2 workers", dict(workers=2, db="postgresql")),
+        ("pg-4", "Postroom, PostgreSQL, 4 workers", dict(workers=4, db="postgresql")),
+        ("sqlite-1", "Postroom, SQLite, 1 worker", dict(workers=1, db="sqlite")),
+        ("sqlite-1-noidx", "Postroom, SQLite, 1 worker, log indexes off",
+         dict(workers=1, db="sqlite", log_indexes=False)),
         # What fewer messages in flight give (fewer per commit): the old default.
-        ("Postroom, PostgreSQL, 1 worker, concurrency 40",
+        ("pg-1-c40", "Postroom, PostgreSQL, 1 worker, concurrency 40",
          dict(workers=1, db="postgresql", tuning=TUNED)),
-        ("Postroom, PostgreSQL, 2 workers, concurrency 40",
+        ("pg-2-c40", "Postroom, PostgreSQL, 2 workers, concurrency 40",
          dict(workers=2, db="postgresql", tuning=TUNED)),
-        ("Postroom, SQLite, 1 worker, concurrency 40",
+        ("sqlite-1-c40", "Postroom, SQLite, 1 worker, concurrency 40",
          dict(workers=1, db="sqlite", tuning=TUNED)),
     ]
     if not args.no_fallback:
         plan += [
-            ("Postroom, PostgreSQL, 1 worker, primary down, breaker closed",
+            ("pg-1-down-closed", "Postroom, PostgreSQL, 1 worker, primary down, breaker closed",
              dict(workers=1, db="postgresql", fallback="closed")),
-            ("Postroom, PostgreSQL, 1 worker, primary down, breaker open",
+            ("pg-1-down-open", "Postroom, PostgreSQL, 1 worker, primary down, breaker open",
              dict(workers=1, db="postgresql", fallback="open")),
         ]
     if not args.no_post_office:
-        plan += [(f"post-office, {db}, {p} process{'es' if p > 1 else ''}",
+        plan += [(f"po-{'pg' if db == 'postgresql' else db}-{p}",
+                  f"post-office, {db}, {p} process{'es' if p > 1 else ''}",
                   dict(procs=p, db=db, po=True))
                  for db, p in (("postgresql", 1), ("postgresql", 2), ("postgresql", 4),
                                ("sqlite", 1))]
     if args.only:
-        keys = [k.strip().lower() for k in args.only.split(",")]
-        plan = [(label, kw) for label, kw in plan if any(k in label.lower() for k in keys)]
+        keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
+        chosen = [run for run in plan
+                  if any(k == run[0] or k in run[1].lower() for k in keys)]
+        if not chosen:
+            shutil.rmtree(work, ignore_errors=True)
+            sys.exit(f"--only {args.only!r} matches no run; ids: "
+                     + ", ".join(i for i, _, _ in plan))
+        plan = chosen
     sink = Sink(free_port(), work / "sink.log")
     pg = PgServer().start()
     recs: list[dict[str, Any]] = []
     profs: list[dict[str, Any]] = []
     try:
-        for label, kw in plan:
+        for _, label, kw in plan:
             say(f"-- {label} (load {os.getloadavg()[0]:.2f})")
             if kw.pop("po", False):
                 r = run_post_office(label, work, pg, sink, n, kw["procs"], kw["db"],

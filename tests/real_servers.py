@@ -284,7 +284,7 @@ def wait_log(pr: Postroom, text: str, timeout: float) -> None:
 def status_counts(url: str) -> dict[str, int]:
     engine = make_engine(url)
     try:
-        return Queue(engine).counts()
+        return Queue(engine).log.counts()
     finally:
         engine.dispose()
 
@@ -297,7 +297,7 @@ def wait_statuses(url: str, done: Callable[[dict[str, int]], bool], timeout: flo
     deadline = time.monotonic() + timeout
     try:
         while True:
-            counts = queue.counts()
+            counts = queue.log.counts()
             if done(counts) or time.monotonic() >= deadline:
                 return counts
             time.sleep(every)

@@ -142,7 +142,7 @@ def attempt(queue: Queue, transport: base.Transport | None, *, to: str = TESTUSE
             await queue.writer.aclose()
 
     asyncio.run(go())
-    stored = queue.get(msg_id)
+    stored = queue.log.get(msg_id)
     assert stored and stored["attempts"], stored
     return dict(stored["attempts"][-1])
 

@@ -249,7 +249,7 @@ def test_a_held_message_fails_only_when_its_lifetime_ends(queue: Queue,
     async def attempt(worker: Worker) -> dict[str, Any]:
         [msg] = await queue.claim("w", 10, 600)
         await worker.deliver(msg)
-        m = queue.get(msg.id)
+        m = queue.log.get(msg.id)
         assert m is not None
         return m
 

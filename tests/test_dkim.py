@@ -135,7 +135,7 @@ def _deliver(inst: Instance, sender: str = "news@shop.test") -> tuple[str, dict[
     msg_id = inst.queue.enqueue_sync(Envelope(sender, ["bob@example.org"], raw, source="cli"),
                                      hold=60)
     main_cli._deliver_now(inst, msg_id)
-    row = inst.queue.get(msg_id)
+    row = inst.queue.log.get(msg_id)
     assert row is not None
     return msg_id, row
 

@@ -140,7 +140,7 @@ class World:
         deadline = time.monotonic() + timeout
         try:
             while True:
-                m = queue.get(msg_id)
+                m = queue.log.get(msg_id)
                 if m is not None and m["status"] in want:
                     return m
                 if time.monotonic() >= deadline:

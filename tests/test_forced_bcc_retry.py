@@ -112,7 +112,7 @@ class World:
         deadline = time.monotonic() + timeout
         try:
             while True:
-                m = queue.get(msg_id)
+                m = queue.log.get(msg_id)
                 if m is not None:
                     now = (m["status"], m["rcpt_status"].get(ARCHIVE, {}).get("state", "-"))
                     if not seen or seen[-1] != now:
@@ -274,7 +274,7 @@ def test_a_copy_run_keeps_the_status_and_its_lease_comes_back(
         msg_id = await queue.enqueue(_env(1))
         [msg] = await queue.claim("a", 10, LEASE)
         await a.deliver(msg)
-        row = queue.get(msg_id)
+        row = queue.log.get(msg_id)
         assert row is not None and row["status"] == "sent"
         assert row["copy_due"] == clock.t + 60 and row["lease_owner"] is None
         assert await queue.claim("a", 10, LEASE) == []  # not due before its backoff
@@ -282,12 +282,12 @@ def test_a_copy_run_keeps_the_status_and_its_lease_comes_back(
         clock.advance(61)
         [copy] = await queue.claim("a", 10, LEASE)
         assert copy.status == "sent" and copy.recipients == [OWN]
-        row = queue.get(msg_id)
+        row = queue.log.get(msg_id)
         assert row is not None and row["status"] == "sent"  # leased, still sent
         assert await queue.claim("b", 10, LEASE) == []  # nobody else takes it meanwhile
         assert await queue.renew([copy.token], LEASE) == 1
         await queue.release([copy])  # a worker that stops hands it back, due at once
-        row = queue.get(msg_id)
+        row = queue.log.get(msg_id)
         assert row is not None and row["status"] == "sent" and row["copy_due"] == clock.t
 
         [dead] = await queue.claim("b", 10, LEASE)  # taken, then its worker dies
@@ -299,7 +299,7 @@ def test_a_copy_run_keeps_the_status_and_its_lease_comes_back(
         return msg_id
 
     msg_id = run(queue, go)
-    row = queue.get(msg_id)
+    row = queue.log.get(msg_id)
     assert row is not None and row["status"] == "sent" and row["copy_due"] is None
     assert row["rcpt_status"][ARCHIVE]["state"] == "sent"
     assert row["lease_owner"] is None
@@ -321,7 +321,7 @@ def test_nothing_is_copied_when_nobody_got_the_message(
         assert await queue.claim("a", 10, LEASE) == []
         return msg_id
 
-    row = queue.get(run(queue, go))
+    row = queue.log.get(run(queue, go))
     assert row is not None and row["status"] == "failed" and row["copy_due"] is None
     st = row["rcpt_status"][ARCHIVE]
     assert st["state"] == "failed"

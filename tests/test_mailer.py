@@ -27,6 +27,7 @@ from postroom import Attachment, Mailer
 from postroom.exceptions import ConfigError, MessageError, PostroomError
 from postroom.queue.sql import Queue
 from postroom.store.db import make_engine
+from postroom.store.log import LogFilter
 from postroom.transports import memory
 
 SENDER = "shop@example.org"
@@ -81,7 +82,7 @@ def test_send_stores_the_composed_message(mailer: Mailer, cfg: Path) -> None:
         html="<p>Thanks!</p>", headers={"X-Order": "42"}, tags=["order"],
         metadata={"order": "42"},
     )
-    row = queue_of(cfg).get(msg_id)
+    row = queue_of(cfg).log.get(msg_id)
     assert row is not None
     assert row["source"] == "python:embedded"
     assert row["sender"] == SENDER
@@ -99,8 +100,8 @@ def test_app_name_is_the_source(cfg: Path) -> None:
     with Mailer(config=cfg, app="shop", default_from=SENDER) as m:
         msg_id = m.send(to=RCPT, subject="hi", text="x")
     q = queue_of(cfg)
-    assert q.get(msg_id)["source"] == "python:shop"  # type: ignore[index]
-    assert [r["id"] for r in q.search(app="shop")] == [msg_id]
+    assert q.log.get(msg_id)["source"] == "python:shop"  # type: ignore[index]
+    assert [r["id"] for r in q.log.page(LogFilter(app="shop"))] == [msg_id]
 
 
 def test_config_is_found_like_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,11 +110,11 @@ def test_config_is_found_like_the_cli(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("POSTROOM_CONFIG", raising=False)
     with Mailer() as m:
         msg_id = m.send(from_=SENDER, to=RCPT, subject="found", text="x")
-    assert queue_of(cfg).get(msg_id) is not None
+    assert queue_of(cfg).log.get(msg_id) is not None
     monkeypatch.setenv("POSTROOM_CONFIG", str(cfg))
     monkeypatch.chdir(tmp_path)
     with Mailer() as m:
-        assert queue_of(cfg).get(m.send(from_=SENDER, to=RCPT, text="x")) is not None
+        assert queue_of(cfg).log.get(m.send(from_=SENDER, to=RCPT, text="x")) is not None
 
 
 def test_missing_or_broken_config_is_a_clear_error(
@@ -193,7 +194,7 @@ def test_async_context_manager(cfg: Path) -> None:
             return await m.asend(from_=SENDER, to=RCPT, subject="async with", text="x")
 
     msg_id = asyncio.run(main())
-    assert queue_of(cfg).get(msg_id) is not None
+    assert queue_of(cfg).log.get(msg_id) is not None
 
 
 @pytest.mark.parametrize(
@@ -238,7 +239,7 @@ def test_unknown_connection_and_limits(tmp_path: Path) -> None:
         with pytest.raises(MessageError) as err:
             m.send(from_=SENDER, to=["a@x.test", "b@x.test", "c@x.test"], text="x")
         assert err.value.code == "message.too_many_recipients"
-        assert queue_of(cfg).get(m.send(from_=SENDER, to=RCPT, text="x", connection="cap"))
+        assert queue_of(cfg).log.get(m.send(from_=SENDER, to=RCPT, text="x", connection="cap"))
     assert count(cfg) == 1
 
 
@@ -258,10 +259,10 @@ def test_idempotency_key(mailer: Mailer, cfg: Path) -> None:
 
 def test_send_at(mailer: Mailer, cfg: Path) -> None:
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
-    row = queue_of(cfg).get(mailer.send(from_=SENDER, to=RCPT, text="x", send_at=later))
+    row = queue_of(cfg).log.get(mailer.send(from_=SENDER, to=RCPT, text="x", send_at=later))
     assert row is not None and abs(row["next_attempt_at"] - later.timestamp()) < 1e-3
     epoch = time.time() + 60
-    row = queue_of(cfg).get(mailer.send(from_=SENDER, to=RCPT, text="x", send_at=epoch))
+    row = queue_of(cfg).log.get(mailer.send(from_=SENDER, to=RCPT, text="x", send_at=epoch))
     assert row is not None and abs(row["next_attempt_at"] - epoch) < 1e-3
 
 
@@ -276,7 +277,7 @@ def test_attachments_of_every_kind(mailer: Mailer, cfg: Path, tmp_path: Path) ->
         attachments=[pdf, str(pdf), logo, ("notes.txt", b"plain notes\n", "text/plain"),
                      ("data.bin", b"\x00\x01")],
     )
-    msg = parse(queue_of(cfg).get(msg_id)["raw"])  # type: ignore[index]
+    msg = parse(queue_of(cfg).log.get(msg_id)["raw"])  # type: ignore[index]
     parts = {p.get_filename(): p for p in msg.walk() if p.get_filename()}
     assert set(parts) == {"Rechnung März.pdf", "logo.png", "notes.txt", "data.bin"}
     assert parts["Rechnung März.pdf"].get_content() == pdf.read_bytes()
@@ -290,7 +291,7 @@ def test_send_raw(mailer: Mailer, cfg: Path) -> None:
     raw = "From: shop@example.org\nTo: testuser@example.test\nSubject: raw\n\nBody line\n"
     msg_id = mailer.send_raw(raw, SENDER, [RCPT, "alice@example.test"], tags="raw",
                              metadata={"k": "v"})
-    row = queue_of(cfg).get(msg_id)
+    row = queue_of(cfg).log.get(msg_id)
     assert row is not None
     assert row["raw"] == raw.replace("\n", "\r\n").encode()
     assert row["recipients"] == [RCPT, "alice@example.test"] and row["tags"] == ["raw"]
@@ -330,7 +331,7 @@ def test_a_forked_child_can_send_with_the_parents_mailer(mailer: Mailer, cfg: Pa
     assert child.exitcode == 0
     child_id = out.get(timeout=5)
     mailer.send(from_=SENDER, to=RCPT, text="parent after")
-    assert queue_of(cfg).get(child_id) is not None and count(cfg) == 3
+    assert queue_of(cfg).log.get(child_id) is not None and count(cfg) == 3
 
 
 def test_memory_transport_for_unit_tests(tmp_path: Path) -> None:
@@ -348,7 +349,7 @@ def test_memory_transport_for_unit_tests(tmp_path: Path) -> None:
         [env] = memory.outbox("test")
         assert env.recipients == [RCPT]
         assert parse(env.raw)["Subject"] == "unit"
-        rows = {r["id"]: r for r in queue_of(cfg).search()}
+        rows = {r["id"]: r for r in queue_of(cfg).log.page(LogFilter())}
         assert rows[later]["status"] == "queued"
         assert {r["status"] for i, r in rows.items() if i != later} == {"partial"}
     finally:
@@ -368,8 +369,8 @@ def test_capture_transport_keeps_the_message_in_the_log(tmp_path: Path) -> None:
                         text="x")
         q = queue_of(pr.config)
         deadline = time.monotonic() + TIMEOUT
-        while (q.get(msg_id) or {}).get("status") != "sent":
-            assert time.monotonic() < deadline, q.get(msg_id)
+        while (q.log.get(msg_id) or {}).get("status") != "sent":
+            assert time.monotonic() < deadline, q.log.get(msg_id)
             time.sleep(0.1)
         shown = pr.cli("show", msg_id)
         assert shown.returncode == 0, shown.stderr
@@ -427,9 +428,9 @@ def test_remote_mode_through_the_http_api(server: Postroom, peers: Any) -> None:
     _check_arrived(peers, subject, pdf)
     peers.wait_for(RCPT, f"raw {subject}", timeout=TIMEOUT)
     q = queue_of(server.config)
-    assert q.get(msg_id)["source"] == "api:shop"  # type: ignore[index]
-    assert q.get(raw_id) is not None
-    assert len(q.search(tag="remote")) == 1  # the idempotent repeat stored nothing
+    assert q.log.get(msg_id)["source"] == "api:shop"  # type: ignore[index]
+    assert q.log.get(raw_id) is not None
+    assert len(q.log.page(LogFilter(tag="remote"))) == 1  # the idempotent repeat stored nothing
 
 
 def test_remote_mode_bad_key_and_no_server(server: Postroom) -> None:

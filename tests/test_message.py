@@ -612,7 +612,7 @@ def test_worker_applies_policy_once_per_attempt_and_retries_never_duplicate(
         assert rcpts["archive@example.com"] == {"code": 250, "reply": "2.1.5 Ok",
                                                 "state": "sent", "forced": "bcc"}
         assert rcpts["slow@example.org"]["state"] == "pending"
-        stored = queue.get(msg_id)
+        stored = queue.log.get(msg_id)
         assert stored is not None and stored["status"] == "deferred"
         assert stored["rcpt_status"]["audit@example.com"]["forced"] == "to"
         assert stored["raw"] == env.raw  # the stored message never changes
@@ -620,7 +620,7 @@ def test_worker_applies_policy_once_per_attempt_and_retries_never_duplicate(
         clock.advance(61)
         second = await attempt(queue, w)
         assert set(second[0]["recipients"]) == {"slow@example.org"}  # forced: not again
-        stored = queue.get(msg_id)
+        stored = queue.log.get(msg_id)
         assert stored is not None and stored["status"] == "sent"
 
     run(queue, go)
@@ -649,7 +649,7 @@ def test_failing_forced_recipient_neither_fails_nor_loops(queue: Queue,
         return msg_id
 
     msg_id = run(queue, go)
-    stored = queue.get(msg_id)
+    stored = queue.log.get(msg_id)
     assert stored is not None
     assert stored["status"] == "sent"  # not partial: bob got it
     assert stored["attempt_count"] == 1
@@ -679,7 +679,7 @@ def test_forced_recipient_pending_rides_along_with_the_next_attempt(
         return msg_id
 
     msg_id = run(queue, go)
-    stored = queue.get(msg_id)
+    stored = queue.log.get(msg_id)
     assert stored is not None and stored["status"] == "sent"
     assert stored["rcpt_status"]["archive@example.com"]["state"] == "sent"
     assert [e.recipients for e in t.outbox] == [[TO, "archive@example.com"]]
@@ -696,6 +696,6 @@ def test_a_forced_failure_does_not_mask_the_own_recipients_outcome(
         await attempt(queue, w)
         return msg_id
 
-    stored = queue.get(run(queue, go))
+    stored = queue.log.get(run(queue, go))
     assert stored is not None
     assert stored["status"] == "failed"  # archive accepted it, but bob did not: not "partial"

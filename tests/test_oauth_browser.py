@@ -93,7 +93,7 @@ def test_browser_sign_in_stores_tokens_encrypted_and_mail_goes(
         peers.wait_for(USER, unique_subject, timeout=30)
         queue = Queue(inst.engine)
         deadline = time.monotonic() + 20
-        while (m := queue.get(msg_id.group(1).decode())) and m["status"] != "sent":
+        while (m := queue.log.get(msg_id.group(1).decode())) and m["status"] != "sent":
             assert time.monotonic() < deadline, m
             time.sleep(0.1)
     finally:

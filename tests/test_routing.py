@@ -27,6 +27,7 @@ from postroom.queue.worker import Worker
 from postroom.routing.chain import Next, after_failure
 from postroom.routing.rules import Facts, Match, Route, Router
 from postroom.settings import DeliverySettings, load
+from postroom.store.log import LogFilter
 from postroom.store.schema import PRIORITIES, events
 from postroom.transports import base
 
@@ -167,7 +168,7 @@ def test_connection_failure_falls_back_and_the_message_is_sent(
         ("primary", "fallback"), ("backup", "sent")]
     assert attempts[0]["error_code"] == failure.code
     assert len(backup.sent) == 1
-    [m] = queue.search()
+    [m] = queue.log.page(LogFilter())
     assert m["status"] == "sent" and m["last_error"] is None
     assert "fallback_used" in event_kinds(queue)
 
@@ -198,7 +199,7 @@ def test_recipient_5xx_is_final_and_never_falls_back(queue: Queue, clock: FakeCl
     attempts = run(queue, go)
     assert [(a["connection"], a["outcome"]) for a in attempts] == [("primary", "partial")]
     assert backup.sent == []
-    [m] = queue.search()
+    [m] = queue.log.page(LogFilter())
     assert m["status"] == "partial"
 
 
@@ -222,7 +223,7 @@ def test_all_connections_fail_transiently_then_the_message_waits(queue: Queue,
     attempts = run(queue, lambda: once(queue, worker))
     assert [(x["connection"], x["outcome"]) for x in attempts] == [
         ("a", "fallback"), ("b", "deferred")]
-    [m] = queue.search()
+    [m] = queue.log.page(LogFilter())
     assert m["status"] == "deferred" and m["attempt_count"] == 1
     assert m["next_attempt_at"] == pytest.approx(T0 + 300)
 
@@ -237,7 +238,7 @@ def test_unknown_outcome_is_retried_only_on_the_same_connection(queue: Queue,
     msg_id = run(queue, lambda: queue.enqueue(envelope("bob@example.test")))
     first = run(queue, lambda: once(queue, worker))
     assert [(a["connection"], a["outcome"]) for a in first] == [("primary", "unknown")]
-    m = queue.get(msg_id)
+    m = queue.log.get(msg_id)
     assert m is not None and m["status"] == "deferred"
     assert m["rcpt_status"]["bob@example.test"]["state"] == "unknown"
     assert "outcome unknown" in (m["last_error"] or "")
@@ -289,7 +290,7 @@ def test_paused_connection_is_skipped_and_a_paused_chain_waits(queue: Queue,
     worker.health.set_paused("backup", True)
     msg_id = run(queue, lambda: queue.enqueue(envelope("b@example.test")))
     assert run(queue, lambda: once(queue, worker)) == []  # nothing tried: no attempt row
-    m = queue.get(msg_id)
+    m = queue.log.get(msg_id)
     assert m is not None and m["status"] == "deferred" and m["attempt_count"] == 0
     assert "paused" in (m["last_error"] or "")
     worker.health.set_paused("primary", False)
@@ -306,16 +307,16 @@ def test_paused_queue_is_not_claimed(queue: Queue, clock: FakeClock) -> None:
     async def go() -> tuple[dict[str, int], dict[str, int]]:
         task = asyncio.create_task(worker.run())
         await asyncio.sleep(0.3)
-        while_paused = queue.counts()
+        while_paused = queue.log.counts()
         worker.health.set_paused(None, False)
         worker.wake()
         for _ in range(200):  # the switch is re-read within about a second
-            if queue.counts() == {"sent": 1}:
+            if queue.log.counts() == {"sent": 1}:
                 break
             await asyncio.sleep(0.02)
         await worker.stop(1)
         await task
-        return while_paused, queue.counts()
+        return while_paused, queue.log.counts()
 
     assert run(queue, go) == ({"queued": 1}, {"sent": 1})
 
@@ -357,13 +358,13 @@ def test_over_the_rate_limit_mail_waits_and_never_fails(queue: Queue, clock: Fak
         run(queue, lambda i=i: queue.enqueue(envelope(f"u{i}@slow.test", f"u{i}@fast.test")))
     run(queue, lambda: once(queue, worker))
     assert len(limited.sent) == 2 and len(other.sent) == 4
-    waiting = queue.search(status="deferred")
+    waiting = queue.log.page(LogFilter(status="deferred"))
     assert len(waiting) == 2
     assert all(m["attempt_count"] == 1 and "limit" in m["last_error"] for m in waiting)
     assert all(m["next_attempt_at"] == pytest.approx(T0 + 60) for m in waiting)
     clock.advance(60.5)
     run(queue, lambda: once(queue, worker))
-    assert len(limited.sent) == 4 and queue.counts() == {"sent": 4}
+    assert len(limited.sent) == 4 and queue.log.counts() == {"sent": 4}
 
 
 # -- priorities and expiry ---------------------------------------------------------------------
@@ -394,7 +395,7 @@ def test_expiry_time_fails_instead_of_sending_late(queue: Queue, clock: FakeCloc
     run(queue, lambda: queue.enqueue(env))
     attempts = run(queue, lambda: once(queue, worker))
     assert attempts[-1]["outcome"] == "failed"
-    m = queue.get(env.id)
+    m = queue.log.get(env.id)
     assert m is not None and m["status"] == "failed"
     assert "expired" in (m["last_error"] or "")
     late = envelope("bob@example.test")

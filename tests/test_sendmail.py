@@ -681,7 +681,7 @@ def test_store_row_is_the_queues_row(tmp_path: Path) -> None:
             queue.enqueue_sync(by_queue)
             assert direct.enqueue(by_direct, database_url=url) == by_direct.id
             pairs.append((by_queue.id, by_direct.id))
-            assert queue.get(by_direct.id) is not None
+            assert queue.log.get(by_direct.id) is not None
         with contextlib.closing(sqlite3.connect(db)) as c:
             columns = [r[1] for r in c.execute("PRAGMA table_info(messages)")]
             clocked = {"id", "created_at", "updated_at", "next_attempt_at", "expires_at"}

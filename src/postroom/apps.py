@@ -30,6 +30,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from postroom.exceptions import MessageError
+from postroom.secrets import subkey
 from postroom.settings import parse_rate
 from postroom.store.db import write_transaction
 from postroom.store.schema import apps
@@ -162,8 +163,7 @@ class Apps:
     def _mac_key(self) -> bytes:
         if self._key is None:
             base = self._key_source() if callable(self._key_source) else self._key_source
-            # A key of its own (not the encryption key itself): one use per key.
-            self._key = hmac.new(base, b"postroom app secret v1", hashlib.sha256).digest()
+            self._key = subkey(base, b"postroom app secret v1")
         return self._key
 
     def _digest(self, name: str, secret: str) -> str:

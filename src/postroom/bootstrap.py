@@ -43,6 +43,19 @@ CONFIG_TEMPLATE = '''\
 # keep_bodies_days = 30                 # then message bodies and transcripts are removed
 # keep_rows_days = 90                   # then the log rows themselves (0 = keep forever)
 
+# [admin]                               # the web admin, under /admin on http_listen
+# enabled = true                        # served to server.admin_networks only
+# bodies = "admin"                      # lowest role that may read message bodies: admin|viewer
+# session_idle = 1800                   # seconds without a request before a session ends
+# session_max = 43200                   # seconds after login a session ends anyway
+# secure_cookies = "auto"               # auto: over TLS or a proxy saying https; always; never
+# login_failures = 5                    # failed logins in a row, then the account is locked
+# lockout = 900                         # ...for this many seconds
+# sso_header = ""                       # e.g. "X-Forwarded-User": single sign-on by a proxy,
+# sso_proxies = []                      # trusted only from these addresses (required with it)
+# sso_role = ""                         # "": the account must exist; viewer|admin: created
+# language = ""                         # "": the browser's; else "en" or "fr"
+
 # Add the provider you deliver through. Until a connection exists, mail is accepted and
 # kept in the queue; it is delivered once you add one and restart.
 #

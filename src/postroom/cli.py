@@ -17,7 +17,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from postroom import settings as settings_mod
+from postroom.commands import admin as _admin_commands
 from postroom.commands import apps as _apps_commands
+from postroom.commands import config as _config_commands
 from postroom.commands import connections as _connections_commands
 from postroom.commands import diagnose as _diagnose_commands
 from postroom.commands import oauth as _oauth_commands
@@ -37,6 +39,9 @@ app.add_typer(conn_cli, name="connection")
 app.add_typer(_queue_commands.cli, name="queue")
 app.add_typer(_connections_commands.cli, name="connections")
 app.add_typer(_oauth_commands.cli, name="oauth")
+app.add_typer(_config_commands.cli, name="config")
+app.add_typer(_admin_commands.cli, name="admin")
+app.command("audit")(_admin_commands.audit)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -141,7 +146,7 @@ def _deliver_and_report(inst: Any, msg_id: str, no_retry: str | None = None) -> 
     attempts = _deliver_now(inst, msg_id, no_retry)
     for attempt in attempts:
         _print_attempt(attempt, inst.settings)
-    row = inst.queue.get(msg_id) or {}
+    row = inst.queue.log.get(msg_id) or {}
     if row.get("status") != "sent":
         if no_retry is not None:
             _console().print(f"not sent: {no_retry}; nothing is left in the queue", markup=False)
@@ -284,23 +289,11 @@ def test(
     config: ConfigOpt = None,
 ) -> None:
     """Send a test message through CONNECTION now and show the transcript."""
-    from postroom.envelope import Envelope, validate_address
-    from postroom.message import compose
+    from postroom.ops.connections import test_envelope
 
     inst = _instance(config)
-    conn = _guard(lambda: inst.settings.connection(connection))
-    frm = sender or getattr(conn, "username", None) or f"postroom@{inst.settings.server.hostname}"
-
-    def build() -> Envelope:
-        validate_address(frm)
-        validate_address(to)
-        raw = compose(sender=frm, to=[to], subject=f"Postroom test via {connection}",
-                      text=f"This is a test message from Postroom through connection "
-                      f"{connection!r}. If you can read it, delivery works.\n")
-        return Envelope(frm, [to], raw, source="cli:test", connection=connection,
-                        expires_at=one_try_expiry())
-
-    env = _guard(build)
+    env = _guard(lambda: test_envelope(inst.settings, connection, to, sender,
+                                       source="cli:test", expires_at=one_try_expiry()))
     _guard(lambda: inst.intake.check(env))
     msg_id = _guard(lambda: inst.queue.enqueue_sync(env, hold=NOW_HOLD))
     _deliver_and_report(inst, msg_id, TEST_NOT_RETRIED)
@@ -359,6 +352,8 @@ def log_cmd(
     = None,
     to: Annotated[str | None, typer.Option("--to", help="Recipient contains")] = None,
     sender: Annotated[str | None, typer.Option("--from", help="Sender contains")] = None,
+    connection: Annotated[str | None, typer.Option(
+        "--connection", help="Last tried on this connection")] = None,
     since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or a date")] = None,
     limit: Annotated[int | None, typer.Option(
         min=1, help="At most this many (default 50; with --export: all)")] = None,
@@ -378,13 +373,24 @@ def log_cmd(
     inst = _instance(config)
     since_ts = _guard(lambda: _parse_since(since)) if since else None
     if export is not None:  # postroom.commands.export: streams every match, not a page
+        from postroom.audit import Actor
         from postroom.commands.export import export_log
+        from postroom.ops import bulk
+        from postroom.store.log import LogFilter
 
+        fmt = _guard(lambda: bulk.parse_format(export))
+        _guard(lambda: bulk.begin_export(inst, Actor.cli(), fmt, LogFilter(
+            status=status, to=to, sender=sender, connection=connection, since=since_ts)))
         export_log(inst, export, out, limit=limit, status=status, to=to, sender=sender,
-                   since=since_ts)
+                   connection=connection, since=since_ts)
         return
-    rows = _guard(lambda: inst.queue.search(status=status, to=to, sender=sender, since=since_ts,
-                                            limit=limit or 50, states=as_json))
+    from postroom.store.log import LogFilter
+
+    wanted = LogFilter(status=status, to=to, sender=sender, connection=connection,
+                       since=since_ts)
+    if to or sender:  # with no server indexing, a backlog would make the search a scan
+        inst.queue.log.catch_up()
+    rows = _guard(lambda: inst.queue.log.page(wanted, limit=limit or 50, states=as_json))
     if as_json:
         for r in rows:
             print(json.dumps(r, default=str))
@@ -414,7 +420,7 @@ def show(
 ) -> None:
     """A message with its recipients, attempts and transcripts."""
     inst = _instance(config)
-    m = _guard(lambda: inst.queue.get(msg_id))
+    m = _guard(lambda: inst.queue.log.get(msg_id))
     if m is None:
         _fail(MessageError(f"no message {msg_id!r}; list them with `postroom log`",
                            code="message.unknown"))
@@ -454,12 +460,11 @@ def resend(
     config: ConfigOpt = None,
 ) -> None:
     """Queue a logged message again (as a new log entry), optionally to other recipients."""
-    from postroom.envelope import validate_address
+    from postroom.audit import Actor
+    from postroom.ops import messages
 
     inst = _instance(config)
-    for a in to or []:
-        _guard(lambda: validate_address(a))  # noqa: B023 - called at once
-    new_id = _guard(lambda: inst.queue.resend_sync(msg_id, to or None))
+    new_id = _guard(lambda: messages.resend(inst, Actor.cli(), msg_id, to or None))
     _console().print(f"queued {new_id} (copy of {msg_id})")
 
 

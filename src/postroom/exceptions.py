@@ -14,6 +14,7 @@ succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``
     │   └── IntakeError              refused at intake (ingress.accept): says how each door
     │                                answers (SMTP reply, HTTP status, when to retry)
     ├── CredentialsError             an app's credentials were refused (HTTP API key)
+    ├── PermissionDenied             an admin account's role does not allow the action
     └── DeliveryError                one delivery attempt failed
         ├── ConnectError             DNS, refused, unreachable, connect timeout
         ├── TimeoutError_            the server stopped answering mid-session
@@ -107,6 +108,13 @@ class CredentialsError(PostroomError):
     """Postroom refused the credentials an app presented (a missing or unknown API key)."""
 
     code = "auth.credentials"
+
+
+class PermissionDenied(PostroomError):
+    """The admin account (session, API token or command) may not do this: its role is too
+    low (postroom.ops.require). Pages answer 403, the admin API 403 with this code."""
+
+    code = "admin.forbidden"
 
 
 class DeliveryError(PostroomError):

@@ -25,6 +25,7 @@ from postroom.transports.base import Transport, TransportContext
 if TYPE_CHECKING:
     from postroom.oauth.tokens import TokenManager
     from postroom.queue.worker import Worker
+    from postroom.store.dbconfig import ConfigStore
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,13 @@ def key_file(settings: Settings) -> Path:
 
 @dataclass
 class Instance:
+    # The effective settings: the file's with the connections, routes, policy and retention
+    # stored in the database laid over them (postroom.store.dbconfig); postroom.reload
+    # replaces them in a running process when the configuration's generation changes.
     settings: Settings
     engine: Engine = field(init=False)
+    file_settings: Settings = field(init=False)  # postroom.toml and POSTROOM_* alone
+    config_generation: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         # 0700: the folder holds message bodies, the database and the encryption key.
@@ -56,6 +62,10 @@ class Instance:
             self.settings.database_url, synchronous=self.settings.server.sqlite_synchronous
         )
         migrate(self.engine)
+        from postroom.store.dbconfig import load
+
+        self.file_settings = self.settings
+        self.settings, self.config_generation = load(self.settings, self.engine)
 
     @cached_property
     def queue(self) -> Queue:
@@ -69,6 +79,13 @@ class Instance:
     def intake(self) -> Intake:
         """The checks every door makes before a message is stored (ingress.accept)."""
         return Intake.of(self.settings, self.apps)
+
+    @cached_property
+    def config(self) -> ConfigStore:
+        """Connections, routes and settings made in the web admin (store.dbconfig)."""
+        from postroom.store.dbconfig import ConfigStore
+
+        return ConfigStore(self.engine, self.secrets)
 
     @property
     def key_file(self) -> Path:

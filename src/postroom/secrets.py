@@ -6,7 +6,7 @@ import base64
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +69,31 @@ def _check_key(key: bytes, where: str) -> None:
             "print(Fernet.generate_key().decode())'`",
             code="config.secret_key.invalid",
         )
+
+
+def subkey(key: bytes, purpose: bytes) -> bytes:
+    """A key of its own for one purpose (b"postroom app secret v1"), derived from the
+    instance key: one use per key, and the encryption key itself never keys a MAC."""
+    import hashlib
+    import hmac
+
+    return hmac.new(key, purpose, hashlib.sha256).digest()
+
+
+class LazyKey:
+    """The instance key (or a function loading it on first use, so a command that never
+    needs it never creates or reads the key file), or with ``purpose`` its subkey."""
+
+    def __init__(self, source: bytes | Callable[[], bytes], purpose: bytes | None = None) -> None:
+        self._source = source
+        self._purpose = purpose
+        self._key: bytes | None = None
+
+    def __call__(self) -> bytes:
+        if self._key is None:
+            base = self._source() if callable(self._source) else self._source
+            self._key = base if self._purpose is None else subkey(base, self._purpose)
+        return self._key
 
 
 class Vault:

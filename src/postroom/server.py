@@ -13,8 +13,10 @@ from collections.abc import Callable
 from postroom.bootstrap import ensure_certificate
 from postroom.ingress import http_front, smtpd
 from postroom.queue.worker import Worker
+from postroom.reload import LiveConfig
 from postroom.runtime import Instance
 from postroom.settings import Settings
+from postroom.transports.base import Transport
 
 log = logging.getLogger("postroom")
 
@@ -168,9 +170,12 @@ def _chores(inst: Instance) -> list[asyncio.Task[None]]:
     """Periodic work that runs wherever a worker runs; each is safe on every node at once
     (it checks in the database whether it is due and takes a lock while it runs)."""
     from postroom.queue.retention import retention_loop
+    from postroom.store.log import index_loop
 
     chores = [asyncio.create_task(retention_loop(inst.queue, inst.settings),
-                                  name="postroom-retention")]
+                                  name="postroom-retention"),
+              # the log's text index, written after each enqueue's commit (store/log.py)
+              asyncio.create_task(index_loop(inst.queue.log), name="postroom-log-index")]
     if any(c.oauth is not None for c in inst.settings.connections):
         from postroom.oauth.checks import periodic
 
@@ -178,6 +183,60 @@ def _chores(inst: Instance) -> list[asyncio.Task[None]]:
         chores.append(asyncio.create_task(periodic(inst.oauth, asyncio.Event()),
                                           name="postroom-oauth-checks"))
     return chores
+
+
+def _follow_config(inst: Instance, worker: Worker | None, transports: dict[str, Transport],
+                   chores: list[asyncio.Task[None]]) -> tuple[LiveConfig, asyncio.Task[None]]:
+    """Follow the configuration stored in the database (postroom.reload): connections,
+    routes and policies are swapped in; the retention chore restarts with new settings."""
+    from postroom.queue.retention import retention_loop
+
+    live = LiveConfig(inst, worker, transports)
+
+    def retention_changed(old: Settings, new: Settings) -> None:
+        if old.retention == new.retention:
+            return
+        for i, task in enumerate(chores):
+            if task.get_name() == "postroom-retention":
+                task.cancel()
+                chores[i] = asyncio.create_task(retention_loop(inst.queue, new),
+                                                name="postroom-retention")
+
+    live.listeners.append(retention_changed)
+    return live, asyncio.create_task(live.run(), name="postroom-config-reload")
+
+
+def _browsable(host: str) -> str:
+    """The host part of a URL a browser on this machine can open for a listening address."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if ":" in host:
+        return "[::1]" if host == "::" else f"[{host}]"
+    return host
+
+
+def _admin_setup(inst: Instance, base_url: str) -> None:
+    """While no admin account exists, print the one-time link that creates the first
+    (postroom.admin.setup); each start replaces the previous link."""
+    from postroom.admin.config import AdminSettings
+
+    if not inst.settings.section(AdminSettings).enabled:
+        return
+    from sqlalchemy import select
+
+    from postroom.store.schema import admin_accounts
+
+    with inst.engine.connect() as conn:  # the usual case, one row found, imports nothing more
+        if conn.execute(select(admin_accounts.c.name).limit(1)).first() is not None:
+            _say(f"postroom: web admin on {base_url}/admin/")
+            return
+    from postroom.admin.setup import setup_link
+
+    link = setup_link(inst.engine, None, base_url)
+    if link is not None:
+        _say(f"postroom: web admin on {base_url}/admin/; no admin account yet: create the "
+             f"first one with this link (valid 24 hours, once):\n  {link}\nor run "
+             "`postroom admin add NAME`")
 
 
 async def _stop_chores(chores: list[asyncio.Task[None]]) -> None:
@@ -226,6 +285,7 @@ async def serve(
             if worker else None,
             worker_owner=worker.owner if worker else None,
             intake=inst.intake,
+            instance=inst,
         )
         web = settings.http
         https = None
@@ -235,6 +295,7 @@ async def serve(
         http, (hh, hp) = await http_front.start(ctx, *settings.http_listen, tls=https)
         _say(f"postroom: HTTP API on http{'s' if https else ''}://{hh}:{hp}/api/v1 (docs "
              "/api/v1/docs, health /healthz)")
+        _admin_setup(inst, f"http{'s' if https else ''}://{_browsable(hh)}:{hp}")
     servers = [await smtpd.start(handler, settings.server, *settings.smtp_listen, tls)]
     if settings.smtps_listen:
         servers.append(
@@ -245,12 +306,14 @@ async def serve(
     bound = [s.sockets[0].getsockname()[:2] for s in servers]
     worker_task = asyncio.create_task(worker.run()) if worker else None
     chores = _chores(inst) if worker else []
+    live, live_task = _follow_config(inst, worker, transports, chores)
     _say(f"postroom: accepting mail on {', '.join(f'{h}:{p}' for h, p in bound)} "
          f"(data in {settings.data_dir})")
-    if not settings.connections:
+    if not inst.settings.connections:
         where = settings.config_path or "postroom.toml"
         _say(f"postroom: no [[connections]] in {where}: mail is accepted and kept in the queue "
-             "until you add one (see the commented example in the file) and restart")
+             "until you add one (see the commented example in the file) and restart, or add "
+             "one in the web admin")
     if ready is not None:
         ready(bound)
     try:
@@ -266,9 +329,8 @@ async def serve(
         if worker_task is not None:
             worker_task.cancel()
             await asyncio.gather(worker_task, return_exceptions=True)
-        await _stop_chores(chores)
-        for t in transports.values():
-            await t.aclose()
+        await _stop_chores([live_task, *chores])
+        await live.aclose()
         await inst.queue.writer.aclose()
         inst.close()
 
@@ -286,6 +348,7 @@ async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     worker = inst.worker(transports)
     task = asyncio.create_task(worker.run())
     chores = _chores(inst)
+    live, live_task = _follow_config(inst, worker, transports, chores)
     _say(f"postroom worker {worker.owner}: delivering from {settings.database_url}")
     try:
         await stop.wait()
@@ -293,8 +356,7 @@ async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         await worker.stop(settings.delivery.shutdown_grace)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await _stop_chores(chores)
-        for t in transports.values():
-            await t.aclose()
+        await _stop_chores([live_task, *chores])
+        await live.aclose()
         await inst.queue.writer.aclose()
         inst.close()

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -58,6 +58,9 @@ def _parse_listen(value: str) -> tuple[str, int]:
 # file has; building every model up front cost it ~15 ms.
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+
+SectionModel = _Section  # the base for a feature's own section model (register_section)
 
 
 class ServerSettings(_Section):
@@ -344,6 +347,8 @@ def parse_rate(text: str) -> tuple[int, float]:
 
 
 # Every [section] of postroom.toml but [[connections]], with the model that validates it.
+# A feature's own section (e.g. [admin], postroom.admin.config) is not listed here: see
+# register_section.
 SECTIONS: dict[str, type[_Section]] = {
     "server": ServerSettings,
     "delivery": DeliverySettings,
@@ -353,6 +358,48 @@ SECTIONS: dict[str, type[_Section]] = {
     "retention": RetentionSettings,
     "oauth": OAuthSection,
 }
+
+
+# The sections features add (name -> model). A feature's module registers its model when it
+# is imported; load() imports it only when the file or the environment has that section,
+# found through the "postroom.sections" entry point group (pyproject.toml). So
+# postroom-sendmail, whose file has no such section, imports no feature at all.
+ENTRY_POINT_GROUP = "postroom.sections"
+_FEATURES: dict[str, type[BaseModel]] = {}
+_FEATURE_NAMES: dict[type[BaseModel], str] = {}
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+def register_section(name: str, model: type[SectionT]) -> type[SectionT]:
+    """Make ``[name]`` a section of postroom.toml validated by ``model`` (call it at import
+    of the feature's module, and declare the module in the ``postroom.sections`` entry point
+    group). Returns the model, so it may decorate the class."""
+    if name in SECTIONS or name in ("connections", "routes"):
+        raise ValueError(f"[{name}] is one of settings.py's own sections")
+    if _FEATURES.get(name, model) is not model:
+        raise ValueError(f"[{name}] is registered twice, by {_FEATURES[name]!r} and {model!r}")
+    _FEATURES[name] = model
+    _FEATURE_NAMES[model] = name
+    return model
+
+
+def _feature_model(name: str) -> type[BaseModel] | None:
+    """The model of feature section ``name``, importing its module through the entry point
+    group when it has not registered yet; None when no installed feature declares it."""
+    if name not in _FEATURES:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+            ep.load()  # the module registers its section as it is imported
+    return _FEATURES.get(name)
+
+
+def _feature_names() -> list[str]:
+    """Every feature section an installed package declares (to word an error)."""
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} | set(_FEATURES))
 
 
 @dataclass(frozen=True)
@@ -368,6 +415,19 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     oauth: OAuthSection = field(default_factory=OAuthSection)
+    # The feature sections the file or the environment gave, validated: (name, model).
+    features: tuple[tuple[str, BaseModel], ...] = ()
+
+    def section(self, model: type[SectionT]) -> SectionT:
+        """A feature's section (``settings.section(AdminSettings)``): as validated from the
+        file and the environment, or its defaults when they leave it out."""
+        name = _FEATURE_NAMES.get(model)
+        if name is None:
+            raise TypeError(f"{model.__name__} is not a registered section (register_section)")
+        for have, value in self.features:
+            if have == name and isinstance(value, model):
+                return value
+        return model.model_construct()
 
     @property
     def data_dir(self) -> Path:
@@ -418,11 +478,11 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_KEYS or "__" not in key:
             continue
         parts = key[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) != 2 or parts[0] not in SECTIONS:
+        if len(parts) != 2 or (parts[0] not in SECTIONS and _feature_model(parts[0]) is None):
             raise ConfigError(
                 f"environment variable {key} is not understood: use "
                 "POSTROOM_<SECTION>__<KEY> with a section among "
-                f"{', '.join(s.upper() for s in SECTIONS)} (e.g. "
+                f"{', '.join(s.upper() for s in [*SECTIONS, *_feature_names()])} (e.g. "
                 "POSTROOM_SERVER__SMTP_LISTEN=127.0.0.1:2525)",
                 code="config.env",
             )
@@ -550,6 +610,19 @@ def _routes(items: Any, names: set[str]) -> tuple[Route, ...]:
     return tuple(out)
 
 
+# The same checks, and the same words, for configuration stored in the database
+# (postroom.store.dbconfig): an entry made in the web admin is held to the file's rules.
+def validate_section(model: type[BaseModel], where: str, data: Any) -> Any:
+    """``data`` validated by ``model``; ConfigError worded as for the file (``where``.key)."""
+    return _section(model, where, data)
+
+
+def validate_routes(items: Any, names: set[str]) -> tuple[Route, ...]:
+    """A [[routes]] list checked as the file's: each chain names known connections, the
+    default route (no match) comes last."""
+    return _routes(items, names)
+
+
 def search_path(environ: Mapping[str, str]) -> list[Path]:
     """Where a configuration is looked for when none is named: the current folder, then the
     user's, then the system's. Commands started by other programs (PHP's mail() runs
@@ -607,11 +680,13 @@ def load(
             code="config.missing",
         )
     _apply_env(data, env)
-    unknown = set(data) - {*SECTIONS, "connections", "routes"}
+    others = sorted(set(data) - {*SECTIONS, "connections", "routes"})
+    features = {name: _feature_model(name) for name in others}
+    unknown = [name for name, model in features.items() if model is None]
     if unknown:
         raise ConfigError(
-            f"unknown section(s) {', '.join(sorted(unknown))}; known: "
-            f"{', '.join(SECTIONS)}, connections, routes",
+            f"unknown section(s) {', '.join(unknown)}; known: "
+            f"{', '.join([*SECTIONS, *_feature_names()])}, connections, routes",
             code="config.invalid",
         )
     # A section the file and the environment leave out is its defaults, which are valid by
@@ -627,4 +702,6 @@ def load(
         routes=_routes(data.get("routes"), {c.name for c in conns}) if connections else (),
         config_path=cfg if cfg.exists() else None,
         base_dir=(cfg.parent if cfg.exists() else Path.cwd()).resolve(),
+        features=tuple((name, _section(model, name, data[name]))
+                       for name, model in features.items() if model is not None),
     )

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from postroom.audit import Actor
 from postroom.commands._common import ConfigOpt, console, fail, guard, instance, when
 from postroom.exceptions import MessageError
+from postroom.ops import apps as ops
 
 if TYPE_CHECKING:
-    from postroom.runtime import Instance
+    from postroom.ops.apps import Credentials
 
 cli = typer.Typer(help="Apps: the credentials they hand mail in with (SMTP AUTH, API key) "
                   "and their limits.", no_args_is_help=True)
@@ -27,7 +29,8 @@ RateOpt = Annotated[str | None, typer.Option(
     show_default=False)]
 
 
-def _print_credentials(name: str, secret: str, api_key: str, what: str) -> None:
+def _print_credentials(made: Credentials, what: str) -> None:
+    name, secret, api_key = made.name, made.secret, made.api_key
     con = console()
     con.print(f"app [bold]{name}[/] {what} (shown only now, store them in the app):",
               soft_wrap=True)
@@ -36,23 +39,14 @@ def _print_credentials(name: str, secret: str, api_key: str, what: str) -> None:
     con.print(f"  HTTP API:  Authorization: Bearer [bold]{api_key}[/]", soft_wrap=True)
 
 
-def _known_connections(inst: Instance, names: list[str] | None) -> None:
-    known = {c.name for c in inst.settings.connections}
-    for name in names or []:
-        if name not in known:
-            fail(MessageError(f"--connection {name!r}: no such connection (configured: "
-                              f"{', '.join(sorted(known)) or 'none'})", code="app.connection"))
-
-
 @cli.command("add")
 def add(name: str, sender: SenderOpt = None, connection: ConnectionOpt = None,
         rate: RateOpt = None, config: ConfigOpt = None) -> None:
     """Create an app; prints its SMTP AUTH secret and HTTP API key once."""
     inst = instance(config)
-    _known_connections(inst, connection)
-    secret = guard(lambda: inst.apps.add(name, senders=sender or (),
-                                         connections=connection or (), rate=rate))
-    _print_credentials(name, secret, inst.apps.api_key(name, secret), "created")
+    made = guard(lambda: ops.add_app(inst, Actor.cli(), name, senders=sender or (),
+                                     connections=connection or (), rate=rate))
+    _print_credentials(made, "created")
 
 
 @cli.command("rotate")
@@ -60,8 +54,8 @@ def rotate(name: str, config: ConfigOpt = None) -> None:
     """Give an app a new secret: the old one stops working, open SMTP sessions included
     (within two seconds on a running server)."""
     inst = instance(config)
-    secret = guard(lambda: inst.apps.rotate(name))
-    _print_credentials(name, secret, inst.apps.api_key(name, secret), "has new credentials")
+    made = guard(lambda: ops.rotate_app(inst, Actor.cli(), name))
+    _print_credentials(made, "has new credentials")
 
 
 @cli.command("set")
@@ -75,13 +69,12 @@ def set_limits(
     config: ConfigOpt = None,
 ) -> None:
     """Change an app's limits (each option given replaces that limit)."""
-    inst = instance(config)
-    _known_connections(inst, connection)
     if (sender and any_sender) or (connection and any_connection) or (rate and no_rate):
         fail(MessageError("give a limit or lift it, not both", code="cli.usage"))
-    guard(lambda: inst.apps.set_limits(
-        name, senders=[] if any_sender else sender, connections=[] if any_connection
-        else connection, rate=rate, clear_rate=no_rate))
+    inst = instance(config)
+    guard(lambda: ops.set_limits(
+        inst, Actor.cli(), name, senders=[] if any_sender else sender,
+        connections=[] if any_connection else connection, rate=rate, clear_rate=no_rate))
     console().print(f"app {name} updated")
 
 
@@ -93,7 +86,7 @@ def list_apps(config: ConfigOpt = None) -> None:
 
     inst = instance(config)
     table = Table("name", "created", "last used", "rotated", "senders", "connections", "rate")
-    for a in guard(inst.apps.list):
+    for a in guard(lambda: ops.list_apps(inst, Actor.cli())):
         table.add_row(escape(str(a["name"])), when(a["created_at"]), when(a["last_used_at"]),
                       when(a["rotated_at"]), escape(", ".join(a["allowed_senders"] or ["any"])),
                       escape(", ".join(a["allowed_connections"] or ["any"])),
@@ -106,6 +99,6 @@ def remove(name: str, config: ConfigOpt = None) -> None:
     """Remove an app: its credentials stop working, open SMTP sessions included (within a
     second on a running server). Its messages stay in the log."""
     inst = instance(config)
-    if not guard(lambda: inst.apps.remove(name)):
+    if not guard(lambda: ops.remove_app(inst, Actor.cli(), name)):
         fail(MessageError(f"no app named {name!r}", code="app.unknown"))
     console().print(f"app {name} removed")

@@ -66,13 +66,13 @@ def show(config: Path | None, *, as_json: bool = False) -> None:
 
 
 def _set_paused(name: str, config: Path | None, paused: bool) -> None:
-    from postroom.routing.health import Health
+    from postroom.audit import Actor
+    from postroom.ops import queue as queue_ops
 
     inst = instance(config)
-    guard(lambda: inst.settings.connection(name))  # unknown names: an error listing the known
-    d = inst.settings.delivery
-    guard(lambda: Health(inst.queue, d.breaker_failures, d.breaker_cooldown)
-          .set_paused(name, paused))
+    switch = queue_ops.pause if paused else queue_ops.resume
+    # An unknown name is an error listing the known ones.
+    guard(lambda: switch(inst, Actor.cli(), name))
     if paused:
         console().print(f"connection {name} paused: within about a second no worker uses it; "
                         "its mail goes to the next connection of its route's chain, or waits. "

@@ -78,11 +78,12 @@ def keygen(
 ) -> None:
     """Make an RSA key for SELECTOR._domainkey.DOMAIN, store it encrypted in this instance,
     and print the TXT record to publish."""
-    from postroom import dkim
+    from postroom.audit import Actor
+    from postroom.ops.deliverability import generate_dkim
 
     inst = instance(config)
-    info = guard(lambda: dkim.keygen(inst.secrets.get, inst.secrets.set, domain, selector,
-                                     bits, force=force))
+    info = guard(lambda: generate_dkim(inst, Actor.cli(), domain, selector, bits=bits,
+                                       force=force))
     _print_record(info, as_json=as_json, intro=f"[green]DKIM key made[/] ({info.bits} bits, "
                   "stored encrypted). Publish this DNS record:", settings=inst.settings)
 

@@ -88,7 +88,7 @@ def _signed_in(name: str, account: str | None, scopes: tuple[str, ...],
         con.print(f"[yellow]warning[/]: {escape(w)}", soft_wrap=True)
 
 
-def _rows(inst: Any) -> list[dict[str, Any]]:
+def oauth_rows(inst: Any) -> list[dict[str, Any]]:
     tm = inst.oauth
     grants = {g.connection: g for g in tm.store.all()}
     rows = []
@@ -122,7 +122,7 @@ def status(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     from rich.table import Table
 
     inst = instance(config)
-    rows = guard(lambda: _rows(inst))
+    rows = guard(lambda: oauth_rows(inst))
     if as_json:
         print(json.dumps(rows, indent=2))
         return

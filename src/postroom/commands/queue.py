@@ -219,13 +219,13 @@ def _retention_now(config: Any) -> None:
 
 
 def _set_paused(config: Any, paused: bool) -> None:
+    from postroom.audit import Actor
+    from postroom.ops import queue as queue_ops
     from postroom.queue.maintenance import waiting_counts
-    from postroom.routing.health import Health
 
     inst = instance(config)
-    d = inst.settings.delivery
-    guard(lambda: Health(inst.queue, d.breaker_failures, d.breaker_cooldown)
-          .set_paused(None, paused))
+    switch = queue_ops.pause if paused else queue_ops.resume
+    guard(lambda: switch(inst, Actor.cli()))
     c = guard(lambda: waiting_counts(inst.queue))
     waiting = c["queued"] + c["deferred"]
     if paused:

@@ -102,7 +102,7 @@ def wizard(
     a test message."""
     from postroom import settings as settings_mod
     from postroom.diagnostics.dns import Resolver
-    from postroom.diagnostics.wizard import default_name, plan
+    from postroom.diagnostics.wizard import default_name, entry_for, plan
     from postroom.idn import check_address
 
     out = _Out(as_json)
@@ -148,11 +148,7 @@ def wizard(
             f"{cfg_path} already has a connection named {conn_name!r}; choose another name "
             f"with --name, or remove that [[connections]] entry first", code="config.dupe"))
     use_oauth = _choose_oauth(out, p, oauth, interactive)
-    entry: dict[str, Any] = {"name": conn_name, **p.connection}
-    if confirmed_name is not None:
-        entry["tls_server_name"] = confirmed_name
-        p.notes.append(f"tls_server_name = \"{confirmed_name}\": the name on the server's "
-                       "certificate, confirmed by you")
+    entry = entry_for(p, conn_name, cert_name=confirmed_name)
     if use_oauth:
         entry.update(_oauth_entry(out, p, client_id, client_secret_env, interactive))
         entry["auth"] = "oauthbearer" if "OAUTHBEARER" in p.chosen.auth and \
@@ -179,18 +175,9 @@ def wizard(
 
 def _server_arg(text: str) -> tuple[str, int | None]:
     """``--server`` HOST, HOST:PORT, [IPv6] or [IPv6]:PORT."""
-    value = text.strip()
-    host, port_text = value, ""
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else rest
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    if not host or any(ch in host for ch in "/@ ") or (port_text and not (
-            port_text.isdigit() and 0 < int(port_text) < 65536)):
-        raise ConfigError(f"--server {text!r}: expected HOST or HOST:PORT, e.g. "
-                          "smtp.example.com:587", code="wizard.server")
-    return host.lower(), int(port_text) if port_text else None
+    from postroom.diagnostics.wizard import parse_server
+
+    return parse_server(text)
 
 
 def _confirm_concerns(out: _Out, p: Any) -> str | None:
@@ -337,25 +324,9 @@ def _password(out: _Out, p: Any, entry: dict[str, Any], address: str, env: str |
 
 def _check_login(entry: dict[str, Any], secret: str) -> Any:
     """None when connecting and logging in works, else the DeliveryError."""
-    from postroom import transports
-    from postroom.exceptions import DeliveryError
-    from postroom.transports.base import TransportContext
+    from postroom.diagnostics.wizard import check_login
 
-    model = transports.settings_model("smtp", "wizard")
-    cfg = model.model_validate({k: v for k, v in entry.items() if k != "oauth"})
-    t = transports.create(cfg, TransportContext(
-        ehlo_name=_hostname(), stored_secret=lambda _name: secret))
-
-    async def go() -> DeliveryError | None:
-        try:
-            await t.check()
-        except DeliveryError as err:
-            return err
-        finally:
-            await t.aclose()
-        return None
-
-    return asyncio.run(go())
+    return asyncio.run(check_login(entry, secret, ehlo_name=_hostname()))
 
 
 def _hostname() -> str:
@@ -424,8 +395,7 @@ def _send_test(out: _Out, path: Path, name: str, to: str) -> int:
     """`postroom test NAME --to TO`, with the same delivery path and transcript."""
     from postroom import cli
     from postroom import settings as settings_mod
-    from postroom.envelope import Envelope, validate_address
-    from postroom.message import compose
+    from postroom.ops.connections import test_envelope
     from postroom.runtime import Instance
 
     inst = Instance(_guard(out, lambda: settings_mod.load(path)))
@@ -434,14 +404,10 @@ def _send_test(out: _Out, path: Path, name: str, to: str) -> int:
     if "@" not in frm:
         frm = to
 
-    def build() -> Envelope:
-        validate_address(frm)
-        validate_address(to)
-        raw = compose(sender=frm, to=[to], subject=f"Postroom test via {name}",
-                      text=f"This is a test message from Postroom through connection {name!r},"
-                      " set up by `postroom wizard`. If you can read it, delivery works.\n")
-        return Envelope(frm, [to], raw, source="cli:wizard", connection=name,
-                        expires_at=cli.one_try_expiry())
+    def build() -> Any:
+        return test_envelope(inst.settings, name, to, frm, source="cli:wizard",
+                             expires_at=cli.one_try_expiry(),
+                             how=", set up by `postroom wizard`")
 
     env = _guard(out, build)
     msg_id = _guard(out, lambda: inst.queue.enqueue_sync(env, hold=cli.NOW_HOLD))
@@ -450,7 +416,7 @@ def _send_test(out: _Out, path: Path, name: str, to: str) -> int:
     if not out.as_json:
         for a in attempts:
             cli._print_attempt(a, inst.settings)
-    row = inst.queue.get(msg_id) or {}
+    row = inst.queue.log.get(msg_id) or {}
     status = row.get("status")
     out.data["test"] = {"id": msg_id, "to": to, "status": status, "attempts": attempts}
     if status == "sent":

@@ -38,6 +38,7 @@ from postroom.diagnostics import providers
 from postroom.diagnostics.dns import Resolver
 from postroom.diagnostics.probe import probe
 from postroom.diagnostics.report import PortResult, Verdict
+from postroom.exceptions import ConfigError, DeliveryError
 
 _VERDICT_RANK = {Verdict.OK: 0, Verdict.CERTIFICATE: 1, Verdict.NO_TLS: 2}
 _SECURITY_RANK = {"smtps": 0, "starttls": 1, "none": 2}
@@ -166,6 +167,54 @@ def default_name(address: str, provider: providers.Provider | None) -> str:
         return provider.id
     domain = address.rpartition("@")[2]
     return re.sub(r"[^A-Za-z0-9_.-]", "-", domain.split(".")[0])[:64] or "primary"
+
+
+def parse_server(text: str) -> tuple[str, int | None]:
+    """A server the user names: HOST, HOST:PORT, [IPv6] or [IPv6]:PORT."""
+    value = text.strip()
+    host, port_text = value, ""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    if not host or any(ch in host for ch in "/@ ") or (port_text and not (
+            port_text.isdigit() and 0 < int(port_text) < 65536)):
+        raise ConfigError(f"--server {text!r}: expected HOST or HOST:PORT, e.g. "
+                          "smtp.example.com:587", code="wizard.server")
+    return host.lower(), int(port_text) if port_text else None
+
+
+def entry_for(p: Plan, name: str, *, cert_name: str | None = None) -> dict[str, Any]:
+    """The recommended ``[[connections]]`` entry named ``name``; ``cert_name``: the
+    certificate's name the user confirmed as tls_server_name (Plan.cert_name)."""
+    entry: dict[str, Any] = {"name": name, **p.connection}
+    if cert_name is not None:
+        entry["tls_server_name"] = cert_name
+        p.notes.append(f"tls_server_name = \"{cert_name}\": the name on the server's "
+                       "certificate, confirmed by you")
+    return entry
+
+
+async def check_login(entry: dict[str, Any] | Any, secret: str | None, *,
+                      ehlo_name: str) -> DeliveryError | None:
+    """Connect and log in with ``entry`` (an SMTP ``[[connections]]`` table, not saved) and
+    ``secret``; nothing is sent. None when it works, else the DeliveryError (with its
+    transcript). The transport's own timeouts bound it."""
+    from postroom import transports
+    from postroom.transports.base import TransportContext
+
+    model = transports.settings_model(str(entry.get("transport", "smtp")), "wizard")
+    cfg = model.model_validate({k: v for k, v in entry.items() if k != "oauth"})
+    t = transports.create(cfg, TransportContext(
+        ehlo_name=ehlo_name, stored_secret=lambda _name: secret))
+    try:
+        await t.check()
+    except DeliveryError as err:
+        return err
+    finally:
+        await t.aclose()
+    return None
 
 
 def _system_resolves(host: str) -> bool:

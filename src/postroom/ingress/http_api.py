@@ -46,7 +46,9 @@ from postroom.ingress.http_models import (
 from postroom.message import Attachment, Draft, build
 from postroom.oauth import web as oauth_web
 from postroom.queue.sql import IdempotencyKey
+from postroom.store.log import LogFilter
 from postroom.store.schema import PRIORITIES, STATUSES
+from postroom.web import app as web_app
 
 PREFIX = "/api/v1"
 # Composing a big message (base64 of large attachments) takes long enough to stall the
@@ -256,7 +258,7 @@ async def _enqueue(ctx: Context, env: Envelope, app: str, key: str | None,
                         "retry later with the same Idempotency-Key",
                         headers={"Retry-After": "5"}) from err
     if msg_id != env.id:  # the key's first request was answered before: same message
-        row = await asyncio.to_thread(ctx.queue.get, msg_id)
+        row = await asyncio.to_thread(ctx.queue.log.get, msg_id)
         out = Accepted(id=msg_id, status=str(row["status"]) if row else "queued",
                        recipients=list(row["recipients"]) if row else env.recipients,
                        duplicate=True)
@@ -431,12 +433,12 @@ async def list_messages(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> MessagePage:
-    rows = await asyncio.to_thread(
-        ctx.queue.search, status=status, to=recipient or None, sender=sender or None,
-        text=q or None, tag=tag or None, app=app,
-        since=_time(since, "since") if since else None,
-        until=_time(until, "until") if until else None,
-        before=_before(cursor) if cursor else None, limit=limit + 1)
+    wanted = LogFilter(status=status, to=recipient or None, sender=sender or None,
+                       text=q or None, tag=tag or None, app=app,
+                       since=_time(since, "since") if since else None,
+                       until=_time(until, "until") if until else None)
+    rows = await asyncio.to_thread(ctx.queue.log.page, wanted,
+                                   before=_before(cursor) if cursor else None, limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     return MessagePage(messages=[MessageOut.model_validate(_out(r)) for r in rows],
@@ -447,7 +449,7 @@ async def list_messages(
             responses={404: {"model": ErrorBody, "description": "No such message."}},
             summary="One message: recipients' states and every attempt")
 async def get_message(msg_id: MsgId, app: App, ctx: Ctx) -> MessageDetail:
-    row = _owned(await asyncio.to_thread(ctx.queue.get, msg_id), app, msg_id)
+    row = _owned(await asyncio.to_thread(ctx.queue.log.get, msg_id), app, msg_id)
     # The message's own recipients, then the copies its policy added (marked "forced").
     forced = [r for r, st in row["rcpt_status"].items() if st.get("forced")]
     states = [{"address": r, **{k: v for k, v in row["rcpt_status"].get(r, {}).items()
@@ -470,7 +472,7 @@ async def resend(
     body: Annotated[ResendIn | None, Body()] = None,
     idempotency_key: IdemHeader = None,
 ) -> JSONResponse:
-    row = _owned(await asyncio.to_thread(ctx.queue.get, msg_id), app, msg_id)
+    row = _owned(await asyncio.to_thread(ctx.queue.log.get, msg_id), app, msg_id)
     if row["raw"] is None:
         raise HttpError(409, "message.no_body", f"message {msg_id} has no stored body",
                         "it was purged; send it again")
@@ -509,5 +511,6 @@ def create_app(ctx: Context) -> FastAPI:
     api.state.ctx = ctx
     api.include_router(router)
     api.include_router(oauth_web.router)  # /oauth/start/{connection}, /oauth/callback
+    web_app.install(api)  # /, /admin (pages), /api/v1/admin (JSON): postroom.web
     install(api)
     return api

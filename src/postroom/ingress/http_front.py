@@ -12,8 +12,12 @@ front that answers ``/healthz`` itself, and hands ``/api/v1`` to the FastAPI app
 /healthz shows its details (store errors, worker ids, queue sizes) to server.admin_networks
 only; everyone else gets the verdict alone.
 
+The web admin (``/``, ``/admin...``, ``/api/v1/admin...``; postroom.web) has its own fence
+here, before any page work: server.admin_networks and the ``Host`` header first
+(postroom.web.fence), then a body read under 64 KB unless the request is signed in.
+
 Both are loaded when first needed: uvicorn on the first connection, FastAPI on the first
-API request. `postroom serve` must idle within 60 MB, and they cost about 2 MB and 10 MB
+API (or admin) request. `postroom serve` must idle within 60 MB, and they cost about 2 MB and 10 MB
 that a server used only over SMTP (or only probed on /healthz) never needs.
 """
 
@@ -29,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postroom.apps import Apps
 from postroom.exceptions import ConfigError
@@ -39,6 +43,11 @@ from postroom.ingress.health import health
 from postroom.ingress.http_auth import AUTH_STATE, KeyChecker
 from postroom.queue.sql import Queue
 from postroom.settings import Settings
+from postroom.web import fence
+
+if TYPE_CHECKING:
+    from postroom.runtime import Instance
+    from postroom.web.auth import AdminAuth
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
@@ -63,6 +72,10 @@ class Context:
     worker_owner: str | None = None
     intake: Intake | None = None  # ingress.accept; made from settings and apps when None
     keys: KeyChecker = field(default_factory=KeyChecker)  # API keys (http_auth)
+    # The instance `postroom serve` runs (its engine, secrets, config store...), for the web
+    # admin's pages; None when the API is used on its own.
+    instance: Instance | None = None
+    admin: AdminAuth | None = None  # the web admin's accounts and sessions (web.auth.of)
 
     def checks(self) -> Intake:
         if self.intake is None:
@@ -113,6 +126,26 @@ def _closing(send: Send) -> Send:
 
 async def _empty() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _raw(send: Send, status: int, content_type: bytes, data: bytes, *,
+               close: bool = False) -> None:
+    hdrs = [(b"content-type", content_type), (b"content-length", str(len(data)).encode()),
+            (b"cache-control", b"no-store")]
+    if close:
+        hdrs.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": data})
+
+
+@dataclass(frozen=True)
+class _Held:
+    """An answer the application gave but asked to delay (a failed admin login): sent
+    after ``delay`` seconds, once the request no longer counts toward the caps."""
+
+    delay: float
+    messages: list[Message]
+    send: Send
 
 
 @dataclass(frozen=True)
@@ -186,14 +219,20 @@ class Front:
             # Waited out here, no longer counted as in flight: a client being slowed down
             # holds its own connection only, never a place another client needs.
             await asyncio.sleep(later.delay)
-            await _json(send, later.status, later.body, later.headers, close=True)
+            if isinstance(later, _Held):
+                for message in later.messages:
+                    await later.send(message)
+            else:
+                await _json(send, later.status, later.body, later.headers, close=True)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send,
-                      ip: str) -> _Later | None:
+                      ip: str) -> _Later | _Held | None:
         method, path = scope["method"], scope["path"]
         if path == "/healthz":
             await self._health(send, method, ip)
             return None
+        if fence.is_admin(path):
+            return await self._admin(scope, receive, send, ip)
         body = b""
         if path == PREFIX or (path.startswith(PREFIX + "/") and not _public(path)):
             refusal = await self._authenticate(scope, ip)
@@ -207,6 +246,11 @@ class Front:
             # Public pages take no body: it is not read, and the connection ends after the
             # answer (else its bytes would be read as the next request).
             send = _closing(send)
+        await self._run(scope, body, receive, send)
+        return None
+
+    async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """The application, given the body read here."""
         sent = False
 
         async def replay() -> Message:
@@ -222,8 +266,43 @@ class Front:
         except Exception:
             # The application has answered 500 already (its last-resort handler); this is
             # where the traceback goes, to the log and never to the client.
-            log.exception("HTTP %s %s failed", method, path)
-        return None
+            log.exception("HTTP %s %s failed", scope["method"], scope["path"])
+
+    async def _admin(self, scope: Scope, receive: Receive, send: Send,
+                     ip: str) -> _Held | None:
+        """The web admin: its fence (admin_networks, Host), its body limit (64 KB until
+        signed in), its headers; a failed login's answer is held back (web.auth)."""
+        refused = fence.refusal(self.ctx.settings, scope, ip)
+        if refused is not None:
+            await _raw(send, refused[0], refused[1], refused[2], close=_announces_body(scope))
+            return None
+        send = fence.guarded(send, static=scope["path"].startswith(fence.PAGES + "/static/"))
+        body = b""
+        if _announces_body(scope):
+            limit = fence.ANONYMOUS_BODY
+            if fence.carries_credentials(scope) and await self._signed_in(scope):
+                limit = self.max_body
+            read = await self._body(scope, receive, send, limit)
+            if read is None:
+                return None
+            body = read
+        state = scope.setdefault("state", {})
+        held: list[Message] = []
+
+        async def holding(message: Message) -> None:
+            if state.get(fence.DELAY_STATE):
+                held.append(message)
+            else:
+                await send(message)
+
+        await self._run(scope, body, receive, holding)
+        delay = state.get(fence.DELAY_STATE)
+        return _Held(float(delay), held, send) if delay and held else None
+
+    async def _signed_in(self, scope: Scope) -> bool:
+        from postroom.web import auth  # the accounts' modules: loaded on first admin use
+
+        return await auth.signed_in(self.ctx, scope)
 
     async def _health(self, send: Send, method: str, ip: str) -> None:
         if method not in ("GET", "HEAD"):
@@ -276,16 +355,18 @@ class Front:
         except TimeoutError:
             return None
 
-    async def _body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        """The whole request body, or None after answering 413 (over the limit) or 408 (too
-        slow), or when the client went away."""
+    async def _body(self, scope: Scope, receive: Receive, send: Send,
+                    limit: int | None = None) -> bytes | None:
+        """The whole request body, or None after answering 413 (over ``limit``, by default
+        [http] max_body_size) or 408 (too slow), or when the client went away."""
+        max_body = self.max_body if limit is None else limit
         declared = None
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
                 declared = int(value)
         chunks: list[bytes] = []
         size = 0
-        over = declared is not None and declared > self.max_body
+        over = declared is not None and declared > max_body
         expects_continue = any(n == b"expect" and v.lower() == b"100-continue"
                                for n, v in scope["headers"])
         deadline = asyncio.get_running_loop().time() + self.http.body_timeout
@@ -304,21 +385,24 @@ class Front:
                     return None
                 part = msg.get("body", b"")
                 size += len(part)
-                if size > self.max_body:
+                if size > max_body:
                     over = True
                     chunks.clear()
                 elif not over:
                     chunks.append(part)
                 # Over the limit, the rest is read and dropped (up to the limit again) so
                 # that the client, still writing, gets to read the 413 instead of a reset.
-                if not msg.get("more_body") or size > 2 * self.max_body:
+                if not msg.get("more_body") or size > 2 * max_body:
                     break
         if over:
-            limit = self.max_body
+            fix = (f"send at most {max_body} bytes (the server's [http] max_body_size); big "
+                   "files belong in a link rather than an attachment")
+            if max_body < self.max_body:
+                fix = (f"sign in first: before, a request body may hold at most {max_body} "
+                       "bytes")
             await _json(send, 413, _error(
-                "request.too_large", f"the request body is over {limit} bytes",
-                f"send at most {limit} bytes (the server's [http] max_body_size); big files "
-                "belong in a link rather than an attachment"), close=True)
+                "request.too_large", f"the request body is over {max_body} bytes", fix),
+                close=True)
             return None
         return b"".join(chunks)
 

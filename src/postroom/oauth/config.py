@@ -40,6 +40,10 @@ class OAuthSettings(BaseModel):
     client_secret: str | None = None  # discouraged in the file: prefer _env or _file
     client_secret_env: str | None = None
     client_secret_file: Path | None = None
+    # The secret is kept encrypted in the database (SecretStore, name
+    # "connection:<name>:oauth_client_secret"): set by the web admin or `postroom config
+    # import`, read by postroom.oauth.tokens.TokenManager.secret.
+    client_secret_stored: bool = False
     grant: Grant = "user"
     tenant: str = "common"  # Microsoft: common | consumers | organizations | <tenant id>
     scopes: list[str] | None = None  # default: what the provider needs for this transport
@@ -62,8 +66,8 @@ class OAuthSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> OAuthSettings:
-        given = [k for k in ("client_secret", "client_secret_env", "client_secret_file")
-                 if getattr(self, k)]
+        given = [k for k in ("client_secret", "client_secret_env", "client_secret_file",
+                             "client_secret_stored") if getattr(self, k)]
         if len(given) > 1:
             raise ValueError(f"give only one of {', '.join(given)}")
         if self.grant == "service_account":

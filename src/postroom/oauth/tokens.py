@@ -176,10 +176,23 @@ class TokenManager:
 
     def secret(self, name: str) -> str | None:
         _, cfg = self.config(name)
+        if cfg.client_secret_stored:  # made in the web admin or imported (store.dbconfig)
+            from postroom.store.dbconfig import Secret, secret_name
+
+            cipher = self._cipher(secret_name(name, Secret.OAUTH_CLIENT_SECRET))
+            if cipher is None:
+                raise errors.failure("secret_missing", name,
+                                     said="the stored client secret is missing")
+            return self.store.vault.decrypt(cipher)
         try:
             return cfg.secret()
         except LookupError as err:
             raise errors.failure("secret_missing", name, said=str(err)) from err
+
+    def reconfigure(self, settings: Settings) -> None:
+        """The connections changed (postroom.reload): use ``settings`` from now on."""
+        self.settings = settings
+        self._endpoints.clear()
 
     def client(self, name: str, *, redirect: bool = False, scope: bool = True) -> Any:
         _, cfg = self.config(name)
@@ -203,14 +216,18 @@ class TokenManager:
         handed[connection] = tok
         return tok
 
-    def _stored_secret(self, name: str) -> str:
+    def _cipher(self, secret: str) -> str | None:
         from sqlalchemy import select
 
         from postroom.store.schema import secrets as secrets_table
 
         with self.engine.connect() as c:
-            cipher = c.execute(select(secrets_table.c.ciphertext)
-                               .where(secrets_table.c.name == f"connection:{name}:token")).scalar()
+            cipher: str | None = c.execute(select(secrets_table.c.ciphertext)
+                                           .where(secrets_table.c.name == secret)).scalar()
+        return cipher
+
+    def _stored_secret(self, name: str) -> str:
+        cipher = self._cipher(f"connection:{name}:token")
         if cipher is None:
             raise AuthError(
                 f"connection {name}: no OAuth access token; add an oauth table to the "

@@ -90,8 +90,11 @@ def manager(request: Request) -> TokenManager:
         from postroom.secrets import load_or_create_key
 
         ctx = state.ctx
-        tm = TokenManager(ctx.settings, ctx.queue.engine,
-                          load_or_create_key(key_file(ctx.settings)))
+        # under `postroom serve`, the instance's manager: it follows the live reload, so a
+        # connection made in the web admin can be signed in without a restart
+        inst = getattr(ctx, "instance", None)
+        tm = inst.oauth if inst is not None else TokenManager(
+            ctx.settings, ctx.queue.engine, load_or_create_key(key_file(ctx.settings)))
         state.oauth = tm
     return tm
 

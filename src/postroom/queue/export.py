@@ -32,6 +32,7 @@ from sqlalchemy import select
 from postroom.exceptions import MessageError
 from postroom.fsperm import open_private, private_dir
 from postroom.queue.sql import Queue
+from postroom.store.log import LogFilter
 from postroom.store.schema import PRIORITIES, messages
 
 CSV_COLUMNS = ("id", "created_at", "updated_at", "status", "priority", "sender", "recipients",
@@ -44,13 +45,14 @@ PAGE = 500
 
 def iter_log(queue: Queue, *, limit: int | None = None, page: int = PAGE,
              **filters: Any) -> Iterator[dict[str, Any]]:
-    """Every message ``queue.search(**filters)`` matches (up to ``limit``), newest first,
-    read a page at a time with the search's cursor."""
+    """Every message the log filter ``LogFilter(**filters)`` matches (up to ``limit``),
+    newest first, read a page at a time with the log's cursor."""
+    wanted = LogFilter(**filters)
     before: tuple[float, str] | None = None
     left = limit
     while left is None or left > 0:
         size = page if left is None else min(page, left)
-        rows = queue.search(**filters, before=before, limit=size)
+        rows = queue.log.page(wanted, before=before, limit=size)
         yield from rows
         if len(rows) < size:
             return

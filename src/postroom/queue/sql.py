@@ -1,4 +1,5 @@
-"""The queue on SQL: enqueue (group commit), claim with a lease, finish, release, search.
+"""The queue on SQL: enqueue (group commit), claim with a lease, finish, release. The log's
+reads (search, one message, counts) are postroom.store.log's: ``Queue.log``.
 
 Writes from one process go through one :class:`GroupCommitter`: every write that arrives
 while a commit is in progress is folded into the next transaction, so many concurrent SMTP
@@ -24,15 +25,11 @@ from sqlalchemy import (
     Connection,
     Engine,
     Executable,
-    Text,
-    and_,
     bindparam,
     case,
-    cast,
     delete,
     func,
     insert,
-    or_,
     select,
     union_all,
     update,
@@ -42,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from postroom.envelope import Envelope, new_id
 from postroom.exceptions import MessageError, StoreError
 from postroom.store.db import is_postgresql, write_transaction
+from postroom.store.log import Log
 from postroom.store.rows import message_row as message_row
 from postroom.store.schema import (
     DEFERRED,
@@ -131,7 +129,7 @@ def _finish_pg(conn: Connection, fins: list[FinishRow]) -> list[bool]:
     results = [{"id": p["b_id"], "token": p["b_token"], "status": p["status"],
                 "next_attempt_at": p["next_attempt_at"], "rcpt_status": p["rcpt_status"],
                 "last_error": p["last_error"], "counted": p["counted"],
-                "updated_at": p["updated_at"], "copy_due": p["copy_due"]}
+                "updated_at": p["updated_at"], "copy_due": p["copy_due"], "via": p["via"]}
                for p in (f.params for f in fins)]
     tried = [row for f in fins for row in f.attempts]
     done = conn.exec_driver_sql(_FINISH_PG, {"results": dumps(results),
@@ -148,7 +146,7 @@ _FINISH_PG = """
 WITH v AS (
   SELECT * FROM json_to_recordset(%(results)s::json)
     AS v(id text, token text, status text, next_attempt_at float8, rcpt_status json,
-         last_error text, counted int, updated_at float8, copy_due float8)
+         last_error text, counted int, updated_at float8, copy_due float8, via text)
 ), done AS (
   UPDATE messages AS m
   SET status = CASE WHEN m.status = 'sending' THEN v.status ELSE m.status END,
@@ -156,7 +154,7 @@ WITH v AS (
     lease_owner = NULL, lease_until = NULL, attempt_count = m.attempt_count + v.counted,
     rcpt_status = v.rcpt_status,
     last_error = CASE WHEN m.status = 'sending' THEN v.last_error ELSE m.last_error END,
-    updated_at = v.updated_at, copy_due = v.copy_due
+    updated_at = v.updated_at, copy_due = v.copy_due, via = coalesce(v.via, m.via)
   FROM v WHERE m.id = v.id AND m.lease_owner = v.token
   RETURNING m.id
 ), tried AS (
@@ -190,6 +188,8 @@ _FINISH = (
         last_error=case((_OWN_RUN, bindparam("last_error")), else_=messages.c.last_error),
         updated_at=bindparam("updated_at"),
         copy_due=bindparam("copy_due"),
+        # the connection of the last attempt, for the log's connection filter
+        via=func.coalesce(bindparam("via", type_=messages.c.via.type), messages.c.via),
     )
 )
 # Who holds these messages' leases (locked on PostgreSQL until the batch commits).
@@ -315,15 +315,6 @@ def _due_ids(conn: Connection, now: float, limit: int) -> list[str]:
         if len(ids) >= limit:
             break
     return ids
-
-
-def _escape_like(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def json_string(value: str) -> str:
-    """How a string looks inside a JSON column (for LIKE over a JSON list)."""
-    return json.dumps(value, ensure_ascii=False)
 
 
 def worker_id() -> str:
@@ -487,6 +478,7 @@ class Queue:
         self.clock = clock
         self.writer = GroupCommitter(engine)
         self._postgresql = is_postgresql(engine)
+        self.log = Log(engine)  # the email log's reads, on the same database
         self._expired_at = float("-inf")  # when leases were last checked (claims)
 
     # -- enqueue -------------------------------------------------------------------------
@@ -625,6 +617,7 @@ class Queue:
                 "counted": 1 if attempts else 0,
                 "updated_at": self.clock(),
                 "copy_due": copy_due,
+                "via": attempts[-1]["connection"] if attempts else None,
             },
             [{"message_id": msg.id, **a} for a in attempts],
         )
@@ -706,94 +699,6 @@ class Queue:
         if msgs:
             await self.writer.submit(op)
 
-    # -- the log ---------------------------------------------------------------------------
-    def search(
-        self,
-        *,
-        status: str | None = None,
-        to: str | None = None,
-        sender: str | None = None,
-        text: str | None = None,
-        source: str | None = None,
-        app: str | None = None,
-        tag: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        before: tuple[float, str] | None = None,
-        limit: int = 50,
-        states: bool = False,
-    ) -> list[dict[str, Any]]:
-        """The log, newest first. ``text`` matches subject, From, To and Message-ID;
-        ``app``: only what that app handed in, through any door (the owner column);
-        ``before`` = (created_at, id) of the last row of the previous page (a cursor that
-        stays correct while new mail arrives, unlike an offset); ``states``: with each
-        recipient's state (rcpt_status, forced copies included)."""
-        cols = [c for c in messages.c
-                if c.name != "raw" and (states or c.name != "rcpt_status")]
-        q = (
-            select(*cols)
-            .order_by(messages.c.created_at.desc(), messages.c.id.desc())
-            .limit(limit)
-        )
-
-        def like(value: str, *columns: Any) -> Any:
-            pattern = "%" + _escape_like(value.lower()) + "%"
-            return or_(*(func.lower(c).like(pattern, escape="\\") for c in columns))
-
-        if status:
-            q = q.where(messages.c.status == status)
-        if to:
-            q = q.where(like(to, messages.c.to_header, cast(messages.c.recipients, Text)))
-        if sender:
-            q = q.where(like(sender, messages.c.sender, messages.c.from_header))
-        if text:
-            q = q.where(like(text, messages.c.subject, messages.c.from_header,
-                             messages.c.to_header, messages.c.message_id))
-        if source:
-            q = q.where(messages.c.source == source)
-        if app:
-            q = q.where(messages.c.app == app)
-        if tag:
-            q = q.where(cast(messages.c.tags, Text).like(
-                "%" + _escape_like(json_string(tag)) + "%", escape="\\"))
-        if since is not None:
-            q = q.where(messages.c.created_at >= since)
-        if until is not None:
-            q = q.where(messages.c.created_at < until)
-        if before is not None:
-            at, last_id = before
-            q = q.where(
-                or_(messages.c.created_at < at,
-                    and_(messages.c.created_at == at, messages.c.id < last_id))
-            )
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
-
-    def get(self, msg_id: str) -> dict[str, Any] | None:
-        """One message with its attempts; ``msg_id`` may be a unique prefix (>= 6 chars)."""
-        with self.engine.connect() as conn:
-            row = conn.execute(select(messages).where(messages.c.id == msg_id)).first()
-            if row is None and len(msg_id) >= 6:
-                found = conn.execute(
-                    select(messages).where(messages.c.id.like(f"{msg_id}%")).limit(2)
-                ).all()
-                row = found[0] if len(found) == 1 else None
-            if row is None:
-                return None
-            data = dict(row._mapping)
-            data["attempts"] = [
-                dict(a._mapping)
-                for a in conn.execute(
-                    select(attempts).where(attempts.c.message_id == row.id).order_by(attempts.c.id)
-                )
-            ]
-            return data
-
-    def counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status))
-            return {r[0]: r[1] for r in rows}
-
     async def body(self, msg_id: str) -> bytes:
         """A message's body (for one claimed with ``body_later``)."""
 
@@ -849,7 +754,7 @@ class Queue:
 
     def resend_sync(self, msg_id: str, to: list[str] | None = None) -> str:
         """Queue a copy of a logged message (to its recipients, or to ``to``): a new log entry."""
-        orig = self.get(msg_id)
+        orig = self.log.get(msg_id)
         if orig is None or orig["raw"] is None:
             raise MessageError(f"no message {msg_id!r} with a stored body", code="message.unknown")
         env = Envelope(

@@ -190,6 +190,24 @@ class Worker:
         """New mail is due (called by an in-process listener): claim without waiting."""
         self._wake.set()
 
+    def reconfigure(self, transports: dict[str, Transport], routes: Sequence[Route],
+                    policies: dict[str, message_policy.MessagePolicy],
+                    default_connection: str | None,
+                    ) -> tuple[list[Transport], list[asyncio.Task[list[dict[str, Any]]]]]:
+        """Use these connections, routes and policies for every try from now on (the
+        configuration changed: postroom.reload). A try already under way keeps the
+        transport it holds. Returns the transports no longer used and the deliveries under
+        way, which the caller lets finish before closing those."""
+        old = self.transports
+        self.transports = transports
+        self.routes = routes
+        self.policies = policies
+        self.default_connection = default_connection
+        self.router = Router(routes, default_connection)
+        retired = [t for name, t in old.items() if transports.get(name) is not t]
+        self._wake.set()  # mail held for want of a connection may go now
+        return retired, [task for _, task in self._inflight.values()]
+
     async def run(self) -> None:
         """Claim and deliver until :meth:`stop` is called."""
         self._run_task = asyncio.current_task()

@@ -71,14 +71,24 @@ messages = Table(
     # When a policy-forced copy (an archive Bcc) of a finished message is due again on its
     # own; NULL when none waits (postroom.policy, migration 0007).
     Column("copy_due", Float),
+    # The connection that last tried the message (the log's connection filter, migration
+    # 0008); `connection` above is only the one the sender pinned.
+    Column("via", String(64)),
     Index("ix_messages_due", "status", "priority", "next_attempt_at"),
     # Partial: only the few rows with a copy waiting are in it, so no other write pays for it
     # (a comparison on copy_due implies NOT NULL: SQLite and PostgreSQL both use it).
     Index("ix_messages_copy_due", "copy_due", sqlite_where=text("copy_due IS NOT NULL"),
           postgresql_where=text("copy_due IS NOT NULL")),
     Index("ix_messages_created", "created_at"),
-    # No index for the searched text columns: search matches lower(column) LIKE '%text%',
-    # which none can serve, and each would cost every write of the row (migration 0005).
+    # The log's filters, newest first (postroom.store.log, migration 0008). Text columns
+    # have no B-tree index: a trigram index kept by the database serves their searches.
+    Index("ix_messages_status_created", "status", "created_at"),
+    # Partial: mail of no app (sendmail, plain SMTP) and an enqueue (no via yet) do not write
+    # them; `app = x` / `via = x` implies the condition, so the filters still use them.
+    Index("ix_messages_app_created", "app", "created_at", sqlite_where=text("app IS NOT NULL"),
+          postgresql_where=text("app IS NOT NULL")),
+    Index("ix_messages_via_created", "via", "created_at", sqlite_where=text("via IS NOT NULL"),
+          postgresql_where=text("via IS NOT NULL")),
 )
 
 attempts = Table(
@@ -191,6 +201,9 @@ events = Table(
     Column("connection", String(64)),
     Column("detail", Text, nullable=False, default=""),
     Index("ix_events_at", "at"),
+    # A message's events, for its page (migration 0008); most events concern no message.
+    Index("ix_events_message", "message_id", sqlite_where=text("message_id IS NOT NULL"),
+          postgresql_where=text("message_id IS NOT NULL")),
 )
 
 # Instance-wide switches (e.g. the whole queue paused), shared by every node.
@@ -239,4 +252,111 @@ oauth_pending = Table(
     Column("redirect_uri", Text, nullable=False),
     Column("created_at", Float, nullable=False),
     Index("ix_oauth_pending_created", "created_at"),
+)
+
+# -- config in the database (issue 13, postroom.store.dbconfig) --------------------------------
+# Connections, routes, policy and retention made in the web admin (or imported). One row per
+# connection (name = its name); the route list, the policy and the retention keys one row each
+# (name ""). Never a secret: those go to `secrets`. Every change bumps the `control` row
+# "config.generation" in the same transaction, which every process polls to reload.
+config_entries = Table(
+    "config_entries",
+    metadata,
+    Column("kind", String(16), primary_key=True),  # postroom.store.dbconfig.Kind
+    Column("name", String(64), primary_key=True),
+    Column("body", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(160), nullable=False),  # audit.Actor.label
+)
+
+# -- the email log's rollups (postroom.store.log, migration 0008) ---------------------------
+# Finished messages per hour of creation, status, connection that last tried them and app,
+# kept by triggers on `messages` (every writer, no code of theirs involved): the dashboard
+# sums a few hundred of these rows instead of counting the table. Waiting messages are not
+# counted here: they change state at every try, and the queue index counts them cheaply.
+ROLLUP_STATUSES = (SENT, PARTIAL, FAILED)
+log_rollups = Table(
+    "log_rollups",
+    metadata,
+    Column("hour", Float, primary_key=True),  # the creation hour's start, epoch seconds
+    Column("status", String(16), primary_key=True),
+    Column("connection", String(64), primary_key=True),  # messages.via, '' for none
+    Column("app", String(64), primary_key=True),  # '' for none
+    Column("count", Integer, nullable=False),
+)
+
+# Messages not in the text index yet (postroom.store.log.Log.index_pending, migration 0008):
+# an insert trigger adds the id, the indexer takes batches of them after the commit, so the
+# enqueue pays for one narrow row instead of the index. Searches read these rows directly.
+log_pending = Table(
+    "log_pending",
+    metadata,
+    # messages.id. On SQLite the table's rowid is the arrival order the indexer follows:
+    # FTS5 appends rowids in order cheaply, rowids from all over its range cost it merges.
+    Column("id", String(32), primary_key=True),
+)
+
+# -- the web admin's accounts, sessions, API tokens and the audit log (migration 0009) ------
+
+# Admin accounts (postroom.admin.accounts). Failures and lockout live here, not in a
+# process, so every node sees them.
+admin_accounts = Table(
+    "admin_accounts",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("password_hash", String(255), nullable=False),  # argon2id
+    Column("role", String(16), nullable=False),  # audit.Role
+    Column("created_at", Float, nullable=False),
+    Column("last_login_at", Float),
+    Column("password_changed_at", Float, nullable=False),  # sessions from before it end
+    Column("totp_secret", Text),  # Fernet ciphertext; NULL: no second factor
+    Column("totp_last", Integer),  # the last TOTP time step used: a code works once
+    Column("failed_logins", Integer, nullable=False, default=0, server_default="0"),
+    Column("locked_until", Float),
+)
+
+# Logged-in sessions (postroom.admin.sessions): only sha256 of the cookie's token is kept.
+admin_sessions = Table(
+    "admin_sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("account", String(64),
+           ForeignKey("admin_accounts.name", ondelete="CASCADE"), nullable=False),
+    Column("role", String(16), nullable=False),  # at login; lookup reads the account's
+    Column("csrf", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # password | sso
+    Column("ip", String(64)),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_admin_sessions_account", "account"),
+    Index("ix_admin_sessions_expires", "expires_at"),
+)
+
+# Admin API tokens (postroom.admin.tokens): prt_<id>_<secret>, the secret kept as an HMAC.
+admin_tokens = Table(
+    "admin_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("account", String(64),
+           ForeignKey("admin_accounts.name", ondelete="CASCADE"), nullable=False),
+    Column("label", String(100), nullable=False),
+    Column("token_hash", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+    Index("ix_admin_tokens_account", "account"),
+)
+
+# Who did what, when, to which object (postroom.audit); detail is JSON, secrets masked.
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(160), nullable=False),  # "admin:alice", "cli:root", "token:bob"
+    Column("action", String(48), nullable=False),  # audit.Action
+    Column("object", String(200), nullable=False, default=""),
+    Column("detail", Text, nullable=False, default="{}"),
+    Column("ip", String(64)),
+    Index("ix_audit_at", "at"),
 )

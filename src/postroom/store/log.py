@@ -1,0 +1,558 @@
+"""The email log: filters, cursor pages, counts, text search and the dashboard's rollups.
+
+Every reader of the log (``postroom log`` / ``show``, the HTTP API, exports, the web admin)
+goes through :class:`Log`; the queue (``postroom.queue.sql``) only writes. Triggers of
+migration 0008 do the bookkeeping, so every writer (the queue, ``postroom-sendmail``'s
+direct SQLite insert, retention, maintenance) keeps the log right without knowing:
+
+- text searches of 3+ characters use SQLite FTS5 (``trigram``) or PostgreSQL ``pg_trgm``;
+  shorter ones cannot (a trigram index has nothing to look up for two characters) and
+  match with LIKE over the table, which is what a two-letter search costs anyway;
+- the text index is written after the enqueue's commit, not in it: an insert leaves its id
+  in ``log_pending`` and :meth:`Log.index_pending` (:func:`index_loop`, a chore of every
+  worker process) indexes those in batches. A search reads the index *and* the pending
+  rows (LIKE over those few), so its answer is exactly a full scan's at any moment;
+- ``log_rollups`` counts finished messages per (created hour, status, connection, app), so
+  the dashboard reads a few hundred rows instead of counting the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlencode
+
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Integer,
+    Select,
+    Text,
+    and_,
+    cast,
+    column,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+    table,
+    text,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from postroom.exceptions import MessageError
+from postroom.store.db import is_postgresql, write_transaction
+from postroom.store.schema import (
+    FAILED,
+    ROLLUP_STATUSES,
+    STATUSES,
+    WAITING,
+    attempts,
+    events,
+    log_pending,
+    log_rollups,
+    messages,
+)
+from postroom.store.states import SENDING
+
+log = logging.getLogger(__name__)
+
+Cursor = tuple[float, str]  # (created_at, id) of the last row shown
+
+HOUR = 3600
+MIN_INDEXED = 3  # a trigram index matches nothing shorter (FTS5 trigram, pg_trgm)
+# How text searches pick their trigrams (Log._rare_trigrams).
+WINDOW = 20_000  # newest rows a trigram's frequency is sampled in
+COMMON = 200  # hits in that window (1 %) that make a trigram common
+RARE_PICK = 3  # rare trigrams a search asks the index for
+MAX_GRAMS = 24  # trigrams sized at most (a long value: an even sample)
+_SIZE = text("SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_fts MATCH :q "
+             "AND rowid > :low LIMIT :cap)")
+CANDIDATES = 5000  # candidates above which a search of common trigrams walks the log
+_FTS_COLUMNS = ("subject", "from_header", "to_header", "sender", "recipients", "message_id")
+_CANDIDATES = text("SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_fts "
+                   "MATCH :q LIMIT :cap)")
+_ANY = text("SELECT 1 FROM messages_fts WHERE messages_fts MATCH :q LIMIT 1")
+
+# What each text filter matches, in one place: the SQLite FTS5 column set, and the column
+# of PostgreSQL's message_search that holds the same columns joined (migration 0008).
+_TEXT = ("subject", "from_header", "to_header", "message_id")
+_TO = ("to_header", "recipients")
+_SENDER = ("sender", "from_header")
+_PG_COLUMN = {_TEXT: "body", _TO: "rcpt", _SENDER: "sndr"}
+_search = table("message_search", column("id"), *(column(c) for c in _PG_COLUMN.values()))
+# message_search's columns from a messages row (prefix `{r}`): what the indexer writes and
+# what a search of the pending rows compares, so both give the same answer. (Migration 0008
+# keeps its own copy: a migration does not change with later code.)
+_PG_SEARCH = {
+    "body": "{r}subject || E'\\n' || {r}from_header || E'\\n' || {r}to_header || E'\\n' || "
+            "{r}message_id",
+    "rcpt": "{r}to_header || E'\\n' || {r}recipients::text",
+    "sndr": "{r}sender || E'\\n' || {r}from_header",
+}
+_PG_INDEX = text(f"""
+WITH taken AS (
+  DELETE FROM log_pending WHERE id IN (
+    SELECT id FROM log_pending ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)
+  RETURNING id),
+written AS (
+  INSERT INTO message_search (id, {', '.join(_PG_SEARCH)})
+  SELECT m.id, {', '.join(e.format(r='m.') for e in _PG_SEARCH.values())}
+  FROM messages m JOIN taken t ON t.id = m.id
+  ON CONFLICT (id) DO NOTHING)
+SELECT count(*) FROM taken""")
+# Rowid order: FTS5 appends to its segments instead of merging in the middle.
+_FTS_INDEX = text(f"INSERT INTO messages_fts (rowid, {', '.join(_FTS_COLUMNS)}) "
+                  f"SELECT rowid, {', '.join(_FTS_COLUMNS)} FROM messages "
+                  "WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY rowid")
+# The SQLite rowids of the pending messages: added to the index's candidates.
+_FTS_PENDING = "SELECT m.rowid FROM log_pending p JOIN messages m ON m.id = p.id"
+INDEX_BATCH = 500  # rows per indexing transaction in the chore: the write lock is held
+INDEX_PAUSE = 0.02  # between full batches: writers waiting for the lock get it first
+INDEX_INTERVAL = 1.0  # seconds between looks when nothing was pending
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    """What the log is filtered by; every field optional (None: any)."""
+
+    status: str | None = None
+    app: str | None = None
+    connection: str | None = None  # the connection that last tried the message
+    sender: str | None = None  # in the envelope sender or From
+    to: str | None = None  # in the envelope recipients or To
+    text: str | None = None  # in the subject, From, To or Message-ID
+    tag: str | None = None
+    source: str | None = None
+    since: float | None = None  # created at or after (epoch seconds)
+    until: float | None = None  # created before
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in STATUSES:
+            raise MessageError(f"status {self.status!r} is not a message state: use one of "
+                               f"{', '.join(STATUSES)}", code="log.filter")
+
+    def query_string(self) -> str:
+        """The filter as URL query parameters (the fields that are set), for links."""
+        pairs = [(f.name, _show(getattr(self, f.name))) for f in fields(self)
+                 if getattr(self, f.name) not in (None, "")]
+        return urlencode(pairs)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> LogFilter:
+        """The filter from URL query parameters: unknown keys ignored, empty ones unset;
+        ``since``/``until`` in epoch seconds. A bad value is a MessageError naming it."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = m.get(f.name)
+            if raw is None or str(raw).strip() == "":
+                continue
+            value = str(raw).strip()
+            if len(value) > 320:
+                raise MessageError(f"{f.name}: at most 320 characters, got {len(value)}",
+                                   code="log.filter")
+            if f.name in ("since", "until"):
+                try:
+                    number = float(value)
+                except ValueError:
+                    number = math.nan
+                if not math.isfinite(number) or number < 0:
+                    raise MessageError(f"{f.name} = {value!r}: give a time in epoch seconds "
+                                       "(e.g. 1767225600)", code="log.filter")
+                values[f.name] = number
+            else:
+                values[f.name] = value
+        return cls(**values)
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, float) and not value.is_integer() else (
+        str(int(value)) if isinstance(value, float) else str(value))
+
+
+def escape_like(value: str) -> str:
+    """``value`` for inside a LIKE pattern with ``ESCAPE '\\'``: ``%`` and ``_`` literal."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def json_string(value: str) -> str:
+    """How a string looks inside a JSON column (for LIKE over a JSON list)."""
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def fts_phrase(value: str) -> str:
+    """``value`` as one FTS5 string: inside double quotes everything (``*``, ``NEAR``,
+    ``OR``, ``:``...) is literal; a double quote is written twice."""
+    return '"' + value.replace('"', '""') + '"'
+
+
+_warned_no_fts = False
+
+
+class Log:
+    """Read access to the email log of one database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._pg = is_postgresql(engine)
+        self._fts: bool | None = None  # SQLite: is the FTS5 index there (found once)
+        self._trgm: bool | None = None  # PostgreSQL: are the pg_trgm indexes there
+
+    # -- where the text filters look -----------------------------------------------------
+    def _has_index(self) -> bool:
+        if self._pg:
+            if self._trgm is None:
+                with self.engine.connect() as conn:
+                    self._trgm = conn.execute(text(
+                        "SELECT 1 FROM pg_indexes WHERE indexname = 'ix_message_search_body'"
+                    )).first() is not None
+            found = self._trgm
+        else:
+            if self._fts is None:
+                with self.engine.connect() as conn:
+                    self._fts = conn.execute(text(
+                        "SELECT 1 FROM sqlite_master WHERE name = 'messages_fts'")).first() \
+                        is not None
+            found = self._fts
+        return found
+
+    def _indexed(self) -> bool:
+        global _warned_no_fts
+        found = self._has_index()
+        if not found and not _warned_no_fts:
+            _warned_no_fts = True
+            log.warning("the log has no text index (see migration 0008's warning): text, "
+                        "sender and recipient searches scan the whole table")
+        return found
+
+    def _match(self, name: str, value: str, cols: tuple[str, ...]) -> ColumnElement[bool]:
+        if self._pg:
+            # The pg_trgm GIN index of message_search serves ILIKE of 3+ characters; it
+            # rechecks its candidates itself. Pending rows: the same text, from messages.
+            pattern = "%" + escape_like(value) + "%"
+            col = _PG_COLUMN[cols]
+            found = select(_search.c.id).where(_search.c[col].ilike(pattern, escape="\\"))
+            pm = messages.alias("pm")
+            pending = (select(pm.c.id).join(log_pending, log_pending.c.id == pm.c.id)
+                       .where(literal_column(_PG_SEARCH[col].format(r="pm."))
+                              .ilike(pattern, escape="\\")))
+            return messages.c.id.in_(found.union_all(pending))
+        pattern = "%" + escape_like(value.lower()) + "%"
+        columns = [cast(messages.c[c], Text) if c == "recipients" else messages.c[c]
+                   for c in cols]
+        like = or_(*(func.lower(c).like(pattern, escape="\\") for c in columns))
+        if len(value) < MIN_INDEXED or not self._indexed():
+            return like
+        rare = self._rare_trigrams(value)
+        if rare is None:  # every piece is common: walking the log finds a page quickly
+            return like
+        if not rare:  # a piece of it is in no indexed message: only pending ones can match
+            return and_(messages.c.id.in_(select(log_pending.c.id)), like)
+        query = "{" + " ".join(cols) + "} : (" + " AND ".join(map(fts_phrase, rare)) + ")"
+        hits = text(f"SELECT rowid FROM messages_fts WHERE messages_fts MATCH :{name} "
+                    f"UNION ALL {_FTS_PENDING}") \
+            .bindparams(**{name: query}).columns(column("rowid", Integer))
+        # The trigrams give the candidates (fetched by rowid: walking the log newest first
+        # instead is quicker only when most candidates match, and a crawl when none does);
+        # LIKE keeps those that hold the whole text.
+        return and_(literal_column("messages.rowid").in_(hits), like)
+
+    def _rare_trigrams(self, value: str) -> list[str] | None:
+        """Up to RARE_PICK of the value's trigrams, the rarest among the newest WINDOW
+        messages; [] when one is in no indexed message; None when all are common and
+        together still match CANDIDATES messages or more (the log walk finds a page).
+
+        An FTS5 query reads its terms' whole doclists, and a trigram such as "exa" (every
+        example.com address) is in nearly every row: a phrase query of a full address
+        read them all. A few rare trigrams find the same candidates at a fraction of the
+        cost. Each is sized by counting its hits among the newest rows (a rowid range
+        the index seeks to), stopping at COMMON."""
+        # As typed: FTS5 folds case itself (casefold() here could change the length, ß->ss).
+        grams = list(dict.fromkeys(value[i:i + 3] for i in range(len(value) - 2)))
+        if len(grams) > MAX_GRAMS:  # a long value: an even sample of it is enough
+            step = len(grams) / MAX_GRAMS
+            grams = [grams[int(i * step)] for i in range(MAX_GRAMS)]
+        sized: list[tuple[int, str]] = []
+        with self.engine.connect() as conn:
+            top = conn.execute(text("SELECT max(rowid) FROM messages")).scalar() or 0
+            for gram in grams:
+                phrase = fts_phrase(gram)
+                n = int(conn.execute(_SIZE, {"q": phrase, "low": top - WINDOW,
+                                             "cap": COMMON}).scalar_one())
+                if n == 0 and conn.execute(_ANY, {"q": phrase}).first() is None:
+                    return []
+                sized.append((n, gram))
+            sized.sort()
+            picked = [g for n, g in sized[:RARE_PICK] if n < COMMON]
+            if not picked:
+                # Each piece is common; together they may still be rare (an order
+                # number: common digits, one message). Many candidates: walk the log.
+                picked = [g for _, g in sized[:RARE_PICK]]
+                query = " AND ".join(map(fts_phrase, picked))
+                n = int(conn.execute(_CANDIDATES, {"q": query, "cap": CANDIDATES})
+                        .scalar_one())
+                if n >= CANDIDATES:
+                    return None
+        return picked
+
+    def _where(self, q: Select[Any], f: LogFilter) -> Select[Any]:
+        m = messages.c
+        if f.status:
+            q = q.where(m.status == f.status)
+        if f.app:
+            q = q.where(m.app == f.app)
+        if f.connection:
+            q = q.where(m.via == f.connection)
+        if f.source:
+            q = q.where(m.source == f.source)
+        if f.to:
+            q = q.where(self._match("fts_to", f.to, _TO))
+        if f.sender:
+            q = q.where(self._match("fts_sender", f.sender, _SENDER))
+        if f.text:
+            q = q.where(self._match("fts_text", f.text, _TEXT))
+        if f.tag:
+            q = q.where(cast(m.tags, Text).like(
+                "%" + escape_like(json_string(f.tag)) + "%", escape="\\"))
+        if f.since is not None:
+            q = q.where(m.created_at >= f.since)
+        if f.until is not None:
+            q = q.where(m.created_at < f.until)
+        return q
+
+    # -- the text index, after the commit ---------------------------------------------------
+    def index_pending(self, batch: int = 2000) -> int:
+        """Move up to ``batch`` messages from ``log_pending`` into the text index, in one
+        short write transaction; how many were taken (0: none pending, or no index). Safe
+        on every node at once: PostgreSQL's SKIP LOCKED gives each caller other rows, and
+        SQLite has one writer at a time. A message deleted meanwhile is simply skipped."""
+        if not self._pg and not self._has_index():
+            return 0  # no FTS5 here: migration 0008 made no pending trigger either
+        if self._pg:
+            with write_transaction(self.engine) as conn:
+                return int(conn.execute(_PG_INDEX, {"n": batch}).scalar_one())
+        with write_transaction(self.engine) as conn:
+            # In arrival order (the table's rowid): see store/schema.py's log_pending.
+            taken = list(conn.execute(select(log_pending.c.id)
+                                      .order_by(literal_column("rowid")).limit(batch)).scalars())
+            if taken:
+                conn.execute(_FTS_INDEX, {"ids": json.dumps(taken)})
+                conn.execute(delete(log_pending).where(log_pending.c.id.in_(taken)))
+        return len(taken)
+
+    def pending(self) -> int:
+        """How many messages wait to be indexed."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(log_pending))
+                       .scalar_one())
+
+    def catch_up(self, limit: int = 50_000) -> int:
+        """Index pending messages until none are left or ``limit`` were (for a command that
+        searches with no server running). Best effort: a reader that may not write (a
+        read-only database) gets the same answers, from a LIKE over the pending rows."""
+        done = 0
+        try:
+            while done < limit:
+                n = self.index_pending(min(2000, limit - done))
+                done += n
+                if n == 0:
+                    break
+        except SQLAlchemyError as err:
+            log.debug("cannot index the log's pending messages now: %s", err)
+        return done
+
+    # -- pages -----------------------------------------------------------------------------
+    def page(self, f: LogFilter, *, before: Cursor | None = None, limit: int = 50,
+             states: bool = False) -> list[dict[str, Any]]:
+        """The log, newest first, without bodies. ``before`` = (created_at, id) of the last
+        row of the previous page (a cursor that stays correct while new mail arrives,
+        unlike an offset); ``states``: with each recipient's state (rcpt_status)."""
+        cols = [c for c in messages.c
+                if c.name != "raw" and (states or c.name != "rcpt_status")]
+        q = self._where(select(*cols), f)
+        if before is not None:
+            at, last_id = before
+            q = q.where(or_(messages.c.created_at < at,
+                            and_(messages.c.created_at == at, messages.c.id < last_id)))
+        q = q.order_by(messages.c.created_at.desc(), messages.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def count(self, f: LogFilter, *, cap: int | None = None) -> int:
+        """How many messages match; with ``cap``, counting stops there ("more than 10,000"
+        costs what 10,000 rows cost, not the whole table)."""
+        inner = self._where(select(messages.c.id), f)
+        if cap is not None:
+            inner = inner.limit(cap)
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(inner.subquery()))
+                       .scalar_one())
+
+    def ids(self, f: LogFilter, *, batch: int = 500) -> Iterator[list[str]]:
+        """The ids of every match, newest first, ``batch`` at a time (bulk actions): a
+        cursor walk, so acting on one batch does not shift the next."""
+        before: Cursor | None = None
+        while True:
+            q = self._where(select(messages.c.created_at, messages.c.id), f)
+            if before is not None:
+                q = q.where(or_(messages.c.created_at < before[0],
+                                and_(messages.c.created_at == before[0],
+                                     messages.c.id < before[1])))
+            q = q.order_by(messages.c.created_at.desc(), messages.c.id.desc()).limit(batch)
+            with self.engine.connect() as conn:
+                rows = conn.execute(q).all()
+            if not rows:
+                return
+            yield [r.id for r in rows]
+            if len(rows) < batch:
+                return
+            before = (rows[-1].created_at, rows[-1].id)
+
+    # -- one message -----------------------------------------------------------------------
+    def get(self, msg_id: str) -> dict[str, Any] | None:
+        """One message with its attempts (body included); ``msg_id`` may be a unique
+        prefix of 6+ characters."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(messages).where(messages.c.id == msg_id)).first()
+            if row is None and len(msg_id) >= 6:
+                found = conn.execute(
+                    select(messages).where(
+                        messages.c.id.like(escape_like(msg_id) + "%", escape="\\")).limit(2)
+                ).all()
+                row = found[0] if len(found) == 1 else None
+            if row is None:
+                return None
+            data = dict(row._mapping)
+            data["attempts"] = [dict(a._mapping) for a in conn.execute(
+                select(attempts).where(attempts.c.message_id == row.id)
+                .order_by(attempts.c.id))]
+            return data
+
+    def body(self, msg_id: str) -> bytes | None:
+        """A message's stored body: None when there is no such message or it was purged."""
+        with self.engine.connect() as conn:
+            raw = conn.execute(select(messages.c.raw).where(messages.c.id == msg_id)).scalar()
+        return None if raw is None else bytes(raw)
+
+    # -- the dashboard ---------------------------------------------------------------------
+    def summary(self, since: float, until: float | None = None) -> dict[str, int]:
+        """Messages created in [since, until) by status, and ``fallback_used`` events.
+        Finished ones (sent, partial, failed) come from the hourly rollups, so ``since``
+        counts from the start of its hour; waiting ones from the (status, created_at)
+        index, which only holds the few rows still in the queue."""
+        out = {s: 0 for s in STATUSES}
+        out["fallback_used"] = 0
+        start = math.floor(since / HOUR) * HOUR
+        r = log_rollups.c
+        q = select(r.status, func.sum(r.count)).where(r.hour >= start).group_by(r.status)
+        w = select(messages.c.status, func.count()).where(
+            messages.c.status.in_((*WAITING, SENDING)), messages.c.created_at >= since)
+        ev = select(func.count()).where(events.c.at >= since,
+                                        events.c.kind == "fallback_used")
+        if until is not None:
+            q = q.where(r.hour < until)
+            w = w.where(messages.c.created_at < until)
+            ev = ev.where(events.c.at < until)
+        with self.engine.connect() as conn:
+            for status, n in conn.execute(q):
+                out[status] = int(n or 0)
+            for status, n in conn.execute(w.group_by(messages.c.status)):
+                out[status] = int(n)
+            out["fallback_used"] = int(conn.execute(ev).scalar_one())
+        return out
+
+    def series(self, since: float, *, bucket: int = HOUR, until: float | None = None
+               ) -> list[tuple[float, dict[str, int]]]:
+        """Finished messages per ``bucket`` seconds (a whole number of hours) from
+        ``since`` to ``until`` (now), oldest first, every bucket present (zeros included):
+        a chart. At most 10,000 buckets."""
+        if bucket < HOUR or bucket % HOUR:
+            raise MessageError(f"bucket = {bucket}: use a whole number of hours in seconds "
+                               "(3600, 86400...)", code="log.bucket")
+        start = math.floor(since / bucket) * bucket
+        r = log_rollups.c
+        slot = (func.floor(r.hour / bucket) * bucket).label("slot")
+        end = time.time() if until is None else until
+        q = (select(slot, r.status, func.sum(r.count))
+             .where(r.hour >= start, r.hour < end).group_by(slot, r.status))
+        found: dict[float, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for at, status, n in conn.execute(q):
+                found.setdefault(float(at), {})[status] = int(n or 0)
+        steps = max(0, math.ceil((end - start) / bucket))
+        return [(start + i * bucket,
+                 {s: found.get(start + i * bucket, {}).get(s, 0) for s in ROLLUP_STATUSES})
+                for i in range(min(steps, 10_000))]
+
+    def queue_depth(self) -> dict[str, Any]:
+        """Mail still in the queue: counts by status, and the oldest waiting message's
+        creation time and age in seconds (None when nothing waits)."""
+        m = messages.c
+        with self.engine.connect() as conn:
+            counts: dict[str, int] = dict(conn.execute(
+                select(m.status, func.count()).where(m.status.in_((*WAITING, SENDING)))
+                .group_by(m.status)).all())
+            oldest = [conn.execute(select(func.min(m.created_at)).where(m.status == s))
+                      .scalar() for s in (*WAITING, SENDING)]
+        known = [o for o in oldest if o is not None]
+        first = min(known) if known else None
+        out: dict[str, Any] = {s: int(counts.get(s, 0)) for s in (*WAITING, SENDING)}
+        out["oldest_at"] = first
+        out["oldest_age"] = None if first is None else max(0.0, time.time() - first)
+        return out
+
+    def latest_failures(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The newest failed messages (no body), each with its last attempt ("attempt",
+        None if it never got one: expired or refused before a try)."""
+        page = self.page(LogFilter(status=FAILED), limit=limit)
+        with self.engine.connect() as conn:
+            for row in page:
+                last = conn.execute(select(attempts).where(attempts.c.message_id == row["id"])
+                                    .order_by(attempts.c.id.desc()).limit(1)).first()
+                row["attempt"] = None if last is None else dict(last._mapping)
+        return page
+
+    def counts(self) -> dict[str, int]:
+        """Messages by status, over the whole log (statuses with none left out): finished
+        ones from the rollups, waiting ones from the queue index."""
+        r = log_rollups.c
+        m = messages.c
+        with self.engine.connect() as conn:
+            out = {s: int(n) for s, n in conn.execute(
+                select(r.status, func.sum(r.count)).group_by(r.status)) if n}
+            out.update(conn.execute(
+                select(m.status, func.count()).where(m.status.in_((*WAITING, SENDING)))
+                .group_by(m.status)).all())
+        return out
+
+
+async def index_loop(log_: Log, *, batch: int = INDEX_BATCH,
+                     interval: float = INDEX_INTERVAL) -> None:
+    """The indexer chore (serve, ``postroom worker``): index pending messages, batch after
+    batch while there are many, else look again every ``interval`` seconds, until
+    cancelled. A failure is logged once (not every second while the database is away)
+    and retried; searches stay exact meanwhile, only slower."""
+    failing = False
+    while True:
+        taken = 0
+        try:
+            taken = await asyncio.to_thread(log_.index_pending, batch)
+        except SQLAlchemyError as err:
+            if not failing:
+                log.warning("indexing the email log failed (retried every %.0f s; searches "
+                            "stay right, only slower): %s", interval, err)
+            failing = True
+        else:
+            if failing:
+                log.warning("indexing the email log works again")
+            failing = False
+        await asyncio.sleep(INDEX_PAUSE if taken >= batch else interval)
