@@ -5,6 +5,7 @@ language (web/labels.py) and the one mapping from an ops refusal to an answer
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,20 @@ def test_one_status_for_pages_and_api(err: PostroomError, status: int) -> None:
 def test_a_result_passes_through() -> None:
     assert asyncio.run(ops_errors.attempt(lambda a, b=0: a + b, 2, b=3)) == 5
     assert asyncio.run(ops_errors.call(lambda: "done")) == "done"
+
+
+def test_every_web_admin_file_is_package_data() -> None:
+    """A wheel carries only what pyproject's package-data globs name: a template in a new
+    folder that no glob covers works from a checkout and is missing once installed."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["postroom"]
+    pkg = root / "src" / "postroom"
+    web = pkg / "web"
+    shipped = {p for g in globs for p in pkg.glob(g)}  # setuptools' globs: * stays in a folder
+    missing = [str(p.relative_to(pkg)) for p in web.rglob("*")
+               if p.is_file() and p.suffix not in (".py", ".pyc")
+               and "__pycache__" not in p.parts and p not in shipped]
+    assert missing == [], f"add a package-data glob for: {missing}"
