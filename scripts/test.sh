@@ -27,7 +27,7 @@
 #   PYTHON                   interpreter that creates the venv (default python3, must be 3.11+)
 #   POSTROOM_LINT            1 (default) runs ruff + mypy after pytest; 0 skips them
 #   POSTROOM_INSTALL_PEERS   1 (default) installs packages for the peers; 0 skips (not root?)
-#   POSTROOM_PYTEST_TIMEOUT  seconds for the whole pytest run (default 1800)
+#   POSTROOM_PYTEST_TIMEOUT  seconds for the whole pytest run (default 2700; CI stops a run at 90 minutes)
 #   POSTROOM_AUDIT           1 (default) runs pip-audit on the venv; 0 skips it
 #   POSTROOM_AUDIT_VENV      pip-audit's own venv (default $PEERS/pip-audit-venv)
 #   POSTROOM_AUDIT_STRICT    1: also fail when no advisory service answered (default: warn;
@@ -200,8 +200,8 @@ flock -u 9
 exec 9>&-
 
 # ---- 4. pytest -----------------------------------------------------------------------------------
-TO=(timeout -k 30 "${POSTROOM_PYTEST_TIMEOUT:-1800}")
-[ -t 1 ] && TO=(timeout --foreground -k 30 "${POSTROOM_PYTEST_TIMEOUT:-1800}")   # keep Ctrl-C working
+TO=(timeout -k 30 "${POSTROOM_PYTEST_TIMEOUT:-2700}")
+[ -t 1 ] && TO=(timeout --foreground -k 30 "${POSTROOM_PYTEST_TIMEOUT:-2700}")   # keep Ctrl-C working
 rc=0
 t0=$EPOCHREALTIME
 "${TO[@]}" "$VENV/bin/python" -m pytest -q tests "$@" || rc=$?
@@ -209,7 +209,7 @@ say "pytest: $(elapsed "$t0")s (rc=$rc)"
 case $rc in
   0) ;;
   5) say "pytest collected no tests (exit 5): treated as a failure" ;;
-  124) say "pytest was stopped after ${POSTROOM_PYTEST_TIMEOUT:-1800}s (POSTROOM_PYTEST_TIMEOUT)" ;;
+  124) say "pytest was stopped after ${POSTROOM_PYTEST_TIMEOUT:-2700}s (POSTROOM_PYTEST_TIMEOUT)" ;;
 esac
 
 # ---- 5. lint ---------------------------------------------------------------------------------------
