@@ -97,6 +97,18 @@ def test_every_filter(queue: Queue, sample: dict[str, str]) -> None:
     assert "rcpt_status" in log.page(LogFilter(), states=True)[0]
 
 
+def test_last_delivered_is_the_newest_success_through_a_connection(
+        queue: Queue, sample: dict[str, str]) -> None:
+    """The dashboard's "last success": the health table writes it only on recovery, so a
+    connection that never failed would show none; the log has it."""
+    log = queue.log
+    updated = {r["id"]: r["updated_at"] for r in log.page(LogFilter())}
+    assert log.last_delivered("primary") == updated[sample["old"]]  # "wait" is deferred
+    assert log.last_delivered("sendgrid") == updated[sample["new"]]
+    assert log.last_delivered("backup") is None  # only a failure went through it
+    assert log.last_delivered("unknown") is None
+
+
 def searched(log: Log, query: str, cols: tuple[str, ...]) -> list[str]:
     """What a substring search over ``cols`` must find: computed here, row by row."""
     rows = log.page(LogFilter(), limit=1000)

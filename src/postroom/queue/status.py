@@ -73,7 +73,9 @@ def connection_status(queue: Queue, settings: Settings, now: float | None = None
                 since=st.since or None,
                 circuit_open_until=st.open_until if st.health == DOWN else None,
                 last_error=st.last_error, last_error_at=st.last_error_at,
-                last_success_at=st.last_success_at, rates=rates,
+                last_success_at=max((t for t in (st.last_success_at,
+                                                  queue.log.last_delivered(c.name)) if t),
+                                    default=None), rates=rates,
                 max_sessions=c.max_sessions, sessions_in_use=busy,
             ))
     return health.queue_paused(), out

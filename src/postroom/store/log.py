@@ -60,7 +60,7 @@ from postroom.store.schema import (
     log_rollups,
     messages,
 )
-from postroom.store.states import SENDING
+from postroom.store.states import PARTIAL, SENDING, SENT
 
 log = logging.getLogger(__name__)
 
@@ -520,6 +520,18 @@ class Log:
                                     .order_by(attempts.c.id.desc()).limit(1)).first()
                 row["attempt"] = None if last is None else dict(last._mapping)
         return page
+
+    def last_delivered(self, connection: str) -> float | None:
+        """When the newest message delivered (sent or partly sent) through ``connection``
+        was finished, or None. The health table writes its own last_success_at only when a
+        connection recovers (not on every success: the hot path), so "last success" for a
+        healthy connection comes from here: one walk down the (via, created_at) index."""
+        m = messages.c
+        with self.engine.connect() as conn:
+            at = conn.execute(select(m.updated_at).where(
+                m.via == connection, m.status.in_((SENT, PARTIAL)))
+                .order_by(m.via.desc(), m.created_at.desc()).limit(1)).scalar()
+        return None if at is None else float(at)
 
     def counts(self) -> dict[str, int]:
         """Messages by status, over the whole log (statuses with none left out): finished
