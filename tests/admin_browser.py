@@ -2,7 +2,7 @@
 accounts, headless Chromium (Debian's /usr/bin/chromium, never `playwright install`)
 driven by Playwright's sync API, and helpers to sign in, take screenshots and run axe-core.
 
-Use it from a test module with ``pytest_plugins = ["admin_browser"]``. The server and the
+Registered for every test module by tests/conftest.py (pytest_plugins). The server and the
 browser are module-scoped (each costs seconds to start); every test gets its own browser
 context (its own cookies) from ``page``. A module changes the server's configuration by
 overriding the ``admin_config`` fixture (TOML appended to postroom.toml).

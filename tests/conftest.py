@@ -42,7 +42,7 @@ from typing import Any
 import pytest
 
 # The store/queue fixtures (engine, queue, clock...) run each test on SQLite and PostgreSQL.
-pytest_plugins = ["queue_helpers"]
+pytest_plugins = ["queue_helpers", "admin_browser"]  # fixtures shared by test modules
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

@@ -31,7 +31,6 @@ from dns_helpers import dns_server
 from postroom.audit import Actor
 from postroom.ops import deliverability
 
-pytest_plugins = ["admin_browser"]
 SECRETS: list[str] = []  # every secret shown in these tests: none may reach the audit log
 
 

@@ -26,7 +26,6 @@ from admin_browser import (
 )
 from diag_helpers import ProviderHandler, make_ca, make_cert, provider, server_context
 
-pytest_plugins = ["admin_browser"]
 FILED = "filed"
 USER, PASSWORD = "testuser@example.test", "testpass"  # Dovecot's (tests/conftest.py USERS)
 SLOW_MS = 90_000  # a wizard step probes servers; a test send waits for the worker

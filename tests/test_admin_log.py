@@ -38,8 +38,6 @@ from admin_browser import (
 from real_servers import Sink
 from serve_proc import smtp_connection
 
-pytest_plugins = ["admin_browser"]
-
 GOOD = "alice@example.net"
 REFUSED = "nobody@example.net"
 REFUSAL = f"550 5.1.1 <{REFUSED}>: Recipient address rejected: User unknown"

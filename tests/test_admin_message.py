@@ -39,8 +39,6 @@ from postroom.ops import messages as ops
 from postroom.runtime import Instance
 from postroom.web.message import safe_filename
 
-pytest_plugins = ["admin_browser"]
-
 MAILBOX = "testuser@example.test"
 OTHER = "alice@example.test"
 NOWHERE = "nobody@refused.test"

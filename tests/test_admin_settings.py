@@ -34,7 +34,6 @@ from postroom.ops import settings as ops
 from postroom.runtime import Instance
 from postroom.store.dbconfig import Secret, secret_name
 
-pytest_plugins = ["admin_browser"]
 PASSPHRASE = "correct horse battery staple"
 RELAY_PASSWORD = "relay-password-8c1f"
 

@@ -30,8 +30,6 @@ from admin_browser import (
 )
 from serve_proc import Postroom
 
-pytest_plugins = ["admin_browser"]
-
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "frame-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 WEB = Path(__file__).resolve().parent.parent / "src" / "postroom" / "web"
