@@ -15,6 +15,7 @@ from postroom.ingress.http_errors import HttpError
 from postroom.ops import connections as ops
 from postroom.web import auth, fence
 from postroom.web.api import DEPENDENCIES, ERRORS
+from postroom.web.dashboard import instance
 from postroom.web.ops_errors import answer, call
 
 router = APIRouter(prefix=fence.API, tags=["admin: connections"], responses=ERRORS,
@@ -89,23 +90,15 @@ class Routes(BaseModel):
     stored: list[dict[str, Any]] = Field(description="Made here, in order")
 
 
-def _inst(request: Request) -> Any:
-    inst = request.app.state.ctx.instance
-    if inst is None:
-        raise HttpError(404, "admin.unavailable", "this server has no instance to administer",
-                        "use the web admin of `postroom serve`")
-    return inst
-
-
 @router.get("/connections", summary="List connections")
 async def list_connections(request: Request, actor: Viewer) -> list[ConnectionOut]:
-    views = await call(ops.list_connections, _inst(request), actor)
+    views = await call(ops.list_connections, instance(request), actor)
     return [ConnectionOut(**v.to_dict()) for v in views]
 
 
 @router.post("/connections", summary="Add a connection", status_code=201)
 async def add_connection(request: Request, actor: Admin, body: ConnectionIn) -> Saved:
-    name = await call(ops.save_connection, _inst(request), actor, body.entry,
+    name = await call(ops.save_connection, instance(request), actor, body.entry,
                       secret=body.secret, new=True)
     return Saved(name=name)
 
@@ -116,7 +109,7 @@ async def put_connection(request: Request, actor: Admin, name: str,
     if body.entry.get("name", name) != name:
         raise HttpError(400, "config.invalid", "the entry's name differs from the address's",
                         "rename by adding the new one and deleting the old one")
-    inst = _inst(request)
+    inst = instance(request)
     await call(ops.entry_of, inst, actor, name)  # exists, not the file's
     saved = await call(ops.save_connection, inst, actor, {**body.entry, "name": name},
                        secret=body.secret)
@@ -125,26 +118,26 @@ async def put_connection(request: Request, actor: Admin, name: str,
 
 @router.delete("/connections/{name}", summary="Delete a connection made here")
 async def delete_connection(request: Request, actor: Admin, name: str) -> Saved:
-    await call(ops.delete_connection, _inst(request), actor, name)
+    await call(ops.delete_connection, instance(request), actor, name)
     return Saved(name=name)
 
 
 @router.post("/connections/{name}/test", summary="Send a test message")
 async def test_connection(request: Request, actor: Admin, name: str, body: TestIn) -> TestOut:
     ctx = request.app.state.ctx
-    result = await answer(ops.test_send(_inst(request), actor, name, body.to,
+    result = await answer(ops.test_send(instance(request), actor, name, body.to,
                                         on_enqueued=ctx.on_enqueued))
     return TestOut(**result)
 
 
 @router.post("/connections/{name}/probe", summary="Probe a connection's server")
 async def probe_connection(request: Request, actor: Admin, name: str) -> dict[str, Any]:
-    return await answer(ops.probe_connection(_inst(request), actor, name))
+    return await answer(ops.probe_connection(instance(request), actor, name))
 
 
 @router.post("/wizard/plan", summary="Find and probe the servers for an address")
 async def wizard_plan(request: Request, actor: Admin, body: PlanIn) -> dict[str, Any]:
-    plan = await call(ops.wizard_plan, _inst(request), actor, body.address,
+    plan = await call(ops.wizard_plan, instance(request), actor, body.address,
                       server=body.server, ca_file=body.ca_file)
     # chosen.concerns: what a person must confirm before saving the entry (the page asks)
     return plan.to_dict()
@@ -152,7 +145,7 @@ async def wizard_plan(request: Request, actor: Admin, body: PlanIn) -> dict[str,
 
 @router.post("/wizard/check", summary="Check a login (nothing is sent or saved)")
 async def wizard_check(request: Request, actor: Admin, body: CheckIn) -> CheckOut:
-    err = await answer(ops.check_login(_inst(request), actor, body.entry, body.secret))
+    err = await answer(ops.check_login(instance(request), actor, body.entry, body.secret))
     if err is None:
         return CheckOut(ok=True)
     return CheckOut(ok=False, code=err.code, message=err.message, transcript=err.transcript)
@@ -160,11 +153,11 @@ async def wizard_check(request: Request, actor: Admin, body: CheckIn) -> CheckOu
 
 @router.get("/routes", summary="The routes")
 async def get_routes(request: Request, actor: Viewer) -> Routes:
-    return Routes(**await call(ops.routes, _inst(request), actor))
+    return Routes(**await call(ops.routes, instance(request), actor))
 
 
 @router.put("/routes", summary="Replace the routes made here")
 async def put_routes(request: Request, actor: Admin, body: Routes) -> Routes:
-    inst = _inst(request)
+    inst = instance(request)
     await call(ops.save_routes, inst, actor, body.stored)
     return Routes(**await call(ops.routes, inst, actor))

@@ -19,6 +19,7 @@ from postroom.audit import Actor, Role
 from postroom.exceptions import DeliveryError, PostroomError
 from postroom.ops import connections as ops
 from postroom.web import auth, fence, forms
+from postroom.web.dashboard import instance
 from postroom.web.ops_errors import Refused, attempt, outcome, submit
 from postroom.web.render import page, translator
 
@@ -33,13 +34,6 @@ _SMTP_KEYS = ("host", "port", "security", "username", "tls_server_name", "ca_fil
 _NOTICES = ("saved", "deleted", "routes", "signin")
 _OAUTH_PROVIDERS = ("google", "microsoft", "yahoo", "generic")
 _OAUTH_KEYS = ("provider", "client_id", "authorize_url", "token_url", "scopes", "mech")
-
-
-def instance(request: Request) -> Instance:
-    inst: Instance | None = request.app.state.ctx.instance
-    if inst is None:
-        raise auth.PageRefusal("not_found", 404)
-    return inst
 
 
 def _back(where: str) -> Response:
