@@ -75,6 +75,7 @@ RARE_PICK = 3  # rare trigrams a search asks the index for
 MAX_GRAMS = 24  # trigrams sized at most (a long value: an even sample)
 _SIZE = text("SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_fts MATCH :q "
              "AND rowid > :low LIMIT :cap)")
+LAST_DELIVERED_WINDOW = 2000  # newest messages of a connection Log.last_delivered looks at
 CANDIDATES = 5000  # candidates above which a search of common trigrams walks the log
 _FTS_COLUMNS = ("subject", "from_header", "to_header", "sender", "recipients", "message_id")
 _CANDIDATES = text("SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_fts "
@@ -527,10 +528,14 @@ class Log:
         connection recovers (not on every success: the hot path), so "last success" for a
         healthy connection comes from here: one walk down the (via, created_at) index."""
         m = messages.c
+        # Bounded: a connection that only fails would otherwise walk all its messages on
+        # every dashboard view; past the window, the health table's own value stands.
+        newest = (select(m.updated_at, m.status).where(m.via == connection)
+                  .order_by(m.via.desc(), m.created_at.desc()).limit(LAST_DELIVERED_WINDOW)
+                  .subquery())
         with self.engine.connect() as conn:
-            at = conn.execute(select(m.updated_at).where(
-                m.via == connection, m.status.in_((SENT, PARTIAL)))
-                .order_by(m.via.desc(), m.created_at.desc()).limit(1)).scalar()
+            at = conn.execute(select(func.max(newest.c.updated_at)).where(
+                newest.c.status.in_((SENT, PARTIAL)))).scalar()
         return None if at is None else float(at)
 
     def counts(self) -> dict[str, int]:
