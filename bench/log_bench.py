@@ -24,7 +24,8 @@ them as in ``postroom serve`` (``store.log.index_loop``), once with all of it dr
 "without" row); the ratio is the cost of keeping the log searchable (target >= 0.9x). The
 "with" row also reports how long after the last delivery the text index had caught up; a
 third row, "trigger", has only the insert trigger that fills ``log_pending`` (no indexer):
-the enqueue's own share of the text index.
+the enqueue's own share of the text index; a fourth, "fullspeed", runs the indexer without
+its duty cycle (``store.log.DUTY`` = 1: as before session 6), the "before" of that change.
 
 A PostgreSQL started here (``--pg``) is stopped in a finally block.
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -40,19 +42,20 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
+sys.path[:0] = [str(REPO / "src"), str(REPO / "tests"), str(REPO / "bench")]
 
 from _logindex import drop_log_indexes  # noqa: E402 - bench/_logindex.py
-from sqlalchemy import Engine, func, insert, select  # noqa: E402
+from sqlalchemy import Engine, delete, func, insert, select  # noqa: E402
 
+from postroom.store.addresses import BACKFILL  # noqa: E402
 from postroom.store.db import make_engine, migrate, write_transaction  # noqa: E402
 from postroom.store.log import Log, LogFilter  # noqa: E402
-from postroom.store.schema import attempts, messages  # noqa: E402
+from postroom.store.schema import attempts, control, messages  # noqa: E402
 
 DAY = 86400.0
 STATUS_MIX = [("sent", 86), ("failed", 5), ("partial", 2), ("deferred", 3), ("queued", 4)]
@@ -165,6 +168,8 @@ def measure(fn: Callable[[int], Any], runs: int) -> tuple[float, float]:
 def queries(engine: Engine, corpus: Corpus, rnd: random.Random,
             runs: int) -> list[tuple[str, float, float, float]]:
     log = Log(engine)
+    log.page(LogFilter(to=corpus.recipients[0]))  # log_addresses found complete, once
+    trigrams = Log(engine)  # the same searches as before migration 0011: see trigram_path
     now = time.time()
     ids = [r["id"] for r in log.page(LogFilter(), limit=200)]
     first = log.page(LogFilter(), limit=50)
@@ -181,17 +186,27 @@ def queries(engine: Engine, corpus: Corpus, rnd: random.Random,
         ("app", 100, lambda i: log.page(LogFilter(app=pick(APPS[:-1])))),
         ("connection", 100, lambda i: log.page(LogFilter(connection=pick(CONNECTIONS)))),
         ("sender", 100, lambda i: log.page(LogFilter(sender=pick(corpus.senders)))),
+        ("  the same, no window (before session 6's L2)", 100,
+         lambda i: log.page(LogFilter(sender=pick(corpus.senders)))),
+        ("  the same, trigram path (session 5)", 100,
+         lambda i: trigrams.page(LogFilter(sender=pick(corpus.senders)))),
         ("tag", 100, lambda i: log.page(LogFilter(tag=pick(TAGS)))),
         ("time range (one day, 30 days ago)", 100, lambda i: log.page(LogFilter(
             since=now - 30 * DAY - i * 3600, until=now - 29 * DAY - i * 3600))),
         ("recipient search (an address)", 50,
          lambda i: log.page(LogFilter(to=pick(corpus.recipients)))),
+        ("  the same, no window (before session 6's L2)", 50,
+         lambda i: log.page(LogFilter(to=pick(corpus.recipients)))),
+        ("  the same, trigram path (session 5)", 50,
+         lambda i: trigrams.page(LogFilter(to=pick(corpus.recipients)))),
         ("recipient search (part of one)", 50,
          lambda i: log.page(LogFilter(to=pick(corpus.recipients).split("@")[0]))),
         ("text search (an order number)", 50,
          lambda i: log.page(LogFilter(text=str(rnd.randint(100_000, 999_999))))),
         ("text search (a common word)", 50, lambda i: log.page(LogFilter(text="password"))),
         ("status + app + text", 100, lambda i: log.page(LogFilter(
+            status="sent", app=pick(APPS[:-1]), text="invoice"))),
+        ("  the same, no window (before session 6's L2)", 100, lambda i: log.page(LogFilter(
             status="sent", app=pick(APPS[:-1]), text="invoice"))),
         ("count, capped at 10,000", 100,
          lambda i: log.count(LogFilter(status="sent"), cap=10_000)),
@@ -202,11 +217,44 @@ def queries(engine: Engine, corpus: Corpus, rnd: random.Random,
     ]
     out = []
     for label, target, fn in cases:
-        p50, p95 = measure(fn, runs)
+        with trigram_path(engine, "trigram path" in label), no_window("no window" in label):
+            p50, p95 = measure(fn, runs)
         print(f"  {label:40s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms  (target {target})",
               file=sys.stderr, flush=True)
         out.append((label, p50, p95, target))
     return out
+
+
+@contextlib.contextmanager
+def trigram_path(engine: Engine, on: bool) -> Iterator[None]:
+    """With ``on``: whole-address searches of a Log made meanwhile take the trigram path of
+    session 5 (before log_addresses), as while migration 0011's backfill is unfinished (its
+    control row present): the same database, before and after, in the same run."""
+    if not on:
+        yield
+        return
+    with write_transaction(engine) as conn:
+        conn.execute(insert(control).values(name=BACKFILL, value="0", updated_at=time.time()))
+    try:
+        yield
+    finally:
+        with write_transaction(engine) as conn:
+            conn.execute(delete(control).where(control.c.name == BACKFILL))
+
+
+@contextlib.contextmanager
+def no_window(on: bool) -> Iterator[None]:
+    """With ``on``: pages are not looked for among the newest rows first (Log.window), as
+    before session 6 (L2): the same database, before and after, in the same run."""
+    if not on:
+        yield
+        return
+    real = Log.window
+    Log.window = lambda *_a, **_k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Log.window = real  # type: ignore[method-assign]
 
 
 def pending_trigger_only(engine: Engine) -> None:
@@ -226,8 +274,26 @@ def sent(engine: Engine) -> int:
                    .scalar_one())
 
 
-async def _ingest_run(engine: Engine, n: int, rnd: random.Random,
-                      corpus: Corpus, indexer: bool) -> tuple[float, float, float]:
+def cpu_clock(pg_pid: int | None) -> Callable[[], float]:
+    """CPU seconds so far of this process (every thread: the group commit, SQLite, the
+    indexer) and of the PostgreSQL server at ``pg_pid`` (its backends, live and exited):
+    what a run costs, which a busy shared box disturbs far less than its wall time."""
+    from postfix_instance import children_of, proc_cpu  # bench/postfix_instance.py
+
+    def read() -> float:
+        total = time.process_time()
+        if pg_pid is not None:
+            total += proc_cpu(pg_pid, children=True)
+            for child in children_of(pg_pid):
+                with contextlib.suppress(OSError, IndexError, ValueError):  # exited meanwhile
+                    total += proc_cpu(child)
+        return total
+
+    return read
+
+
+async def _ingest_run(engine: Engine, n: int, rnd: random.Random, corpus: Corpus,
+                      indexer: bool, cpu: Callable[[], float]) -> dict[str, float]:
     from postroom.envelope import Envelope
     from postroom.message import compose
     from postroom.queue.sql import Queue
@@ -253,25 +319,29 @@ async def _ingest_run(engine: Engine, n: int, rnd: random.Random,
     from postroom.store.log import index_loop
 
     chore = asyncio.create_task(index_loop(queue.log)) if indexer else None
-    t = time.perf_counter()
+    out: dict[str, float] = {}
+    t, c = time.perf_counter(), cpu()
     await asyncio.gather(*(one(e) for e in envs))
-    enq = n / (time.perf_counter() - t)
+    out["enqueue"] = n / (time.perf_counter() - t)
+    out["enqueue_cpu_us"] = (cpu() - c) / n * 1e6
     transport = memory.Transport(memory.Settings(name="primary"),
                                  base.TransportContext(ehlo_name="bench"))
     worker = Worker(queue, {"primary": transport}, DeliverySettings(poll_interval=0.02),
                     default_connection="primary", owner="bench:1")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu()
     task = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(600):
             while sent(engine) < n:  # not counts(): the "without" row has no rollups
                 await asyncio.sleep(0.05)
-        dlv = n / (time.perf_counter() - t)
+        out["delivery"] = n / (time.perf_counter() - t)
         t = time.perf_counter()
         async with asyncio.timeout(600):
             while indexer and queue.log.pending():
                 await asyncio.sleep(0.05)
-        lag = time.perf_counter() - t
+        out["index_lag"] = time.perf_counter() - t
+        # Up to the index's catching up: its work counts, wherever it fell.
+        out["delivery_cpu_us"] = (cpu() - c) / n * 1e6
     finally:
         if chore is not None:
             chore.cancel()
@@ -281,15 +351,20 @@ async def _ingest_run(engine: Engine, n: int, rnd: random.Random,
         await asyncio.gather(task, return_exceptions=True)
         await queue.writer.aclose()
         memory.Transport.outboxes.clear()
-    return enq, dlv, lag
+    return out
 
 
-def ingest_rows(new_url: Callable[[], str], n: int, rounds: int) -> list[dict[str, Any]]:
-    """Alternating with/without runs, each on a fresh database; the best of each."""
+def ingest_rows(new_url: Callable[[], str], n: int, rounds: int,
+                cpu: Callable[[], float]) -> list[dict[str, Any]]:
+    """Alternating with/without runs, each on a fresh database: the best rate of each and
+    the median CPU per message."""
     rnd = random.Random(7)
     corpus = Corpus(rnd)
-    results: dict[str, list[tuple[float, float, float]]] = {
-        "with": [], "without": [], "trigger": []}
+    import postroom.store.log as store_log
+
+    duty = store_log.DUTY
+    results: dict[str, list[dict[str, float]]] = {
+        "with": [], "without": [], "trigger": [], "fullspeed": []}
     for _ in range(rounds):
         for kind in results:
             engine = make_engine(new_url())
@@ -298,16 +373,25 @@ def ingest_rows(new_url: Callable[[], str], n: int, rounds: int) -> list[dict[st
                 drop_log_indexes(engine)
             elif kind == "trigger":
                 pending_trigger_only(engine)
+            # "fullspeed": the indexer as before session 6's L2, never giving way to the mail
+            store_log.DUTY = 1.0 if kind == "fullspeed" else duty
             try:
-                enq, dlv, lag = asyncio.run(_ingest_run(engine, n, rnd, corpus,
-                                                        kind == "with"))
+                r = asyncio.run(_ingest_run(engine, n, rnd, corpus,
+                                            kind in ("with", "fullspeed"), cpu))
             finally:
+                store_log.DUTY = duty
                 engine.dispose()
-            print(f"  {kind:8s} indexes: enqueue {enq:7.0f}/s  delivery {dlv:7.0f}/s  "
-                  f"index caught up {lag:5.2f} s after", file=sys.stderr, flush=True)
-            results[kind].append((enq, dlv, lag))
-    return [{"row": k, "enqueue": max(e for e, _, _ in v), "delivery": max(d for _, d, _ in v),
-             "index_lag": min(x for _, _, x in v)} for k, v in results.items()]
+            print(f"  {kind:8s} indexes: enqueue {r['enqueue']:7.0f}/s "
+                  f"({r['enqueue_cpu_us']:5.0f} us cpu/msg)  delivery {r['delivery']:7.0f}/s "
+                  f"({r['delivery_cpu_us']:5.0f} us cpu/msg)  index caught up "
+                  f"{r['index_lag']:5.2f} s after", file=sys.stderr, flush=True)
+            results[kind].append(r)
+    return [{"row": k, "enqueue": max(r["enqueue"] for r in v),
+             "delivery": max(r["delivery"] for r in v),
+             "index_lag": min(r["index_lag"] for r in v),
+             "enqueue_cpu_us": statistics.median(r["enqueue_cpu_us"] for r in v),
+             "delivery_cpu_us": statistics.median(r["delivery_cpu_us"] for r in v)}
+            for k, v in results.items()]
 
 
 def main() -> int:
@@ -338,12 +422,20 @@ def main() -> int:
         backend = "PostgreSQL" if (args.pg or args.pg_url) else "SQLite"
         result: dict[str, Any] = {"backend": backend}
         if args.ingest:
-            result["ingest"] = ingest_rows(new_url, args.ingest_n, args.rounds)
-            w, wo, trig = result["ingest"]
+            cpu = cpu_clock(pg.proc.pid if pg is not None and pg.proc is not None else None)
+            result["ingest"] = ingest_rows(new_url, args.ingest_n, args.rounds, cpu)
+            w, wo, trig, full = result["ingest"]
             print(f"{backend}: with/without = enqueue {w['enqueue'] / wo['enqueue']:.2f}x, "
-                  f"delivery {w['delivery'] / wo['delivery']:.2f}x; index caught up "
+                  f"delivery {w['delivery'] / wo['delivery']:.2f}x; CPU per message "
+                  f"without/with (the rate it allows on a full box) = enqueue "
+                  f"{wo['enqueue_cpu_us'] / w['enqueue_cpu_us']:.2f}x, delivery "
+                  f"{wo['delivery_cpu_us'] / w['delivery_cpu_us']:.2f}x; index caught up "
                   f"{w['index_lag']:.2f} s after the last delivery; the pending trigger "
-                  f"alone: enqueue {trig['enqueue'] / wo['enqueue']:.2f}x")
+                  f"alone: enqueue {trig['enqueue'] / wo['enqueue']:.2f}x, CPU "
+                  f"{wo['enqueue_cpu_us'] / trig['enqueue_cpu_us']:.2f}x; the indexer at "
+                  f"full speed (no duty cycle): enqueue {full['enqueue'] / wo['enqueue']:.2f}x,"
+                  f" delivery {full['delivery'] / wo['delivery']:.2f}x, index caught up "
+                  f"{full['index_lag']:.2f} s after")
         else:
             rnd = random.Random(1)
             corpus = Corpus(rnd)

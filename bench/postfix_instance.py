@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -62,8 +63,17 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def _main_cf(root: Path, relay_port: int) -> str:
-    return f"""\
+def _main_cf(root: Path, relay_port: int, overrides: Mapping[str, str] | None = None) -> str:
+    """main.cf; ``overrides`` replace (or add) parameters (tests/test_dsn_real.py: local
+    delivery of its own domain, so that an unknown user is bounced)."""
+    lines = _MAIN_CF.format(root=root, relay_port=relay_port).splitlines()
+    extra = dict(overrides or {})
+    out = [f"{key} = {extra.pop(key)}" if (key := line.partition(" =")[0]) in extra else line
+           for line in lines]
+    return "\n".join([*out, *(f"{k} = {v}" for k, v in extra.items())]) + "\n"
+
+
+_MAIN_CF = """\
 compatibility_level = 3.6
 queue_directory = {root}/queue
 data_directory = {root}/data
@@ -145,12 +155,14 @@ def mem(pid: int) -> dict[str, int]:
 
 
 class PostfixInstance:
-    def __init__(self, root: str | Path, port: int, relay_port: int) -> None:
+    def __init__(self, root: str | Path, port: int, relay_port: int,
+                 overrides: Mapping[str, str] | None = None) -> None:
         self.root = Path(root).resolve()
         self.conf = self.root / "conf"
         self.queue = self.root / "queue"
         self.port = port
         self.relay_port = relay_port
+        self.overrides = overrides
         self.started = False
 
     # -- set-up ----------------------------------------------------------------------------
@@ -159,7 +171,7 @@ class PostfixInstance:
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
         subprocess.run(["chown", "postfix:postfix", str(self.root / "data")], check=True)
-        (self.conf / "main.cf").write_text(_main_cf(self.root, self.relay_port))
+        (self.conf / "main.cf").write_text(_main_cf(self.root, self.relay_port, self.overrides))
         (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
         # creates the queue sub-directories and sets their owners and modes
         self._postfix("set-permissions", check=False)

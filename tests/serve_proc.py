@@ -13,9 +13,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def smtp_connection(port: int, name: str = "up", extra: str = "") -> str:
@@ -24,6 +26,29 @@ def smtp_connection(port: int, name: str = "up", extra: str = "") -> str:
         f'[[connections]]\nname = "{name}"\ntransport = "smtp"\nhost = "127.0.0.1"\n'
         f'port = {port}\nsecurity = "none"\nconnect_timeout = 5\n{extra}\n'
     )
+
+
+def serve_in_process(config: Path, work: Callable[[], T]) -> T:
+    """Run `postroom serve` on ``config`` in this process (its event loop in this thread,
+    so that a test may register a transport kind of its own first) while ``work()`` runs
+    in another thread; its result, after the server stopped."""
+    import asyncio
+
+    from postroom import server, settings
+
+    conf = settings.load(config)
+
+    async def scenario() -> T:
+        stop, up = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(server.serve(conf, stop=stop, ready=lambda _: up.set()))
+        try:
+            await asyncio.wait_for(up.wait(), 60)
+            return await asyncio.to_thread(work)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+
+    return asyncio.run(scenario())
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -99,7 +99,8 @@ def mail(admin_server: AdminServer, sink: Sink) -> AdminServer:
 def figures(page: Any) -> dict[str, str]:
     row = page.locator("table.figures tbody tr").first
     cells = row.locator("td").all_inner_texts()
-    return dict(zip(("sent", "partial", "failed", "deferred", "fallback"), cells, strict=True))
+    return dict(zip(("sent", "partial", "failed", "suppressed", "deferred", "fallback"), cells,
+                    strict=True))
 
 
 def subjects(page: Any) -> list[str]:

@@ -12,6 +12,7 @@ import random
 import re
 import sqlite3
 import threading
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -27,6 +28,7 @@ from postroom.exceptions import MessageError
 from postroom.message import compose
 from postroom.queue.sql import Queue
 from postroom.store import direct
+from postroom.store.addresses import whole_address
 from postroom.store.db import make_engine, migrate
 from postroom.store.log import Log, LogFilter, index_loop
 from postroom.store.schema import ROLLUP_STATUSES, attempts, events, messages
@@ -114,6 +116,22 @@ def searched(log: Log, query: str, cols: tuple[str, ...]) -> list[str]:
     rows = log.page(LogFilter(), limit=1000)
     return [r["id"] for r in rows
             if any(query.lower() in str(r[c]).lower() for c in cols)]
+
+
+def addressed(log: Log, query: str, cols: tuple[str, ...]) -> list[str]:
+    """What a recipient or sender search must find: a whole address exactly (in the
+    envelope or the header, any case), part of one as a substring of ``cols``."""
+    address = whole_address(query)
+    if address is None:
+        return searched(log, query, cols)
+    envelope, header = cols[::-1] if "recipients" in cols else cols
+
+    def has(r: dict[str, Any]) -> bool:
+        listed = r[envelope] if isinstance(r[envelope], list) else [r[envelope]]
+        return address in {a.lower() for a in listed} | {
+            a.lower() for _, a in getaddresses([r[header]])}
+
+    return [r["id"] for r in log.page(LogFilter(), limit=1000) if has(r)]
 
 
 TEXT = ("subject", "from_header", "to_header", "message_id")
@@ -506,9 +524,9 @@ def test_search_equals_a_scan_whatever_is_pending(
                              .values(subject=f"r {b}", to_header=f"z{_local(a)}@r.example"))
     for q in queries:
         assert ids(log, LogFilter(text=q), limit=1000) == searched(log, q, TEXT), q
-        assert ids(log, LogFilter(to=q), limit=1000) == searched(
+        assert ids(log, LogFilter(to=q), limit=1000) == addressed(
             log, q, ("to_header", "recipients")), q
-        assert ids(log, LogFilter(sender=q), limit=1000) == searched(
+        assert ids(log, LogFilter(sender=q), limit=1000) == addressed(
             log, q, ("sender", "from_header")), q
     log.catch_up()
     assert log.pending() == 0
@@ -615,3 +633,220 @@ def test_the_indexer_chore_drains_and_survives_failures(queue: Queue, clock: Fak
     failed = [r for r in caplog.records if "indexing the email log failed" in r.message]
     assert len(failed) == 1 and "database is locked" in failed[0].message
     assert any("works again" in r.message for r in caplog.records)
+
+
+# -- whole addresses: log_addresses (migration 0011) ----------------------------------------
+def _address_rows(engine: Engine) -> set[tuple[str, str, str]]:
+    with engine.connect() as conn:
+        return {tuple(r) for r in conn.exec_driver_sql(  # type: ignore[misc]
+            "SELECT role, address, message_id FROM log_addresses")}
+
+
+def test_a_whole_address_is_found_exactly(queue: Queue, clock: FakeClock) -> None:
+    """A whole address matches that address (any case) in the envelope or the To / From
+    header, and nothing that merely contains it; part of one is still a substring. The same
+    before and after indexing; a delete forgets the rows, a rewrite has them read again."""
+    log = queue.log
+    carol = add(queue, clock, to="Carol@Example.test", sender="Shop <billing@shop.example>",
+                at=T0)
+    longer = add(queue, clock, to="xcarol@example.test", sender="billing@shop.example.au",
+                 at=T0 + 1)
+    suffix = add(queue, clock, to="carol@example.test.au", at=T0 + 2)
+    clock.t = T0 + 3
+    header = queue.enqueue_sync(Envelope(  # To names carol; the envelope says someone else
+        "bounce@shop.example", ["archive@example.test"],
+        compose(sender="Billing <billing@shop.example>", to=["Carol <carol@example.test>"],
+                subject="copy", text="x\n"), source="test"))
+
+    def answers() -> dict[str, list[str]]:
+        return {"to": ids(log, LogFilter(to="carol@EXAMPLE.test")),
+                "part": ids(log, LogFilter(to="carol@example")),
+                "sender": ids(log, LogFilter(sender="billing@shop.example")),
+                "envelope only": ids(log, LogFilter(sender="bounce@shop.example")),
+                "archive": ids(log, LogFilter(to="archive@example.test"))}
+
+    want = {"to": [header, carol], "part": [header, suffix, longer, carol],
+            "sender": [header, carol], "envelope only": [header], "archive": [header]}
+    assert answers() == want  # all pending
+    assert log.index_pending(batch=2) == 2
+    assert answers() == want  # half and half
+    log.catch_up()
+    assert log.pending() == 0
+    assert answers() == want
+    assert ("r", "carol@example.test", carol) in _address_rows(queue.engine)
+    assert queue.delete_sync(header)
+    assert {m for _, _, m in _address_rows(queue.engine)} == {carol, longer, suffix}
+    with queue.engine.begin() as conn:  # a rewrite (no writer does it): read again
+        conn.execute(update(messages).where(messages.c.id == longer)
+                     .values(recipients=["carol@example.test"]))
+    assert ("p", "", longer) in _address_rows(queue.engine)
+    assert ids(log, LogFilter(to="carol@example.test")) == [longer, carol]  # pending again
+    assert log.index_pending() == 1
+    assert ("r", "carol@example.test", longer) in _address_rows(queue.engine)
+    assert not any(role == "p" for role, _, _ in _address_rows(queue.engine))
+    assert ids(log, LogFilter(to="carol@example.test")) == [longer, carol]
+
+
+def test_a_whole_address_search_reads_the_address_key(queue: Queue,
+                                                      sample: dict[str, str]) -> None:
+    queue.log.catch_up()
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> None:
+        seen.append((statement, params))
+
+    event.listen(queue.engine, "before_cursor_execute", capture)
+    try:
+        assert ids(queue.log, LogFilter(to="carol@example.test")) == [sample["new"]]
+    finally:
+        event.remove(queue.engine, "before_cursor_execute", capture)
+    p = _plan(queue.engine, *seen[-1])
+    if queue.engine.dialect.name == "postgresql":
+        assert re.search(r"log_addresses_pkey|ix_log_addresses_newest", p), p
+    else:  # the key, or the (role, address, created_at) index, which holds the key too
+        assert re.search(r"log_addresses USING (PRIMARY KEY|COVERING INDEX "
+                         r"ix_log_addresses_newest)", p), p
+        assert not re.search(r"SCAN messages( |$)", p), p
+
+
+def _upgrade(engine: Engine, revision: str, *, down: bool = False) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(direct.MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+
+
+def _index_as_0010(engine: Engine) -> None:
+    """What the indexer of revision 0010 did (it had no log_addresses to write)."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(
+                "INSERT INTO message_search (id, body, rcpt, sndr) SELECT id, subject || E'\\n' "
+                "|| from_header || E'\\n' || to_header || E'\\n' || message_id, to_header || "
+                "E'\\n' || recipients::text, sender || E'\\n' || from_header FROM messages")
+        else:
+            conn.exec_driver_sql("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
+        conn.exec_driver_sql("DELETE FROM log_pending")
+
+
+def test_migration_0011_backfills_addresses_a_batch_at_a_time(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """Messages logged before 0011 are read into log_addresses by the indexer, newest
+    first, a batch at a time (the migration itself reads none); whole-address searches
+    take the trigram path until it is done, and give the same answers after. Then down
+    to 0010 and up again."""
+    url = (request.getfixturevalue("pg_server").new_database() if backend == "postgresql"
+           else f"sqlite:///{tmp_path / 'old.db'}")
+    engine = make_engine(url)
+    _upgrade(engine, "0010")
+    clk = FakeClock(T0)
+    queue = Queue(engine, clock=clk)
+    made = []
+    for i in range(7):
+        clk.t = T0 + i
+        made.append(queue.enqueue_sync(envelope(f"u{i % 3}@example.test", subject=f"m {i}")))
+    with engine.begin() as conn:  # two created in the same instant: the cursor passes both
+        conn.execute(update(messages).where(messages.c.id.in_(made[2:4]))
+                     .values(created_at=T0 + 1.5))
+    _index_as_0010(engine)
+    _upgrade(engine, "0011")
+    log = Log(engine)
+    want = {i: ids(log, LogFilter(to=f"u{i}@example.test")) for i in range(3)}
+    assert sorted(m for w in want.values() for m in w) == sorted(made)
+    assert _address_rows(engine) == set() and not log._addresses_ready()
+    clk.t = T0 + 100
+    later = queue.enqueue_sync(envelope("u0@example.test", subject="after"))
+    assert log.index_pending() == 1  # new mail: indexed with its addresses at once
+    assert {m for _, _, m in _address_rows(engine)} == {later}
+    want[0].insert(0, later)
+    read = []
+    while n := log.backfill_addresses(batch=2):
+        read.append(n)
+        assert {i: ids(log, LogFilter(to=f"u{i}@example.test")) for i in range(3)} == want
+    assert sum(read) >= len(made) and max(read) <= 3  # a batch, plus its last instant's ties
+    assert log._addresses_ready()
+    assert {m for _, _, m in _address_rows(engine)} == {*made, later}
+    assert {i: ids(log, LogFilter(to=f"u{i}@example.test")) for i in range(3)} == want
+    _upgrade(engine, "0010", down=True)
+    _upgrade(engine, "head")
+    assert {i: ids(Log(engine), LogFilter(to=f"u{i}@example.test")) for i in range(3)} == want
+    engine.dispose()
+
+
+# -- a page looked for among the newest rows first (Log.window) ------------------------------
+def test_a_windowed_page_is_the_whole_logs_page(queue: Queue, clock: FakeClock,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole address in many messages, alone and beside other filters, and (PostgreSQL)
+    a text beside status and app, page after page, some rows still pending: the window's
+    answer, or the unbounded query's when the window holds less than a page, is the page
+    the whole log gives."""
+    monkeypatch.setattr("postroom.store.log.NEWEST", 6)
+    monkeypatch.setattr("postroom.store.log.WIDEN", 1)
+    log = queue.log
+    for i in range(40):
+        add(queue, clock, to="many@example.test" if i % 2 else f"o{i}@example.test",
+            sender="bulk@shop.example", subject=f"invoice {i}" if i % 3 else f"note {i}",
+            app="shop" if i % 4 else "crm", status="failed" if i % 5 == 0 else "sent",
+            at=T0 + i // 2)  # two at each instant: the cursor passes ties
+    log.index_pending(batch=25)  # the newest 15 stay pending
+    filters = [LogFilter(to="many@example.test"),
+               LogFilter(to="many@example.test", status="failed"),
+               LogFilter(sender="bulk@shop.example"),
+               LogFilter(sender="bulk@shop.example", to="many@example.test", status="failed"),
+               LogFilter(text="invoice", status="sent", app="shop"),
+               LogFilter(text="note", status="failed")]
+
+    def pages(f: LogFilter) -> list[str]:
+        out: list[str] = []
+        before = None
+        for _ in range(40):  # bounded
+            rows = log.page(f, before=before, limit=4)
+            out += [r["id"] for r in rows]
+            if len(rows) < 4:
+                return out
+            before = (rows[-1]["created_at"], rows[-1]["id"])
+        raise AssertionError("more pages than messages")
+
+    with log.engine.connect() as conn:
+        assert log.window(conn, filters[0], None, 4) is not None
+        assert (log.window(conn, filters[4], None, 4) is not None) == (
+            queue.engine.dialect.name == "postgresql")
+    windowed = {f: pages(f) for f in filters}
+    assert all(windowed.values()), windowed
+    monkeypatch.setattr(Log, "window", lambda *_a, **_k: None)
+    assert windowed == {f: pages(f) for f in filters}
+
+
+# -- the indexer's duty cycle ----------------------------------------------------------------
+def test_the_indexer_gives_way_while_mail_flows(queue: Queue, clock: FakeClock,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """While mail flows the indexer works DUTY of the time (the round's own duration sets the
+    pause); idle, or with PENDING_BOUND rows waiting (searches compare those themselves),
+    at full speed."""
+    from postroom.store.log import DUTY, INDEX_PAUSE, index_pause
+
+    assert index_pause(500, 500, 0.1, False) == INDEX_PAUSE
+    assert index_pause(10, 500, 0.1, False, interval=1.0) == 1.0
+    assert index_pause(500, 500, 0.2, True) == pytest.approx(0.2 * (1 - DUTY) / DUTY)
+    assert index_pause(10, 500, 0.01, True, interval=1.0) == 1.0  # never below the interval
+    assert index_pause(0, 500, 5.0, True, interval=1.0) == 1.0  # nothing done: nothing owed
+    log = queue.log
+    msg = add(queue, clock, at=1_600_000_000.0)  # created long ago, not being sent
+    assert not log.gives_way()
+    with queue.engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.id == msg).values(status="sending"))
+    assert log.gives_way()
+    monkeypatch.setattr("postroom.store.log.PENDING_BOUND", 1)  # one pending: the bound
+    assert not log.gives_way()
+    monkeypatch.setattr("postroom.store.log.PENDING_BOUND", 5000)
+    with queue.engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.id == msg).values(status="sent"))
+    assert not log.gives_way()
+    import time
+
+    add(queue, clock, at=time.time())  # just created: mail flows
+    assert log.gives_way()

@@ -91,6 +91,9 @@ class Action(enum.StrEnum):
     CONFIG_EXPORT = "config.export"
     CONFIG_IMPORT = "config.import"
     DKIM_GENERATE = "dkim.generate"
+    SUPPRESSION_ADD = "suppression.add"
+    SUPPRESSION_REMOVE = "suppression.remove"
+    SUPPRESSION_IMPORT = "suppression.import"
 
 
 class ActorKind(enum.StrEnum):

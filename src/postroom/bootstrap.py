@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 from postroom.exceptions import ConfigError
 from postroom.fsperm import open_private, private_dir
@@ -90,10 +91,18 @@ def write_config_template(path: Path) -> None:
             "write", code="config.write") from err
 
 
-def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
-    """Make a self-signed certificate for STARTTLS if there is none. True if made."""
+def ensure_certificate(cert: Path, key: Path, hostname: str, *, apart: bool = False) -> bool:
+    """Make a self-signed certificate for STARTTLS if there is none. True if made. With
+    ``apart`` (the long-running processes) a child process makes it (postroom.apart): this
+    one then never imports cryptography's X.509 and key modules."""
     if cert.exists() and key.exists():
         return False
+    if apart:
+        from postroom import apart as child
+
+        if child.available():
+            args = {"cert": str(cert), "key": str(key), "hostname": hostname}
+            return bool(child.run("certificate", args)["made"])
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -135,3 +144,9 @@ def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
     with open_private(cert, "wb") as f:
         f.write(certificate.public_bytes(serialization.Encoding.PEM))
     return True
+
+
+def certificate_job(args: dict[str, Any]) -> dict[str, Any]:
+    """postroom.apart's ``certificate``: :func:`ensure_certificate` in the child."""
+    made = ensure_certificate(Path(args["cert"]), Path(args["key"]), str(args["hostname"]))
+    return {"made": made}

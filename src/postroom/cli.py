@@ -22,8 +22,11 @@ from postroom.commands import apps as _apps_commands
 from postroom.commands import config as _config_commands
 from postroom.commands import connections as _connections_commands
 from postroom.commands import diagnose as _diagnose_commands
+from postroom.commands import events as _events_commands
 from postroom.commands import oauth as _oauth_commands
 from postroom.commands import queue as _queue_commands
+from postroom.commands import suppressions as _suppressions_commands
+from postroom.commands._common import STATUS_STYLE
 from postroom.exceptions import ConfigError, MessageError, PostroomError
 
 app = typer.Typer(
@@ -41,7 +44,9 @@ app.add_typer(_connections_commands.cli, name="connections")
 app.add_typer(_oauth_commands.cli, name="oauth")
 app.add_typer(_config_commands.cli, name="config")
 app.add_typer(_admin_commands.cli, name="admin")
+app.add_typer(_suppressions_commands.cli, name="suppressions")
 app.command("audit")(_admin_commands.audit)
+app.command("events")(_events_commands.events_cmd)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -87,8 +92,7 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-_STATUS_STYLE = {"sent": "green", "partial": "yellow", "deferred": "yellow", "failed": "red",
-                 "queued": "cyan", "sending": "cyan"}
+_STATUS_STYLE = STATUS_STYLE  # one table for every command (postroom.commands._common)
 
 
 def _parse_since(value: str) -> float:
@@ -190,6 +194,8 @@ def _print_attempt(a: dict[str, Any], settings: Any = None) -> None:
     if a.get("error_code"):
         con.print(f"  error [dim]({escape(a['error_code'])})[/]: "
                   f"{escape(a.get('reply_text') or '')}")
+    if a.get("provider_id"):  # what the provider's delivery events and support call it
+        con.print(f"  provider id: {a['provider_id']}", markup=False)
     for rcpt, r in (a.get("recipients") or {}).items():
         con.print(f"  {rcpt}: {r.get('code')} {r.get('reply', '')} → {r.get('state')}",
                   markup=False)
@@ -350,11 +356,15 @@ def sendmail(ctx: typer.Context) -> None:
 def log_cmd(
     status: Annotated[str | None, typer.Option(help="queued|sending|sent|partial|deferred|failed")]
     = None,
-    to: Annotated[str | None, typer.Option("--to", help="Recipient contains")] = None,
-    sender: Annotated[str | None, typer.Option("--from", help="Sender contains")] = None,
+    to: Annotated[str | None, typer.Option(
+        "--to", help="Recipient: a whole address exactly, or part of one")] = None,
+    sender: Annotated[str | None, typer.Option(
+        "--from", help="Sender: a whole address exactly, or part of one")] = None,
     connection: Annotated[str | None, typer.Option(
         "--connection", help="Last tried on this connection")] = None,
     since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or a date")] = None,
+    event: Annotated[str | None, typer.Option(
+        "--event", help="Had this delivery event: bounced, complained, delivered...")] = None,
     limit: Annotated[int | None, typer.Option(
         min=1, help="At most this many (default 50; with --export: all)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
@@ -386,8 +396,8 @@ def log_cmd(
         return
     from postroom.store.log import LogFilter
 
-    wanted = LogFilter(status=status, to=to, sender=sender, connection=connection,
-                       since=since_ts)
+    wanted = _guard(lambda: LogFilter(status=status, to=to, sender=sender,
+                                      connection=connection, since=since_ts, event=event))
     if to or sender:  # with no server indexing, a backlog would make the search a scan
         inst.queue.log.catch_up()
     rows = _guard(lambda: inst.queue.log.page(wanted, limit=limit or 50, states=as_json))
@@ -427,8 +437,16 @@ def show(
     if raw:
         sys.stdout.buffer.write(m["raw"] or b"")
         return
+    from postroom.webhooks.intake import EventLog
+
+    reported = EventLog(inst.queue).for_message(m["id"])
+    from postroom.events import read as read_events
+
+    noted = read_events(inst.engine, message_id=m["id"])  # fallback used, lease expired...
     if as_json:
         m["raw"] = None if m["raw"] is None else m["raw"].decode("utf-8", "replace")
+        m["delivery_events"] = reported
+        m["events"] = [ev.as_dict() for ev in noted]
         print(json.dumps(m, default=str, indent=2))
         return
     con = _console()
@@ -451,6 +469,16 @@ def show(
         con.print(f"next attempt {_when(m['next_attempt_at'])}")
     for a in m["attempts"]:
         _print_attempt(a, inst.settings)
+    if reported:  # what the provider (webhooks) or a DSN said happened after it left
+        con.print("[bold]Delivery events[/]")
+        for ev in reported:
+            hard = {True: " (hard)", False: " (soft)"}.get(ev["permanent"], "")
+            con.print(f"  {_when(ev['at'])}  {ev['kind']}{hard}  {ev['recipient'] or ''}  "
+                      f"{ev['detail']}  [{ev['connection']}]", markup=False)
+    if noted:
+        con.print("[bold]Events[/]")
+        for item in noted:
+            _events_commands.show(item, con, as_json=False)
 
 
 @app.command()
@@ -479,19 +507,28 @@ def conn_list(config: ConfigOpt = None) -> None:
 def conn_set_password(
     name: str,
     password_stdin: Annotated[bool, typer.Option("--stdin", help="Read it from stdin")] = False,
+    webhook_key: Annotated[bool, typer.Option(
+        "--webhook-key", help="Store the provider's webhook signing key (or user:password) "
+        "instead")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Store a connection's password encrypted in the database."""
+    """Store a connection's password (SMTP) or api key (HTTPS API providers) encrypted in
+    the database; with --webhook-key, the key its provider signs delivery events with."""
+    from postroom.secrets import Secret, secret_name
+    from postroom.transports import password_secret
+
     inst = _instance(config)
-    _guard(lambda: inst.settings.connection(name))
+    what, secret_kind = password_secret(_guard(lambda: inst.settings.connection(name)))
+    if webhook_key:  # checked by postroom.ingress.webhooks_http
+        what, secret_kind = "webhook key", Secret.WEBHOOK_KEY
     if password_stdin:
         secret = sys.stdin.readline().rstrip("\r\n")
     else:
-        secret = getpass.getpass(f"password for {name}: ")
+        secret = getpass.getpass(f"{what} for {name}: ")
     if not secret:
-        _fail(MessageError("empty password; nothing stored", code="cli.password"))
-    _guard(lambda: inst.secrets.set(f"connection:{name}:password", secret))
-    _console().print(f"password for {name} stored encrypted")
+        _fail(MessageError(f"empty {what}; nothing stored", code="cli.password"))
+    _guard(lambda: inst.secrets.set(secret_name(name, secret_kind), secret))
+    _console().print(f"{what} for {name} stored encrypted")
 
 
 _diagnose_commands.register(app)  # wizard, doctor, dkim

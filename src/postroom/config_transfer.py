@@ -114,6 +114,11 @@ def _connection_entries(eff: Settings) -> tuple[list[dict[str, Any]], dict[str, 
         password = body.pop("password", None)
         if password:
             inline[dbconfig.secret_name(conn.name, dbconfig.Secret.PASSWORD)] = password
+        for key, what in (("api_key", dbconfig.Secret.API_KEY),
+                          ("webhook_key", dbconfig.Secret.WEBHOOK_KEY)):
+            value = body.pop(key, None)  # an HTTPS API provider's, inline in the file
+            if value:
+                inline[dbconfig.secret_name(conn.name, what)] = value
         oauth = body.get("oauth")
         client = conn.oauth.client_secret if conn.oauth is not None else None
         if isinstance(oauth, dict) and client:  # inline in the file: moved to the secrets

@@ -15,6 +15,8 @@ succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``
     │                                answers (SMTP reply, HTTP status, when to retry)
     ├── CredentialsError             an app's credentials were refused (HTTP API key)
     ├── PermissionDenied             an admin account's role does not allow the action
+    ├── EventError                   a delivery event (webhook, DSN) that cannot be taken
+    │   └── EventRefused             its signature is missing, wrong or replayed
     └── DeliveryError                one delivery attempt failed
         ├── ConnectError             DNS, refused, unreachable, connect timeout
         ├── TimeoutError_            the server stopped answering mid-session
@@ -117,6 +119,22 @@ class PermissionDenied(PostroomError):
     code = "admin.forbidden"
 
 
+class EventError(PostroomError):
+    """A delivery event (a provider's webhook request, a DSN) that cannot be taken as sent:
+    too big, malformed, of no known shape. ``status``: the HTTP answer (postroom.webhooks)."""
+
+    code = "event.invalid"
+    status = 400
+
+
+class EventRefused(EventError):
+    """A delivery event whose signature (or webhook password) is missing, wrong, too old or
+    replayed. The sender is told nothing more than 401 (postroom.webhooks.verify)."""
+
+    code = "event.refused"
+    status = 401
+
+
 class DeliveryError(PostroomError):
     """One delivery attempt failed as a whole. ``reply_code``/``reply_text`` hold the server's
     answer. (Refusals of single recipients are not errors: the transport reports them per
@@ -135,12 +153,16 @@ class DeliveryError(PostroomError):
         reply_code: int | None = None,
         reply_text: str | None = None,
         scope: Scope | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message, code=code, permanent=permanent)
         if scope is not None:
             self.scope = scope
         self.reply_code = reply_code
         self.reply_text = reply_text
+        # Seconds the upstream asked to wait (a 429/503 Retry-After, RFC 9110 section 10.2.3),
+        # clamped to [1, 3600]: routing.health holds the connection that long.
+        self.retry_after = retry_after
         # Filled in by the transport: the session so far (secrets redacted), and whether
         # the message data had been sent when it failed (an ambiguous outcome).
         self.transcript = ""

@@ -36,7 +36,7 @@ never makes a delivered message look partial or failed.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +115,9 @@ class MessagePolicy:
     cc: tuple[str, ...] = ()
     bcc: tuple[str, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
+    # [bounces] (postroom.bounces): the message's signed VERP return path, over any
+    # envelope_sender, so that delivery reports come back to Postroom's listener.
+    return_path: Callable[[str], str] | None = field(default=None, compare=False)
     # Computed once: the header fields as bytes and the forced envelope recipients.
     _fields: dict[bytes, bytes] = field(init=False, repr=False, compare=False)
     _add: dict[bytes, list[h.Mailbox]] = field(init=False, repr=False, compare=False)
@@ -140,7 +143,12 @@ class MessagePolicy:
 
     @property
     def empty(self) -> bool:
-        return not (self.envelope_sender or self._fields or self._forced)
+        return not (self.envelope_sender or self.return_path or self._fields or self._forced)
+
+    def _sender(self, env: Envelope) -> str:
+        if self.return_path is not None and env.id:
+            return self.return_path(env.id)
+        return self.envelope_sender or env.sender
 
     def apply(self, env: Envelope,
               status: Mapping[str, Mapping[str, Any]] | None = None) -> Applied:
@@ -155,7 +163,7 @@ class MessagePolicy:
             if st is None or (st.get("forced") and st.get("state") == "pending"):
                 forced[addr] = kind
         raw = self._rewrite(env.raw) if (self._fields or self._add) else env.raw
-        out = replace(env, sender=self.envelope_sender or env.sender,
+        out = replace(env, sender=self._sender(env),
                       recipients=[*env.recipients, *forced], raw=raw)
         return Applied(out, forced)
 
@@ -163,8 +171,7 @@ class MessagePolicy:
         """A forced copy retried on its own: the message as every other recipient got it
         (same header fields added), with only the ``forced`` recipients in the envelope."""
         raw = self._rewrite(env.raw) if (self._fields or self._add) else env.raw
-        out = replace(env, sender=self.envelope_sender or env.sender,
-                      recipients=list(forced), raw=raw)
+        out = replace(env, sender=self._sender(env), recipients=list(forced), raw=raw)
         return Applied(out, dict(forced))
 
     def _rewrite(self, raw: bytes) -> bytes:
@@ -224,23 +231,39 @@ def merge(glob: PolicySettings | None, conn: ConnectionPolicy | None) -> Message
 
 
 def for_settings(settings: Settings) -> dict[str, MessagePolicy]:
-    """The merged policy of every connection that has one (others send messages as they are)."""
+    """The merged policy of every connection that has one (others send messages as they are);
+    the connections named in [bounces] send with a signed return path (postroom.bounces)."""
     out: dict[str, MessagePolicy] = {}
+    verp = _return_paths(settings)
     for conn in settings.connections:
         merged = merge(settings.policy, conn.policy)
+        if verp is not None and conn.name in verp[0]:
+            merged = replace(merged, return_path=verp[1])
         if not merged.empty:
             out[conn.name] = merged
     return out
 
 
+def _return_paths(settings: Settings) -> tuple[set[str], Callable[[str], str]] | None:
+    """The connections that send with a VERP return path, and the function making it; None
+    without a [bounces] address (postroom.bounces not loaded)."""
+    if not any(name == "bounces" for name, _ in settings.features):
+        return None
+    from postroom.bounces import Verp, configured
+
+    section = configured(settings)
+    if section is None or not section.connections:
+        return None
+    return set(section.connections), Verp.of(settings, section).address
+
+
 # -- forced recipients in the log --------------------------------------------------------------
 def record(status: dict[str, dict[str, Any]], forced: Mapping[str, str],
-           results: Mapping[str, RecipientResult], attempt: dict[str, Any] | None = None,
-           via: str = "") -> None:
+           results: Mapping[str, RecipientResult],
+           rows: dict[str, dict[str, Any]] | None = None, via: str = "") -> None:
     """Keep this attempt's results for the forced recipients in the recipient status (with
     ``via``, the connection whose policy added them and that retries them), and mark them
-    in the attempt row's recipients."""
-    rows = attempt.get("recipients") if attempt is not None else None
+    in the attempt row's recipients (``rows``)."""
     for addr, kind in forced.items():
         res = results.get(addr)
         if res is None:
@@ -249,7 +272,7 @@ def record(status: dict[str, dict[str, Any]], forced: Mapping[str, str],
         tries = int(status.get(addr, {}).get("tries") or 0) + 1
         status[addr] = {"state": state, "code": res.code, "reply": res.reply[:500],
                         "forced": kind, "via": via, "tries": tries}
-        if isinstance(rows, dict) and isinstance(rows.get(addr), dict):
+        if rows is not None and addr in rows:
             rows[addr]["forced"] = kind
 
 

@@ -47,6 +47,9 @@ class Instance:
     engine: Engine = field(init=False)
     file_settings: Settings = field(init=False)  # postroom.toml and POSTROOM_* alone
     config_generation: int = field(init=False, default=0)
+    # `postroom serve` and `worker`: a database that needs migrating is migrated by a child
+    # process, so that alembic is never imported into the one that runs for months.
+    migrate_apart: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         # 0700: the folder holds message bodies, the database and the encryption key.
@@ -61,7 +64,7 @@ class Instance:
         self.engine = make_engine(
             self.settings.database_url, synchronous=self.settings.server.sqlite_synchronous
         )
-        migrate(self.engine)
+        migrate(self.engine, apart=self.migrate_apart)
         from postroom.store.dbconfig import load
 
         self.file_settings = self.settings
@@ -146,7 +149,9 @@ class Instance:
         """A delivery worker with this instance's connections, routes and settings."""
         from postroom.policy import for_settings
         from postroom.queue.worker import Worker
+        from postroom.suppression import Suppressions
 
+        kw.setdefault("suppressions", Suppressions.of(self.settings, self.engine))
         return Worker(self.queue, self.transports() if transports is None else transports,
                       self.settings.delivery, self.default_connection,
                       routes=self.settings.routes, policies=for_settings(self.settings), **kw)

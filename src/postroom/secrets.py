@@ -1,8 +1,10 @@
-"""Secrets: encryption at rest (Fernet) and redaction of what must never be logged."""
+"""Secrets: encryption at rest (Fernet), secret references (``KEY_env``, ``KEY_file``, stored
+encrypted) and redaction of what must never be logged."""
 
 from __future__ import annotations
 
 import base64
+import enum
 import os
 import re
 import time
@@ -10,13 +12,64 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from postroom.exceptions import ConfigError
+from postroom.exceptions import AuthError, ConfigError
 from postroom.fsperm import open_private, private_dir
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 KEY_ENV = "POSTROOM_SECRET_KEY"
+
+
+class Secret(enum.StrEnum):
+    """A connection's secrets in the SecretStore, by what reads them (:func:`secret_name`)."""
+
+    PASSWORD = "password"  # transports/smtp.py
+    TOKEN = "token"  # a hand-stored OAuth access token (transports/smtp.py)
+    OAUTH_CLIENT_SECRET = "oauth_client_secret"  # oauth/tokens.py, client_secret_stored
+    API_KEY = "api_key"  # HTTPS API providers (transports/_http.py), set-password stores it
+    WEBHOOK_KEY = "webhook_key"  # a provider's webhook signing key (postroom.webhooks)
+
+
+def secret_name(connection: str, what: Secret) -> str:
+    return f"connection:{connection}:{what.value}"
+
+
+def resolve(owner: str, key: str, *, env: str | None, file: Path | None,
+            stored: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The one way to read a secret reference: ``{key}_env`` (an environment variable's
+    name), else ``{key}_file`` (a file's path), else ``stored`` (given inline or kept
+    encrypted, decrypted by the caller). None when none of them is set.
+
+    ``owner`` names who needs it ("connection primary") for the error. A variable that is
+    unset or empty, or a file that cannot be read or is empty, is an AuthError
+    ``auth.secret_missing`` (transient: the mail waits until it is fixed). Only trailing CR
+    and LF are taken off (the newline editors and ``echo`` add): other whitespace may be part
+    of a password, and an API key never has any. ``environ``: instead of os.environ."""
+    problem = fix = ""
+    if env:
+        value = (os.environ if environ is None else environ).get(env, "").rstrip("\r\n")
+        if value:
+            return value
+        problem = f"environment variable {env} is not set (it gives {key})"
+        fix = "set it for the Postroom process (systemd: Environment= or EnvironmentFile=)"
+    elif file is not None:
+        try:
+            value = Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise AuthError(f"{owner}: cannot read {key}_file {file}: {why}; fix the path or "
+                            "let the Postroom user read it", code="auth.secret_missing",
+                            permanent=False, reply_text=f"cannot read {key}_file {file}: "
+                            f"{why}") from err
+        if value:
+            return value
+        problem, fix = f"{key}_file {file} is empty", f"write the {key} into it"
+    else:
+        return stored
+    # reply_text: the problem alone, for callers that word the fix their own way.
+    raise AuthError(f"{owner}: {problem}; {fix}", code="auth.secret_missing", permanent=False,
+                    reply_text=problem)
 
 
 def load_or_create_key(path: Path, environ: Mapping[str, str] | None = None) -> bytes:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postroom.bootstrap import ensure_certificate
 from postroom.ingress import http_front, smtpd
@@ -17,6 +20,9 @@ from postroom.reload import LiveConfig
 from postroom.runtime import Instance
 from postroom.settings import Settings
 from postroom.transports.base import Transport
+
+if TYPE_CHECKING:
+    from postroom.bounces import Door
 
 log = logging.getLogger("postroom")
 
@@ -160,10 +166,25 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+# POSTROOM_DEBUG_MODULES=FILE: on SIGUSR1, the process writes the names of the modules it
+# has imported to FILE, one a line. tests/test_memory_imports.py checks with it that what a
+# door needs once (alembic, cryptography...) is not kept by a running server.
+DEBUG_MODULES = "POSTROOM_DEBUG_MODULES"
+
+
+def _write_modules(path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{name}\n" for name in sorted(sys.modules)), encoding="utf-8")
+    tmp.replace(path)  # whole or absent: a reader never sees half a list
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    dump = os.environ.get(DEBUG_MODULES)
+    if dump and hasattr(signal, "SIGUSR1"):
+        loop.add_signal_handler(signal.SIGUSR1, _write_modules, Path(dump))
 
 
 def _chores(inst: Instance) -> list[asyncio.Task[None]]:
@@ -239,6 +260,16 @@ def _admin_setup(inst: Instance, base_url: str) -> None:
              "`postroom admin add NAME`")
 
 
+def _bounce_door(inst: Instance) -> Door | None:
+    """The listener's door for delivery reports, when [bounces] names an address (read at
+    start: a changed bounce address needs a restart)."""
+    if not any(name == "bounces" for name, _ in inst.settings.features):
+        return None  # postroom.bounces (and the email parser) not loaded
+    from postroom.bounces import Door
+
+    return Door.of(inst.settings, inst.queue)
+
+
 async def _stop_chores(chores: list[asyncio.Task[None]]) -> None:
     for task in chores:
         task.cancel()
@@ -254,11 +285,15 @@ async def serve(
     """Listen for mail (and deliver it, unless ``server.worker = false``) until stopped."""
     setup_logging()
     _check_open_files(settings)
-    inst = Instance(settings)
+    web = settings.http
+    if settings.http_listen and web.tls and web.tls_cert and web.tls_key:
+        # A wrong pair is reported now, not after a first start's migration.
+        http_front.check_tls(settings.resolve(web.tls_cert), settings.resolve(web.tls_key))
+    inst = Instance(settings, migrate_apart=True)
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
     cert, key = inst.tls_files
-    if ensure_certificate(cert, key, settings.server.hostname):
+    if ensure_certificate(cert, key, settings.server.hostname, apart=True):
         _say(f"created a self-signed certificate for STARTTLS: {cert}")
     for warning in inst.permission_warnings():
         log.warning("%s", warning)
@@ -274,6 +309,7 @@ async def serve(
         smtpd.Policy(settings.server),
         inst.intake,
         on_enqueued=(lambda _id: worker.wake()) if worker else None,
+        bounces=_bounce_door(inst),
     )
     worker_task: asyncio.Task[None] | None = None
     http = None  # bound before SMTP: when the SMTP port answers, the HTTP one does too
@@ -339,7 +375,7 @@ async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     """A delivery worker alone (scale-out): claims from the shared queue until stopped."""
     setup_logging()
     _check_open_files(settings)
-    inst = Instance(settings)
+    inst = Instance(settings, migrate_apart=True)
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
     for warning in inst.permission_warnings():

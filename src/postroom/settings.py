@@ -63,6 +63,20 @@ class _Section(BaseModel):
 SectionModel = _Section  # the base for a feature's own section model (register_section)
 
 
+def check_networks(names: list[str]) -> list[str]:
+    """A list of addresses or networks as a setting gives it (a feature's validator calls
+    this), ValueError naming the first that is neither."""
+    import ipaddress
+
+    for net in names:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as err:
+            raise ValueError(f"{net!r} is not an address or network, e.g. 127.0.0.1 or "
+                             "10.0.0.0/24") from err
+    return names
+
+
 class ServerSettings(_Section):
     data_dir: Path = Path("postroom-data")
     database: str = ""  # default: sqlite:///<data_dir>/postroom.db

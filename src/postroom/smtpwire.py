@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 
 from postroom.diagnostics import net
@@ -137,3 +138,27 @@ def capabilities(lines: list[str]) -> dict[str, str]:
         if keyword:
             caps[keyword] = params.strip()
     return caps
+
+
+# The id a server gave the message in its final 250 reply (no RFC defines one; each MTA words
+# it its own way): Postfix and SendGrid "Ok: queued as 4Xyz", Exim "OK id=1q2w3e-0004Rt-Ab",
+# Gmail "OK  1712345678 a1b2c3.45 - gsmtp", Sendmail "x8ABCdef012345 Message accepted for
+# delivery", Amazon SES "Ok 0100018c8f...-000000".
+_QUEUE_ID = [re.compile(p, re.IGNORECASE) for p in (
+    r"\bqueued as ([\w.@<>:+/=-]+)",
+    r"\bid=([\w.@<>:+/=-]+)",
+    r"\bok\s+\d+\s+(\S+)\s+-\s+gsmtp\b",
+    r"^(?:2\.\d\.\d+\s+)?(\w{14}) message accepted for delivery",
+    r"^(?:2\.\d\.\d+\s+)?ok\s+([0-9a-f]{16,}(?:-[0-9a-f]+)+)\b",
+)]
+
+
+def queue_id(reply: str) -> str | None:
+    """The server's id for the message from its final reply's text (``reply`` without the
+    code; an enhanced status code may lead it), or None when it names none. What the
+    server's logs and bounces (DSNs) call the message: kept as the attempt's provider id."""
+    text = reply.strip()
+    for pattern in _QUEUE_ID:
+        if (m := pattern.search(text)) is not None:
+            return m.group(1).strip("<>.,;")[:255] or None
+    return None

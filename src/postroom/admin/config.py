@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from postroom.audit import Role
-from postroom.settings import SectionModel, register_section
+from postroom.settings import SectionModel, check_networks, register_section
 
 SOURCE_LANGUAGE = "en"  # the templates' own language: always there, needs no catalog
 
@@ -70,15 +70,7 @@ class AdminSettings(SectionModel):
     @field_validator("sso_proxies")
     @classmethod
     def _proxies(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
-        for net in v:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError as err:
-                raise ValueError(f"{net!r} is not an address or network, e.g. 127.0.0.1 or "
-                                 "10.0.0.0/24") from err
-        return v
+        return check_networks(v)
 
     @field_validator("language")
     @classmethod

@@ -30,7 +30,7 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
 STATUS_STYLE = {"sent": "green", "partial": "yellow", "deferred": "yellow", "failed": "red",
-                "queued": "cyan", "sending": "cyan"}
+                "queued": "cyan", "sending": "cyan", "suppressed": "magenta"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

@@ -20,7 +20,8 @@ _HEALTH_STYLE = {"up": "green", "degraded": "yellow", "down": "red"}
 @cli.callback(invoke_without_command=True)
 def connections(ctx: typer.Context, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Each configured connection: transport, health (up / degraded / down), failures in a
-    row, last error and since when, paused, rate limits with their current use."""
+    row, last error and since when, paused or held (the provider's Retry-After), rate
+    limits with their current use."""
     if ctx.invoked_subcommand is None:
         show(config, as_json=as_json)
 
@@ -52,6 +53,9 @@ def show(config: Path | None, *, as_json: bool = False) -> None:
         health = f"[{style}]{c.health}[/]"
         if c.circuit_open_until and c.circuit_open_until > now:
             health += f" (skipped, retried {relative(c.circuit_open_until, now)})"
+        if c.held_until and c.held_until > now:  # the provider's Retry-After
+            health += (f" [yellow]held[/] until {when(c.held_until)} "
+                       f"({relative(c.held_until, now)}): the provider asked to wait")
         if c.paused:
             health += " [bold yellow]paused[/]"
         err = ""

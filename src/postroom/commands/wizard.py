@@ -94,6 +94,13 @@ def wizard(
     server: Annotated[list[str] | None, typer.Option(
         "--server", help="Probe only this server, HOST or HOST:PORT (repeatable): you vouch "
         "for it, so it needs no other source", metavar="HOST[:PORT]")] = None,
+    api: Annotated[str | None, typer.Option(
+        "--api", help="Set up this HTTPS API transport (mailgun, sendgrid...) instead of "
+        "SMTP; offered by itself when SMTP is blocked. The key: --password-env / "
+        "--password-stdin, or asked", metavar="KIND")] = None,
+    setting: Annotated[list[str] | None, typer.Option(
+        "--setting", help="A setting of the API connection, KEY=VALUE (repeatable), e.g. "
+        "region=eu", metavar="KEY=VALUE")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Set up a connection for ADDRESS: find the provider's server (built-in table, MX, SRV,
@@ -120,6 +127,21 @@ def wizard(
                              code="wizard.password"))
     servers = [_guard(out, lambda s=s: _server_arg(s)) for s in server or []]
     cfg_path = settings_mod.config_path_from(config, os.environ)
+
+    def https_api(provider: Any, kind: str | None) -> NoReturn:
+        from postroom.commands.wizard_api import offer, parse_settings
+
+        values = _guard(out, lambda: parse_settings(setting or []))
+        send = None if no_test else (
+            lambda conn: _send_test(out, cfg_path, conn, test_to or address))
+        _guard(out, lambda: offer(
+            out, address=address, provider=provider, cfg_path=cfg_path, kind=kind,
+            settings=values, name=name, interactive=interactive, key_env=password_env,
+            key_stdin=password_stdin, send_test=send, ehlo_name=_hostname()))
+        raise AssertionError("unreachable")
+
+    if api is not None:
+        https_api(None, api)
     resolver = _guard(out, lambda: Resolver(dns_server, timeout=min(timeout, 5.0)))
     out.say(f"Looking for the submission server of [bold]{address}[/]: built-in table, SRV, "
             f"autoconfig, MX (DNS: {resolver.describe()})..." if not servers else
@@ -135,10 +157,8 @@ def wizard(
                 "or name the server with --server HOST[:PORT].")
         out.done(1)
     if p.chosen is None:
-        out.say("[bold red]No server works from here.[/] `postroom probe HOST` shows more; "
-                "if every port is dropped, this network blocks SMTP: an HTTP API transport "
-                "(gmail, msgraph) is the way out.")
-        out.done(1)
+        out.say("[bold red]No server works from here.[/] `postroom probe HOST` shows more.")
+        https_api(p.provider, None)
     confirmed_name = _confirm_concerns(out, p)
     conn_name = name or default_name(address, p.provider)
     from postroom.configedit import existing_names

@@ -33,21 +33,30 @@ class Endpoint:
     port: int = 443
 
 
-# The providers' API hosts (their documentation's base URLs). Postroom's HTTP transports use
-# these; OAuth token endpoints are listed because sending through Gmail or Microsoft 365
-# needs them too.
-ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("Gmail API", "gmail.googleapis.com"),
+# The OAuth token endpoints: sending through Gmail or Microsoft 365 needs them besides the
+# API. The API providers' own hosts come from the transports registry (every region of
+# each: postroom.diagnostics.api_providers.endpoints), so a provider added there is probed.
+OAUTH_ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("Google OAuth", "oauth2.googleapis.com"),
-    Endpoint("Microsoft Graph", "graph.microsoft.com"),
     Endpoint("Microsoft OAuth", "login.microsoftonline.com"),
-    Endpoint("Mailgun", "api.mailgun.net"),
-    Endpoint("SendGrid", "api.sendgrid.com"),
-    Endpoint("Postmark", "api.postmarkapp.com"),
-    Endpoint("Amazon SES", "email.us-east-1.amazonaws.com"),
-    Endpoint("Brevo", "api.brevo.com"),
-    Endpoint("Mailjet", "api.mailjet.com"),
 )
+
+
+def default_endpoints() -> tuple[Endpoint, ...]:
+    """The endpoints `postroom probe --https` checks: every API provider's host per region,
+    then the OAuth token endpoints (imports the provider modules: call it when probing)."""
+    from postroom.diagnostics.api_providers import endpoints as api_endpoints
+
+    api = api_endpoints()
+    hosts = {e.host for e in api}
+    return (*api, *(e for e in OAUTH_ENDPOINTS if e.host not in hosts))
+
+
+def __getattr__(name: str) -> tuple[Endpoint, ...]:
+    # ``ENDPOINTS``, computed when asked for: importing this module loads no provider.
+    if name == "ENDPOINTS":
+        return default_endpoints()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 REACHABLE = "reachable"
 UNTRUSTED = "untrusted"  # TLS works, but not with a certificate this machine trusts
@@ -152,13 +161,16 @@ def _redact(url: str) -> str:
 
 
 async def check(
-    endpoints: Sequence[Endpoint] = ENDPOINTS,
+    endpoints: Sequence[Endpoint] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     deadline: float | None = None,
     timeout: float = 10.0,
 ) -> list[EndpointResult]:
-    """Check every endpoint in parallel; finished by ``deadline`` (loop time) at the latest."""
+    """Check every endpoint (default: :func:`default_endpoints`) in parallel; finished by
+    ``deadline`` (loop time) at the latest."""
+    if endpoints is None:
+        endpoints = default_endpoints()
     loop = asyncio.get_running_loop()
     end = deadline if deadline is not None else loop.time() + timeout
     env = os.environ if environ is None else environ

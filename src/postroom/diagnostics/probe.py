@@ -348,7 +348,7 @@ async def probe(
     banner_wait: float = DEFAULT_BANNER_WAIT,
     implicit_tls_ports: Collection[int] = IMPLICIT_TLS_PORTS,
     https: bool = True,
-    endpoints: Sequence[https_mod.Endpoint] = https_mod.ENDPOINTS,
+    endpoints: Sequence[https_mod.Endpoint] | None = None,  # None: every provider's
     environ: Mapping[str, str] | None = None,
     addresses: Sequence[str] | None = None,
 ) -> ProbeReport:

@@ -26,13 +26,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from postroom import __version__
 from postroom.apps import AppPolicy
-from postroom.diagnostics.advice import advice_for_attempt
 from postroom.envelope import Envelope, new_id, validate_address
 from postroom.exceptions import IntakeError, MessageError, StoreError
 from postroom.ingress import http_docs, http_raw
 from postroom.ingress.http_auth import AUTH_STATE, Refusal
 from postroom.ingress.http_errors import HttpError, install
-from postroom.ingress.http_front import Context
+from postroom.ingress.http_front import AdminPart, Context
 from postroom.ingress.http_models import (
     Accepted,
     AttachmentIn,
@@ -48,7 +47,7 @@ from postroom.oauth import web as oauth_web
 from postroom.queue.sql import IdempotencyKey
 from postroom.store.log import LogFilter
 from postroom.store.schema import PRIORITIES, STATUSES
-from postroom.web import app as web_app
+from postroom.webhooks import Kind
 
 PREFIX = "/api/v1"
 # Composing a big message (base64 of large attachments) takes long enough to stall the
@@ -430,13 +429,16 @@ async def list_messages(
     tag: Annotated[str | None, Query(max_length=100)] = None,
     since: Annotated[str | None, Query(description="ISO 8601 or epoch s.")] = None,
     until: Annotated[str | None, Query(description="ISO 8601 or epoch s.")] = None,
+    event: Annotated[Kind | None, Query(
+        description="Had a delivery event of this kind (bounced, complained...).")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> MessagePage:
     wanted = LogFilter(status=status, to=recipient or None, sender=sender or None,
                        text=q or None, tag=tag or None, app=app,
                        since=_time(since, "since") if since else None,
-                       until=_time(until, "until") if until else None)
+                       until=_time(until, "until") if until else None,
+                       event=str(event) if event else None)
     rows = await asyncio.to_thread(ctx.queue.log.page, wanted,
                                    before=_before(cursor) if cursor else None, limit=limit + 1)
     more = len(rows) > limit
@@ -449,6 +451,10 @@ async def list_messages(
             responses={404: {"model": ErrorBody, "description": "No such message."}},
             summary="One message: recipients' states and every attempt")
 async def get_message(msg_id: MsgId, app: App, ctx: Ctx) -> MessageDetail:
+    # The advice catalog is read here, not when sending: an app that only sends never
+    # loads it.
+    from postroom.diagnostics.advice import advice_for_attempt
+
     row = _owned(await asyncio.to_thread(ctx.queue.log.get, msg_id), app, msg_id)
     # The message's own recipients, then the copies its policy added (marked "forced").
     forced = [r for r, st in row["rcpt_status"].items() if st.get("forced")]
@@ -459,8 +465,12 @@ async def get_message(msg_id: MsgId, app: App, ctx: Ctx) -> MessageDetail:
                  "permanent": bool(a["permanent"]), "transcript": a["transcript"] or "",
                  "advice": advice_for_attempt(a, settings=ctx.settings)}
                 for a in row["attempts"]]
+    from postroom.webhooks.intake import EventLog  # the event tables' code: when first asked
+
+    reported = await asyncio.to_thread(EventLog(ctx.queue).for_message, row["id"])
     return MessageDetail.model_validate(
-        {**_out(row), "recipient_states": states, "attempts": attempts})
+        {**_out(row), "recipient_states": states, "attempts": attempts,
+         "delivery_events": [{**ev, "at": _iso(ev["at"])} for ev in reported]})
 
 
 @router.post("/messages/{msg_id}/resend", status_code=202, response_model=Accepted,
@@ -499,7 +509,12 @@ async def list_connections(app: App, ctx: Ctx) -> dict[str, Any]:
     return report
 
 
-def create_app(ctx: Context) -> FastAPI:
+def create_app(ctx: Context, *, admin: AdminPart = "all") -> FastAPI:
+    """The application: the API, the OAuth pages and, as ``admin`` says, none of the web
+    admin, its pages alone, or its pages and its JSON API (postroom.web). The HTTP front
+    starts with "none" and takes more on the first request that needs it: a part not
+    mounted is not imported either, and a server used only through the API (or the admin
+    pages only) never holds the rest."""
     api = FastAPI(
         title="Postroom API", version=__version__,
         description="Hand mail to Postroom, follow it, resend it. Authenticate with the API "
@@ -511,6 +526,9 @@ def create_app(ctx: Context) -> FastAPI:
     api.state.ctx = ctx
     api.include_router(router)
     api.include_router(oauth_web.router)  # /oauth/start/{connection}, /oauth/callback
-    web_app.install(api)  # /, /admin (pages), /api/v1/admin (JSON): postroom.web
+    if admin != "none":  # /, /admin (pages), /api/v1/admin (JSON): postroom.web
+        from postroom.web import app as web_app
+
+        web_app.install(api, json=admin == "all")
     install(api)
     return api

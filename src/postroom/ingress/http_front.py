@@ -12,6 +12,10 @@ front that answers ``/healthz`` itself, and hands ``/api/v1`` to the FastAPI app
 /healthz shows its details (store errors, worker ids, queue sizes) to server.admin_networks
 only; everyone else gets the verdict alone.
 
+``POST /webhooks/{connection}`` (providers' delivery events, ingress.webhooks_http) needs no
+API key: the connection and its provider's webhook are found from the path before any body
+is read (404 alike for both), the body is read under 1 MB, the signature checked there.
+
 The web admin (``/``, ``/admin...``, ``/api/v1/admin...``; postroom.web) has its own fence
 here, before any page work: server.admin_networks and the ``Host`` header first
 (postroom.web.fence), then a body read under 64 KB unless the request is signed in.
@@ -33,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from postroom.apps import Apps
 from postroom.exceptions import ConfigError
@@ -51,6 +55,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
+OPENAPI = PREFIX + "/openapi.json"
+# How much of the web admin the application has (http_api.create_app), least to most.
+AdminPart = Literal["none", "pages", "all"]
+ADMIN_PARTS: tuple[AdminPart, ...] = ("none", "pages", "all")
+WEBHOOKS = "/webhooks/"  # providers' delivery events (ingress.webhooks_http)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -178,6 +187,7 @@ class Front:
             max_delay=max(server.auth_failure_delay, server.auth_failure_max_delay))
         self._public_health: tuple[float, int, dict[str, Any]] | None = None
         self._api: ASGIApp | None = None
+        self._part: AdminPart = "none"  # how much of the web admin self._api has
         self._loading = asyncio.Lock()
 
     def is_trusted(self, ip: str) -> bool:
@@ -188,18 +198,27 @@ class Front:
         sizes: only administrators (server.admin_networks) may."""
         return ip in self.admin
 
-    async def api(self) -> ASGIApp:
-        if self._api is None:
+    async def api(self, part: AdminPart = "none") -> ASGIApp:
+        """The application, with at least ``part`` of the web admin. The first is made
+        without it, the admin's modules not even imported; the first request for a part it
+        lacks replaces it with one that has it (requests in flight finish on theirs)."""
+        def lacks() -> bool:
+            return ADMIN_PARTS.index(self._part) < ADMIN_PARTS.index(part)
+
+        api = self._api
+        if api is None or lacks():
             async with self._loading:
-                if self._api is None:
+                api = self._api
+                if api is None or lacks():
                     # Imported in a thread: it takes a few hundred ms, mail keeps flowing.
                     def load() -> ASGIApp:
                         from postroom.ingress.http_api import create_app
 
-                        return create_app(self.ctx)
+                        return create_app(self.ctx, admin=part)
 
-                    self._api = await asyncio.to_thread(load)
-        return self._api
+                    api = self._api = await asyncio.to_thread(load)
+                    self._part = part
+        return api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
@@ -233,6 +252,9 @@ class Front:
             return None
         if fence.is_admin(path):
             return await self._admin(scope, receive, send, ip)
+        if path.startswith(WEBHOOKS):
+            await self._webhook(scope, receive, send, ip)
+            return None
         body = b""
         if path == PREFIX or (path.startswith(PREFIX + "/") and not _public(path)):
             refusal = await self._authenticate(scope, ip)
@@ -249,7 +271,8 @@ class Front:
         await self._run(scope, body, receive, send)
         return None
 
-    async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send, *,
+                   part: AdminPart = "none") -> None:
         """The application, given the body read here."""
         sent = False
 
@@ -260,7 +283,8 @@ class Front:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # only http.disconnect remains
 
-        app = await self.api()
+        # The OpenAPI document describes the admin's JSON endpoints too.
+        app = await self.api("all" if scope["path"] == OPENAPI else part)
         try:
             await app(scope, replay, send)
         except Exception:
@@ -295,9 +319,32 @@ class Front:
             else:
                 await send(message)
 
-        await self._run(scope, body, receive, holding)
+        await self._run(scope, body, receive, holding,
+                        part="all" if fence.is_api(scope["path"]) else "pages")
         delay = state.get(fence.DELAY_STATE)
         return _Held(float(delay), held, send) if delay and held else None
+
+    async def _webhook(self, scope: Scope, receive: Receive, send: Send, ip: str) -> None:
+        """``POST /webhooks/{connection}`` (ingress.webhooks_http): no API key (providers
+        have none; their signature is checked instead), a body of at most 1 MB read only
+        for a connection whose provider sends events."""
+        from postroom.ingress import webhooks_http
+        from postroom.webhooks import MAX_BODY
+
+        found = webhooks_http.target(self.ctx, scope)
+        if isinstance(found, tuple):
+            await _json(send, found[0], found[1], close=_announces_body(scope),
+                        head=scope["method"] == "HEAD")
+            return
+        body = await self._body(scope, receive, send, min(MAX_BODY, self.max_body), fix=(
+            "send fewer events per request (the provider's batch size setting)"))
+        if body is None:
+            return
+        status, answer = await webhooks_http.handle(self.ctx, found, scope, body, ip)
+        if isinstance(answer, bytes):  # a handshake's own answer (SNS)
+            await _raw(send, status, b"text/plain; charset=utf-8", answer)
+        else:
+            await _json(send, status, answer)
 
     async def _signed_in(self, scope: Scope) -> bool:
         from postroom.web import auth  # the accounts' modules: loaded on first admin use
@@ -356,10 +403,11 @@ class Front:
             return None
 
     async def _body(self, scope: Scope, receive: Receive, send: Send,
-                    limit: int | None = None) -> bytes | None:
+                    limit: int | None = None, fix: str | None = None) -> bytes | None:
         """The whole request body, or None after answering 413 (over ``limit``, by default
         [http] max_body_size) or 408 (too slow), or when the client went away."""
         max_body = self.max_body if limit is None else limit
+        over_fix = fix
         declared = None
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
@@ -401,7 +449,8 @@ class Front:
                 fix = (f"sign in first: before, a request body may hold at most {max_body} "
                        "bytes")
             await _json(send, 413, _error(
-                "request.too_large", f"the request body is over {max_body} bytes", fix),
+                "request.too_large", f"the request body is over {max_body} bytes",
+                over_fix or fix),
                 close=True)
             return None
         return b"".join(chunks)
@@ -514,7 +563,7 @@ def _bind(host: str, port: int) -> socket.socket:
         ) from err
 
 
-def _check_tls(cert: Path, key: Path) -> None:
+def check_tls(cert: Path, key: Path) -> None:
     """Load the pair once at start-up: a wrong path or a key that does not match is a
     ConfigError now, not a listener that dies on its first connection."""
     try:
@@ -533,7 +582,7 @@ async def start(ctx: Context, host: str, port: int,
     listener (``await listener.stop()``) and the address."""
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     if tls is not None:
-        _check_tls(*tls)
+        check_tls(*tls)
     sock = _bind(host, port)
     listener = Listener(Front(ctx), sock, tls)
     listener.start()

@@ -137,6 +137,9 @@ class AttemptOut(BaseModel):
     permanent: bool
     recipients: dict[str, dict[str, Any]]
     transcript: str
+    provider_id: str | None = Field(
+        default=None, description="The provider's id for the message (an HTTPS API's "
+        "message id, an SMTP server's queue id): what its delivery events name.")
     advice: dict[str, Any] | None = Field(
         default=None, description="When the attempt failed: its likely cause and the fix "
         "(id, cause, fix, docs), from Postroom's advice catalog.")
@@ -163,9 +166,23 @@ class MessageOut(BaseModel):
     last_error: str | None = None
 
 
+class DeliveryEventOut(BaseModel):
+    at: dt.datetime = Field(description="When it happened, by the provider's clock.")
+    kind: str = Field(description="queued | delivered | deferred | bounced | rejected | "
+                      "complained | unsubscribed | opened | clicked | unknown")
+    recipient: str | None = None
+    permanent: bool | None = Field(
+        default=None, description="For a bounce: hard (true) or soft (false), if known.")
+    detail: str = Field(description="The provider's or the report's words (status code...).")
+    connection: str = Field(description="The connection whose webhook or DSN reported it.")
+
+
 class MessageDetail(MessageOut):
     recipient_states: list[RecipientOut]
     attempts: list[AttemptOut]
+    delivery_events: list[DeliveryEventOut] = Field(
+        default_factory=list, description="What became of it after it left: the provider's "
+        "webhook events and the DSNs that came back, oldest first.")
 
 
 class MessagePage(BaseModel):

@@ -39,20 +39,15 @@ RECIPIENT_REFUSED = "recipient.rejected"
 
 def _password(cfg: SendmailSettings, environ: Mapping[str, str],
               resolve: Callable[[Path], Path]) -> str:
-    if cfg.password_env:
-        secret = environ.get(cfg.password_env, "")
-        if not secret:
-            raise ConfigError(f"sendmail.password_env: the environment variable "
-                              f"{cfg.password_env} is not set; set it to the app's secret",
-                              code="config.sendmail.password")
-        return secret
-    assert cfg.password_file is not None  # SendmailSettings requires one of the two
-    path = resolve(cfg.password_file)
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as err:
-        raise ConfigError(f"sendmail.password_file: cannot read {path}: {err.strerror}",
-                          code="config.sendmail.password") from err
+    from postroom.secrets import resolve as resolve_secret
+
+    file = resolve(cfg.password_file) if cfg.password_file is not None else None
+    try:  # SendmailSettings requires password_env or password_file
+        secret = resolve_secret("sendmail", "password", env=cfg.password_env, file=file,
+                                stored=None, environ=environ)
+    except AuthError as err:  # before any connection: this machine's configuration
+        raise ConfigError(err.message, code="config.sendmail.password") from err
+    return secret or ""
 
 
 def _tls_context(cfg: SendmailSettings, resolve: Callable[[Path], Path]) -> ssl.SSLContext:

@@ -11,7 +11,10 @@ Policy, deny by default:
 - an authenticated session sends as its app: the app's limits apply (allowed senders,
   rate), and a session whose app was removed or rotated since it logged in sends no more;
 - what a message must be to be stored is not decided here: ``ingress.accept`` (the one
-  intake path) says, for this door as for every other (bare CR or LF, size, header bytes).
+  intake path) says, for this door as for every other (bare CR or LF, size, header bytes);
+- mail to a signed return path of ``[bounces]`` (postroom.bounces) is a delivery report:
+  read and recorded on its message, never queued. Clients in [bounces] networks may send
+  one without AUTH, with the null reverse path, and nothing else.
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ import re
 import ssl
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postroom.apps import AppPolicy, Apps
 from postroom.envelope import Envelope, validate_address
-from postroom.exceptions import IntakeError, MessageError, PostroomError
+from postroom.exceptions import EventError, IntakeError, MessageError, PostroomError
 from postroom.ingress.accept import Intake
 from postroom.ingress.guard import FailureLimiter, Networks, SessionCaps, client_address
 from postroom.queue.sql import Queue
 from postroom.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from postroom.bounces import Door
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,10 @@ class PostroomSMTP(SMTP):
         self.handler = handler
         self.peer_addr: str | None = None  # counted in policy.sessions while this is set
         self.auth_deadline: asyncio.TimerHandle | None = None
+        # This transaction: a delivery report to these messages' return paths (bounces), and
+        # whether it came without AUTH from [bounces] networks (then it may be nothing else).
+        self.dsn_for: list[str] = []
+        self.dsn_only = False
 
     @classmethod
     def like(cls, template: PostroomSMTP) -> PostroomSMTP:
@@ -257,12 +267,14 @@ class Handler:
         policy: Policy,
         intake: Intake,
         on_enqueued: Callable[[str], Any] | None = None,
+        bounces: Door | None = None,
     ) -> None:
         self.queue = queue
         self.apps = apps
         self.policy = policy
         self.intake = intake
         self.on_enqueued = on_enqueued
+        self.bounces = bounces  # [bounces]: delivery reports to signed return paths
 
     def authenticator(
         self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, mechanism: str,
@@ -285,8 +297,14 @@ class Handler:
         self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope, address: str,
         mail_options: list[str],
     ) -> str:
+        server.dsn_for, server.dsn_only = [], False
         if not session.authenticated and not (server.trusted and self.policy.trusted_without_auth):
-            return "530 5.7.0 Authentication required: log in with an app's credentials first"
+            if not self._reports_from(server, address):
+                return "530 5.7.0 Authentication required: log in with an app's credentials first"
+            server.dsn_only = True  # handle_RCPT takes signed return paths only
+            if server.auth_deadline is not None:
+                server.auth_deadline.cancel()
+                server.auth_deadline = None
         if address == "<>":  # the null reverse-path (bounces, DSNs; RFC 5321 4.5.5)
             address = ""
         try:
@@ -329,6 +347,9 @@ class Handler:
             validate_address(address)
         except MessageError as err:
             return f"553 5.1.3 Bad recipient address syntax: {err.message}"
+        refused = self._report_recipient(server, envelope, address)
+        if refused is not None:
+            return refused
         smtputf8 = "SMTPUTF8" in (o.upper() for o in envelope.mail_options)
         if not address.isascii() and not smtputf8:
             return "553 5.6.7 Non-ASCII recipient address needs MAIL FROM ... SMTPUTF8 (RFC 6531)"
@@ -336,9 +357,55 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
+    def _reports_from(self, server: PostroomSMTP, address: str) -> bool:
+        """Whether an unauthenticated client may start a delivery report: [bounces] is on,
+        it comes from its networks, with the null reverse path."""
+        return (self.bounces is not None and address == "<>" and server.peer_addr is not None
+                and server.peer_addr in self.bounces.networks)
+
+    def _report_recipient(self, server: PostroomSMTP, envelope: SmtpEnvelope,
+                          address: str) -> str | None:
+        """RCPT for a report: a signed return path is taken (and marks the transaction as a
+        report), any other form of the bounce address refused; None: an ordinary recipient,
+        for an ordinary transaction."""
+        door = self.bounces
+        if door is not None and door.verp.is_ours(address):
+            msg_id = door.verp.message_of(address)
+            if msg_id is None:
+                return "550 5.1.1 No such bounce address (its signature does not match)"
+            if envelope.rcpt_tos and not server.dsn_for:
+                return ("452 4.5.3 A delivery report goes in a transaction of its own; send "
+                        "it separately")
+            server.dsn_for.append(msg_id)
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 Ok"
+        if server.dsn_only:
+            return ("530 5.7.0 Authentication required: without AUTH only delivery reports "
+                    "to Postroom's return paths are taken")
+        if server.dsn_for:
+            return ("452 4.5.3 A delivery report goes in a transaction of its own; send "
+                    "this recipient separately")
+        return None
+
+    async def _take_report(self, server: PostroomSMTP, envelope: SmtpEnvelope) -> str:
+        door = self.bounces
+        if door is None:  # dsn_for is only filled while it is set
+            return "451 4.3.0 Delivery reports are not taken now; try again later"
+        try:
+            done = await door.take(envelope.original_content or b"", list(server.dsn_for))
+        except EventError as err:
+            return f"550 5.6.0 Not a delivery report: {err.message}"
+        except PostroomError as err:
+            log.error("could not record a delivery report: %s", err)
+            return "451 4.3.0 Temporary failure storing the report; try again later"
+        return (f"250 2.0.0 Ok: delivery report recorded ({len(done.new)} new, "
+                f"{done.duplicates} already known)")
+
     async def handle_DATA(
         self, server: PostroomSMTP, session: Session, envelope: SmtpEnvelope
     ) -> str:
+        if server.dsn_for:
+            return await self._take_report(server, envelope)
         app = server.app
         env = Envelope(
             sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",

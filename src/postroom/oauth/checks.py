@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from postroom.events import Kind
 from postroom.exceptions import PostroomError
 from postroom.oauth import errors
 from postroom.oauth.tokens import TokenManager
@@ -51,14 +52,14 @@ def check_one(tm: TokenManager, name: str) -> Check:
     grant = tm.store.get(name)
     if grant is None and cfg.grant == "user":
         detail = errors.failure("no_grant", name, **tm.relogin(name)).message
-        tm.event("oauth_no_grant", name, detail, unless_within=ONCE_A_DAY)
+        tm.event(Kind.OAUTH_NO_GRANT, name, detail, unless_within=ONCE_A_DAY)
         return Check(name, False, "no_grant", detail)
     idle_days = ep.provider.refresh_idle_days
     if grant is not None and grant.user and idle_days:
         last = grant.last_refresh_at or grant.granted_at
         idle = (now - last) / 86400
         if idle >= idle_days - IDLE_WARN_BEFORE_DAYS:
-            tm.event("oauth_idle", name, (
+            tm.event(Kind.OAUTH_IDLE, name, (
                 f"connection {name}: the refresh token was last used {idle:.0f} days ago; "
                 f"{ep.provider.title} ends refresh tokens unused for {idle_days} days (was "
                 "Postroom stopped?). Refreshing it now; if that fails, sign in again: "
@@ -79,7 +80,7 @@ def check_one(tm: TokenManager, name: str) -> Check:
     # The account that signed in, not the configured one: they differ, the server refuses.
     mismatch = tm.account_mismatch(name, grant)
     if mismatch is not None:
-        tm.event("oauth_account_mismatch", name, mismatch, unless_within=ONCE_A_DAY)
+        tm.event(Kind.OAUTH_ACCOUNT_MISMATCH, name, mismatch, unless_within=ONCE_A_DAY)
         return Check(name, False, "warning", mismatch)
     exp = f"; access token valid until {grant.expires_at:.0f}" if grant.expires_at else ""
     who = grant.account or "an account the provider did not name"

@@ -19,7 +19,6 @@ pydantic alone. The provider definitions themselves are data in postroom.oauth.p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -81,19 +80,12 @@ class OAuthSettings(BaseModel):
                              "(client_secret_env or client_secret_file)")
         return self
 
-    def secret(self) -> str | None:
-        """The client secret, from where the configuration says (None for public clients).
-        Raises LookupError with the reason when it is configured but unavailable."""
-        if self.client_secret_env:
-            value = os.environ.get(self.client_secret_env)
-            if not value:
-                raise LookupError(f"environment variable {self.client_secret_env} is not set")
-            return value
-        if self.client_secret_file:
-            try:
-                return self.client_secret_file.read_text(encoding="utf-8").strip()
-            except OSError as err:
-                raise LookupError(f"cannot read client_secret_file {self.client_secret_file}: "
-                                  f"{err.strerror}") from err
-        return self.client_secret
+    def secret(self, owner: str) -> str | None:
+        """The client secret, from where the configuration says (None for public clients;
+        postroom.secrets.resolve, whose AuthError says why one configured is unavailable).
+        ``owner``: who needs it, for that error ("connection gmail")."""
+        from postroom.secrets import resolve
+
+        return resolve(owner, "client_secret", env=self.client_secret_env,
+                       file=self.client_secret_file, stored=self.client_secret)
 

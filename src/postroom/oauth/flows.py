@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from postroom.events import Kind
 from postroom.exceptions import ConfigError
 from postroom.oauth import client as oauth_client
 from postroom.oauth import errors
@@ -147,7 +148,7 @@ def keep(tm: TokenManager, name: str, token: Any, grant_type: str) -> Finished:
     same = [w for w in who if want is not None and w.casefold() == want[1].casefold()]
     grant = tm.save(name, token, grant_type, account=next(iter(same or who), None))
     for note in notes:
-        tm.event("oauth_account_note", name, note)
+        tm.event(Kind.OAUTH_ACCOUNT_NOTE, name, note)
     return Finished(name, grant, notes + [w for _, w in tm.warnings(grant)])
 
 
@@ -163,7 +164,7 @@ def _wrong_account(tm: TokenManager, name: str, want: tuple[str, str],
         f"new link from `postroom oauth login {name}`, in a private window if this browser "
         f"is signed in to {got} at the provider); or, if {name} should send as {got}, change "
         f"its {setting} to {got} first", code="oauth.account_mismatch")
-    tm.event("oauth_account_refused", name, err.message)
+    tm.event(Kind.OAUTH_ACCOUNT_REFUSED, name, err.message)
     return err
 
 
@@ -242,6 +243,6 @@ def revoke(tm: TokenManager, name: str) -> str:
     else:
         said = f"{ep.provider.title} has no revocation endpoint"
     tm.forget(name)
-    tm.event("oauth_revoked", name, said)
+    tm.event(Kind.OAUTH_REVOKED, name, said)
     note = f"; {ep.provider.revoke_note}" if ep.provider.revoke_note else ""
     return f"connection {name}: grant removed from Postroom; {said}{note}"

@@ -36,13 +36,14 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine, text
 
+from postroom import events
+from postroom.events import Kind
 from postroom.exceptions import AuthError, ConfigError, DeliveryError, PostroomError
 from postroom.oauth import client as oauth_client
 from postroom.oauth import errors, providers
 from postroom.oauth.config import OAuthSettings
 from postroom.oauth.errors import GrantError
 from postroom.oauth.store import Grant, GrantStore
-from postroom.routing.health import record_event
 from postroom.secrets import Vault
 from postroom.settings import ConnectionBase, Settings
 from postroom.store.db import is_postgresql, write_transaction
@@ -177,7 +178,7 @@ class TokenManager:
     def secret(self, name: str) -> str | None:
         _, cfg = self.config(name)
         if cfg.client_secret_stored:  # made in the web admin or imported (store.dbconfig)
-            from postroom.store.dbconfig import Secret, secret_name
+            from postroom.secrets import Secret, secret_name
 
             cipher = self._cipher(secret_name(name, Secret.OAUTH_CLIENT_SECRET))
             if cipher is None:
@@ -185,9 +186,10 @@ class TokenManager:
                                      said="the stored client secret is missing")
             return self.store.vault.decrypt(cipher)
         try:
-            return cfg.secret()
-        except LookupError as err:
-            raise errors.failure("secret_missing", name, said=str(err)) from err
+            return cfg.secret(f"connection {name}")
+        except AuthError as err:
+            raise errors.failure("secret_missing", name,
+                                 said=err.reply_text or err.message) from err
 
     def reconfigure(self, settings: Settings) -> None:
         """The connections changed (postroom.reload): use ``settings`` from now on."""
@@ -418,7 +420,7 @@ class TokenManager:
             for key, value in values.items():
                 setattr(grant, key, value)
             if was_dead:
-                self.event("oauth_renewed", name, "the provider accepts the grant again")
+                self.event(Kind.OAUTH_RENEWED, name, "the provider accepts the grant again")
         self._cache[name] = self._cached(grant)
         return str(values["access_token"])
 
@@ -433,11 +435,11 @@ class TokenManager:
                           last_error_at=now)
         self._cache.pop(name, None)
         if newly_dead:
-            self.event("oauth_grant_dead", name, err.message)
+            self.event(Kind.OAUTH_GRANT_DEAD, name, err.message)
             days = self.endpoints(name).provider.testing_app_days
             age = (now - grant.granted_at) / 86400
             if days and err.code == "oauth.invalid_grant" and days - 0.5 <= age <= days + 1:
-                self.event("oauth_testing_app", name, _testing_app(name, age, days,
+                self.event(Kind.OAUTH_TESTING_APP, name, _testing_app(name, age, days,
                                                                     self._sign_in(name)))
 
     # -- after sign-in ---------------------------------------------------------------------------
@@ -464,9 +466,9 @@ class TokenManager:
             self._cache[name] = self._cached(grant)
         detail = f"signed in as {account or '?'}; scopes: {' '.join(scopes)}"
         if old is not None and old.state == "dead":
-            self.event("oauth_renewed", name, detail)
+            self.event(Kind.OAUTH_RENEWED, name, detail)
         else:
-            self.event("oauth_granted", name, detail)
+            self.event(Kind.OAUTH_GRANTED, name, detail)
         for warning in self.warnings(grant):
             self.event(warning[0], name, warning[1])
         self._retry_waiting(now)
@@ -508,19 +510,19 @@ class TokenManager:
 
         return [] if any(held(s) for s in need) else list(need)
 
-    def warnings(self, grant: Grant) -> list[tuple[str, str]]:
+    def warnings(self, grant: Grant) -> list[tuple[Kind, str]]:
         """(event kind, text) for what is wrong with a grant that still works."""
-        out: list[tuple[str, str]] = []
+        out: list[tuple[Kind, str]] = []
         name = grant.connection
         missing = self.missing_scopes(name, grant)
         if missing:
-            out.append(("oauth_scope_missing", errors.failure(
+            out.append((Kind.OAUTH_SCOPE_MISSING, errors.failure(
                 "scope_missing", name, **self.relogin(name),
                 granted=" ".join(grant.scopes) or "none", needed=" or ".join(missing)).message))
         days = self.endpoints(name).provider.testing_app_days
         if days and grant.refresh_expires_at and grant.user and (
                 grant.refresh_expires_at - grant.granted_at) <= (days + 1) * 86400:
-            out.append(("oauth_testing_app", _testing_app(
+            out.append((Kind.OAUTH_TESTING_APP, _testing_app(
                 name, 0, days, self._sign_in(name), at_grant=True)))
         return out
 
@@ -535,20 +537,16 @@ class TokenManager:
         except Exception as err:  # bookkeeping only: never fail a delivery for it
             log.debug("oauth: could not note the use of %s: %s", name, err)
 
-    def event(self, kind: str, name: str, detail: str, *, unless_within: float = 0) -> None:
+    def event(self, kind: Kind, name: str, detail: str, *, unless_within: float = 0) -> None:
         """Record an event for alerts; with ``unless_within``, not when the same kind was
         recorded for this connection that recently (by any node)."""
-        from sqlalchemy import select
-
-        from postroom.store.schema import events
-
         now = self.clock()
         with write_transaction(self.engine) as conn:
-            if unless_within and conn.execute(select(events.c.id).where(
-                    events.c.kind == kind, events.c.connection == name,
-                    events.c.at > now - unless_within).limit(1)).first():
-                return
-            record_event(conn, now, kind, connection=name, detail=detail)
+            if unless_within:
+                events.record_once(conn, kind, at=now, within=unless_within, connection=name,
+                                   detail=detail)
+            else:
+                events.record(conn, kind, at=now, connection=name, detail=detail)
 
     @contextlib.contextmanager
     def _exclusive(self, name: str) -> Iterator[None]:

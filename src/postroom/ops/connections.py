@@ -132,7 +132,7 @@ def fields(transport: str) -> list[dict[str, Any]]:
         toml = info.alias or key
         # A *_env / *_file key points at this machine and is never stored; a CA bundle is the
         # exception (store.dbconfig keeps ca_file: it is only read, to verify a server).
-        if toml in ("name", "transport", "password") or (
+        if toml in ("name", "transport", "password", "api_key", "webhook_key") or (
                 toml.endswith(("_env", "_file")) and toml != "ca_file"):
             continue
         default = None if info.default is PydanticUndefined else info.default
@@ -322,6 +322,17 @@ def test_envelope(settings: Settings, name: str, to: str, sender: str | None, *,
     from postroom.message import compose
 
     conn: ConnectionBase = settings.connection(name)
+    from postroom.transports._settings import ApiKeySettings
+
+    if not sender and isinstance(conn, ApiKeySettings):
+        # An API provider sends only from the domains verified there: no guess would do.
+        from postroom.transports import transport_class
+
+        title = transport_class(conn.transport).title
+        raise ConfigError(f"connection {name!r} sends through {title}'s API, which sends only "
+                          f"from addresses of domains verified at {title}: give the sender "
+                          "address (`postroom test NAME --to A --from ADDRESS`)",
+                          code="config.test.sender")
     frm = sender or getattr(conn, "username", None) or f"postroom@{settings.server.hostname}"
     if "@" not in frm:  # a login that is no address (e.g. "apikey")
         frm = f"postroom@{settings.server.hostname}"

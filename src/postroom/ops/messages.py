@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, select
 
-from postroom import audit, mimeparts
+from postroom import audit, events, mimeparts
 from postroom.admin.config import AdminSettings
 from postroom.audit import Action, Actor, Role
 from postroom.envelope import validate_address
@@ -21,7 +21,7 @@ from postroom.exceptions import MessageError
 from postroom.ops import require
 from postroom.queue import maintenance
 from postroom.queue.maintenance import Retried
-from postroom.store.schema import SENDING, events
+from postroom.store.schema import SENDING
 
 if TYPE_CHECKING:
     from postroom.runtime import Instance
@@ -64,11 +64,8 @@ def _recipients(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _events(inst: Instance, msg_id: str) -> list[dict[str, Any]]:
-    e = events.c
-    q = (select(e.at, e.kind, e.connection, e.detail).where(e.message_id == msg_id)
-         .order_by(e.id).limit(MAX_EVENTS))
-    with inst.engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(q)]
+    return [ev.as_dict() for ev in events.read(inst.engine, message_id=msg_id,
+                                               limit=MAX_EVENTS)]
 
 
 def detail(inst: Instance, actor: Actor, msg_id: str) -> dict[str, Any]:
@@ -87,6 +84,9 @@ def detail(inst: Instance, actor: Actor, msg_id: str) -> dict[str, Any]:
     for attempt in row["attempts"]:
         attempt["advice"] = advice_for_attempt(attempt, settings=inst.settings)
     row["events"] = _events(inst, row["id"])
+    from postroom.webhooks.intake import EventLog
+
+    row["delivery_events"] = EventLog(inst.queue).for_message(row["id"])
     row["may_see_body"] = may_see_bodies(inst, actor)
     row["retryable"] = row["status"] not in ("sent", SENDING) and raw is not None
     return row

@@ -23,7 +23,7 @@ DAY = 86400.0
 # The dashboard's windows: (key, seconds back from now).
 WINDOWS = (("24h", DAY), ("7d", 7 * DAY), ("30d", 30 * DAY))
 # The figures the dashboard shows per window: statuses the store has, plus fallback use.
-FIGURES = ("sent", "partial", "failed", "deferred", "fallback_used")
+FIGURES = ("sent", "partial", "failed", "suppressed", "deferred", "fallback_used")
 QUEUE_PAGE = 200
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy import Connection, delete, func, insert, select
 
 from postroom.queue.sql import Queue
-from postroom.routing.health import _ensure
+from postroom.routing.health import ensure_state
 from postroom.settings import ConnectionBase
 from postroom.store.schema import send_log, session_leases
 
@@ -47,7 +47,7 @@ class Limiter:
         name, rates, sessions, lease = conn.name, conn.rates, conn.max_sessions, self.lease
 
         def op(db: Connection) -> float | None:
-            _ensure(db, name, now)  # locks the connection's row: one reservation at a time
+            ensure_state(db, name, now)  # locks the connection's row: one reservation at a time
             retry: float | None = None
             for count, period in rates:
                 used = db.execute(select(func.count()).select_from(send_log).where(

@@ -26,9 +26,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Text, and_, bindparam, cast, delete, func, or_, select, update
 
+from postroom import events
+from postroom.events import Kind
 from postroom.exceptions import MessageError
 from postroom.queue.sql import Queue
-from postroom.routing.health import record_event
 from postroom.store.schema import (
     DEFERRED,
     FAILED,
@@ -37,12 +38,13 @@ from postroom.store.schema import (
     SENDING,
     SENT,
     STATUSES,
+    SUPPRESSED,
     WAITING,
     attempts,
     messages,
 )
 
-FINAL = (SENT, PARTIAL, FAILED)
+FINAL = (SENT, PARTIAL, FAILED, SUPPRESSED)
 Progress = Callable[[int], None]
 
 
@@ -233,8 +235,8 @@ def retry(queue: Queue, msg_id: str) -> Retried:
             conn.execute(_REOPEN, params)
             todo = tuple(r for r in row.recipients
                          if params["rcpt_status"].get(r, {}).get("state") == "pending")
-        record_event(conn, now, "retry_requested", message_id=full,
-                     detail=f"was {row.status}; {len(todo)} recipient(s) to try")
+        events.record(conn, Kind.RETRY_REQUESTED, at=now, message_id=full,
+                      detail=f"was {row.status}; {len(todo)} recipient(s) to try")
         return Retried(full, row.status, todo)
 
     result: Retried = queue.writer.run_sync(op)
@@ -264,8 +266,8 @@ def retry_failed(queue: Queue, *, since: float | None = None, app: str | None = 
             ok = [r for r in rows if not r.purged]
             if ok:
                 conn.execute(_REOPEN, [_reopen_params(r, now, queue.lifetime) for r in ok])
-                record_event(conn, now, "retry_requested",
-                             detail=f"retry --all-failed: {len(ok)} message(s)")
+                events.record(conn, Kind.RETRY_REQUESTED, at=now,
+                              detail=f"retry --all-failed: {len(ok)} message(s)")
             return len(ok), len(rows) - len(ok)
 
         n, purged = queue.writer.run_sync(op)
@@ -309,8 +311,8 @@ def purge(queue: Queue, flt: Filter, *, batch: int = 500,
             progress(len(ids))
     if counts["messages"]:
         now = queue.clock()
-        queue.writer.run_sync(lambda conn: record_event(
-            conn, now, "queue_purged", detail=f"{counts['messages']} message(s) deleted"))
+        queue.writer.run_sync(lambda conn: events.record(
+            conn, Kind.QUEUE_PURGED, at=now, detail=f"{counts['messages']} message(s) deleted"))
     return counts
 
 

@@ -36,8 +36,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from postroom import events
 from postroom.envelope import Envelope, new_id
+from postroom.events import Event, Kind
 from postroom.exceptions import MessageError, StoreError
+from postroom.store.attempts import messages_for_provider_ids
 from postroom.store.db import is_postgresql, write_transaction
 from postroom.store.log import Log
 from postroom.store.rows import message_row as message_row
@@ -50,7 +53,6 @@ from postroom.store.schema import (
     SENT,
     WAITING,
     attempts,
-    events,
     idempotency,
     messages,
     workers,
@@ -159,14 +161,15 @@ WITH v AS (
   RETURNING m.id
 ), tried AS (
   INSERT INTO attempts (message_id, connection, started_at, ended_at, outcome, reply_code,
-                        reply_text, error_code, permanent, recipients, transcript)
+                        reply_text, error_code, permanent, recipients, transcript,
+                        provider_id)
   SELECT a.message_id, a.connection, a.started_at, a.ended_at, a.outcome, a.reply_code,
          a.reply_text, a.error_code, coalesce(a.permanent, false), a.recipients,
-         coalesce(a.transcript, '')
+         coalesce(a.transcript, ''), a.provider_id
   FROM json_to_recordset(%(attempts)s::json)
     AS a(message_id text, connection text, started_at float8, ended_at float8,
          outcome text, reply_code int, reply_text text, error_code text, permanent bool,
-         recipients json, transcript text)
+         recipients json, transcript text, provider_id text)
 )
 SELECT id FROM done
 """
@@ -227,7 +230,7 @@ _CLAIMED = (  # what a claim reads back (Claimed)
     case((messages.c.size <= BODY_WITH_CLAIM, messages.c.raw)).label("raw"), messages.c.size,
     messages.c.connection, messages.c.attempt_count, messages.c.expires_at,
     messages.c.next_attempt_at, messages.c.priority, messages.c.source, messages.c.app,
-    messages.c.tags, messages.c.status,
+    messages.c.tags, messages.c.meta, messages.c.status,
 )
 # Re-checking the status skips rows another worker claimed since the SELECT. It is wrapped
 # in coalesce() so that it cannot match an index: SQLite would otherwise walk the
@@ -438,6 +441,7 @@ class Claimed:
     source: str = ""
     app: str | None = None
     tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)  # the app's key/values ("meta")
     priority: int = 0
     body_later: bool = False  # a big body, not read with the claim: Queue.body() reads it
     # As claimed: 'sending' for a delivery of the message, or 'sent' / 'partial' for a run
@@ -569,6 +573,7 @@ class Queue:
                     source=r.source,
                     app=r.app,
                     tags=list(r.tags or []),
+                    metadata=dict(r.meta or {}),
                     priority=r.priority,
                     status=r.status,
                 )
@@ -582,9 +587,8 @@ class Queue:
         with a ``lease_expired`` event (a possible duplicate)."""
         ids = [r[0] for r in conn.execute(_EXPIRE, {"now": now})]
         if ids:
-            conn.execute(insert(events), [
-                {"at": now, "kind": "lease_expired", "message_id": i, "connection": None,
-                 "detail": _LEASE_EXPIRED} for i in ids])
+            events.record_all(conn, [Event(Kind.LEASE_EXPIRED, now, message_id=i,
+                                           detail=_LEASE_EXPIRED) for i in ids])
         return len(ids)
 
     async def claim(
@@ -769,6 +773,12 @@ class Queue:
             metadata=dict(orig.get("meta") or {}),
         )
         return self.enqueue_sync(env)
+
+    def message_for_provider_id(self, connection: str, provider_id: str) -> str | None:
+        """The message that connection ``connection`` delivered under the provider's id
+        ``provider_id`` (delivery events, postroom.webhooks), or None."""
+        return messages_for_provider_ids(self.engine, connection, [provider_id]).get(
+            provider_id)
 
     def delete_sync(self, msg_id: str) -> bool:
         def op(conn: Connection) -> bool:

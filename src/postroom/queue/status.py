@@ -36,6 +36,7 @@ class ConnectionStatus:
     failures: int  # consecutive connection-level failures
     since: float | None  # when `health` last changed
     circuit_open_until: float | None  # skipped until then (down); then probed again
+    held_until: float | None  # skipped until then at its provider's request (Retry-After)
     last_error: str | None
     last_error_at: float | None
     last_success_at: float | None
@@ -72,6 +73,7 @@ def connection_status(queue: Queue, settings: Settings, now: float | None = None
                 health=st.health, paused=st.paused, failures=st.failures,
                 since=st.since or None,
                 circuit_open_until=st.open_until if st.health == DOWN else None,
+                held_until=st.held_until if st.held(now) else None,
                 last_error=st.last_error, last_error_at=st.last_error_at,
                 last_success_at=max((t for t in (st.last_success_at,
                                                   queue.log.last_delivered(c.name)) if t),
@@ -98,6 +100,7 @@ def connections_report(queue: Queue, settings: Settings, now: float | None = Non
             "name": c.name, "transport": c.transport, "server": c.server,
             "health": c.health, "paused": c.paused, "failures": c.failures,
             "since": _iso(c.since), "circuit_open_until": _iso(c.circuit_open_until),
+            "held_until": _iso(c.held_until),
             "last_error": c.last_error, "last_error_at": _iso(c.last_error_at),
             "last_success_at": _iso(c.last_success_at),
             "rate_limits": [{"limit": r.limit, "count": r.count, "period_seconds": r.period,

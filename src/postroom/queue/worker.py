@@ -1,9 +1,9 @@
 """The delivery worker: claim due messages with a lease, deliver, record, decide what next.
 
-Outcome per recipient: accepted -> sent; 5xx -> failed (never retried); anything else ->
-pending, retried later with backoff, until the message's lifetime runs out. Only the
-recipients still pending are sent on the next try. A recipient forced by the message policy
-(an archive Bcc) still pending when the message is finished is then retried on its own
+Each group of recipients (a leg) walks its route's chain as postroom.routing.walk decides;
+what the run makes of the message (sent, partial, deferred with backoff, failed) is
+postroom.queue.outcome's. A recipient forced by the message policy (an archive Bcc) still
+pending when the message is finished is then retried on its own
 (:meth:`Worker._deliver_copies`), without changing the message's status.
 """
 
@@ -19,142 +19,39 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from postroom import dkim
+from postroom import dkim, suppression
 from postroom import policy as message_policy
 from postroom.envelope import Envelope, header_values
+from postroom.events import Kind
 from postroom.exceptions import ConfigError, DeliveryError, PostroomError
-from postroom.queue.backoff import backoff
 from postroom.queue.limits import Limiter, limited
+from postroom.queue.outcome import LIFETIME_OVER, Decision, Outcome, copies_next, results_for_error
+from postroom.queue.outcome import decide as decide  # its home before; tests and benches import it
 from postroom.queue.sql import Claimed, Queue, worker_id
-from postroom.routing.chain import (
-    Next,
-    after_failure,
-    counts_against_connection,
-    fails_message,
-    misconfigured,
-    scope_of,
-)
-from postroom.routing.health import Health, State
+from postroom.routing.chain import counts_against_connection, misconfigured, scope_of
+from postroom.routing.health import Health
 from postroom.routing.rules import Facts, Leg, Route, Router
+from postroom.routing.walk import (
+    FALLBACK,
+    UNKNOWN,
+    Act,
+    Attempt,
+    Limited,
+    Step,
+    Tried,
+    Usable,
+    next_step,
+    rcpt_state,
+)
 from postroom.settings import DeliverySettings
-from postroom.store.schema import DEFERRED, FAILED, PARTIAL, SENDING, SENT
-from postroom.transports.base import DeliveryResult, RecipientResult, Transport
+from postroom.store.schema import DEFERRED, SENDING, SUPPRESSED
+from postroom.transports.base import DeliveryResult, Transport
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0  # how often a worker refreshes its row in `workers`
 BIG_BODIES_AT_ONCE = 4  # bodies over queue.sql.BODY_WITH_CLAIM in memory at a time
-PAUSED_RECHECK = 15.0  # a message whose connections are all paused looks again this late
-LIFETIME_OVER = "gave up: maximum lifetime reached"
 HELD = ("held in the queue, not failed: the connection's configuration is wrong; once it "
         "is fixed the message goes at its next try (it fails only when its lifetime ends)")
-
-
-@dataclass
-class Decision:
-    status: str
-    next_attempt_at: float
-    outcome: str
-    last_error: str | None
-    gave_up: str | None = None  # why recipients still pending were failed (lifetime, test)
-
-
-@dataclass
-class Outcome:
-    """What one delivery run found out, recipient by recipient."""
-
-    results: dict[str, RecipientResult] = field(default_factory=dict)  # tried this time
-    unknown: dict[str, str] = field(default_factory=dict)  # rcpt -> connection (ambiguous)
-    waits: dict[str, float] = field(default_factory=dict)  # rcpt -> retry time (limits...)
-    wait_reasons: list[str] = field(default_factory=list)
-    held: bool = False  # the last connection tried is misconfigured: waiting for the fix
-
-
-def decide(
-    msg: Claimed,
-    results: dict[str, RecipientResult] | Outcome,
-    now: float,
-    cfg: DeliverySettings,
-) -> Decision:
-    """Apply one run's per-recipient results to ``msg.rcpt_status`` and pick the state.
-
-    A recipient with an unknown outcome (the connection broke after the data was sent) is
-    retried with backoff on the connection that may have delivered it; one that only waited
-    (rate limit, paused or broken connections) is due again when its wait ends, and waiting
-    is not counted as an attempt."""
-    out = results if isinstance(results, Outcome) else Outcome(results=results)
-    for rcpt, res in out.results.items():
-        state = "sent" if res.ok else "failed" if res.permanent else "pending"
-        msg.rcpt_status[rcpt] = {"state": state, "code": res.code, "reply": res.reply[:500]}
-    for rcpt, via in out.unknown.items():
-        msg.rcpt_status[rcpt] = {"state": "unknown", "via": via, "code": None, "reply": (
-            f"outcome unknown: the connection to {via} broke after the message was sent; "
-            "retrying on the same connection only (no duplicate elsewhere)")}
-    attempt_no = msg.attempt_count + (1 if out.results or out.unknown else 0)
-    errors = [f"{r}: {res.code} {res.reply}" for r, res in out.results.items() if not res.ok]
-    errors += [f"{r}: outcome unknown via {via}" for r, via in out.unknown.items()]
-    errors += out.wait_reasons
-    last_error = "; ".join(errors)[:2000] or None
-    pending = msg.pending
-    gave_up: str | None = None
-    if pending:
-        retry = [now + backoff(max(attempt_no, 1), cfg.min_backoff, cfg.max_backoff)
-                 for r in pending if r not in out.waits]
-        retry += [out.waits[r] for r in pending if r in out.waits]
-        when = min(retry)
-        # Pending recipients are failed when no retry may follow: the lifetime is over, or
-        # the message allows one try only (a test send).
-        if msg.no_retry is None and when <= msg.expires_at:
-            return Decision(DEFERRED, when, DEFERRED, last_error)
-        why = msg.no_retry or LIFETIME_OVER
-        for rcpt in pending:  # give up on what is left (Postfix: bounce)
-            msg.rcpt_status[rcpt]["state"] = "failed"
-            msg.rcpt_status[rcpt]["reply"] = (
-                f"{why}; last reply: " + str(msg.rcpt_status[rcpt].get("reply", ""))
-            )[:500]
-        gave_up = msg.no_retry or f"expired after {attempt_no} attempts"
-        last_error = f"{gave_up}; {last_error or ''}".strip("; ")
-    # The message's own recipients decide; forced policy recipients only ride along.
-    states = [msg.rcpt_status[r]["state"] for r in msg.recipients]
-    if all(s == "sent" for s in states):
-        status = SENT
-    elif any(s == "sent" for s in states):
-        status = PARTIAL
-    else:
-        status = FAILED
-    return Decision(status, now, status, last_error, gave_up)
-
-
-def copies_next(msg: Claimed, status: str, now: float, cfg: DeliverySettings) -> float | None:
-    """When the message's forced copies still pending are tried on their own (None: none
-    is, or they were given up here). While the message itself is deferred they ride along
-    with its own tries; once it is finished they are retried with the normal backoff until
-    its lifetime ends, unless nobody got the message (nothing to copy) or it was allowed
-    one try only (a test send)."""
-    tries = [int(e.get("tries") or 1) for e in msg.rcpt_status.values()
-             if e.get("forced") and e.get("state") == "pending"]
-    if status == DEFERRED or not tries:
-        return None
-    why = msg.no_retry or (message_policy.NOT_COPIED if status == FAILED else None)
-    if why is None:
-        when = now + backoff(min(tries), cfg.min_backoff, cfg.max_backoff)
-        if when <= msg.expires_at:
-            return when
-        why = LIFETIME_OVER
-    message_policy.give_up(msg.rcpt_status, why)
-    return None
-
-
-def results_for_error(rcpts: list[str], err: DeliveryError) -> dict[str, RecipientResult]:
-    """A session-level failure applies to every recipient of the attempt: failed when the
-    rule fails the message for it, else pending (a connection's configuration error is
-    held: pending, code 451, whatever the server replied)."""
-    final = fails_message(err)
-    code = err.reply_code or (554 if final else 451)
-    if final and not 500 <= code < 600:
-        code = 554
-    if not final and 500 <= code < 600:
-        code = 451
-    return {r: RecipientResult(code, f"{err.code}: {err.message}") for r in rcpts}
 
 
 @dataclass
@@ -169,6 +66,8 @@ class Worker:
     routes: Sequence[Route] = ()
     # connection -> its merged message policy (postroom.policy.for_settings)
     policies: dict[str, message_policy.MessagePolicy] = field(default_factory=dict)
+    # The suppression list, checked before each delivery (None: no list, e.g. bare tests).
+    suppressions: suppression.Suppressions | None = None
 
     def __post_init__(self) -> None:
         self.router = Router(self.routes, self.default_connection)
@@ -336,27 +235,38 @@ class Worker:
         if msg.status != SENDING:
             return await self._deliver_copies(msg)
         out = Outcome()
-        attempts: list[dict[str, Any]] = []
+        attempts: list[Attempt] = []
+        blocked: dict[str, str] = {}
+        if self.suppressions is not None and msg.pending:
+            # Checked at delivery, not intake: an address bounced while the message waited
+            # is caught too, and the app handing mail in never sees a refusal for it. Those
+            # recipients leave `pending` (their rcpt_status says why), so no leg sends to them.
+            _, blocked = await asyncio.to_thread(
+                self.suppressions.apply, msg.sender, msg.pending, msg.rcpt_status)
         for leg in self._legs(msg):
-            await self._deliver_leg(msg, leg, out, attempts)
+            attempts += await self._deliver_leg(msg, leg, out)
         now = self.clock()
         d = decide(msg, out, now, self.cfg)
+        if blocked:
+            if suppression.all_suppressed(msg.rcpt_status, msg.recipients):
+                d.status = d.outcome = SUPPRESSED
+            d.last_error = "; ".join(x for x in (d.last_error, suppression.summary(blocked)) if x)
         copy_due = copies_next(msg, d.status, now, self.cfg)
-        if attempts and attempts[-1]["error_code"] and d.last_error and not out.wait_reasons:
-            last = attempts[-1]
+        last = attempts[-1] if attempts else None
+        if last is not None and last.error is not None and d.last_error \
+                and not out.wait_reasons and last.outcome != UNKNOWN:
             # The session error is clearer than decide()'s per-recipient copies of it, but
             # keep decide()'s reason for giving up: it says why a transient error became
             # final; and a held message says why it waits rather than failed.
-            if last["outcome"] != "unknown":
-                d.last_error = f"{last['error_code']}: {last['error_message']}"
-                if d.status == DEFERRED and out.held:
-                    d.last_error += f"; {HELD}"
-                if d.gave_up:
-                    d.last_error = f"{d.gave_up}; {d.last_error}"
+            d.last_error = f"{last.error.code}: {last.error.message}"
+            if d.status == DEFERRED and out.held:
+                d.last_error += f"; {HELD}"
+            if d.gave_up:
+                d.last_error = f"{d.gave_up}; {d.last_error}"
         for a in attempts:  # the try that ended a leg shows what became of the message
-            if a["outcome"] not in ("fallback", "unknown"):
-                a["outcome"] = d.outcome
-        rows = [{k: v for k, v in a.items() if k != "error_message"} for a in attempts]
+            if a.outcome not in (FALLBACK, UNKNOWN):
+                a.outcome = d.outcome
+        rows = [a.row() for a in attempts]
         if not await self.queue.finish(
             msg, status=d.status, next_attempt_at=d.next_attempt_at, last_error=d.last_error,
             attempts=rows, copy_due=copy_due,
@@ -364,7 +274,7 @@ class Worker:
             log.warning("message %s: lease lost before the result was recorded", msg.id)
         self.delivered += 1
         # One line per run, like Postfix's maillog: enough to follow mail without the UI.
-        via = ">".join(a["connection"] for a in attempts) or "-"
+        via = ">".join(a.connection for a in attempts) or "-"
         log.info(
             "%s: to=%s via=%s status=%s tries=%d%s", msg.id, ",".join(msg.recipients), via,
             d.status, msg.attempt_count + (1 if attempts else 0),
@@ -378,27 +288,22 @@ class Worker:
         """A run of a finished message's forced copies alone: each pending one goes to the
         connection whose policy added it, with only the copies in RCPT TO. The message's
         status and error stay as its own recipients left them (Queue.finish)."""
-        attempts: list[dict[str, Any]] = []
+        attempts: list[Attempt] = []
         waits: list[float] = []
         for hop, (via, copies) in enumerate(message_policy.copies_due(msg.rcpt_status).items()):
             name = via or msg.connection or self.default_connection or ""
+            view = self._usable(name, self.clock())
+            if view.blocked is not None:
+                waits.append(view.until)  # not a try: its lifetime still runs
+                continue
             transport = self.transports.get(name)
-            st = self.health.state(name)
-            if transport is not None and st.blocked(self.clock()) is not None:
-                waits.append(self._blocked_until(st))  # not a try: its lifetime still runs
-                continue
             tried = await self._try(msg, name, transport, [], hop, copies)
-            if isinstance(tried, float):  # over our own rate or session limit
-                waits.append(tried)
+            if isinstance(tried, Limited):  # over our own rate or session limit
+                waits.append(tried.until)
                 continue
-            attempt, err = tried
-            attempt.pop("_results")
-            if err is None:
-                await self.health.succeeded(name)
-            elif transport is not None and counts_against_connection(err):
-                await self.health.failed(name, f"{err.code}: {err.message}")
-            attempt["outcome"] = "copy"
-            attempts.append(attempt)
+            await self._learn(name, transport, tried)
+            tried.outcome = "copy"
+            attempts.append(tried)
         now = self.clock()
         due = copies_next(msg, msg.status, now, self.cfg) if attempts else None
         if waits:
@@ -406,21 +311,39 @@ class Worker:
             if due > msg.expires_at:
                 message_policy.give_up(msg.rcpt_status, LIFETIME_OVER)
                 due = None
-        rows = [{k: v for k, v in a.items() if k != "error_message"} for a in attempts]
+        rows = [a.row() for a in attempts]
         if not await self.queue.finish(msg, status=msg.status, next_attempt_at=now,
                                        last_error=None, attempts=rows, copy_due=due):
             log.warning("message %s: lease lost before the copy's result was recorded", msg.id)
         left = message_policy.copies_due(msg.rcpt_status)
         log.info("%s: forced copy via=%s status=%s pending=%s", msg.id,
-                 ">".join(a["connection"] for a in attempts) or "-", msg.status,
+                 ">".join(a.connection for a in attempts) or "-", msg.status,
                  ",".join(a for c in left.values() for a in c) or "-")
         return rows
 
-    def _blocked_until(self, st: State) -> float:
-        """When a paused or broken (circuit open) connection is worth looking at again."""
-        if not st.paused and st.open_until:
-            return float(st.open_until)
-        return self.clock() + PAUSED_RECHECK
+    def _usable(self, name: str, now: float) -> Usable:
+        """A connection as the fallback walk sees it: skipped while paused, down (circuit
+        open) or held at its provider's request. One missing from the configuration has no
+        state: it is tried, and the try says what is missing."""
+        if name not in self.transports:
+            return Usable()
+        st = self.health.state(name)
+        reason = st.blocked(now)
+        return Usable() if reason is None else Usable(reason, st.usable_at(now))
+
+    async def _learn(self, name: str, transport: Transport | None, attempt: Attempt) -> None:
+        """What one try tells the connection's health: the circuit breaker counts it, and
+        a Retry-After holds the connection for every worker and node."""
+        err = attempt.error
+        if err is None:
+            await self.health.succeeded(name)
+            return
+        if transport is None:  # a connection missing from the configuration has no state
+            return
+        if (until := attempt.held_until) is not None:
+            await self.health.hold(name, until, f"{err.code}: {err.message}")
+        if counts_against_connection(err):
+            await self.health.failed(name, f"{err.code}: {err.message}")
 
     def _legs(self, msg: Claimed) -> list[Leg]:
         unknown: dict[str, list[str]] = {}
@@ -443,95 +366,82 @@ class Worker:
             return {}
         return header_values(raw, self.router.header_names)
 
-    async def _deliver_leg(self, msg: Claimed, leg: Leg, out: Outcome,
-                           attempts: list[dict[str, Any]]) -> None:
+    async def _deliver_leg(self, msg: Claimed, leg: Leg, out: Outcome) -> list[Attempt]:
+        """Walk one leg's chain, each step as routing.walk decides, and note in ``out`` what
+        became of its recipients. Returns the tries made (attempt rows to be)."""
         rcpts = list(leg.recipients)
-        if not leg.chain:
-            out.waits.update({r: self.clock() + self.cfg.min_backoff for r in rcpts})
-            out.wait_reasons.append(f"{', '.join(rcpts)}: no route matches; add a default "
-                                    "[[routes]] entry or a [[connections]] entry")
+        views = {name: self._usable(name, self.clock()) for name in leg.chain}
+        tried: list[Tried] = []
+        while True:
+            step = next_step(leg.chain, views, tried, self.clock())
+            if step.fallback and isinstance(tried[-1], Attempt):
+                tried[-1].outcome = FALLBACK
+            if step.act is not Act.TRY:
+                break
+            transport = self.transports.get(step.connection)
+            attempt = await self._try(msg, step.connection, transport, rcpts, step.hop)
+            if isinstance(attempt, Attempt):
+                await self._learn(step.connection, transport, attempt)
+            tried.append(attempt)
+        await self._settle(msg, rcpts, step, tried[-1] if tried else None, out)
+        return [t for t in tried if isinstance(t, Attempt)]
+
+    async def _settle(self, msg: Claimed, rcpts: list[str], step: Step, last: Tried | None,
+                      out: Outcome) -> None:
+        """Apply the walk's last step to the leg's recipients."""
+        if step.act is Act.WAIT or not isinstance(last, Attempt):
+            until = self.clock() + self.cfg.min_backoff if step.until is None else step.until
+            out.waits.update({r: until for r in rcpts})
+            out.wait_reasons.append(f"{', '.join(rcpts)}: {step.reason}")
             return
-        blocked: list[str] = []
-        wait_until: float | None = None
-        first = len(attempts)  # this leg's attempts start here
-        for hop, name in enumerate(leg.chain):
-            transport = self.transports.get(name)
-            st = self.health.state(name)
-            reason = st.blocked(self.clock())
-            if transport is not None and reason is not None:
-                blocked.append(f"{name} {reason}")
-                until = self._blocked_until(st)
-                wait_until = until if wait_until is None else min(wait_until, until)
-                continue
-            tried = await self._try(msg, name, transport, rcpts, hop)
-            if isinstance(tried, float):  # over our own limit: wait, never fail or fall back
-                out.waits.update({r: tried for r in rcpts})
-                out.wait_reasons.append(f"{name}: rate or session limit reached; "
-                                        "waiting in the queue")
-                return
-            attempt, err = tried
-            attempts.append(attempt)
-            if err is None:
-                out.results.update(attempt.pop("_results"))
-                await self.health.succeeded(name)
-                failed_hops = [a["connection"] for a in attempts[first:-1]
-                               if a["outcome"] == "fallback"]
-                if failed_hops or (blocked and self.health.skipped_once(
-                        [b.split(" ", 1)[0] for b in blocked])):
-                    await self.health.event(
-                        "fallback_used", message_id=msg.id, connection=name,
-                        detail=f"delivered via {name} after: "
-                        f"{'; '.join(failed_hops + blocked)}")
-                return
-            attempt.pop("_results")
-            verdict = after_failure(err)
-            # A connection missing from the configuration has no breaker to count on.
-            if transport is not None and counts_against_connection(err):
-                await self.health.failed(name, f"{err.code}: {err.message}")
-            if verdict is Next.UNKNOWN:
-                attempt["outcome"] = "unknown"
-                for r in attempt["recipients"].values():
-                    r["state"] = "unknown"
-                out.unknown.update({r: name for r in rcpts})
-                await self.health.event("unknown_outcome", message_id=msg.id, connection=name,
-                                        detail=err.message)
-                return
-            if verdict is Next.FALLBACK and hop + 1 < len(leg.chain):
-                attempt["outcome"] = "fallback"
-                continue
-            out.results.update(results_for_error(rcpts, err))
-            out.held = misconfigured(err)
+        err = last.error
+        if step.act is Act.DONE or err is None:
+            out.results.update(last.results)
+            names = [name for name, _ in step.skipped]
+            if step.fell_back or (names and self.health.skipped_once(names)):
+                after = [*step.fell_back, *(f"{name} {why}" for name, why in step.skipped)]
+                await self.health.event(
+                    Kind.FALLBACK_USED, message_id=msg.id, connection=step.connection,
+                    detail=f"delivered via {step.connection} after: {'; '.join(after)}")
             return
-        # Every connection of the chain was skipped (paused or circuit open): wait for them.
-        until = wait_until if wait_until is not None else self.clock() + PAUSED_RECHECK
-        out.waits.update({r: until for r in rcpts})
-        out.wait_reasons.append(f"{', '.join(rcpts)}: no usable connection "
-                                f"({'; '.join(blocked)})")
+        if step.act is Act.UNKNOWN:
+            last.outcome = UNKNOWN
+            for r in last.recipients.values():
+                r["state"] = "unknown"
+            out.unknown.update({r: step.connection for r in rcpts})
+            await self.health.event(Kind.UNKNOWN_OUTCOME, message_id=msg.id,
+                                    connection=step.connection, detail=err.message)
+            return
+        out.results.update(results_for_error(rcpts, err))  # Act.FAIL
+        out.held = misconfigured(err)
+        if step.until is not None:
+            out.not_before.update({r: step.until for r in rcpts})
 
     async def _try(self, msg: Claimed, name: str, transport: Transport | None,
                    rcpts: list[str], hop: int, copies: Mapping[str, str] | None = None,
-                   ) -> tuple[dict[str, Any], DeliveryError | None] | float:
+                   ) -> Attempt | Limited:
         """:meth:`_send` within the connection's rate and session limits; when they are
         reached, the time to come back instead."""
         holder = f"{self.owner}:{msg.id}:{hop}"
         if transport is not None and limited(transport.settings):
             retry = await self.limiter.acquire(transport.settings, holder)
             if retry is not None:
-                return float(retry)
+                return Limited(name, hop, float(retry))
         try:
-            return await self._send(msg, name, transport, rcpts, copies)
+            return await self._send(msg, name, transport, rcpts, hop, copies)
         finally:
             if transport is not None and limited(transport.settings):
                 await self.limiter.release(transport.settings, holder)
 
     async def _send(self, msg: Claimed, name: str, transport: Transport | None,
-                    rcpts: list[str], copies: Mapping[str, str] | None = None,
-                    ) -> tuple[dict[str, Any], DeliveryError | None]:
-        """One try on one connection; returns its attempt row (with the per-recipient
-        results under "_results") and the session error, if any. ``copies``: a forced
-        copies' run, only those recipients (``rcpts`` is empty)."""
+                    rcpts: list[str], hop: int, copies: Mapping[str, str] | None = None,
+                    ) -> Attempt:
+        """One try on one connection, as its attempt record. ``copies``: a forced copies'
+        run, only those recipients (``rcpts`` is empty)."""
         started = self.clock()
-        env = Envelope(msg.sender, rcpts, msg.raw, id=msg.id)
+        # Tags and metadata ride along: HTTPS providers carry them (Postmark's Tag/Metadata…).
+        env = Envelope(msg.sender, rcpts, msg.raw, id=msg.id, tags=list(msg.tags),
+                       metadata=dict(msg.metadata))
         forced: dict[str, str] = {}
         result: DeliveryResult | None = None
         err: DeliveryError | None = None
@@ -562,24 +472,16 @@ class Worker:
             log.exception("delivery of %s crashed", msg.id)
             err = DeliveryError(f"internal error: {e!r}", code="internal", permanent=False)
             results = results_for_error(env.recipients, err)
-        attempt = {
-            "connection": name,
-            "started_at": started,
-            "ended_at": self.clock(),
-            "outcome": "",  # set once the run is decided (deliver)
-            "reply_code": err.reply_code if err else result.reply_code if result else None,
-            "reply_text": (err.reply_text or err.message) if err else (
-                result.reply_text if result else None),
-            "error_code": err.code if err else None,
-            "error_message": err.message if err else None,
-            "permanent": bool(err and fails_message(err)),
-            "recipients": {r: {"code": res.code, "reply": res.reply[:500], "state": (
-                "sent" if res.ok else "failed" if res.permanent else "pending")}
-                for r, res in results.items()},
-            "transcript": (err.transcript if err else result.transcript if result else ""),
-            "_results": results,
-        }
+        attempt = Attempt(
+            name, hop, started, self.clock(), err, results=results,
+            recipients={r: {"code": res.code, "reply": res.reply[:500],
+                            "state": rcpt_state(res)} for r, res in results.items()},
+        )
+        if result is not None:
+            attempt.reply_code, attempt.reply_text = result.reply_code, result.reply_text
+            attempt.transcript, attempt.provider_id = result.transcript, result.provider_id
         if forced:  # logged with the attempt, kept out of what decides the message's status
-            message_policy.record(msg.rcpt_status, forced, results, attempt, via=name)
-            attempt["_results"] = message_policy.own_results(results, forced)
-        return attempt, err
+            message_policy.record(msg.rcpt_status, forced, results, attempt.recipients,
+                                  via=name)
+            attempt.results = message_policy.own_results(results, forced)
+        return attempt

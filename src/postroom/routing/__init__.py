@@ -1,2 +1,3 @@
-"""Routing: rules that pick a chain of connections (``rules.py``) and the fallback
-decision along a chain (``chain.py``)."""
+"""Routing: rules that pick a chain of connections (``rules.py``), what a failure means
+(``chain.py``), the walk along a chain as one decision function (``walk.py``), and each
+connection's shared health: breaker, pause, Retry-After hold (``health.py``)."""

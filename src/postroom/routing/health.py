@@ -8,6 +8,12 @@ seconds, so its messages go straight to the next connection in their chain inste
 waiting for a timeout each. When the cool-down is over, the next message probes it: success
 makes it *up* again, failure opens the circuit for another cool-down.
 
+Hold (Retry-After): a provider that answers 429 or 503 with ``Retry-After`` (RFC 9110
+section 10.2.3) asks to be left alone that long. The connection is then *held* until that
+moment (``held_until``) for every worker and node, without counting more than the one
+failure against the breaker; its messages fall back along their chain meanwhile
+(postroom.routing.walk).
+
 Reads are cached for a second: a pause given with the CLI on one node takes effect on every
 node within about a second, without a database read per message.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import threading
 import time
@@ -23,15 +30,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
-from postroom.queue.sql import Queue, RowInsert, Write
-from postroom.store.schema import connection_state, control, events
+from postroom import events
+from postroom.events import Kind
+from postroom.queue.sql import Queue, Write
+from postroom.store.schema import connection_state, control
 
 log = logging.getLogger(__name__)
 UP, DEGRADED, DOWN = "up", "degraded", "down"
 QUEUE_PAUSED = "queue_paused"
 _CACHE_SECONDS = 1.0
+PAUSED_RECHECK = 15.0  # a message whose connections are all paused looks again this late
 
 
 @dataclass(slots=True)
@@ -45,6 +55,10 @@ class State:
     last_error: str | None = None
     last_error_at: float | None = None
     last_success_at: float | None = None
+    held_until: float | None = None  # the provider asked to wait until then (Retry-After)
+
+    def held(self, now: float) -> bool:
+        return self.held_until is not None and now < self.held_until
 
     def blocked(self, now: float) -> str | None:
         """Why this connection must be skipped now, or None."""
@@ -52,10 +66,24 @@ class State:
             return "paused"
         if self.open_until is not None and now < self.open_until:
             return f"circuit open after {self.failures} failures: {self.last_error or ''}"
+        if self.held_until is not None and now < self.held_until:
+            return f"held until {_hms(self.held_until)} at the provider's request (Retry-After)"
         return None
 
+    def usable_at(self, now: float) -> float:
+        """When a skipped connection is worth looking at again: a paused one a little
+        later (it is resumed by hand), one with its circuit open or held when that ends."""
+        if self.paused:
+            return now + PAUSED_RECHECK
+        ends = [t for t in (self.open_until, self.held_until) if t is not None and t > now]
+        return max(ends, default=now + PAUSED_RECHECK)
 
-def _ensure(conn: Connection, name: str, now: float) -> State:
+
+def _hms(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S UTC")
+
+
+def ensure_state(conn: Connection, name: str, now: float) -> State:
     row = conn.execute(
         select(connection_state).where(connection_state.c.name == name).with_for_update()
     ).first()
@@ -66,23 +94,10 @@ def _ensure(conn: Connection, name: str, now: float) -> State:
     return State(**row._mapping)
 
 
-_INSERT_EVENT = insert(events)
 _FAILED = (update(connection_state).where(connection_state.c.name == bindparam("b_name"))
            .values(failures=bindparam("failures"), health=bindparam("health"),
                    last_error=bindparam("last_error"), last_error_at=bindparam("last_error_at"),
                    since=bindparam("since"), open_until=bindparam("open_until")))
-
-
-def event_row(now: float, kind: str, *, message_id: str | None = None,
-              connection: str | None = None, detail: str = "") -> dict[str, Any]:
-    return dict(at=now, kind=kind, message_id=message_id, connection=connection,
-                detail=detail[:2000])
-
-
-def record_event(conn: Connection, now: float, kind: str, *, message_id: str | None = None,
-                 connection: str | None = None, detail: str = "") -> None:
-    conn.execute(_INSERT_EVENT, event_row(now, kind, message_id=message_id,
-                                          connection=connection, detail=detail))
 
 
 class Health:
@@ -170,15 +185,16 @@ class Health:
         now = self.clock()
 
         def op(conn: Connection) -> None:
-            cur = _ensure(conn, name, now)
+            cur = ensure_state(conn, name, now)
             if cur.health == DOWN:
-                record_event(conn, now, "connection_up", connection=name,
-                             detail=f"delivering again after {cur.failures} failures")
+                events.record(conn, Kind.CONNECTION_UP, at=now, connection=name,
+                              detail=f"delivering again after {cur.failures} failures")
             conn.execute(update(connection_state).where(connection_state.c.name == name)
                          .values(health=UP, failures=0, open_until=None, last_success_at=now,
                                  since=now if cur.health != UP else cur.since))
 
-        self._cache[name] = State(name=name, paused=st.paused, since=now, last_success_at=now)
+        self._cache[name] = State(name=name, paused=st.paused, since=now, last_success_at=now,
+                                  held_until=st.held_until)
         self._background(op)
 
     async def failed(self, name: str, error: str) -> None:
@@ -199,14 +215,14 @@ class Health:
                 with self._lock:
                     taken.append(self._failing.pop(name))
             n, error, now = taken[0]
-            cur = _ensure(conn, name, now)
+            cur = ensure_state(conn, name, now)
             failures = cur.failures + n
             health = DOWN if failures >= limit else DEGRADED
             since = now if health != cur.health else cur.since
             open_until = now + cooldown if health == DOWN else cur.open_until
             if health == DOWN and cur.health != DOWN:
-                record_event(conn, now, "connection_down", connection=name,
-                             detail=f"{failures} failures in a row; last: {error}")
+                events.record(conn, Kind.CONNECTION_DOWN, at=now, connection=name,
+                              detail=f"{failures} failures in a row; last: {error}")
             conn.execute(_FAILED, {"b_name": name, "failures": failures, "health": health,
                                    "last_error": error[:2000], "last_error_at": now,
                                    "since": since, "open_until": open_until})
@@ -216,12 +232,34 @@ class Health:
 
         self._background(op, then=lambda st: self._cache.__setitem__(name, st))
 
-    async def event(self, kind: str, *, message_id: str | None = None,
+    async def hold(self, name: str, until: float, why: str) -> None:
+        """Leave connection ``name`` alone until ``until`` (epoch seconds), on every worker
+        and node: its upstream asked so (Retry-After). A longer hold already in place stays;
+        a ``connection_held`` event is recorded when a hold starts."""
+        st = self.state(name)
+        if st.held_until is not None and st.held_until >= until:
+            return
+        now = self.clock()
+        self._cache[name] = dataclasses.replace(st, held_until=until)  # this worker at once
+
+        def op(conn: Connection) -> None:
+            cur = ensure_state(conn, name, now)
+            if cur.held_until is not None and cur.held_until >= until:
+                return  # another worker's hold is as long
+            conn.execute(update(connection_state).where(
+                connection_state.c.name == name,
+                or_(connection_state.c.held_until.is_(None),
+                    connection_state.c.held_until < until)).values(held_until=until))
+            if not cur.held(now):
+                events.record(conn, Kind.CONNECTION_HELD, at=now, connection=name,
+                              detail=f"held until {_hms(until)} ({until - now:.0f} s): {why}")
+
+        self._background(op)
+
+    async def event(self, kind: Kind, *, message_id: str | None = None,
                     connection: str | None = None, detail: str = "") -> None:
-        # A row insert: a batch's events go in one executemany (one per message when a
-        # flapping primary makes every message fall back).
-        self._background(RowInsert(_INSERT_EVENT, event_row(
-            self.clock(), kind, message_id=message_id, connection=connection, detail=detail)))
+        self._background(events.queued(kind, at=self.clock(), message_id=message_id,
+                                       connection=connection, detail=detail))
 
     def set_paused(self, name: str | None, paused: bool) -> None:
         """Pause or resume one connection, or (``name=None``) the whole queue. For the CLI
@@ -233,13 +271,14 @@ class Health:
                 conn.execute(control.delete().where(control.c.name == QUEUE_PAUSED))
                 conn.execute(insert(control).values(name=QUEUE_PAUSED, value="1" if paused
                                                     else "0", updated_at=now))
-                record_event(conn, now, "queue_paused" if paused else "queue_resumed")
+                events.record(conn, Kind.QUEUE_PAUSED if paused else Kind.QUEUE_RESUMED,
+                              at=now)
                 return
-            _ensure(conn, name, now)
+            ensure_state(conn, name, now)
             conn.execute(update(connection_state).where(connection_state.c.name == name)
                          .values(paused=paused))
-            record_event(conn, now, "connection_paused" if paused else "connection_resumed",
-                         connection=name)
+            events.record(conn, Kind.CONNECTION_PAUSED if paused else Kind.CONNECTION_RESUMED,
+                          at=now, connection=name)
 
         self.queue.writer.run_sync(op)
         self._read_at = -1e9

@@ -155,9 +155,11 @@ def _safe(url: str) -> str:
         return url.split("@")[-1]
 
 
-def migrate(engine: Engine) -> None:
+def migrate(engine: Engine, *, apart: bool = False) -> None:
     """Bring the schema to the newest revision. Alembic is only imported when needed, which
-    keeps start-up fast and idle memory low on an up-to-date database."""
+    keeps start-up fast and idle memory low on an up-to-date database. With ``apart`` (the
+    long-running processes), a database that needs migrating is migrated by a child process
+    (postroom.apart), so that this one never imports alembic at all."""
     try:
         with engine.connect() as conn:
             current = None
@@ -165,6 +167,14 @@ def migrate(engine: Engine) -> None:
                 current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         if current == head_revision():
             return
+        url = engine.url
+        # A child opens the same database by its URL (an in-memory one it could not).
+        if apart and url.database not in (None, "", ":memory:"):
+            from postroom import apart as child
+
+            if child.available():
+                child.run("migrate", {"url": url.render_as_string(hide_password=False)})
+                return
         from alembic import command
         from alembic.config import Config
 
@@ -181,3 +191,13 @@ def migrate(engine: Engine) -> None:
         raise StoreError(
             f"cannot open or migrate the database: {err}", code="store.migrate"
         ) from err
+
+
+def migrate_job(args: dict[str, Any]) -> dict[str, Any]:
+    """postroom.apart's ``migrate``: open the database at ``args["url"]`` and migrate it."""
+    engine = make_engine(str(args["url"]))
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    return {}

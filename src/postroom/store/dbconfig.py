@@ -33,6 +33,8 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, Integer, Text, cast, delete, insert, select, update
 
 from postroom.exceptions import ConfigError
+from postroom.secrets import Secret as Secret  # the names transports read; kept here too
+from postroom.secrets import secret_name as secret_name
 from postroom.settings import (
     ENV_PREFIX,
     PolicySettings,
@@ -77,20 +79,8 @@ class Kind(enum.StrEnum):
     RETENTION = "retention"  # one row, name "": [retention] keys
 
 
-class Secret(enum.StrEnum):
-    """A connection's secrets in the SecretStore (the transports read these names)."""
-
-    PASSWORD = "password"  # transports/smtp.py
-    TOKEN = "token"  # a hand-stored OAuth access token (transports/smtp.py)
-    OAUTH_CLIENT_SECRET = "oauth_client_secret"  # oauth/tokens.py, client_secret_stored
-
-
 _SECTIONS: dict[Kind, type[BaseModel]] = {Kind.POLICY: PolicySettings,
                                           Kind.RETENTION: RetentionSettings}
-
-
-def secret_name(connection: str, what: Secret) -> str:
-    return f"connection:{connection}:{what.value}"
 
 
 # -- which settings came from the file ----------------------------------------------------------
@@ -368,6 +358,9 @@ class ConfigStore:
                               code="config.type")
         data = dict(entry)
         inline = data.pop("password", None)
+        if inline is None:  # an HTTPS API provider's key is its "password" (set-password)
+            inline = data.pop("api_key", None)
+        webhook_key = data.pop("webhook_key", None)  # its delivery events' signing key
         oauth: dict[str, Any] | None = None
         inline_client = None
         if isinstance(data.get("oauth"), Mapping):
@@ -395,7 +388,11 @@ class ConfigStore:
             before = _row(conn, Kind.CONNECTION, name)
             put_row(conn, Kind.CONNECTION, name, body, actor)
             changed = []  # which secrets were set or removed, never their values
-            for value, what in ((secret, Secret.PASSWORD), (client, Secret.OAUTH_CLIENT_SECRET)):
+            from postroom.transports import password_secret
+
+            secret_kind = password_secret(_validate_connection(body))[1]
+            for value, what in ((secret, secret_kind), (client, Secret.OAUTH_CLIENT_SECRET),
+                                (webhook_key, Secret.WEBHOOK_KEY)):
                 if value is not None:
                     self._put_secret(conn, secret_name(name, what), value)
                     changed.append(f"{what.value} {'set' if value else 'removed'}")

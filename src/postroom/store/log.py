@@ -12,6 +12,15 @@ direct SQLite insert, retention, maintenance) keeps the log right without knowin
   in ``log_pending`` and :meth:`Log.index_pending` (:func:`index_loop`, a chore of every
   worker process) indexes those in batches. A search reads the index *and* the pending
   rows (LIKE over those few), so its answer is exactly a full scan's at any moment;
+- a search for a whole address (``bob@example.com``: the recipient or sender filter) finds
+  the messages that have exactly that address (case-insensitive) in the envelope or the
+  To / From header, from ``log_addresses`` (migration 0011), which the same indexer fills:
+  one B-tree range, where the trigrams of a whole address ("exa", ".co") are in every row.
+  Part of an address (``bob@``, ``example.com``) is a substring search, as text is;
+- a text common enough to have a page among the newest rows (a word in every eighth
+  subject) is not looked up in an index (SQLite: its trigrams are all common; PostgreSQL:
+  a page is among the newest 2,000 rows): walking the log newest first finds the page
+  after a few hundred rows, where fetching and sorting 100,000 candidates took seconds;
 - ``log_rollups`` counts finished messages per (created hour, status, connection, app), so
   the dashboard reads a few hundred rows instead of counting the table.
 """
@@ -19,6 +28,7 @@ direct SQLite insert, retention, maintenance) keeps the log right without knowin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +40,7 @@ from urllib.parse import urlencode
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
     Integer,
     Select,
@@ -47,7 +58,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from postroom import events
 from postroom.exceptions import MessageError
+from postroom.store import addresses
 from postroom.store.db import is_postgresql, write_transaction
 from postroom.store.schema import (
     FAILED,
@@ -55,7 +68,6 @@ from postroom.store.schema import (
     STATUSES,
     WAITING,
     attempts,
-    events,
     log_pending,
     log_rollups,
     messages,
@@ -77,6 +89,8 @@ _SIZE = text("SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_ft
              "AND rowid > :low LIMIT :cap)")
 LAST_DELIVERED_WINDOW = 2000  # newest messages of a connection Log.last_delivered looks at
 CANDIDATES = 5000  # candidates above which a search of common trigrams walks the log
+NEWEST, PAGE = 2000, 50  # PostgreSQL: a text with PAGE hits among the NEWEST walks the log
+WIDEN = 4  # Log.window: a whole address's page is first looked for in its WIDEN*limit newest
 _FTS_COLUMNS = ("subject", "from_header", "to_header", "sender", "recipients", "message_id")
 _CANDIDATES = text("SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_fts "
                    "MATCH :q LIMIT :cap)")
@@ -108,7 +122,7 @@ written AS (
   SELECT m.id, {', '.join(e.format(r='m.') for e in _PG_SEARCH.values())}
   FROM messages m JOIN taken t ON t.id = m.id
   ON CONFLICT (id) DO NOTHING)
-SELECT count(*) FROM taken""")
+SELECT id FROM taken""")
 # Rowid order: FTS5 appends to its segments instead of merging in the middle.
 _FTS_INDEX = text(f"INSERT INTO messages_fts (rowid, {', '.join(_FTS_COLUMNS)}) "
                   f"SELECT rowid, {', '.join(_FTS_COLUMNS)} FROM messages "
@@ -118,6 +132,16 @@ _FTS_PENDING = "SELECT m.rowid FROM log_pending p JOIN messages m ON m.id = p.id
 INDEX_BATCH = 500  # rows per indexing transaction in the chore: the write lock is held
 INDEX_PAUSE = 0.02  # between full batches: writers waiting for the lock get it first
 INDEX_INTERVAL = 1.0  # seconds between looks when nothing was pending
+# While mail flows, the indexer works at most DUTY of the time (index_loop): on a small box
+# it takes the CPU and the SQLite write lock from the enqueue and the worker otherwise, and
+# a burst is indexed after it. Searches compare pending rows themselves, at a cost that grows
+# with their number: from PENDING_BOUND rows on it works at full speed regardless.
+DUTY = 0.1
+PENDING_BOUND = 5000
+FLOWING = 2.0  # mail flows: a message created in the last FLOWING seconds, or one being sent
+
+# Which text filter reads which role of log_addresses (store/addresses.py).
+_ROLE: dict[tuple[str, ...], str] = {_TO: addresses.RECIPIENT, _SENDER: addresses.SENDER}
 
 
 @dataclass(frozen=True)
@@ -127,18 +151,26 @@ class LogFilter:
     status: str | None = None
     app: str | None = None
     connection: str | None = None  # the connection that last tried the message
-    sender: str | None = None  # in the envelope sender or From
-    to: str | None = None  # in the envelope recipients or To
+    # In the envelope or the header: a whole address (whole_address) exactly, else a part.
+    sender: str | None = None  # the envelope sender or From
+    to: str | None = None  # the envelope recipients or To
     text: str | None = None  # in the subject, From, To or Message-ID
     tag: str | None = None
     source: str | None = None
     since: float | None = None  # created at or after (epoch seconds)
     until: float | None = None  # created before
+    event: str | None = None  # had a delivery event of this kind (webhooks.Kind: bounced...)
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in STATUSES:
             raise MessageError(f"status {self.status!r} is not a message state: use one of "
                                f"{', '.join(STATUSES)}", code="log.filter")
+        if self.event is not None:
+            from postroom.webhooks import Kind
+
+            if self.event not in set(Kind):
+                raise MessageError(f"event {self.event!r} is not a delivery event: use one "
+                                   f"of {', '.join(Kind)}", code="log.filter")
 
     def query_string(self) -> str:
         """The filter as URL query parameters (the fields that are set), for links."""
@@ -207,6 +239,7 @@ class Log:
         self._pg = is_postgresql(engine)
         self._fts: bool | None = None  # SQLite: is the FTS5 index there (found once)
         self._trgm: bool | None = None  # PostgreSQL: are the pg_trgm indexes there
+        self._addresses = False  # log_addresses filled (no backfill left): found once
 
     # -- where the text filters look -----------------------------------------------------
     def _has_index(self) -> bool:
@@ -235,13 +268,27 @@ class Log:
                         "sender and recipient searches scan the whole table")
         return found
 
-    def _match(self, name: str, value: str, cols: tuple[str, ...]) -> ColumnElement[bool]:
+    def _match(self, name: str, value: str, cols: tuple[str, ...],
+               low: float | None = None) -> ColumnElement[bool]:
+        role = _ROLE.get(cols)
+        address = addresses.whole_address(value) if role is not None else None
+        if role is not None and address is not None and self._addresses_ready():
+            with self.engine.connect() as conn:
+                return addresses.exact(conn, role, address, low)
         if self._pg:
             # The pg_trgm GIN index of message_search serves ILIKE of 3+ characters; it
             # rechecks its candidates itself. Pending rows: the same text, from messages.
             pattern = "%" + escape_like(value) + "%"
             col = _PG_COLUMN[cols]
             found = select(_search.c.id).where(_search.c[col].ilike(pattern, escape="\\"))
+            walk = literal_column(_PG_SEARCH[col].format(r="messages.")).ilike(
+                pattern, escape="\\")
+            if self._page_among_newest(walk):
+                # A common text ("password": every eighth message) has a page among the
+                # newest rows, where fetching and sorting its 100,000 candidates from the
+                # index took seconds: walk the log comparing each row's text (the same
+                # text as the index's), pending rows included.
+                return walk
             pm = messages.alias("pm")
             pending = (select(pm.c.id).join(log_pending, log_pending.c.id == pm.c.id)
                        .where(literal_column(_PG_SEARCH[col].format(r="pm."))
@@ -266,6 +313,28 @@ class Log:
         # instead is quicker only when most candidates match, and a crawl when none does);
         # LIKE keeps those that hold the whole text.
         return and_(literal_column("messages.rowid").in_(hits), like)
+
+    def _addresses_ready(self) -> bool:
+        """Whether log_addresses answers whole-address searches: the indexer fills it (so
+        not on an SQLite without FTS5, which has none) and has read every older message
+        (migration 0011's backfill row is gone). Until then they take the trigram path."""
+        if not self._addresses and (self._pg or self._has_index()):
+            with self.engine.connect() as conn:
+                self._addresses = addresses.complete(conn)
+        return self._addresses
+
+    def _page_among_newest(self, match: ColumnElement[bool]) -> bool:
+        """PostgreSQL: whether the newest NEWEST messages hold a page (PAGE) of ``match``
+        rows. Reading them costs a few milliseconds; asking the trigram index how many
+        rows it has costs as much as the bitmap of a common text it must build first."""
+        m = messages.c
+        newest = (select(m.subject, m.from_header, m.to_header, m.message_id, m.sender,
+                         m.recipients).order_by(m.created_at.desc()).limit(NEWEST)
+                  .subquery("messages"))
+        hits = select(newest.c.subject).where(match).limit(PAGE).subquery()
+        with self._reader() as conn:
+            n = conn.execute(select(func.count()).select_from(hits)).scalar_one()
+        return int(n) >= PAGE
 
     def _rare_trigrams(self, value: str) -> list[str] | None:
         """Up to RARE_PICK of the value's trigrams, the rarest among the newest WINDOW
@@ -305,7 +374,9 @@ class Log:
                     return None
         return picked
 
-    def _where(self, q: Select[Any], f: LogFilter) -> Select[Any]:
+    def _where(self, q: Select[Any], f: LogFilter, low: float | None = None) -> Select[Any]:
+        """``q`` filtered by ``f``; ``low``: only messages created at or after it (a
+        Log.window), also applied inside a whole-address lookup."""
         m = messages.c
         if f.status:
             q = q.where(m.status == f.status)
@@ -316,9 +387,9 @@ class Log:
         if f.source:
             q = q.where(m.source == f.source)
         if f.to:
-            q = q.where(self._match("fts_to", f.to, _TO))
+            q = q.where(self._match("fts_to", f.to, _TO, low))
         if f.sender:
-            q = q.where(self._match("fts_sender", f.sender, _SENDER))
+            q = q.where(self._match("fts_sender", f.sender, _SENDER, low))
         if f.text:
             q = q.where(self._match("fts_text", f.text, _TEXT))
         if f.tag:
@@ -328,6 +399,12 @@ class Log:
             q = q.where(m.created_at >= f.since)
         if f.until is not None:
             q = q.where(m.created_at < f.until)
+        if low is not None:
+            q = q.where(m.created_at >= low)
+        if f.event:
+            from postroom.webhooks.intake import with_event
+
+            q = q.where(m.id.in_(with_event(f.event)))
         return q
 
     # -- the text index, after the commit ---------------------------------------------------
@@ -338,17 +415,42 @@ class Log:
         SQLite has one writer at a time. A message deleted meanwhile is simply skipped."""
         if not self._pg and not self._has_index():
             return 0  # no FTS5 here: migration 0008 made no pending trigger either
-        if self._pg:
-            with write_transaction(self.engine) as conn:
-                return int(conn.execute(_PG_INDEX, {"n": batch}).scalar_one())
         with write_transaction(self.engine) as conn:
-            # In arrival order (the table's rowid): see store/schema.py's log_pending.
-            taken = list(conn.execute(select(log_pending.c.id)
-                                      .order_by(literal_column("rowid")).limit(batch)).scalars())
-            if taken:
-                conn.execute(_FTS_INDEX, {"ids": json.dumps(taken)})
-                conn.execute(delete(log_pending).where(log_pending.c.id.in_(taken)))
-        return len(taken)
+            if self._pg:
+                taken = list(conn.execute(_PG_INDEX, {"n": batch}).scalars())
+            else:
+                # In arrival order (the table's rowid): see store/schema.py's log_pending.
+                taken = list(conn.execute(
+                    select(log_pending.c.id).order_by(literal_column("rowid")).limit(batch)
+                ).scalars())
+                if taken:
+                    conn.execute(_FTS_INDEX, {"ids": json.dumps(taken)})
+                    conn.execute(delete(log_pending).where(log_pending.c.id.in_(taken)))
+            addresses.write(conn, taken)
+            reread = addresses.reread(conn, batch)
+        return len(taken) + reread
+
+    def backfill_addresses(self, batch: int = INDEX_BATCH) -> int:
+        """Messages logged before migration 0011 read into log_addresses, about ``batch``
+        at a time (:func:`postroom.store.addresses.backfill`); 0 when none are left."""
+        if self._addresses:
+            return 0
+        with write_transaction(self.engine) as conn:
+            return addresses.backfill(conn, batch)
+
+    def gives_way(self) -> bool:
+        """Whether the indexer should work at DUTY only: mail flows (a message created in
+        the last FLOWING seconds, or one being sent) and fewer than PENDING_BOUND messages
+        wait for the index. A paused or idle queue: full speed."""
+        m = messages.c
+        waiting = select(log_pending.c.id).limit(PENDING_BOUND).subquery()
+        with self.engine.connect() as conn:
+            if conn.execute(select(func.count()).select_from(waiting)).scalar_one() \
+                    >= PENDING_BOUND:
+                return False
+            return any(conn.execute(select(m.id).where(flowing).limit(1)).first() is not None
+                       for flowing in (m.status == SENDING,
+                                       m.created_at >= time.time() - FLOWING))
 
     def pending(self) -> int:
         """How many messages wait to be indexed."""
@@ -372,6 +474,17 @@ class Log:
         return done
 
     # -- pages -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[Connection]:
+        """A connection for a page of the log. PostgreSQL: without parallel workers. A page
+        walks an index until it has its rows; when the planner cannot tell how soon (a
+        LIKE on tags, a filter it guesses rare) it starts workers, whose start costs more
+        than the walk (on two busy cores, a tag page's median went from 35 to 55-110 ms)."""
+        with self.engine.connect() as conn:
+            if self._pg:
+                conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
+            yield conn
+
     def page(self, f: LogFilter, *, before: Cursor | None = None, limit: int = 50,
              states: bool = False) -> list[dict[str, Any]]:
         """The log, newest first, without bodies. ``before`` = (created_at, id) of the last
@@ -379,14 +492,52 @@ class Log:
         unlike an offset); ``states``: with each recipient's state (rcpt_status)."""
         cols = [c for c in messages.c
                 if c.name != "raw" and (states or c.name != "rcpt_status")]
-        q = self._where(select(*cols), f)
-        if before is not None:
-            at, last_id = before
-            q = q.where(or_(messages.c.created_at < at,
-                            and_(messages.c.created_at == at, messages.c.id < last_id)))
-        q = q.order_by(messages.c.created_at.desc(), messages.c.id.desc()).limit(limit)
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
+
+        def query(low: float | None) -> Select[Any]:
+            q = self._where(select(*cols), f, low)
+            if before is not None:
+                at, last_id = before
+                q = q.where(or_(messages.c.created_at < at,
+                                and_(messages.c.created_at == at, messages.c.id < last_id)))
+            return q.order_by(messages.c.created_at.desc(), messages.c.id.desc()).limit(limit)
+
+        with self._reader() as conn:
+            low = self.window(conn, f, before, limit)
+            if low is not None:
+                # Every match at or after `low` is in this answer: with a whole page of
+                # them, the page is the same as the unbounded query's. Else that query.
+                rows = conn.execute(query(low)).all()
+                if len(rows) >= limit:
+                    return [dict(r._mapping) for r in rows]
+            return [dict(r._mapping) for r in conn.execute(query(None))]
+
+    def window(self, conn: Connection, f: LogFilter, before: Cursor | None,
+               limit: int) -> float | None:
+        """The created_at a page of ``f`` is first looked for at or after (None: the whole
+        log at once), where the planner cannot find the page's rows in order itself:
+
+        - a whole address (sender, recipient) found in thousands of messages: the
+          WIDEN * ``limit``-th newest of its log_addresses rows (index order), so the page
+          reads those rows instead of fetching and sorting all of them;
+        - PostgreSQL, a text search: the NEWEST-th newest message. With status and app
+          filters beside a common text, the planner estimates the three together rare and
+          takes the app index's rows (a sixth of the log) to test each one's text; within
+          the window it reads a few thousand."""
+        at = None if before is None else before[0]
+        lows: list[float] = []
+        for value, cols in ((f.to, _TO), (f.sender, _SENDER)):
+            address = addresses.whole_address(value) if value else None
+            if address is not None and self._addresses_ready():
+                low = addresses.newest_at(conn, _ROLE[cols], address, at, WIDEN * limit)
+                if low is not None:
+                    lows.append(low)
+        if self._pg and f.text and len(f.text) >= MIN_INDEXED:
+            m = messages.c
+            q = select(m.created_at).order_by(m.created_at.desc()).offset(NEWEST - 1).limit(1)
+            low = conn.execute(q if at is None else q.where(m.created_at <= at)).scalar()
+            if low is not None:
+                lows.append(float(low))
+        return max(lows) if lows else None
 
     def count(self, f: LogFilter, *, cap: int | None = None) -> int:
         """How many messages match; with ``cap``, counting stops there ("more than 10,000"
@@ -394,7 +545,7 @@ class Log:
         inner = self._where(select(messages.c.id), f)
         if cap is not None:
             inner = inner.limit(cap)
-        with self.engine.connect() as conn:
+        with self._reader() as conn:
             return int(conn.execute(select(func.count()).select_from(inner.subquery()))
                        .scalar_one())
 
@@ -409,7 +560,7 @@ class Log:
                                 and_(messages.c.created_at == before[0],
                                      messages.c.id < before[1])))
             q = q.order_by(messages.c.created_at.desc(), messages.c.id.desc()).limit(batch)
-            with self.engine.connect() as conn:
+            with self._reader() as conn:
                 rows = conn.execute(q).all()
             if not rows:
                 return
@@ -457,18 +608,16 @@ class Log:
         q = select(r.status, func.sum(r.count)).where(r.hour >= start).group_by(r.status)
         w = select(messages.c.status, func.count()).where(
             messages.c.status.in_((*WAITING, SENDING)), messages.c.created_at >= since)
-        ev = select(func.count()).where(events.c.at >= since,
-                                        events.c.kind == "fallback_used")
         if until is not None:
             q = q.where(r.hour < until)
             w = w.where(messages.c.created_at < until)
-            ev = ev.where(events.c.at < until)
         with self.engine.connect() as conn:
             for status, n in conn.execute(q):
                 out[status] = int(n or 0)
             for status, n in conn.execute(w.group_by(messages.c.status)):
                 out[status] = int(n)
-            out["fallback_used"] = int(conn.execute(ev).scalar_one())
+            out["fallback_used"] = events.count(conn, events.Kind.FALLBACK_USED, since=since,
+                                                until=until)
         return out
 
     def series(self, since: float, *, bucket: int = HOUR, until: float | None = None
@@ -552,17 +701,35 @@ class Log:
         return out
 
 
+def index_pause(taken: int, batch: int, spent: float, gives_way: bool,
+                interval: float = INDEX_INTERVAL) -> float:
+    """Seconds index_loop waits after a round that indexed ``taken`` rows in ``spent``
+    seconds: INDEX_PAUSE after a full batch (more are waiting), ``interval`` after a short
+    one; while it gives way to the mail (Log.gives_way), long enough that the round was
+    DUTY of the time. Measured per round, so a slow (busy) box slows it down too."""
+    pause = INDEX_PAUSE if taken >= batch else interval
+    if taken and gives_way:
+        pause = max(pause, spent * (1 - DUTY) / DUTY)
+    return pause
+
+
 async def index_loop(log_: Log, *, batch: int = INDEX_BATCH,
                      interval: float = INDEX_INTERVAL) -> None:
     """The indexer chore (serve, ``postroom worker``): index pending messages, batch after
-    batch while there are many, else look again every ``interval`` seconds, until
-    cancelled. A failure is logged once (not every second while the database is away)
-    and retried; searches stay exact meanwhile, only slower."""
+    batch while there are many (at DUTY of the time while mail flows: index_pause), else
+    look again every ``interval`` seconds, until cancelled. A failure is logged once (not
+    every second while the database is away) and retried; searches stay exact meanwhile,
+    only slower."""
     failing = False
     while True:
-        taken = 0
+        taken, gives_way = 0, False
+        started = time.monotonic()
         try:
             taken = await asyncio.to_thread(log_.index_pending, batch)
+            if not taken:  # nothing new: read older messages' addresses (migration 0011)
+                taken = await asyncio.to_thread(log_.backfill_addresses, batch)
+            if taken:
+                gives_way = await asyncio.to_thread(log_.gives_way)
         except SQLAlchemyError as err:
             if not failing:
                 log.warning("indexing the email log failed (retried every %.0f s; searches "
@@ -572,4 +739,5 @@ async def index_loop(log_: Log, *, batch: int = INDEX_BATCH,
             if failing:
                 log.warning("indexing the email log works again")
             failing = False
-        await asyncio.sleep(INDEX_PAUSE if taken >= batch else interval)
+        spent = time.monotonic() - started
+        await asyncio.sleep(index_pause(taken, batch, spent, gives_way, interval))

@@ -31,9 +31,20 @@ from postroom.store.states import QUEUED as QUEUED
 from postroom.store.states import SENDING as SENDING
 from postroom.store.states import SENT as SENT
 from postroom.store.states import STATUSES as STATUSES
+from postroom.store.states import SUPPRESSED as SUPPRESSED
 from postroom.store.states import WAITING as WAITING
 
 metadata = MetaData()
+
+
+def partial_index(name: str, *columns: str, where: str) -> Index:
+    """An index of the rows where ``where`` holds, on SQLite and PostgreSQL alike (the
+    migrations create it so on both). Only SQLite's predicate is a SQLAlchemy keyword
+    (``sqlite_where``); PostgreSQL's is kept in ``info``: a ``postgresql_where`` keyword
+    makes SQLAlchemy import its whole PostgreSQL dialect to check it, in every process,
+    SQLite ones included (tests/test_memory_imports.py). Alembic does not compare index
+    predicates, so the declared schema still matches what the migrations build."""
+    return Index(name, *columns, sqlite_where=text(where), info={"postgresql_where": where})
 
 
 messages = Table(
@@ -77,18 +88,15 @@ messages = Table(
     Index("ix_messages_due", "status", "priority", "next_attempt_at"),
     # Partial: only the few rows with a copy waiting are in it, so no other write pays for it
     # (a comparison on copy_due implies NOT NULL: SQLite and PostgreSQL both use it).
-    Index("ix_messages_copy_due", "copy_due", sqlite_where=text("copy_due IS NOT NULL"),
-          postgresql_where=text("copy_due IS NOT NULL")),
+    partial_index("ix_messages_copy_due", "copy_due", where="copy_due IS NOT NULL"),
     Index("ix_messages_created", "created_at"),
     # The log's filters, newest first (postroom.store.log, migration 0008). Text columns
     # have no B-tree index: a trigram index kept by the database serves their searches.
     Index("ix_messages_status_created", "status", "created_at"),
     # Partial: mail of no app (sendmail, plain SMTP) and an enqueue (no via yet) do not write
     # them; `app = x` / `via = x` implies the condition, so the filters still use them.
-    Index("ix_messages_app_created", "app", "created_at", sqlite_where=text("app IS NOT NULL"),
-          postgresql_where=text("app IS NOT NULL")),
-    Index("ix_messages_via_created", "via", "created_at", sqlite_where=text("via IS NOT NULL"),
-          postgresql_where=text("via IS NOT NULL")),
+    partial_index("ix_messages_app_created", "app", "created_at", where="app IS NOT NULL"),
+    partial_index("ix_messages_via_created", "via", "created_at", where="via IS NOT NULL"),
 )
 
 attempts = Table(
@@ -111,7 +119,11 @@ attempts = Table(
     Column("permanent", Boolean, nullable=False, default=False),
     Column("recipients", JSON, nullable=False),  # {address: {"code", "reply", "state"}}
     Column("transcript", Text, nullable=False, default=""),  # AUTH secrets redacted
+    # The provider's id for the message (an API's message id, an SMTP queue id): delivery
+    # events (webhooks) find their message by (connection, provider_id). Migration 0012.
+    Column("provider_id", String(255)),
     Index("ix_attempts_message", "message_id", "id"),
+    Index("ix_attempts_provider", "connection", "provider_id"),
 )
 
 apps = Table(
@@ -168,6 +180,8 @@ connection_state = Table(
     Column("last_error", Text),
     Column("last_error_at", Float),
     Column("last_success_at", Float),
+    # Skipped until then at the provider's request (Retry-After; routing.health). 0012.
+    Column("held_until", Float),
 )
 
 # One row per message handed to a rate-limited connection: the sliding windows count these.
@@ -202,8 +216,7 @@ events = Table(
     Column("detail", Text, nullable=False, default=""),
     Index("ix_events_at", "at"),
     # A message's events, for its page (migration 0008); most events concern no message.
-    Index("ix_events_message", "message_id", sqlite_where=text("message_id IS NOT NULL"),
-          postgresql_where=text("message_id IS NOT NULL")),
+    partial_index("ix_events_message", "message_id", where="message_id IS NOT NULL"),
 )
 
 # Instance-wide switches (e.g. the whole queue paused), shared by every node.
@@ -274,7 +287,7 @@ config_entries = Table(
 # kept by triggers on `messages` (every writer, no code of theirs involved): the dashboard
 # sums a few hundred of these rows instead of counting the table. Waiting messages are not
 # counted here: they change state at every try, and the queue index counts them cheaply.
-ROLLUP_STATUSES = (SENT, PARTIAL, FAILED)
+ROLLUP_STATUSES = (SENT, PARTIAL, FAILED, SUPPRESSED)  # SUPPRESSED: migration 0014
 log_rollups = Table(
     "log_rollups",
     metadata,
@@ -294,6 +307,24 @@ log_pending = Table(
     # messages.id. On SQLite the table's rowid is the arrival order the indexer follows:
     # FTS5 appends rowids in order cheaply, rowids from all over its range cost it merges.
     Column("id", String(32), primary_key=True),
+)
+
+# Every address of each indexed message, lower-cased (postroom.store.addresses, migr. 0011):
+# a search for a whole address is one B-tree lookup here instead of a trigram search whose
+# trigrams ("exa", ".co") are in every row. Written by the indexer with the text index (not
+# by the enqueue); role "r" = envelope recipients and To, "s" = envelope sender and From,
+# "p" = a marker (address "") for a message whose addresses changed and wait to be re-read.
+log_addresses = Table(
+    "log_addresses",
+    metadata,
+    Column("role", String(1), primary_key=True),
+    Column("address", String(320), primary_key=True),
+    Column("message_id", String(32), primary_key=True),
+    # The message's created_at: a page of one address reads its newest rows in index order.
+    Column("created_at", Float, nullable=False, server_default="0"),
+    Index("ix_log_addresses_message", "message_id"),  # a deleted message's rows
+    Index("ix_log_addresses_newest", "role", "address", "created_at"),
+    sqlite_with_rowid=False,  # the key is the row: one B-tree, not a table and an index
 )
 
 # -- the web admin's accounts, sessions, API tokens and the audit log (migration 0009) ------
@@ -359,4 +390,49 @@ audit = Table(
     Column("detail", Text, nullable=False, default="{}"),
     Column("ip", String(64)),
     Index("ix_audit_at", "at"),
+)
+
+# -- delivery events (postroom.webhooks.intake, migration 0013) -------------------------------
+# What became of a message after it left: a provider's webhook events and the DSNs that came
+# back to the bounce address, in the closed vocabulary of postroom.webhooks.Kind, with the raw
+# payload (JSON text, bounded). ``event_key``: the provider's event id, else the sha256 of the
+# event; unique per connection, so a replayed or re-sent event is recorded once. Attached to
+# the message by attempts.provider_id (or its Message-ID); NULL: mail sent some other way.
+delivery_events = Table(
+    "delivery_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("connection", String(64), nullable=False),
+    Column("event_key", String(64), nullable=False),
+    Column("message_id", String(32), ForeignKey("messages.id", ondelete="CASCADE")),
+    Column("provider_id", String(255)),
+    Column("recipient", String(320)),
+    Column("kind", String(16), nullable=False),  # webhooks.Kind
+    Column("permanent", Boolean),  # bounces: hard (true) or soft, where the provider says
+    Column("at", Float, nullable=False),  # when it happened (the provider's clock)
+    Column("received_at", Float, nullable=False),
+    Column("detail", Text, nullable=False, default=""),
+    Column("raw", Text, nullable=False, default=""),
+    Index("ux_delivery_events_key", "connection", "event_key", unique=True),
+    partial_index("ix_delivery_events_message", "message_id", where="message_id IS NOT NULL"),
+    # The log's event filter: messages that bounced or complained, newest first.
+    Index("ix_delivery_events_kind", "kind", "received_at"),
+)
+
+# -- the suppression list (postroom.suppression, migration 0014) ------------------------------
+# Addresses no mail is sent to: hard bounces, complaints, unsubscribes (from delivery events),
+# or added by hand. ``address``: lower-cased, A-label domain; ``scope``: '*' (every sender) or
+# a sender domain (A-label). The primary key is the (address, scope) index the delivery-time
+# check reads: address IN (the message's recipients) AND scope IN ('*', the sender's domain).
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("address", String(320), primary_key=True),
+    Column("scope", String(255), primary_key=True),
+    Column("reason", String(500), nullable=False),
+    Column("source", String(16), nullable=False),  # suppression.Source
+    Column("created_at", Float, nullable=False),
+    Column("message_id", String(32)),  # the message whose bounce or complaint added it
+    Column("detail", Text, nullable=False, default=""),
+    Index("ix_suppressions_created", "created_at"),
 )

@@ -12,6 +12,9 @@ QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED = (
     "deferred",
     "failed",
 )
-STATUSES = (QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED)
+# Final, never sent: every recipient is on the suppression list (postroom.suppression); a
+# recipient left out of RCPT TO for it has the rcpt_status state "suppressed".
+SUPPRESSED = "suppressed"
+STATUSES = (QUEUED, SENDING, SENT, PARTIAL, DEFERRED, FAILED, SUPPRESSED)
 WAITING = (QUEUED, DEFERRED)
 PRIORITIES = {"high": 1, "normal": 0, "low": -1}

@@ -1,16 +1,22 @@
-"""What the HTTP API transports share: the base owns the workflow (token -> request -> on 401
-refresh once and repeat -> classify), each provider module only builds its request and
-reads its error body (django-anymail's shape).
+"""What the HTTPS API transports share: the base owns the workflow, each provider module
+only builds its request, reads its answers and gives its documented errors as data
+(django-anymail's shape)::
 
-Errors, by HTTP status (after a 401 was answered with one refresh):
+    build(envelope) -> Request  ->  auth headers (transports._auth)  ->  POST
+        -> 401 and the scheme can get another credential (OAuth): once more
+        -> 2xx: parse_success(resp) -> (provider message id, per-recipient results or None)
+        -> else: parse_error(resp) -> ApiError -> classify (the provider's ``errors`` table
+           first, then the rules below)
 
-- 401 -> AuthError ``oauth.token_refused`` (transient: the mail waits for a working grant);
-- 403 -> missing permission (scope) or send-as refused, per the provider's error reason;
-  some providers also say "rate limit" with 403;
-- 429 -> transient, connection-level (the next connection of the chain may take it), with
-  the provider's Retry-After in the message;
-- 5xx -> transient, connection-level;
-- 400 (and 413) -> the message itself is refused: permanent.
+Errors, when the provider's table says nothing about its code or status:
+
+- 429 (or a provider's rate-limit code) -> transient, connection-level (the next connection
+  of the chain may take it), ``retry_after`` from the Retry-After header;
+- 5xx -> transient, connection-level (503 with ``retry_after`` too);
+- 401 -> the auth scheme's "refused" (OAuth: sign in again; API key: create a new key);
+- 403 -> the auth scheme's "forbidden" (missing permission or scope);
+- 404 -> the endpoint is wrong (``api_base``) or the mailbox/user setting, per provider;
+- 413 -> too big for the API: permanent; any other 4xx: the message is refused, permanent.
 
 A request whose body was sent but whose answer never came (read timeout, connection cut)
 has an unknown outcome: retried on the same connection only (``after_data``).
@@ -18,17 +24,16 @@ has an unknown outcome: retried on the same connection only (``after_data``).
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import getaddresses
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from pydantic import Field
 
 from postroom.envelope import Envelope, header_values
 from postroom.exceptions import (
@@ -36,34 +41,23 @@ from postroom.exceptions import (
     ConnectError,
     DataRejected,
     DeliveryError,
+    Scope,
     SenderRejected,
     TimeoutError_,
     UnsupportedFeature,
 )
+from postroom.secrets import Secret
 from postroom.settings import ConnectionBase
-from postroom.transports import base
+from postroom.transports import _auth, base
+from postroom.transports._errors import ApiError as ApiError
+from postroom.transports._errors import ErrorRule as ErrorRule
+from postroom.transports._errors import retry_after
+from postroom.transports._settings import ApiKeySettings as ApiKeySettings
+from postroom.transports._settings import HttpSettings as HttpSettings
 
 
 class AsyncTokens(Protocol):
     async def atoken(self, connection: str, *, rejected: str | None = None) -> str: ...
-
-
-class HttpSettings(ConnectionBase):
-    """Keys every HTTP API connection has (besides its ``oauth`` table)."""
-
-    api_base: str = ""  # default: the provider's; a test server or a proxy otherwise
-    timeout: float = Field(default=60, gt=0)
-    connect_timeout: float = Field(default=15, gt=0)
-    ca_file: str | None = None
-
-
-@dataclass(frozen=True)
-class ApiError:
-    """A provider's error body, read by the provider module."""
-
-    status: int
-    code: str  # the provider's own code or reason ("insufficientPermissions", ...)
-    message: str
 
 
 @dataclass(frozen=True)
@@ -73,57 +67,102 @@ class Request:
     headers: dict[str, str]
     content: bytes
     summary: str  # for the transcript, e.g. "raw MIME, 1234 bytes base64url in JSON"
-    # False: a pre-authenticated URL (an upload session's): no Authorization header goes
-    # with it, and its query, which carries the credential, stays out of the transcript.
+    # False: a pre-authenticated URL (an upload session's): no credential goes with it, and
+    # its query, which carries the credential, stays out of the transcript.
     auth: bool = True
 
 
 @dataclass
 class Exchange:
-    """The requests of one delivery: their transcript lines and the access token in use."""
+    """The requests of one delivery: their transcript lines and the credential in use."""
 
     lines: list[str] = field(default_factory=list)
-    token: str | None = None
+    held: _auth.Held = field(default_factory=_auth.Held)
 
     @property
     def transcript(self) -> str:
         return "\n".join(self.lines)
 
 
+# Per-recipient results of an API that reports them: address -> RecipientResult.
+Recipients = dict[str, base.RecipientResult]
+
+
 class HttpTransport(base.Transport):
-    """Base of the HTTP API transports."""
+    """Base of the HTTPS API transports. A provider module sets the class attributes and
+    overrides ``build``, ``parse_error`` and, where its API says more than "accepted",
+    ``parse_success``; ``make_auth`` when it does not log in with OAuth."""
 
     settings: HttpSettings
-    title = "provider"  # "Gmail API", "Microsoft Graph"
-    default_base = ""
-    # Error codes/reasons that mean: the grant lacks a permission / may not send as this
-    # sender / the provider's rate limit, whatever the HTTP status says.
-    scope_codes: frozenset[str] = frozenset()
-    send_as_codes: frozenset[str] = frozenset()
-    rate_codes: frozenset[str] = frozenset()
-    config_codes: frozenset[str] = frozenset()
+    settings_model: ClassVar[type[ConnectionBase]] = HttpSettings
+    default_base: ClassVar[str] = ""
+    # The provider's documented errors: its error code (str) or an HTTP status (int) ->
+    # ErrorRule. Looked up by code first, then status; the generic rules come after.
+    errors: ClassVar[Mapping[str | int, ErrorRule]] = {}
+    # OAuth providers' reasons that mean: the grant lacks a permission / may not send as
+    # this sender / the provider's rate limit, whatever the HTTP status says.
+    scope_codes: ClassVar[frozenset[str]] = frozenset()
+    send_as_codes: ClassVar[frozenset[str]] = frozenset()
+    rate_codes: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: ConnectionBase, ctx: base.TransportContext, *,
                  http: httpx.AsyncBaseTransport | None = None) -> None:
         super().__init__(settings, ctx)
         s = self.settings
         timeout = httpx.Timeout(s.timeout, connect=s.connect_timeout)
+        # Every connection kept alive: httpx's default keeps 20 of up to 100, so a worker
+        # with more deliveries in flight closed the rest after each answer and paid a new
+        # TCP and TLS handshake per message (bench/https_bench.py).
+        limits = httpx.Limits(max_connections=s.pool_size,
+                              max_keepalive_connections=s.pool_size)
         self.client = httpx.AsyncClient(timeout=timeout, transport=http, trust_env=True,
-                                        verify=_verify(s.ca_file))
-        self.base = (s.api_base or self.default_base).rstrip("/")
+                                        verify=_verify(s.ca_file), limits=limits)
+        # Requests wait here for a connection rather than in httpcore's pool, whose queue
+        # costs time per waiting request on every answer (the worker has up to
+        # [delivery] concurrency deliveries in flight, pool_size connections).
+        self._slots = asyncio.Semaphore(s.pool_size)
+        self.base = (s.api_base or self.default_api_base()).rstrip("/")
+        self.auth = self.make_auth()
 
     # -- what a provider module says ----------------------------------------------------------
+    def default_api_base(self) -> str:
+        """The provider's API address when ``api_base`` is not set; a provider with regions
+        picks it from the connection's ``region`` here."""
+        return self.default_base
+
+    def make_auth(self) -> _auth.Auth:
+        """How requests are authenticated; by default the connection's OAuth grant."""
+        return _auth.OAuthBearer(self._token)
+
     def build(self, env: Envelope) -> Request:
         raise NotImplementedError
 
+    def parse_success(self, resp: httpx.Response) -> tuple[str | None, Recipients | None]:
+        """The result step: the provider's message id, and per-recipient outcomes when the
+        API reports them (recipients it does not name count as accepted)."""
+        return None, None
+
     def accepted(self, resp: httpx.Response) -> str:
-        """The provider's words for a success, e.g. its message id."""
+        """The provider's words for a success (its message id is added when there is one)."""
         return f"{resp.status_code} accepted"
 
     def parse_error(self, resp: httpx.Response) -> ApiError:
         raise NotImplementedError
 
-    # -- the workflow --------------------------------------------------------------------------
+    # -- credentials ---------------------------------------------------------------------------
+    def api_key(self) -> str:
+        """The connection's API key (ApiKeySettings), read when a request is made."""
+        s = self.settings
+        key = self.secret("api_key", Secret.API_KEY, env=getattr(s, "api_key_env", None),
+                          file=getattr(s, "api_key_file", None),
+                          inline=getattr(s, "api_key", None))
+        if not key:
+            raise AuthError(f"connection {self.name}: no API key; set api_key_env or "
+                            f"api_key_file, or run `postroom connection set-password "
+                            f"{self.name}` (it stores the api key encrypted)",
+                            code="auth.secret_missing", permanent=False)
+        return key
+
     async def _token(self, rejected: str | None = None) -> str:
         tokens = self.ctx.tokens
         if tokens is None:
@@ -137,6 +176,7 @@ class HttpTransport(base.Transport):
 
         return await asyncio.to_thread(tokens.token, self.name, refresh=rejected is not None)
 
+    # -- the workflow --------------------------------------------------------------------------
     async def send(self, envelope: Envelope) -> base.DeliveryResult:
         ex = Exchange()
         resp = await self.request(ex, self.build(envelope))
@@ -145,50 +185,66 @@ class HttpTransport(base.Transport):
         raise self.failure(resp, ex)
 
     async def request(self, ex: Exchange, req: Request) -> httpx.Response:
-        """Make one request of a delivery: with the connection's token (refreshed once on a
-        401), or without one for a pre-authenticated URL. Any answer is returned; a
-        network failure raises a DeliveryError carrying the transcript so far."""
+        """Make one request of a delivery: authenticated (once more with a new credential
+        after a 401, where the scheme can get one), or not for a pre-authenticated URL. Any
+        answer is returned; a network failure raises a DeliveryError carrying the
+        transcript so far."""
         if not req.auth:
             return await self._call(req, None, ex.lines)
-        if ex.token is None:
-            ex.token = await self._token()
-        resp = await self._call(req, ex.token, ex.lines)
-        if resp.status_code == 401:
+        resp = await self._call(req, await self._credentials(ex, req), ex.lines)
+        if resp.status_code == 401 and self.auth.retry_on_401:
             ex.lines.append("*  the access token was refused (401): refreshing it once")
-            ex.token = await self._token(rejected=ex.token)
-            resp = await self._call(req, ex.token, ex.lines)
+            resp = await self._call(req, await self._credentials(ex, req, rejected=True),
+                                    ex.lines)
         return resp
+
+    async def _credentials(self, ex: Exchange, req: Request, *,
+                           rejected: bool = False) -> dict[str, str]:
+        """The auth scheme's headers; its failure (a missing secret, a dead grant) carries
+        the transcript so far."""
+        try:
+            return await self.auth.headers(req.method, req.url, req.headers, req.content,
+                                           ex.held, rejected=rejected)
+        except DeliveryError as err:
+            err.transcript = ex.transcript
+            raise
 
     def delivered(self, envelope: Envelope, resp: httpx.Response,
                   ex: Exchange) -> base.DeliveryResult:
-        """Every recipient accepted, in the provider's words."""
+        """Every recipient accepted, unless the API reported some refused."""
+        provider_id, reported = self.parse_success(resp)
         said = self.accepted(resp)
-        res = base.RecipientResult(250, f"{self.title}: {said}")
-        return base.DeliveryResult({r: res for r in envelope.recipients}, ex.transcript,
-                                   reply_code=250, reply_text=said)
+        if provider_id and provider_id not in said:
+            said = f"{said}, id {provider_id}"
+        ok = base.RecipientResult(250, f"{self.title}: {said}")
+        # Providers may write an address in another case than the envelope did.
+        refused = {a.lower(): res for a, res in (reported or {}).items()}
+        results = {r: refused.get(r.lower(), ok) for r in envelope.recipients}
+        return base.DeliveryResult(results, ex.transcript, reply_code=250, reply_text=said,
+                                   provider_id=provider_id)
 
     def failure(self, resp: httpx.Response, ex: Exchange) -> DeliveryError:
         """The error a refusing answer means, with the transcript so far."""
-        err = self._classify(resp)
+        err = self.classify(resp)
         err.transcript = ex.transcript
         return err
 
-    async def _call(self, req: Request, token: str | None,
+    async def _call(self, req: Request, auth: dict[str, str] | None,
                     lines: list[str]) -> httpx.Response:
-        if token is None:
+        if auth is None:
             lines.append(f"C: {req.method} {hide_query(req.url)} ({req.summary}; "
                          "no Authorization: the URL is pre-authenticated)")
             headers = req.headers
         else:
-            lines.append(f"C: {req.method} {req.url} ({req.summary}; "
-                         "Authorization: Bearer ****)")
-            headers = {**req.headers, "Authorization": f"Bearer {token}"}
+            lines.append(f"C: {req.method} {req.url} ({req.summary}; {self.auth.shown})")
+            headers = {**req.headers, **auth}
         sent = False
         try:
             request = self.client.build_request(req.method, req.url, content=req.content,
                                                 headers=headers)
             sent = True
-            resp = await self.client.send(request)
+            async with self._slots:
+                resp = await self.client.send(request)
         except httpx.TimeoutException as err:
             unknown = isinstance(err, httpx.ReadTimeout)
             mapped: DeliveryError = TimeoutError_(
@@ -218,14 +274,31 @@ class HttpTransport(base.Transport):
         lines.append(f"S: {resp.status_code} {body}".rstrip())
         return resp
 
-    def _classify(self, resp: httpx.Response) -> DeliveryError:
+    def classify(self, resp: httpx.Response) -> DeliveryError:
+        """The DeliveryError a refusing answer means: the provider's table, then the rules
+        of this module's docstring. ``retry_after`` is set from a 429/503's Retry-After."""
         e = self.parse_error(resp)
-        said = f"{self.title} answered {e.status} {e.code}: {e.message}".rstrip(": ")
-        name = self.name
+        err = self._classify(e)
+        wait = None
+        if e.status in (429, 503) or err.code == "provider.rate_limited":
+            wait = retry_after(resp.headers.get("Retry-After"))
+        if wait is not None:
+            err.retry_after = wait
+            err.message = f"{err.message}; it asks to wait {wait:g} s (Retry-After)"
+            err.args = (err.message,)
+        return err
+
+    def _classify(self, e: ApiError) -> DeliveryError:
+        said = f"{self.title} answered {e.status}" + (f" {e.code}" if e.code else "") + (
+            f": {e.message}" if e.message else "")
+        who = _auth.Who(self.name, self.title, said, e.status, e.message)
+        rule = self.errors.get(e.code) if e.code else None
+        if rule is None:
+            rule = self.errors.get(e.status)
+        if rule is not None:
+            return self._apply(rule, who)
         if e.code in self.rate_codes or e.status == 429:
-            wait = resp.headers.get("Retry-After")
-            hint = f"; it asks to wait {wait} s (Retry-After)" if wait else ""
-            return ConnectError(f"{said}: rate limit{hint}. Postroom retries later; lower the "
+            return ConnectError(f"{said}: rate limit. Postroom retries later; lower the "
                                 "connection's rate_limit to stay under it",
                                 code="provider.rate_limited", reply_code=e.status,
                                 reply_text=e.message)
@@ -240,19 +313,13 @@ class HttpTransport(base.Transport):
                 code="sender.send_as_denied", permanent=False, reply_code=e.status,
                 reply_text=e.message)
         if e.status == 401:
-            return AuthError(f"{said}: the access token was refused even after a refresh. "
-                             f"Fix: sign in again (`postroom oauth login {name}`)",
-                             code="oauth.token_refused", permanent=False,
-                             reply_code=e.status, reply_text=e.message)
+            return self.auth.refused(who)
         if e.code in self.scope_codes or e.status == 403:
-            return AuthError(f"{said}: the grant lacks the permission to send. Fix: sign in "
-                             f"again and accept every permission (`postroom oauth login {name}`"
-                             "); for app-only access an admin grants the API permission",
-                             code="oauth.scope_missing", permanent=False,
-                             reply_code=e.status, reply_text=e.message)
-        if e.code in self.config_codes or e.status == 404:
-            return DeliveryError(f"{said}: check the connection's mailbox/user setting",
-                                 code="config.mailbox", permanent=False,
+            return self.auth.forbidden(who)
+        if e.status == 404:
+            return DeliveryError(f"{said}: the API address is wrong: check the connection's "
+                                 f"api_base (now {self.base})", code="config.endpoint",
+                                 permanent=False, scope=Scope.CONFIGURATION,
                                  reply_code=e.status, reply_text=e.message)
         if e.status == 413:
             return DataRejected(f"{said}: the message is too big for the API",
@@ -260,6 +327,41 @@ class HttpTransport(base.Transport):
                                 reply_text=e.message)
         return DataRejected(f"{said}: the provider refuses this message", code="data.rejected",
                             permanent=True, reply_code=554, reply_text=e.message)
+
+    def _apply(self, rule: ErrorRule, who: _auth.Who) -> DeliveryError:
+        if rule.auth == "refused":
+            err: DeliveryError = self.auth.refused(who)
+            err.code = rule.code or err.code
+            return err
+        if rule.auth == "forbidden":
+            err = self.auth.forbidden(who)
+            err.code = rule.code or err.code
+            return err
+        text = f"{who.said}: {rule.fix}" if rule.fix else who.said
+        return rule.kind(text, code=rule.code, permanent=rule.permanent, scope=rule.scope,
+                         reply_code=who.status, reply_text=who.message)
+
+    def check_request(self) -> Request | None:
+        """A request that validates the credentials without sending anything (an account
+        or domain endpoint); None when the API has none."""
+        return None
+
+    def checked(self, resp: httpx.Response) -> str:
+        """What a successful ``check_request`` answer says, for the transcript."""
+        return "the credentials work"
+
+    async def check(self) -> str:
+        """Make ``check_request`` (or, without one, make sure the credentials are at hand)."""
+        req = self.check_request()
+        if req is None:
+            await self.auth.headers("GET", self.base, {}, b"", _auth.Held())
+            return f"*  {self.title}: the credentials of {self.name} are at hand"
+        ex = Exchange()
+        resp = await self.request(ex, req)
+        if not resp.is_success:
+            raise self.failure(resp, ex)
+        ex.lines.append(f"*  {self.title}: {self.checked(resp)}")
+        return ex.transcript
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -273,14 +375,41 @@ def _verify(ca_file: str | None) -> Any:
     return ssl.create_default_context(cafile=ca_file)
 
 
-def json_error(resp: httpx.Response) -> dict[str, Any]:
-    """``{"error": {...}}`` of a JSON error body, or {}."""
+def json_body(resp: httpx.Response) -> dict[str, Any]:
+    """A JSON object body, or {} (not JSON, or not an object: a proxy's HTML error page)."""
     try:
         data = resp.json()
-    except (ValueError, json.JSONDecodeError):
+    except ValueError:
         return {}
-    err = data.get("error") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def json_error(resp: httpx.Response) -> dict[str, Any]:
+    """``{"error": {...}}`` of a JSON error body, or {}."""
+    err = json_body(resp).get("error")
     return err if isinstance(err, dict) else {}
+
+
+def refuse_over(body: bytes, limit: int, title: str) -> bytes:
+    """``body`` when it is within the provider's documented request size ``limit``; else the
+    message is refused before any upload (permanent: it will not shrink)."""
+    if len(body) > limit:
+        raise UnsupportedFeature(
+            f"the message is {len(body)} bytes as {title}'s request; {title} takes at most "
+            f"{limit}: send big files as links", code="unsupported.size")
+    return body
+
+
+def mime_text(raw: bytes, title: str) -> str:
+    """The raw message as the text an API that takes MIME inside JSON wants; a message with
+    bytes that are not UTF-8 (8-bit data in another charset) cannot be one, and is refused."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UnsupportedFeature(
+            f"{title} takes the message as JSON text, and this one has bytes that are not "
+            "UTF-8 (8-bit data in another charset): send it base64- or quoted-printable-"
+            "encoded, or route it to an SMTP connection", code="unsupported.mime") from err
 
 
 def header_recipients(raw: bytes) -> set[str]:

@@ -7,12 +7,17 @@ per-recipient results; a failure of the whole session is raised as a DeliveryErr
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from postroom.envelope import Envelope
+from postroom.secrets import Secret, resolve, secret_name
 from postroom.settings import ConnectionBase
+
+if TYPE_CHECKING:
+    from postroom.webhooks.base import Webhook
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,10 @@ class DeliveryResult:
     transcript: str = ""
     reply_code: int | None = None  # the final (end of DATA) reply, if DATA was sent
     reply_text: str | None = None
+    # The provider's id for the message: an HTTPS API's message id, or the queue id an SMTP
+    # server named in its final 250 reply. Kept on the attempt row; delivery events
+    # (webhooks) find the message by it.
+    provider_id: str | None = None
 
 
 class TokenProvider(Protocol):
@@ -60,10 +69,33 @@ class TransportContext:
 
 
 class Transport(abc.ABC):
+    """One kind of upstream. A concrete class names its settings model and is listed in
+    ``postroom.transports.REGISTRY`` (never found by name through reflection)."""
+
+    settings_model: ClassVar[type[ConnectionBase]]
+    title: ClassVar[str] = "provider"  # the upstream in the user's words ("Postmark")
+    docs_url: ClassVar[str] = ""  # the provider's API documentation
+    # The provider's delivery events (postroom.webhooks), for HTTPS API providers that send them.
+    webhook: ClassVar[type[Webhook] | None] = None
+    # The keys a sample [[connections]] entry sets besides name and transport (the README's
+    # provider table is generated from these: postroom.diagnostics.api_providers).
+    example: ClassVar[Mapping[str, Any]] = {}
+    example_notes: ClassVar[Mapping[str, str]] = {}  # key -> a comment beside it
+
     def __init__(self, settings: ConnectionBase, ctx: TransportContext) -> None:
         self.settings = settings
         self.ctx = ctx
         self.name = settings.name
+
+    def secret(self, key: str, what: Secret, *, env: str | None, file: Path | None,
+               inline: str | None = None) -> str | None:
+        """This connection's secret ``key`` from ``{key}_env``, ``{key}_file``, the value in
+        the configuration, or the one stored encrypted (postroom.secrets.resolve). The
+        database is asked only when nothing else is configured."""
+        stored = inline
+        if not env and file is None and inline is None:
+            stored = self.ctx.stored_secret(secret_name(self.name, what))
+        return resolve(f"connection {self.name}", key, env=env, file=file, stored=stored)
 
     @abc.abstractmethod
     async def send(self, envelope: Envelope) -> DeliveryResult:

@@ -24,6 +24,9 @@ class Settings(ConnectionBase):
 
 
 class Transport(base.Transport):
+    settings_model = Settings
+    title = "capture"
+
     async def send(self, envelope: Envelope) -> base.DeliveryResult:
         results = {rcpt: base.RecipientResult(250, REPLY) for rcpt in envelope.recipients}
         transcript = (

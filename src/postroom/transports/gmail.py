@@ -16,14 +16,15 @@ https://mail.google.com/). Errors: ``{"error": {"code", "message", "status", "er
 from __future__ import annotations
 
 import json
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 from urllib.parse import quote
 
 import httpx
 from pydantic import Field
 
 from postroom.envelope import Envelope
-from postroom.exceptions import DataRejected
+from postroom.exceptions import DataRejected, DeliveryError
 from postroom.transports import _http
 
 MAX_SIZE = 35 * 1024 * 1024  # Gmail API: messages.send accepts at most 35 MB
@@ -39,13 +40,19 @@ class Settings(_http.HttpSettings):
 
 class Transport(_http.HttpTransport):
     settings: Settings
+    settings_model = Settings
     title = "Gmail API"
+    docs_url = "https://developers.google.com/gmail/api/guides/sending"
     default_base = "https://gmail.googleapis.com"
     scope_codes = frozenset({"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"})
     rate_codes = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded",
                             "RATE_LIMIT_EXCEEDED", "quotaExceeded"})
     send_as_codes = frozenset({"invalidFrom"})  # "Invalid From header" for an unknown alias
-    config_codes = frozenset({"failedPrecondition", "notFound"})
+    # The mailbox/user setting names no mailbox this grant can send from.
+    errors: ClassVar[Mapping[str | int, _http.ErrorRule]] = dict.fromkeys(
+        ("failedPrecondition", "notFound", 404),
+        _http.ErrorRule("config.mailbox", "check the connection's user setting",
+                        kind=DeliveryError, permanent=False))
 
     def build(self, env: Envelope) -> _http.Request:
         raw = _http.match_headers(env, self.title)
@@ -65,13 +72,16 @@ class Transport(_http.HttpTransport):
             {"Content-Type": "application/json"}, body,
             f"raw MIME, {len(raw)} bytes as base64url in JSON")
 
-    def accepted(self, resp: httpx.Response) -> str:
+    def parse_success(self, resp: httpx.Response) -> tuple[str | None, _http.Recipients | None]:
         try:
             data = resp.json()
         except ValueError:
             data = {}
         msg_id = data.get("id") if isinstance(data, dict) else None
-        return f"{resp.status_code} sent, id {msg_id}" if msg_id else f"{resp.status_code} sent"
+        return (str(msg_id) if msg_id else None), None
+
+    def accepted(self, resp: httpx.Response) -> str:
+        return f"{resp.status_code} sent"
 
     def parse_error(self, resp: httpx.Response) -> _http.ApiError:
         err = _http.json_error(resp)

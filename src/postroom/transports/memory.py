@@ -27,6 +27,8 @@ class Settings(ConnectionBase):
 
 
 class Transport(base.Transport):
+    settings_model = Settings
+    title = "memory"
     # Shared per connection name, so a test can look at what a worker delivered.
     outboxes: ClassVar[dict[str, list[Envelope]]] = {}
     rejections: ClassVar[dict[str, tuple[int, str]]] = {}

@@ -43,9 +43,9 @@ import email.message
 import email.policy
 import json
 import mimetypes
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 from urllib.parse import quote
 
 import httpx
@@ -91,15 +91,21 @@ class Attachment:
 
 class Transport(_http.HttpTransport):
     settings: Settings
+    settings_model = Settings
     title = "Microsoft Graph"
+    docs_url = "https://learn.microsoft.com/graph/api/user-sendmail"
     default_base = "https://graph.microsoft.com/v1.0"
     scope_codes = frozenset({"ErrorAccessDenied", "NoPermissionsInAccessToken",
                              "Authorization_RequestDenied", "AccessDenied"})
     send_as_codes = frozenset({"ErrorSendAsDenied"})
     rate_codes = frozenset({"ApplicationThrottled", "TooManyRequests",
                             "ErrorTooManyObjectsOpened", "MailboxConcurrency"})
-    config_codes = frozenset({"ErrorInvalidUser", "MailboxNotEnabledForRESTAPI",
-                              "ResourceNotFound", "ErrorMailboxNotFound"})
+    # The mailbox/user setting names no mailbox this grant can send from.
+    errors: ClassVar[Mapping[str | int, _http.ErrorRule]] = dict.fromkeys(
+        ("ErrorInvalidUser", "MailboxNotEnabledForRESTAPI", "ResourceNotFound",
+         "ErrorMailboxNotFound", 404),
+        _http.ErrorRule("config.mailbox", "check the connection's mailbox setting",
+                        kind=DeliveryError, permanent=False))
 
     @property
     def _mailbox_url(self) -> str:

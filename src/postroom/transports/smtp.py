@@ -45,9 +45,9 @@ from postroom.exceptions import (
     TLSError,
     UnsupportedFeature,
 )
-from postroom.secrets import redact_auth_command
+from postroom.secrets import Secret, redact_auth_command, resolve, secret_name
 from postroom.settings import ConnectionBase
-from postroom.smtpwire import MAX_LINE, Closed, Garbled, Wire, capabilities
+from postroom.smtpwire import MAX_LINE, Closed, Garbled, Wire, capabilities, queue_id
 from postroom.transports import base
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,9 @@ def _dot_stuff(raw: bytes) -> bytes:
 
 class Transport(base.Transport):
     settings: Settings
+    settings_model = Settings
+    title = "SMTP"
+    docs_url = "https://www.rfc-editor.org/rfc/rfc5321"
 
     def __init__(self, settings: ConnectionBase, ctx: base.TransportContext) -> None:
         assert isinstance(settings, Settings)
@@ -177,48 +180,26 @@ class Transport(base.Transport):
 
     def _password(self) -> str:
         s = self.settings
-        if s.password_env:
-            value = os.environ.get(s.password_env)
-            if value is None:
-                raise AuthError(
-                    f"connection {s.name}: environment variable {s.password_env} is not set",
-                    code="auth.secret_missing", permanent=False,
-                )
-            return value
-        if s.password_file:
-            try:
-                return s.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as err:
-                raise AuthError(
-                    f"connection {s.name}: cannot read password_file {s.password_file}: "
-                    f"{err.strerror}", code="auth.secret_missing", permanent=False,
-                ) from err
-        if s.password is not None:
-            return s.password
-        stored = self.ctx.stored_secret(f"connection:{s.name}:password")
-        if stored is None:
+        value = self.secret("password", Secret.PASSWORD, env=s.password_env,
+                            file=s.password_file, inline=s.password)
+        if value is None:
             raise AuthError(
                 f"connection {s.name}: no password; set password_env or password_file, or run "
                 f"`postroom connection set-password {s.name}`",
                 code="auth.secret_missing", permanent=False,
             )
-        return stored
+        return value
 
     def _token(self, refresh: bool = False, rejected: str | None = None) -> str:
         s = self.settings
-        if s.oauth_token_env and os.environ.get(s.oauth_token_env):
-            return os.environ[s.oauth_token_env]
-        if s.oauth_token_file:
-            try:
-                return s.oauth_token_file.read_text(encoding="utf-8").strip()
-            except OSError as err:
-                raise AuthError(
-                    f"connection {s.name}: cannot read oauth_token_file: {err.strerror}",
-                    code="auth.token_missing", permanent=False,
-                ) from err
+        # A token given by oauth_token_env/_file (which Postroom cannot refresh) comes first.
+        given = resolve(f"connection {s.name}", "oauth_token", env=s.oauth_token_env,
+                        file=s.oauth_token_file, stored=None)
+        if given is not None:
+            return given
         if self.ctx.tokens is not None:
             return self.ctx.tokens.token(s.name, refresh=refresh, rejected=rejected)
-        stored = self.ctx.stored_secret(f"connection:{s.name}:token")
+        stored = self.ctx.stored_secret(secret_name(s.name, Secret.TOKEN))
         if stored is None:
             raise AuthError(
                 f"connection {s.name}: no OAuth access token; set oauth_token_env or "
@@ -230,7 +211,7 @@ class Transport(base.Transport):
         """After the server refused ``rejected``: another token (None when there is none to
         try) and what was done to get it, in words for the transcript."""
         s = self.settings
-        if (s.oauth_token_env and os.environ.get(s.oauth_token_env)) or s.oauth_token_file:
+        if s.oauth_token_env or s.oauth_token_file:
             return None, ("the token comes from oauth_token_env or oauth_token_file, which "
                           "Postroom cannot refresh; not tried again")
         again = getattr(self.ctx.tokens, "token_again", None)
@@ -653,7 +634,8 @@ class Transport(base.Transport):
         reply = _text(said)
         for r in accepted:
             results[r] = base.RecipientResult(code, reply)
-        return base.DeliveryResult(results, reply_code=code, reply_text=reply)
+        return base.DeliveryResult(results, reply_code=code, reply_text=reply,
+                                   provider_id=queue_id(reply) if code == 250 else None)
 
     async def _envelope(self, sess: _Session, lines: list[str]) -> tuple[
             tuple[int, list[str]], list[tuple[int, list[str]]], tuple[int, list[str]] | None]:

@@ -58,12 +58,16 @@ class Attempt(BaseModel):
     permanent: bool
     recipients: dict[str, dict[str, Any]]
     transcript: str = Field(description="The SMTP (or API) session; secrets redacted.")
+    provider_id: str | None = Field(None, description="The provider's id for the message "
+                                    "(what its delivery events name).")
     advice: Advice | None = Field(None, description="Why it failed and the fix.")
 
 
 class Event(BaseModel):
     at: float
-    kind: str
+    kind: str = Field(description="One of postroom.events.Kind: fallback_used, "
+                      "lease_expired, retry_requested...")
+    severity: str = Field("info", description="info, warning or error.")
     connection: str | None = None
     detail: str = ""
 

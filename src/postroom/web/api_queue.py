@@ -29,6 +29,8 @@ class ConnectionHealth(BaseModel):
     paused: bool
     failures: int = Field(description="Connection-level failures in a row.")
     circuit_open_until: float | None = Field(description="Skipped until then (down).")
+    held_until: float | None = Field(default=None, description="Skipped until then: the "
+                                     "provider asked to wait (429/503 Retry-After).")
     last_success_at: float | None
     last_error: str | None
     last_error_at: float | None
@@ -49,7 +51,7 @@ class Failure(BaseModel):
 
 class DashboardOut(BaseModel):
     windows: dict[str, dict[str, int]] = Field(description="24h, 7d, 30d: sent, partial, "
-                                               "failed, deferred, fallback_used.")
+                                               "failed, suppressed, deferred, fallback_used.")
     series: list[tuple[float, dict[str, int]]] = Field(description="Finished messages per "
                                                        "hour over the last day.")
     queue: dict[str, Any] = Field(description="Waiting counts by status, oldest_at, "
@@ -79,6 +81,7 @@ def _health(c: ConnectionStatus, oauth: dict[str, dict[str, Any]] | None = None
     return ConnectionHealth(name=c.name, transport=c.transport, server=c.server,
                             health=c.health, paused=c.paused, failures=c.failures,
                             circuit_open_until=c.circuit_open_until,
+                            held_until=c.held_until,
                             last_success_at=c.last_success_at, last_error=c.last_error,
                             last_error_at=c.last_error_at,
                             oauth_state=grant.get("state"),

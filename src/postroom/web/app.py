@@ -17,16 +17,6 @@ from postroom.audit import Actor, Role
 from postroom.web import (
     account,
     accounts,
-    api,
-    api_accounts,
-    api_apps,
-    api_audit,
-    api_connections,
-    api_deliverability,
-    api_log,
-    api_messages,
-    api_queue,
-    api_settings,
     apps,
     assets,
     audit,
@@ -34,12 +24,14 @@ from postroom.web import (
     connections,
     dashboard,
     deliverability,
+    events,
     fence,
     log,
     login,
     message,
     queue,
     settings,
+    suppressions,
 )
 
 pages = APIRouter(include_in_schema=False)
@@ -100,19 +92,42 @@ async def _refused(request: Request, exc: Exception) -> Response:
     return page(request, "error.html", status=err.status, kind=err.kind, need=need)
 
 
-# Every router of the web admin, pages and JSON; a new page module adds its router here.
-ROUTERS: list[APIRouter] = [pages, login.router, account.router, api.router]
-ROUTERS += [connections.pages, api_connections.router]
-ROUTERS += [apps.pages, api_apps.router, deliverability.pages, api_deliverability.router,
-            settings.pages, api_settings.router, audit.pages, api_audit.router,
-            accounts.pages, api_accounts.router]
-ROUTERS += [dashboard.pages, log.pages, queue.pages, api_log.router, api_queue.router]
-ROUTERS += [message.pages, api_messages.router]
+# Every router of the web admin's pages; a new page module adds its router here.
+ROUTERS: list[APIRouter] = [pages, login.router, account.router, connections.pages,
+                            apps.pages, deliverability.pages, settings.pages, audit.pages,
+                            accounts.pages, dashboard.pages, log.pages, queue.pages,
+                            message.pages, suppressions.pages, events.pages]
 
 
-def install(app: FastAPI) -> None:
-    """Mount the web admin: its routers, then the catch-all 404 of /admin."""
-    for router in ROUTERS:
+def json_routers() -> list[APIRouter]:
+    """Every router of the admin's JSON API (/api/v1/admin); a new one is added here. The
+    pages never call it: their modules are imported only when it is mounted."""
+    from postroom.web import (
+        api,
+        api_accounts,
+        api_apps,
+        api_audit,
+        api_connections,
+        api_deliverability,
+        api_events,
+        api_log,
+        api_messages,
+        api_queue,
+        api_settings,
+        api_suppressions,
+    )
+
+    return [api.router, api_connections.router, api_apps.router, api_deliverability.router,
+            api_settings.router, api_audit.router, api_accounts.router, api_log.router,
+            api_queue.router, api_messages.router, api_suppressions.router,
+            api_events.router]
+
+
+def install(app: FastAPI, *, json: bool = True) -> None:
+    """Mount the web admin: its pages, its JSON API unless ``json`` is false (the HTTP
+    front mounts it on the first request for it, or for the OpenAPI document), then the
+    catch-all 404 of /admin."""
+    for router in ROUTERS + (json_routers() if json else []):
         app.include_router(router)
     app.include_router(fallback)
     app.add_exception_handler(auth.PageRefusal, _refused)

@@ -101,7 +101,9 @@ def connection_rows(data: queue_ops.Dashboard) -> list[dict[str, Any]]:
                     "health": c.health, "paused": c.paused, "failures": c.failures,
                     "last_success": utc(c.last_success_at), "last_error": c.last_error or "",
                     "last_error_at": utc(c.last_error_at),
-                    "circuit_until": utc(c.circuit_open_until),
+                    # skipped until then: circuit open, or held for the provider's Retry-After
+                    "circuit_until": utc(max((t for t in (c.circuit_open_until, c.held_until)
+                                              if t is not None), default=None)),
                     "oauth": None if grant is None else {
                         "state": str(grant.get("state", "")),
                         "expires": utc(grant.get("expires_at")),

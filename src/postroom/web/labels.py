@@ -28,6 +28,7 @@ class Vocabulary(enum.StrEnum):
     HEALTH = "health"  # a connection's circuit breaker: up, degraded, down
     OAUTH = "oauth"  # an OAuth grant: ok, dead
     FINDING = "finding"  # a doctor finding: ok, info, warn, fail
+    SEVERITY = "severity"  # an event's (postroom.events.Severity): info, warning, error
 
 
 class Tone(enum.StrEnum):
@@ -53,6 +54,8 @@ LABELS: dict[Vocabulary, dict[str, Label]] = {
         "partial": Label(N_("partial"), Tone.WARN),
         "deferred": Label(N_("deferred"), Tone.WARN),
         "failed": Label(N_("failed"), Tone.FAIL),
+        # never sent: every recipient (a message) or this one is on the suppression list
+        "suppressed": Label(N_("suppressed"), Tone.WARN),
         # recipients' states and attempts' outcomes that are not message statuses
         "pending": Label(N_("pending")),
         "fallback": Label(N_("fell back"), Tone.WARN),
@@ -74,6 +77,11 @@ LABELS: dict[Vocabulary, dict[str, Label]] = {
         "info": Label(N_("info")),
         "warn": Label(N_("warning"), Tone.WARN),
         "fail": Label(N_("failure"), Tone.FAIL),
+    },
+    Vocabulary.SEVERITY: {
+        "info": Label(N_("info")),
+        "warning": Label(N_("warning"), Tone.WARN),
+        "error": Label(N_("error"), Tone.FAIL),
     },
 }
 

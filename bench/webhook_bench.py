@@ -1,0 +1,348 @@
+"""Webhook ingestion: delivery events per second into `postroom serve` on SQLite.
+
+    /work/main/.venv/bin/python bench/webhook_bench.py                # 20,000 events per row
+    /work/main/.venv/bin/python bench/webhook_bench.py --events 4000  # quick
+    ... --provider mailgun --batch 1 / --provider sendgrid    # a real provider's payloads
+    ... --out -                                                       # print, do not write
+
+Issue 14's target: at least 2,000 events/s on SQLite. One `postroom serve` process (its own,
+SQLite in a fresh data folder, no worker) with one connection of the test provider
+``hooktest`` (tests/webhook_fake.py: an HMAC-SHA256 signature with a timestamp, a JSON list
+of events, the shape of Svix / SendGrid / Mailgun payloads). Before the run the database
+gets 5,000 sent messages, each with an attempt carrying a provider id; every event names
+one of them, so each is attached, and one event in ten is a hard bounce (a suppression
+list entry). Clients: 16 threads in this process, each with one kept-alive HTTP connection
+(http.client), posting signed batches until all events were answered 200.
+
+``--provider mailgun`` / ``sendgrid`` post a real provider's documented payloads and
+signatures instead (connection ``transport = "mailgun"`` / ``"sendgrid"``): Mailgun one
+event per request, HMAC-SHA256 of timestamp + token inside the JSON body; SendGrid a JSON
+array, ECDSA P-256 over timestamp + body (a key pair made here, the public half as the
+connection's webhook key). Bodies are built and signed before the clock starts.
+
+Rows: events per request 1, 10 and 100. Measured per row: events/s (events / wall time
+until the last answer), requests/s, the server's CPU per event (/proc, all threads), and
+checked: every event recorded once and attached (delivery_events rows), then the same
+batches sent again are all duplicates.
+
+Every process started here is tracked by PID and stopped in a finally block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(REPO / "src"), str(REPO / "tests"), str(HERE)]
+
+from _report import write_block  # noqa: E402
+from postfix_instance import proc_cpu  # noqa: E402
+from serve_proc import free_port, wait_port  # noqa: E402
+from webhook_fake import KEY, KIND, REGISTRY_ENTRY, signed  # noqa: E402
+
+MESSAGES = 5000
+THREADS = 16  # providers post in parallel (Mailgun: one event per request)
+NAME = "webhook_bench"
+
+
+def serve(config: str) -> None:
+    """The child: `postroom serve` with the test provider registered."""
+    import asyncio
+
+    from postroom import server, settings, transports
+
+    transports.REGISTRY[KIND] = REGISTRY_ENTRY
+    asyncio.run(server.serve(settings.load(config)))
+
+
+def prepare(root: Path, http_port: int, provider: str) -> Path:
+    from sqlalchemy import insert
+
+    from postroom.store.db import make_engine, migrate
+    from postroom.store.schema import attempts, messages
+
+    data = root / "data"
+    data.mkdir(mode=0o700)
+    conn = PROVIDERS[provider].connection
+    cfg = root / "postroom.toml"
+    cfg.write_text(f"""
+[server]
+data_dir = "{data}"
+smtp_listen = "127.0.0.1:{free_port()}"
+http_listen = "127.0.0.1:{http_port}"
+worker = false
+
+[[connections]]
+name = "hooks"
+{conn}
+webhook_key_env = "BENCH_WEBHOOK_KEY"
+""")
+    engine = make_engine(f"sqlite:///{data / 'postroom.db'}")
+    migrate(engine)
+    now = time.time()
+    rows = [{"id": f"{i:032x}", "created_at": now, "updated_at": now, "status": "sent",
+             "next_attempt_at": now, "expires_at": now + 86400, "attempt_count": 1,
+             "sender": "shop@shop.example", "recipients": [f"r{i}@example.net"],
+             "rcpt_status": {}, "source": "bench", "message_id": f"<m{i}@shop.example>",
+             "subject": "s", "from_header": "shop@shop.example",
+             "to_header": f"r{i}@example.net", "size": 100, "raw": b"x", "via": "hooks"}
+            for i in range(MESSAGES)]
+    tries = [{"message_id": r["id"], "connection": "hooks", "started_at": now,
+              "ended_at": now, "outcome": "sent", "permanent": False, "recipients": {},
+              "transcript": "", "provider_id": f"pm-{i}"} for i, r in enumerate(rows)]
+    with engine.begin() as conn:
+        conn.execute(insert(messages), rows)
+        conn.execute(insert(attempts), tries)
+    engine.dispose()
+    return cfg
+
+
+Request = tuple[bytes, dict[str, str]]  # a signed body and its headers
+
+
+@dataclass(frozen=True)
+class Provider:
+    """How the bench posts as one provider: its connection's TOML lines, the webhook key
+    the server gets, one event of the provider's shape (``n``: its number, ``i``: the
+    message, ``bounce``: a hard bounce, else a delivery), and a signed request of events."""
+
+    connection: str
+    key: str
+    event: Callable[[str, int, int, bool], dict[str, Any]]
+    request: Callable[[list[dict[str, Any]]], Request]
+    batches: bool = True  # False: one event per request (Mailgun)
+
+
+def _hooktest_event(run: str, n: int, i: int, bounce: bool) -> dict[str, Any]:
+    return {"id": f"{run}-{n}", "type": "bounce" if bounce else "delivered",
+            "message": f"pm-{i}", "recipient": f"r{i}@example.net", "time": time.time(),
+            "hard": True if bounce else None,
+            "reason": "550 5.1.1 unknown user" if bounce else "250 ok"}
+
+
+def _hooktest_request(events: list[dict[str, Any]]) -> Request:
+    body = json.dumps(events).encode()
+    return body, signed(body)
+
+
+MAILGUN_KEY = "key-mailgun-bench-0123456789"
+
+
+def _mailgun_event(run: str, n: int, i: int, bounce: bool) -> dict[str, Any]:
+    # Mailgun "Events": a permanent failure or a delivery; the message named by the
+    # Message-ID Mailgun gave it (its API's "id"), which is the attempt's provider id.
+    e: dict[str, Any] = {"id": f"{run}-{n}", "event": "failed" if bounce else "delivered",
+                         "timestamp": time.time(), "recipient": f"r{i}@example.net",
+                         "message": {"headers": {"message-id": f"pm-{i}"}},
+                         "delivery-status": {"code": 550 if bounce else 250,
+                                             "message": "unknown user" if bounce else "OK"}}
+    if bounce:
+        e.update(severity="permanent", reason="bounce")
+    return e
+
+
+def _mailgun_request(events: list[dict[str, Any]]) -> Request:
+    (event,) = events  # Mailgun posts one event per request
+    stamp, token = str(int(time.time())), os.urandom(25).hex()
+    sig = hmac.new(MAILGUN_KEY.encode(), (stamp + token).encode(), hashlib.sha256).hexdigest()
+    body = json.dumps({"signature": {"timestamp": stamp, "token": token, "signature": sig},
+                       "event-data": event}).encode()
+    return body, {"Content-Type": "application/json"}
+
+
+def _sendgrid_keys() -> tuple[Any, str]:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    der = private.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return private, base64.b64encode(der).decode()
+
+
+SENDGRID_PRIVATE, SENDGRID_PUBLIC = _sendgrid_keys()
+
+
+def _sendgrid_event(run: str, n: int, i: int, bounce: bool) -> dict[str, Any]:
+    # SendGrid "Event Webhook reference": sg_message_id is the X-Message-Id of the send
+    # answer plus a suffix after a dot.
+    e: dict[str, Any] = {"email": f"r{i}@example.net", "timestamp": int(time.time()),
+                         "event": "bounce" if bounce else "delivered",
+                         "sg_event_id": f"{run}-{n}", "sg_message_id": f"pm-{i}.filter0001"}
+    if bounce:
+        e.update(type="bounce", reason="550 5.1.1 unknown user", status="5.1.1")
+    else:
+        e["response"] = "250 OK"
+    return e
+
+
+def _sendgrid_request(events: list[dict[str, Any]]) -> Request:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    body, stamp = json.dumps(events).encode(), str(int(time.time()))
+    sig = SENDGRID_PRIVATE.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+    return body, {"Content-Type": "application/json",
+                  "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(sig).decode(),
+                  "X-Twilio-Email-Event-Webhook-Timestamp": stamp}
+
+
+PROVIDERS = {
+    "hooktest": Provider(f'transport = "{KIND}"', KEY, _hooktest_event, _hooktest_request),
+    "mailgun": Provider('transport = "mailgun"\ndomain = "mg.shop.example"', MAILGUN_KEY,
+                        _mailgun_event, _mailgun_request, batches=False),
+    "sendgrid": Provider('transport = "sendgrid"', SENDGRID_PUBLIC, _sendgrid_event,
+                         _sendgrid_request),
+}
+
+
+def batches(total: int, size: int, run: str, provider: str) -> list[Request]:
+    """Every request of a row, built and signed now (before the clock starts)."""
+    p = PROVIDERS[provider]
+    out = []
+    for start in range(0, total, size):
+        out.append(p.request([p.event(run, n, n % MESSAGES, n % 10 == 0)
+                              for n in range(start, min(total, start + size))]))
+    return out
+
+
+def post_all(port: int, bodies: list[Request],
+             threads: int) -> tuple[float, list[dict[str, Any]]]:
+    """Post every body (``threads`` kept-alive connections); wall time and the answers."""
+    answers: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    todo = iter(bodies)
+    errors: list[str] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            while True:
+                with lock:
+                    body = next(todo, None)
+                if body is None:
+                    return
+                conn.request("POST", "/webhooks/hooks", body=body[0], headers=body[1])
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    errors.append(f"{resp.status} {data[:200]!r}")
+                    return
+                with lock:
+                    answers.append(json.loads(data))
+        finally:
+            conn.close()
+
+    clients = [threading.Thread(target=client) for _ in range(threads)]
+    t0 = time.perf_counter()
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"requests refused: {errors[:3]}")
+    return wall, answers
+
+
+def run_row(port: int, pid: int, total: int, size: int, threads: int,
+            provider: str) -> dict[str, Any]:
+    bodies = batches(total, size, f"b{size}", provider)
+    cpu0 = proc_cpu(pid)
+    wall, answers = post_all(port, bodies, threads)
+    cpu = proc_cpu(pid) - cpu0
+    accepted = sum(a["accepted"] for a in answers)
+    attached = sum(a["attached"] for a in answers)
+    _, again = post_all(port, bodies, threads)  # replayed: every event a duplicate
+    return {"batch": size, "events": total, "requests": len(bodies), "wall_s": wall,
+            "events_per_s": total / wall, "requests_per_s": len(bodies) / wall,
+            "server_cpu_ms_per_event": 1000 * cpu / total, "accepted": accepted,
+            "attached": attached, "replay_duplicates": sum(a["duplicates"] for a in again)}
+
+
+SIGNED = {"hooktest": "HMAC-signed batches of the test provider",
+          "mailgun": "Mailgun's payloads, one event per request, HMAC-signed in the body",
+          "sendgrid": "SendGrid's event arrays, ECDSA-signed"}
+
+
+def report(rows: list[dict[str, Any]], threads: int,
+           load: tuple[float, float, float], provider: str = "hooktest") -> str:
+    name = block_name(provider)
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    lines = [begin, "## Webhook ingestion (bench/webhook_bench.py"
+             + ("" if provider == "hooktest" else f" --provider {provider}") + ")", "",
+             f"`postroom serve` on SQLite, {threads} clients with kept-alive connections, "
+             f"{SIGNED[provider]}; target >= 2,000 events/s. Load "
+             f"average after the run: {load[0]:.1f} (2 cores).", "",
+             "| events per request | events/s | requests/s | server CPU per event | "
+             "recorded / attached | replayed: duplicates |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['events_per_s']:,.0f} | {r['requests_per_s']:,.0f} "
+                     f"| {r['server_cpu_ms_per_event']:.3f} ms | {r['accepted']:,} / "
+                     f"{r['attached']:,} | {r['replay_duplicates']:,} |")
+    lines.append(end)
+    return "\n".join(lines) + "\n"
+
+
+def block_name(provider: str) -> str:
+    return NAME if provider == "hooktest" else f"{NAME}-{provider}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--batch", default="1,10,100")
+    ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--provider", choices=sorted(PROVIDERS), default="hooktest")
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    root = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
+    port = free_port()
+    cfg = prepare(root, port, args.provider)
+    env = {**os.environ, "BENCH_WEBHOOK_KEY": PROVIDERS[args.provider].key}
+    sizes = [int(b) for b in args.batch.split(",")]
+    if not PROVIDERS[args.provider].batches and sizes != [1]:
+        sys.exit(f"{args.provider} posts one event per request: use --batch 1")
+    with open(root / "serve.log", "wb") as errlog:
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(cfg)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=errlog)
+    try:
+        wait_port(port, timeout=60)
+        rows = [run_row(port, proc.pid, args.events, b, args.threads, args.provider)
+                for b in sizes]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    text = report(rows, args.threads, os.getloadavg(), args.provider)
+    print(text)
+    print(json.dumps(rows, indent=2))
+    if args.out != "-":
+        write_block(block_name(args.provider), text, Path(args.out))
+    print(f"work dir: {root}")
+
+
+if __name__ == "__main__":
+    main()

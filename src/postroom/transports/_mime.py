@@ -1,0 +1,256 @@
+"""The stored MIME message, read once into the parts a JSON provider API asks for: text and
+HTML bodies, attachments, inline parts (with their Content-ID), From / To / Cc / Bcc /
+Reply-To, Subject, the custom header fields, and the message's tags.
+
+A JSON API rebuilds the message from these, so what they cannot hold is refused with an
+UnsupportedFeature naming it (``code="unsupported.mime"``), never dropped: a signed or
+encrypted message (multipart/signed, multipart/encrypted: the provider's rebuild would break
+the signature), a multipart inside an attachment, a second body of one type. Header fields
+the provider rebuilds itself (Date, MIME-Version, Content-*) or that describe an earlier hop
+(Received, Return-Path, DKIM-Signature: the provider signs with its own key) are left out
+and listed in ``rebuilt`` for the transcript.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import json
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from email.headerregistry import BaseHeader, HeaderRegistry
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import getaddresses, parseaddr, quote
+from typing import cast
+
+from postroom.envelope import Envelope
+from postroom.exceptions import UnsupportedFeature
+
+# Fields the JSON carries on its own (addresses, subject) or the provider writes itself.
+_OWN = frozenset({"from", "to", "cc", "bcc", "reply-to", "subject"})
+_REBUILT = frozenset({"date", "mime-version", "content-type", "content-transfer-encoding",
+                      "content-disposition", "content-id", "content-description",
+                      "received", "return-path", "dkim-signature", "x-postroom-id"})
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str  # "image/png"
+    data: bytes
+    content_id: str | None = None  # without <>; set for an inline part the HTML shows
+
+    @property
+    def inline(self) -> bool:
+        return self.content_id is not None
+
+
+@dataclass
+class Mapped:
+    """One message as the fields of a JSON API. Addresses are RFC 5322 mailboxes
+    ("Name <a@example.com>"), display names decoded."""
+
+    from_: str
+    to: list[str] = field(default_factory=list)
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
+    reply_to: list[str] = field(default_factory=list)
+    subject: str = ""
+    text: str | None = None
+    html: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)  # custom fields, in order
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    message_id: str | None = None
+    rebuilt: list[str] = field(default_factory=list)  # fields left to the provider
+
+    @property
+    def recipients(self) -> list[str]:
+        return [*self.to, *self.cc, *self.bcc]
+
+    def summary(self, size: int) -> str:
+        """The request in words for the transcript (a Request's ``summary``), naming the
+        header fields left for the provider to write (none is dropped unsaid)."""
+        said = f"JSON, {len(self.attachments)} attachment(s), {size} bytes"
+        return f"{said}; written by the provider: {', '.join(self.rebuilt)}" if self.rebuilt \
+            else said
+
+
+def _refuse(what: str, title: str) -> UnsupportedFeature:
+    return UnsupportedFeature(
+        f"{title} builds the message from fields, and {what} has no field there: route such "
+        "mail to an SMTP connection (or a provider that takes raw MIME), or send it without",
+        code="unsupported.mime")
+
+
+# RFC 5322 specials: a display name holding one is quoted.
+_SPECIALS = re.compile(r'[()<>@,;:\\".\[\]]')
+
+
+def _mailboxes(msg: EmailMessage, name: str) -> list[str]:
+    """Mailboxes with their display names decoded (a JSON API takes Unicode; formataddr
+    would write RFC 2047 encoded-words)."""
+    values = [str(v) for v in msg.get_all(name, [])]
+    out = []
+    for display, addr in getaddresses(values):
+        if not addr:
+            continue
+        if display and _SPECIALS.search(display):
+            display = f'"{quote(display)}"'
+        out.append(f"{display} <{addr}>" if display else addr)
+    return out
+
+
+class _ParseOnce(HeaderRegistry):
+    """A header factory that parses each field once: email.message's accessors
+    (get_content_type, get_filename, get_content...) each parse Content-Type anew, and
+    those parses were half the mapping of a small message (bench/https_bench.py). One per
+    message (see map_message), so no parsed header outlives it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parsed: dict[tuple[str, str], BaseHeader] = {}
+
+    def __call__(self, name: str, value: str) -> BaseHeader:
+        found = self._parsed.get((name, value))
+        if found is None:
+            found = self._parsed[(name, value)] = super().__call__(name, value)
+        return found
+
+
+def map_message(env: Envelope, raw: bytes, title: str, *,
+                forbidden_headers: Collection[str] = ()) -> Mapped:
+    """``raw`` (the message as the API should send it: transports._http.match_headers has
+    added any envelope recipient missing from To/Cc/Bcc as Bcc) read into a Mapped.
+    ``forbidden_headers``: lower-case field names the provider refuses as custom headers."""
+    policy = email.policy.default.clone(header_factory=_ParseOnce())
+    msg = BytesParser(policy=policy).parsebytes(raw)
+    froms = _mailboxes(msg, "from")
+    if len(froms) != 1:
+        raise _refuse(f"a From field with {len(froms)} addresses", title)
+    out = Mapped(from_=froms[0], to=_mailboxes(msg, "to"), cc=_mailboxes(msg, "cc"),
+                 bcc=_mailboxes(msg, "bcc"), reply_to=_mailboxes(msg, "reply-to"),
+                 subject=str(msg.get("subject", "")), tags=list(env.tags),
+                 metadata=dict(env.metadata))
+    # raw_items(), then parsing only the fields kept: items() would parse every field with
+    # the policy's header classes, Date and Content-Type too, and those dominated the
+    # mapping of a small message (bench/https_bench.py).
+    for name, raw_value in msg.raw_items():
+        low = name.lower()
+        if low in _OWN:
+            continue
+        if low in _REBUILT:
+            out.rebuilt.append(name)
+            continue
+        if low in forbidden_headers:
+            raise _refuse(f"the header field {name}", title)
+        value = str(msg.policy.header_fetch_parse(name, raw_value))
+        if low == "message-id":
+            out.message_id = value.strip()
+        out.headers.append((name, value))
+    _walk(msg, out, title, top=True)
+    if out.text is None and out.html is None:
+        out.text = ""  # an empty body: both APIs and readers take an empty text part
+    return out
+
+
+def _walk(part: EmailMessage, out: Mapped, title: str, *, top: bool = False) -> None:
+    ctype = part.get_content_type()
+    if part.is_multipart() and ctype != "message/rfc822":  # a forwarded message: a file
+        sub = part.get_content_subtype()
+        if sub not in ("mixed", "alternative", "related"):
+            raise _refuse(f"a {ctype} part", title)
+        if not top and part.get_content_disposition() == "attachment":
+            raise _refuse(f"an attachment that is itself {ctype}", title)
+        for child in part.iter_parts():
+            _walk(cast(EmailMessage, child), out, title)
+        return
+    disposition = part.get_content_disposition()
+    cid = str(part.get("content-id", "")).strip().strip("<>") or None
+    body = disposition != "attachment" and part.get_filename() is None and cid is None
+    if body and ctype in ("text/plain", "text/html"):
+        text = part.get_content()
+        if ctype == "text/plain" and out.text is None:
+            out.text = text
+            return
+        if ctype == "text/html" and out.html is None:
+            out.html = text
+            return
+        raise _refuse(f"a second {ctype} body", title)
+    if ctype == "message/rfc822":
+        inner = part.get_payload(0)
+        data = inner.as_bytes() if isinstance(inner, EmailMessage) else b""
+    else:
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+    name = part.get_filename() or _default_name(ctype, len(out.attachments) + 1)
+    out.attachments.append(Attachment(name, ctype, data,
+                                      cid if disposition != "attachment" else None))
+
+
+def mailbox_object(mailbox: str, email: str = "email", name: str = "name") -> dict[str, str]:
+    """One RFC 5322 mailbox as Mapped holds it, as the {email, name} object of an API that
+    takes them so (its own key names); no name key when there is no display name."""
+    display, addr = parseaddr(mailbox)
+    return {email: addr, name: display} if display else {email: addr}
+
+
+def limit_recipients(m: Mapped, limit: int, title: str) -> None:
+    """Refuse a message the API cannot send in one request: one without a To address (the
+    JSON APIs require one; "To: undisclosed-recipients:;" names none), or to more
+    recipients (To, Cc and Bcc together) than ``limit``: the app sends it in parts, it is
+    never cut short here."""
+    if not m.to:
+        raise UnsupportedFeature(
+            f"{title} needs at least one To address, and this message has none (only Cc or "
+            "Bcc): put one in To (the sender's own works), or route it to an SMTP connection",
+            code="unsupported.recipients")
+    if len(m.recipients) > limit:
+        raise UnsupportedFeature(
+            f"{title} sends one message to at most {limit} recipients (To, Cc and Bcc); this "
+            f"one has {len(m.recipients)}: send it in parts", code="unsupported.recipients")
+
+
+def address_fields(m: Mapped) -> dict[str, object]:
+    """``from``, ``to``, ``cc``, ``bcc`` (the last two only when set) as {email, name}
+    objects, and ``subject``: the head of the JSON APIs that name them so (MailerSend,
+    Mailtrap)."""
+    data: dict[str, object] = {"from": mailbox_object(m.from_),
+                               "to": [mailbox_object(a) for a in m.to], "subject": m.subject}
+    for key, values in (("cc", m.cc), ("bcc", m.bcc)):
+        if values:
+            data[key] = [mailbox_object(a) for a in values]
+    return data
+
+
+def labels_json(m: Mapped) -> str | None:
+    """Postroom's tags and metadata as one JSON text ``{"tags": [...], "metadata": {...}}``,
+    for an API whose only place for them is a string it echoes in its events (Elastic
+    Email's Postback, ZeptoMail's client_reference); None when there are neither."""
+    labels: dict[str, object] = {}
+    if m.tags:
+        labels["tags"] = list(m.tags)
+    if m.metadata:
+        labels["metadata"] = dict(m.metadata)
+    return json.dumps(labels, ensure_ascii=False) if labels else None
+
+
+def header_dict(m: Mapped, title: str) -> dict[str, str]:
+    """The custom header fields as one JSON object (name -> value), for APIs that take them
+    so: a field given twice has no place there, and is refused rather than losing one."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for name, value in m.headers:
+        if name.lower() in seen:
+            raise _refuse(f"the header field {name}, given twice,", title)
+        seen.add(name.lower())
+        out[name] = value
+    return out
+
+
+def _default_name(ctype: str, n: int) -> str:
+    ext = {"message/rfc822": "eml", "text/plain": "txt", "text/html": "html",
+           "text/calendar": "ics"}.get(ctype, ctype.rpartition("/")[2] or "bin")
+    return f"part-{n}.{ext}"
