@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import ColumnElement, Connection, delete, select, update
+from sqlalchemy import ColumnElement, Connection, Text, cast, delete, or_, select, update
 
 from postroom.store.db import is_postgresql
 from postroom.store.schema import control, log_addresses, log_pending, messages
@@ -91,12 +91,30 @@ def exact(conn: Connection, role: str, address: str,
     waiting = select(log_pending.c.id).union_all(
         select(la.message_id).where(la.role == REREAD))
     m = messages.c
-    pending = [r.id for r in conn.execute(select(*_ROWS).where(m.id.in_(waiting)))
+    rows = select(*_ROWS).where(m.id.in_(waiting))
+    near = _near(role, address)
+    if near is not None:  # SQL narrows the pending rows (up to log.PENDING_BOUND) first
+        rows = rows.where(near)
+    pending = [r.id for r in conn.execute(rows)
                if (role, address) in addresses(r.sender, r.recipients, r.to_header,
                                                r.from_header)]
     if not pending:
         return m.id.in_(found)
     return m.id.in_(found.union_all(select(m.id).where(m.id.in_(pending))))
+
+
+def _near(role: str, address: str) -> ColumnElement[bool] | None:
+    """A condition every message with ``address`` in ``role`` meets (more may): the
+    columns hold it, ASCII case ignored (ILIKE). For an ASCII address only, and "k" matches
+    any one character: the Kelvin sign (U+212A) is the one character beyond ASCII whose
+    lower case (what addresses() compares) is an ASCII one. An address with a backslash
+    is written doubled in the recipients' JSON: None, Python compares every pending row."""
+    if not address.isascii() or "\\" in address:
+        return None
+    pattern = "%" + address.replace("%", "\\%").replace("_", "\\_").replace("k", "_") + "%"
+    m = messages.c
+    cols = (m.recipients, m.to_header) if role == RECIPIENT else (m.sender, m.from_header)
+    return or_(*(cast(c, Text).ilike(pattern, escape="\\") for c in cols))
 
 
 def write(conn: Connection, ids: list[str]) -> None:
