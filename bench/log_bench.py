@@ -191,6 +191,8 @@ def queries(engine: Engine, corpus: Corpus, rnd: random.Random,
         ("  the same, trigram path (session 5)", 100,
          lambda i: trigrams.page(LogFilter(sender=pick(corpus.senders)))),
         ("tag", 100, lambda i: log.page(LogFilter(tag=pick(TAGS)))),
+        ("  the same, no window (before session 6's L2)", 100,
+         lambda i: log.page(LogFilter(tag=pick(TAGS)))),
         ("time range (one day, 30 days ago)", 100, lambda i: log.page(LogFilter(
             since=now - 30 * DAY - i * 3600, until=now - 29 * DAY - i * 3600))),
         ("recipient search (an address)", 50,
@@ -204,6 +206,8 @@ def queries(engine: Engine, corpus: Corpus, rnd: random.Random,
         ("text search (an order number)", 50,
          lambda i: log.page(LogFilter(text=str(rnd.randint(100_000, 999_999))))),
         ("text search (a common word)", 50, lambda i: log.page(LogFilter(text="password"))),
+        ("  the same, no window (before session 6's L2)", 50,
+         lambda i: log.page(LogFilter(text="password"))),
         ("status + app + text", 100, lambda i: log.page(LogFilter(
             status="sent", app=pick(APPS[:-1]), text="invoice"))),
         ("  the same, no window (before session 6's L2)", 100, lambda i: log.page(LogFilter(

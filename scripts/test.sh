@@ -127,6 +127,8 @@ if [ "${POSTROOM_INSTALL_PEERS:-1}" = 1 ]; then
     step install:oauth 1900 bash "$RECIPES/oauth.sh" install || die "installing the OAuth server failed"
     # browser: chromium (Debian) + playwright in $PEERS/venv (never `playwright install`)
     step install:browser 1900 bash "$RECIPES/browser.sh" install || die "installing the browser failed"
+    # prometheus: the Debian server; tests/test_metrics.py starts its own on a free port
+    step install:prometheus 1900 bash "$RECIPES/prometheus.sh" install || die "installing prometheus failed"
   fi
 fi
 

@@ -170,10 +170,10 @@ def test_429_and_503_carry_retry_after(case: ProviderCase, fake: FakeProvider) -
     assert down.retry_after == float(case.unavailable.headers["Retry-After"])
 
 
+# Only providers with a request that checks a key without sending.
+@pytest.mark.parametrize("case", [c for c in CASES if c.check is not None], ids=str)
 def test_check_validates_the_key_without_sending(case: ProviderCase,
                                                  fake: FakeProvider) -> None:
-    if case.check is None:
-        pytest.skip(f"{case.kind} has no request that checks a key without sending")
     said = checked(transport(case, fake))
     assert "works" in said and not fake.sent()
     with pytest.raises(AuthError) as info:
@@ -181,10 +181,11 @@ def test_check_validates_the_key_without_sending(case: ProviderCase,
     assert "set-password" in info.value.message and not fake.sent()
 
 
+# Only JSON APIs: raw-MIME ones can express everything.
+@pytest.mark.parametrize("case", [c for c in CASES if c.unmappable is not None], ids=str)
 def test_what_the_api_cannot_express_is_refused_naming_it(case: ProviderCase,
                                                           fake: FakeProvider) -> None:
-    if case.unmappable is None:
-        pytest.skip(f"{case.kind} sends raw MIME: everything can be expressed")
+    assert case.unmappable is not None
     raw, named = case.unmappable
     got = refused(transport(case, fake), Envelope(SENDER, ["bob@example.org"], raw))
     assert isinstance(got, UnsupportedFeature) and got.permanent, got

@@ -143,6 +143,44 @@ def test_check_many_recipients_and_list_pages(engine: Engine) -> None:
     assert sup.list(source="manual") == []
 
 
+def test_check_queries_only_for_listed_addresses_and_sees_other_processes(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker asks before every delivery: an address on no list costs no query; an
+    entry another process adds is seen once the stamp is read again (REFRESH seconds)."""
+    from sqlalchemy import event
+
+    import postroom.suppression as module
+
+    worker, other = Suppressions(engine), Suppressions(engine)
+    other.add("dead@example.org", reason="5.1.1")
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert worker.check("shop@example.com", ["dead@example.org", "bob@example.org"]) == {
+            "dead@example.org": "5.1.1"}
+        statements.clear()
+        for _ in range(20):  # within REFRESH: nothing listed among them, no query at all
+            assert worker.check("shop@example.com", ["bob@example.org"]) == {}
+        assert statements == []
+        other.add("late@example.org", reason="complaint")
+        monkeypatch.setattr(module, "REFRESH", 0.0)
+        assert worker.check("shop@example.com", ["late@example.org"]) == {
+            "late@example.org": "complaint"}
+        other.remove("late@example.org")
+        assert worker.check("shop@example.com", ["late@example.org"]) == {}
+        # Over MEMORY_MAX the list is not held: every check asks the database.
+        monkeypatch.setattr(module, "MEMORY_MAX", 0)
+        worker._forget()
+        assert worker.check("shop@example.com", ["dead@example.org"]) == {
+            "dead@example.org": "5.1.1"}
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+
+
 # -- delivery events ---------------------------------------------------------------------------
 def test_which_events_suppress(engine: Engine) -> None:
     sup = Suppressions(engine)

@@ -18,6 +18,7 @@ import typer
 
 from postroom import settings as settings_mod
 from postroom.commands import admin as _admin_commands
+from postroom.commands import alerts as _alerts_commands
 from postroom.commands import apps as _apps_commands
 from postroom.commands import config as _config_commands
 from postroom.commands import connections as _connections_commands
@@ -45,6 +46,7 @@ app.add_typer(_oauth_commands.cli, name="oauth")
 app.add_typer(_config_commands.cli, name="config")
 app.add_typer(_admin_commands.cli, name="admin")
 app.add_typer(_suppressions_commands.cli, name="suppressions")
+app.add_typer(_alerts_commands.cli, name="alerts")
 app.command("audit")(_admin_commands.audit)
 app.command("events")(_events_commands.events_cmd)
 

@@ -17,6 +17,7 @@ succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``
     ├── PermissionDenied             an admin account's role does not allow the action
     ├── EventError                   a delivery event (webhook, DSN) that cannot be taken
     │   └── EventRefused             its signature is missing, wrong or replayed
+    ├── AlertError                   an alert channel did not take an alert (postroom.alerts)
     └── DeliveryError                one delivery attempt failed
         ├── ConnectError             DNS, refused, unreachable, connect timeout
         ├── TimeoutError_            the server stopped answering mid-session
@@ -133,6 +134,14 @@ class EventRefused(EventError):
 
     code = "event.refused"
     status = 401
+
+
+class AlertError(PostroomError):
+    """An alert channel (webhook, Apprise URL...) did not take an alert. ``permanent``: it
+    never will as configured (404/410, an unusable URL): the channel is disabled."""
+
+    code = "alert.channel"
+    permanent = False
 
 
 class DeliveryError(PostroomError):

@@ -23,6 +23,7 @@ from postroom.transports.base import Transport
 
 if TYPE_CHECKING:
     from postroom.bounces import Door
+    from postroom.metrics.expose import Listener as MetricsListener
 
 log = logging.getLogger("postroom")
 
@@ -203,6 +204,15 @@ def _chores(inst: Instance) -> list[asyncio.Task[None]]:
         # Stopped by cancellation with the other chores; the event is never set.
         chores.append(asyncio.create_task(periodic(inst.oauth, asyncio.Event()),
                                           name="postroom-oauth-checks"))
+    # [[alerts]] (postroom.alerts): only a configuration that has rules imports the package.
+    if any(name == "alerts" for name, _ in inst.settings.features):
+        from postroom.alerts.dispatcher import Dispatcher
+        from postroom.alerts.dispatcher import run as alerts_loop
+
+        # inst.settings is read at each tick: a configuration reload applies to the next one
+        chores.append(asyncio.create_task(
+            alerts_loop(Dispatcher(inst.engine, lambda: inst.settings)),
+            name="postroom-alerts"))
     return chores
 
 
@@ -270,6 +280,29 @@ def _bounce_door(inst: Instance) -> Door | None:
     return Door.of(inst.settings, inst.queue)
 
 
+async def _metrics_listener(inst: Instance, ctx: http_front.Context | None
+                            ) -> MetricsListener | None:
+    """``[metrics] listen``: /metrics on an address of its own, without a token (read at
+    start: a changed address needs a restart). It shares the HTTP front's running totals
+    and cache, so both addresses answer the same figures."""
+    if not any(name == "metrics" for name, _ in inst.settings.features):
+        return None  # postroom.metrics (and prometheus_client) not loaded
+    from postroom.metrics import MetricsSettings
+
+    address = inst.settings.section(MetricsSettings).address
+    if address is None:
+        return None
+    from postroom.metrics.expose import Listener, Metrics
+
+    metrics = Metrics(inst.queue, lambda: inst.settings)
+    if ctx is not None:
+        ctx.metrics = metrics
+    listener = Listener(metrics)
+    host, port = await listener.start(*address)
+    _say(f"postroom: Prometheus metrics on http://{_browsable(host)}:{port}/metrics")
+    return listener
+
+
 async def _stop_chores(chores: list[asyncio.Task[None]]) -> None:
     for task in chores:
         task.cancel()
@@ -313,6 +346,7 @@ async def serve(
     )
     worker_task: asyncio.Task[None] | None = None
     http = None  # bound before SMTP: when the SMTP port answers, the HTTP one does too
+    ctx: http_front.Context | None = None
     if settings.http_listen:
         ctx = http_front.Context(
             inst.queue, inst.apps, settings,
@@ -332,6 +366,7 @@ async def serve(
         _say(f"postroom: HTTP API on http{'s' if https else ''}://{hh}:{hp}/api/v1 (docs "
              "/api/v1/docs, health /healthz)")
         _admin_setup(inst, f"http{'s' if https else ''}://{_browsable(hh)}:{hp}")
+    metrics = await _metrics_listener(inst, ctx)
     servers = [await smtpd.start(handler, settings.server, *settings.smtp_listen, tls)]
     if settings.smtps_listen:
         servers.append(
@@ -360,6 +395,8 @@ async def serve(
             s.close()
         if http is not None:
             await http.stop()
+        if metrics is not None:
+            await metrics.stop()
         if worker is not None:
             await worker.stop(settings.delivery.shutdown_grace)
         if worker_task is not None:

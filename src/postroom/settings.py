@@ -53,6 +53,10 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+# The public name, for a feature section's own listen address (postroom.metrics).
+parse_listen = _parse_listen
+
+
 # defer_build: a model's validator is built when it first validates, not when its module is
 # imported. postroom-sendmail starts once per message and validates only the sections its
 # file has; building every model up front cost it ~15 ms.
@@ -554,6 +558,11 @@ def _explain(section: str, err: ValidationError, model: type[BaseModel]) -> str:
 def _section(model: type[BaseModel], name: str, data: Any) -> Any:
     if data is None:
         data = {}
+    # A feature section written as an array of tables ([[alerts]]): the model names the
+    # field that holds the list (``array_field``).
+    array_field = getattr(model, "array_field", None)
+    if isinstance(data, list) and isinstance(array_field, str):
+        data = {array_field: data}
     if not isinstance(data, dict):
         raise ConfigError(f"[{name}] must be a table", code="config.type")
     try:

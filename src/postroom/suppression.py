@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import enum
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,12 @@ MAX_REASON = 500
 MAX_DETAIL = 2000
 LIST_LIMIT = 1000  # rows in one page of list()
 CHECK_CHUNK = 500  # addresses per IN (...) list: a message may have thousands of recipients
+# The worker asks before every delivery; most recipients are on no list. A list of up to
+# MEMORY_MAX addresses is held in memory and re-read when its (count, newest) stamp changes,
+# looked at once per REFRESH seconds: the database is queried only for recipients that are
+# listed somewhere. An entry added by another process takes effect within REFRESH seconds.
+MEMORY_MAX = 100_000
+REFRESH = 1.0
 
 
 class Source(enum.StrEnum):
@@ -285,6 +292,34 @@ class Suppressions:
     def __init__(self, engine: Engine, config: SuppressionSettings | None = None) -> None:
         self.engine = engine
         self.config = config if config is not None else SuppressionSettings()
+        self._lock = threading.Lock()  # check() runs in worker threads (asyncio.to_thread)
+        self._listed: frozenset[str] | None = None  # None: not read, or over MEMORY_MAX
+        self._stamp: tuple[Any, ...] | None = None
+        self._looked = float("-inf")  # time.monotonic() of the last stamp read
+
+    def _forget(self) -> None:
+        """This process changed the list: the next check reads the stamp again."""
+        self._looked = float("-inf")
+
+    def _addresses(self) -> frozenset[str] | None:
+        """Every listed address (any scope), or None when the list is too long to hold."""
+        from sqlalchemy import func, select
+
+        from postroom.store.schema import suppressions as table
+
+        with self._lock:
+            now = time.monotonic()
+            if now - self._looked < REFRESH:
+                return self._listed
+            with self.engine.connect() as conn:
+                stamp = tuple(conn.execute(select(func.count(), func.max(table.c.created_at))
+                                           .select_from(table)).one())
+                if stamp != self._stamp:
+                    self._listed = None if stamp[0] > MEMORY_MAX else frozenset(
+                        conn.execute(select(table.c.address).distinct()).scalars())
+                    self._stamp = stamp
+            self._looked = now
+            return self._listed
 
     @classmethod
     def of(cls, settings: Settings, engine: Engine) -> Suppressions:
@@ -300,6 +335,7 @@ class Suppressions:
 
         row = _row(normalise(address), normalise_scope(scope), reason.strip(), Source(source),
                    message_id, detail, time.time())
+        self._forget()
         with write_transaction(self.engine) as conn:
             return Entry(**row) if _insert(conn, [row]) else None
 
@@ -311,6 +347,7 @@ class Suppressions:
         now = time.time()
         rows = [_row(a, s, reason, Source(source), None, "", now) for a, s in addresses]
         added = 0
+        self._forget()
         for start in range(0, len(rows), batch):
             with write_transaction(self.engine) as conn:
                 added += _insert(conn, rows[start:start + batch])
@@ -326,6 +363,7 @@ class Suppressions:
         stmt = delete(table).where(table.c.address == normalise(address))
         if scope is not None:
             stmt = stmt.where(table.c.scope == normalise_scope(scope))
+        self._forget()
         with write_transaction(self.engine) as conn:
             return int(conn.execute(stmt).rowcount or 0)
 
@@ -378,6 +416,11 @@ class Suppressions:
         keys: dict[str, list[str]] = {}
         for rcpt in recipients:
             keys.setdefault(_key(rcpt), []).append(rcpt)
+        listed = self._addresses()
+        if listed is not None:  # only those listed in some scope need the query
+            keys = {k: v for k, v in keys.items() if k in listed}
+            if not keys:
+                return {}
         domain = sender_domain(sender)
         scopes = [GLOBAL] if domain is None else [GLOBAL, domain]
         c = table.c
@@ -413,6 +456,7 @@ class Suppressions:
     def note_event(self, connection: str, event: DeliveryEventLike, sender: str | None,
                    message_id: str | None = None) -> Entry | None:
         """:func:`note_event` with this list's database and settings."""
+        self._forget()
         return note_event(self.engine, event, sender, message_id, connection=connection,
                           config=self.config)
 

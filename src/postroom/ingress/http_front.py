@@ -23,6 +23,10 @@ here, before any page work: server.admin_networks and the ``Host`` header first
 Both are loaded when first needed: uvicorn on the first connection, FastAPI on the first
 API (or admin) request. `postroom serve` must idle within 60 MB, and they cost about 2 MB and 10 MB
 that a server used only over SMTP (or only probed on /healthz) never needs.
+
+``GET /metrics`` (Prometheus, postroom.metrics) is fenced like the web admin
+(server.admin_networks) and needs an admin API token; prometheus_client is loaded on the
+first scrape.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from postroom.settings import Settings
 from postroom.web import fence
 
 if TYPE_CHECKING:
+    from postroom.metrics.expose import Metrics
     from postroom.runtime import Instance
     from postroom.web.auth import AdminAuth
 
@@ -60,6 +65,7 @@ OPENAPI = PREFIX + "/openapi.json"
 AdminPart = Literal["none", "pages", "all"]
 ADMIN_PARTS: tuple[AdminPart, ...] = ("none", "pages", "all")
 WEBHOOKS = "/webhooks/"  # providers' delivery events (ingress.webhooks_http)
+METRICS = "/metrics"  # Prometheus (postroom.metrics), not imported until scraped
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -85,6 +91,9 @@ class Context:
     # admin's pages; None when the API is used on its own.
     instance: Instance | None = None
     admin: AdminAuth | None = None  # the web admin's accounts and sessions (web.auth.of)
+    # /metrics' running totals and cache (postroom.metrics.expose), made on the first scrape
+    # or by `postroom serve` when [metrics] listen serves them on an address of their own.
+    metrics: Metrics | None = None
 
     def checks(self) -> Intake:
         if self.intake is None:
@@ -255,6 +264,8 @@ class Front:
         if path.startswith(WEBHOOKS):
             await self._webhook(scope, receive, send, ip)
             return None
+        if path == METRICS:
+            return await self._metrics(scope, send, ip)
         body = b""
         if path == PREFIX or (path.startswith(PREFIX + "/") and not _public(path)):
             refusal = await self._authenticate(scope, ip)
@@ -345,6 +356,54 @@ class Front:
             await _raw(send, status, b"text/plain; charset=utf-8", answer)
         else:
             await _json(send, status, answer)
+
+    async def _metrics(self, scope: Scope, send: Send, ip: str) -> _Later | None:
+        """``GET /metrics`` (postroom.metrics): server.admin_networks, then an admin API
+        token of any role, from the headers (a body is never read); a bad token is answered
+        ever later, like a bad API key."""
+        from postroom.metrics.expose import CONTENT_TYPE, Metrics, network_refusal
+
+        method, close = scope["method"], _announces_body(scope)
+        if method not in ("GET", "HEAD"):
+            await _json(send, 405, _error("method.not_allowed", f"{method} /metrics",
+                                          "use GET"), [(b"allow", b"GET, HEAD")], close=close)
+            return None
+        refused = network_refusal(self.ctx.settings, ip)
+        if refused is not None:
+            message, _, fix = refused.partition(". ")
+            await _json(send, 403, _error("metrics.network", message, fix), close=close)
+            return None
+        if not await self._admin_token(scope, ip):
+            delay = 0.0
+            if not self.is_trusted(ip):  # as for a bad API key (_authenticate)
+                self.failures.failed(ip)
+                delay = self.failures.delay(ip)
+            return _Later(delay, 401, _error(
+                "metrics.unauthenticated", "no valid admin API token for /metrics",
+                "send 'Authorization: Bearer prt_...' with a token from `postroom admin "
+                "token` (the viewer role suffices), or serve /metrics without one on an "
+                "address of its own: [metrics] listen = \"127.0.0.1:9464\""),
+                [(b"www-authenticate", b"Bearer")])
+        self.failures.succeeded(ip)
+        if self.ctx.metrics is None:
+            inst = self.ctx.instance
+            self.ctx.metrics = Metrics(self.ctx.queue, (lambda: inst.settings) if inst
+                                       else (lambda: self.ctx.settings))
+        await _raw(send, 200, CONTENT_TYPE, await self.ctx.metrics.text(), close=close)
+        return None
+
+    async def _admin_token(self, scope: Scope, ip: str) -> bool:
+        """Whether the request carries a valid admin API token (web.auth's accounts)."""
+        header = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+        if header[:7].lower() != "bearer " or not header[7:].strip().startswith("prt_"):
+            return False
+        from postroom.web import auth  # the accounts' modules: loaded on first admin use
+
+        actor = await asyncio.to_thread(auth.of(self.ctx).tokens.check, header[7:].strip(), ip)
+        return actor is not None
 
     async def _signed_in(self, scope: Scope) -> bool:
         from postroom.web import auth  # the accounts' modules: loaded on first admin use

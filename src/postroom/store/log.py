@@ -11,7 +11,9 @@ direct SQLite insert, retention, maintenance) keeps the log right without knowin
 - the text index is written after the enqueue's commit, not in it: an insert leaves its id
   in ``log_pending`` and :meth:`Log.index_pending` (:func:`index_loop`, a chore of every
   worker process) indexes those in batches. A search reads the index *and* the pending
-  rows (LIKE over those few), so its answer is exactly a full scan's at any moment;
+  rows (LIKE over those few), so its answer is exactly a full scan's at any moment. While
+  mail flows the chore works DUTY of the time (the enqueue and the worker keep the CPU and
+  the SQLite write lock), at full speed when idle or when PENDING_BOUND rows wait;
 - a search for a whole address (``bob@example.com``: the recipient or sender filter) finds
   the messages that have exactly that address (case-insensitive) in the envelope or the
   To / From header, from ``log_addresses`` (migration 0011), which the same indexer fills:
@@ -21,6 +23,9 @@ direct SQLite insert, retention, maintenance) keeps the log right without knowin
   subject) is not looked up in an index (SQLite: its trigrams are all common; PostgreSQL:
   a page is among the newest 2,000 rows): walking the log newest first finds the page
   after a few hundred rows, where fetching and sorting 100,000 candidates took seconds;
+- where the planner cannot find a page's rows in order (a whole address in thousands of
+  messages; PostgreSQL: a LIKE it cannot estimate), :meth:`Log.page` looks for the page
+  among the newest rows first (:meth:`Log.window`), then wider, then in the whole log;
 - ``log_rollups`` counts finished messages per (created hour, status, connection, app), so
   the dashboard reads a few hundred rows instead of counting the table.
 """
@@ -91,6 +96,7 @@ LAST_DELIVERED_WINDOW = 2000  # newest messages of a connection Log.last_deliver
 CANDIDATES = 5000  # candidates above which a search of common trigrams walks the log
 NEWEST, PAGE = 2000, 50  # PostgreSQL: a text with PAGE hits among the NEWEST walks the log
 WIDEN = 4  # Log.window: a whole address's page is first looked for in its WIDEN*limit newest
+WIDENINGS, GROWTH = 3, 8  # Log.page: windows tried, each GROWTH times the one before
 _FTS_COLUMNS = ("subject", "from_header", "to_header", "sender", "recipients", "message_id")
 _CANDIDATES = text("SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_fts "
                    "MATCH :q LIMIT :cap)")
@@ -268,8 +274,18 @@ class Log:
                         "sender and recipient searches scan the whole table")
         return found
 
+    def _text(self, value: str, memo: dict[str, Any]) -> ColumnElement[bool]:
+        """The text filter's condition, decided once per page (Log.page tries it in more
+        than one window, and deciding may read the log: _page_among_newest,
+        _rare_trigrams). memo["walk"] is the same condition when it walks the log."""
+        if "text" not in memo:
+            memo["text"] = self._match("fts_text", value, _TEXT, memo=memo)
+        found: ColumnElement[bool] = memo["text"]
+        return found
+
     def _match(self, name: str, value: str, cols: tuple[str, ...],
-               low: float | None = None) -> ColumnElement[bool]:
+               low: float | None = None, memo: dict[str, Any] | None = None
+               ) -> ColumnElement[bool]:
         role = _ROLE.get(cols)
         address = addresses.whole_address(value) if role is not None else None
         if role is not None and address is not None and self._addresses_ready():
@@ -284,6 +300,8 @@ class Log:
             walk = literal_column(_PG_SEARCH[col].format(r="messages.")).ilike(
                 pattern, escape="\\")
             if self._page_among_newest(walk):
+                if memo is not None:
+                    memo["walk"] = walk
                 # A common text ("password": every eighth message) has a page among the
                 # newest rows, where fetching and sorting its 100,000 candidates from the
                 # index took seconds: walk the log comparing each row's text (the same
@@ -374,9 +392,11 @@ class Log:
                     return None
         return picked
 
-    def _where(self, q: Select[Any], f: LogFilter, low: float | None = None) -> Select[Any]:
+    def _where(self, q: Select[Any], f: LogFilter, low: float | None = None,
+               memo: dict[str, Any] | None = None) -> Select[Any]:
         """``q`` filtered by ``f``; ``low``: only messages created at or after it (a
-        Log.window), also applied inside a whole-address lookup."""
+        Log.window), also applied inside a whole-address lookup; ``memo``: conditions
+        kept for the next call of the same page."""
         m = messages.c
         if f.status:
             q = q.where(m.status == f.status)
@@ -391,7 +411,7 @@ class Log:
         if f.sender:
             q = q.where(self._match("fts_sender", f.sender, _SENDER, low))
         if f.text:
-            q = q.where(self._match("fts_text", f.text, _TEXT))
+            q = q.where(self._text(f.text, {} if memo is None else memo))
         if f.tag:
             q = q.where(cast(m.tags, Text).like(
                 "%" + escape_like(json_string(f.tag)) + "%", escape="\\"))
@@ -493,8 +513,10 @@ class Log:
         cols = [c for c in messages.c
                 if c.name != "raw" and (states or c.name != "rcpt_status")]
 
+        memo: dict[str, Any] = {}
+
         def query(low: float | None) -> Select[Any]:
-            q = self._where(select(*cols), f, low)
+            q = self._where(select(*cols), f, low, memo)
             if before is not None:
                 at, last_id = before
                 q = q.where(or_(messages.c.created_at < at,
@@ -502,38 +524,46 @@ class Log:
             return q.order_by(messages.c.created_at.desc(), messages.c.id.desc()).limit(limit)
 
         with self._reader() as conn:
-            low = self.window(conn, f, before, limit)
-            if low is not None:
+            for step in range(WIDENINGS):
+                low = self.window(conn, f, before, limit, scale=GROWTH ** step, memo=memo)
+                if low is None:
+                    break
                 # Every match at or after `low` is in this answer: with a whole page of
-                # them, the page is the same as the unbounded query's. Else that query.
+                # them, the page is the same as the unbounded query's. Else a wider one.
                 rows = conn.execute(query(low)).all()
                 if len(rows) >= limit:
                     return [dict(r._mapping) for r in rows]
             return [dict(r._mapping) for r in conn.execute(query(None))]
 
-    def window(self, conn: Connection, f: LogFilter, before: Cursor | None,
-               limit: int) -> float | None:
-        """The created_at a page of ``f`` is first looked for at or after (None: the whole
-        log at once), where the planner cannot find the page's rows in order itself:
+    def window(self, conn: Connection, f: LogFilter, before: Cursor | None, limit: int,
+               scale: int = 1, memo: dict[str, Any] | None = None) -> float | None:
+        """The created_at a page of ``f`` is looked for at or after first (None: the whole
+        log at once), where the planner cannot find the page's rows in order itself;
+        ``scale`` times wider on each try (Log.page):
 
         - a whole address (sender, recipient) found in thousands of messages: the
           WIDEN * ``limit``-th newest of its log_addresses rows (index order), so the page
           reads those rows instead of fetching and sorting all of them;
-        - PostgreSQL, a text search: the NEWEST-th newest message. With status and app
-          filters beside a common text, the planner estimates the three together rare and
-          takes the app index's rows (a sixth of the log) to test each one's text; within
-          the window it reads a few thousand."""
+        - PostgreSQL, a text common enough to walk the log for (_page_among_newest), or
+          a tag filter (no text): the NEWEST-th newest message. The planner cannot
+          estimate a LIKE, guesses it rare, and scans the table (or, beside status and
+          app, the app index's sixth of it) to sort the matches; within the window it
+          walks a few thousand rows. (A rarer text: its trigrams find the rows.)"""
         at = None if before is None else before[0]
         lows: list[float] = []
         for value, cols in ((f.to, _TO), (f.sender, _SENDER)):
             address = addresses.whole_address(value) if value else None
             if address is not None and self._addresses_ready():
-                low = addresses.newest_at(conn, _ROLE[cols], address, at, WIDEN * limit)
+                low = addresses.newest_at(conn, _ROLE[cols], address, at,
+                                          WIDEN * limit * scale)
                 if low is not None:
                     lows.append(low)
-        if self._pg and f.text and len(f.text) >= MIN_INDEXED:
+        memo = {} if memo is None else memo
+        walks = self._pg and bool(f.text) and self._text(f.text or "", memo) is memo.get("walk")
+        if self._pg and (walks or (f.tag and not f.text)):
             m = messages.c
-            q = select(m.created_at).order_by(m.created_at.desc()).offset(NEWEST - 1).limit(1)
+            q = (select(m.created_at).order_by(m.created_at.desc())
+                 .offset(NEWEST * scale - 1).limit(1))
             low = conn.execute(q if at is None else q.where(m.created_at <= at)).scalar()
             if low is not None:
                 lows.append(float(low))

@@ -436,3 +436,25 @@ suppressions = Table(
     Column("detail", Text, nullable=False, default=""),
     Index("ix_suppressions_created", "created_at"),
 )
+
+# -- the alerts' outbox (postroom.alerts.outbox, migration 0015) -------------------------------
+# One row per alert and channel, retried with backoff like mail. ``channel``: the rule's name
+# and the URL's position ("ops#1"), never the URL (Apprise URLs carry tokens). The unique key
+# makes writing the same alert twice (two nodes, a restart mid-tick) a no-op.
+alert_outbox = Table(
+    "alert_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("alert_key", String(255), nullable=False),  # alerts.Alert.key
+    Column("channel", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | sent | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_at", Float, nullable=False),  # due (pending), or a sender's claim until
+    Column("sent_at", Float),
+    Column("last_error", Text, nullable=False, default=""),
+    Column("payload", Text, nullable=False),  # the alert as JSON (alerts.Alert.as_dict)
+    Index("ux_alert_outbox_key", "alert_key", "channel", unique=True),
+    Index("ix_alert_outbox_due", "status", "next_at"),
+    Index("ix_alert_outbox_created", "created_at"),
+)

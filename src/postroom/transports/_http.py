@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
+from urllib.request import getproxies
 
 import httpx
 
+from postroom import __version__
 from postroom.envelope import Envelope, header_values
 from postroom.exceptions import (
     AuthError,
@@ -54,6 +56,7 @@ from postroom.transports._errors import ErrorRule as ErrorRule
 from postroom.transports._errors import retry_after
 from postroom.transports._settings import ApiKeySettings as ApiKeySettings
 from postroom.transports._settings import HttpSettings as HttpSettings
+from postroom.transports._wire import WirePool
 
 
 class AsyncTokens(Protocol):
@@ -115,14 +118,23 @@ class HttpTransport(base.Transport):
         # TCP and TLS handshake per message (bench/https_bench.py).
         limits = httpx.Limits(max_connections=s.pool_size,
                               max_keepalive_connections=s.pool_size)
+        tls = httpx.create_ssl_context(verify=_verify(s.ca_file))
         self.client = httpx.AsyncClient(timeout=timeout, transport=http, trust_env=True,
-                                        verify=_verify(s.ca_file), limits=limits)
+                                        verify=tls, limits=limits)
         # Requests wait here for a connection rather than in httpcore's pool, whose queue
         # costs time per waiting request on every answer (the worker has up to
         # [delivery] concurrency deliveries in flight, pool_size connections).
         self._slots = asyncio.Semaphore(s.pool_size)
         self.base = (s.api_base or self.default_api_base()).rstrip("/")
         self.auth = self.make_auth()
+        # Deliveries go through the lean client (transports/_wire.py) unless a proxy is set
+        # in the environment (httpx speaks CONNECT and SOCKS and applies NO_PROXY) or a test
+        # gave an httpx transport.
+        self.wire: WirePool | None = None
+        if http is None and not _proxied():
+            self.wire = WirePool(title=self.title, base=self.base, ssl_context=tls,
+                                 size=s.pool_size, connect_timeout=s.connect_timeout,
+                                 timeout=s.timeout, user_agent=f"postroom/{__version__}")
 
     # -- what a provider module says ----------------------------------------------------------
     def default_api_base(self) -> str:
@@ -240,11 +252,17 @@ class HttpTransport(base.Transport):
             headers = {**req.headers, **auth}
         sent = False
         try:
-            request = self.client.build_request(req.method, req.url, content=req.content,
-                                                headers=headers)
-            sent = True
-            async with self._slots:
-                resp = await self.client.send(request)
+            if self.wire is not None:
+                resp = await self._wire_call(self.wire, req, headers)
+            else:
+                request = self.client.build_request(req.method, req.url, content=req.content,
+                                                    headers=headers)
+                sent = True
+                async with self._slots:
+                    resp = await self.client.send(request)
+        except DeliveryError as err:  # the lean client's, mapped there
+            err.transcript = "\n".join(lines)
+            raise
         except httpx.TimeoutException as err:
             unknown = isinstance(err, httpx.ReadTimeout)
             mapped: DeliveryError = TimeoutError_(
@@ -273,6 +291,15 @@ class HttpTransport(base.Transport):
         body = _URL_QUERY.sub(r"\1?****", resp.text[:500].replace("\n", " "))
         lines.append(f"S: {resp.status_code} {body}".rstrip())
         return resp
+
+    @staticmethod
+    async def _wire_call(wire: WirePool, req: Request,
+                         headers: Mapping[str, str]) -> httpx.Response:
+        """One request through the lean client, its answer as the httpx.Response the
+        providers' parsers read (with the request: some read what they asked)."""
+        answer = await wire.request(req.method, req.url, headers, req.content)
+        return httpx.Response(answer.status, headers=answer.headers, content=answer.body,
+                              request=httpx.Request(req.method, req.url, content=req.content))
 
     def classify(self, resp: httpx.Response) -> DeliveryError:
         """The DeliveryError a refusing answer means: the provider's table, then the rules
@@ -364,7 +391,16 @@ class HttpTransport(base.Transport):
         return ex.transcript
 
     async def aclose(self) -> None:
+        if self.wire is not None:
+            await self.wire.aclose()
         await self.client.aclose()
+
+
+def _proxied() -> bool:
+    """A proxy is set for HTTPS in the environment (HTTPS_PROXY / ALL_PROXY, as httpx's
+    trust_env reads them through urllib)."""
+    found = getproxies()
+    return bool(found.get("https") or found.get("all"))
 
 
 def _verify(ca_file: str | None) -> Any:
