@@ -24,7 +24,10 @@ worker_bench: concurrency 100) is started, the queue resumed, and the worker del
   ``{"results": {"id", "total_accepted_recipients": 1, "total_rejected_recipients":
   0}}``). The stand-in runs in a process of its own (`--sink`, a thread per connection,
   blocking TLS sockets: the handshake and record layer in OpenSSL) and its CPU is measured
-  apart, so one can see that it is not the bottleneck.
+  apart, so one can see that it is not the bottleneck. Deliveries go through Postroom's
+  lean client (transports/_wire.py); ``--targets postmark-httpx,sparkpost-httpx`` sends the
+  same through httpx, as when a proxy is set (``HTTPS_PROXY`` with ``NO_PROXY`` naming the
+  sink: httpx connects directly).
 
 The rate is N / (time every message is recorded as sent - the first arrival at the sink),
 as in worker_bench.py: the worker's start and poll interval are not counted, recording the
@@ -91,7 +94,13 @@ BEGIN, END = _report.markers(NAME)
 SIZES = (2048, 51200)
 TARGETS = ("smtp", "postmark", "sparkpost")
 WHAT = {"smtp": "SMTP (smtp-sink)", "postmark": "HTTPS, Postmark (MIME mapped to JSON)",
-        "sparkpost": "HTTPS, SparkPost (raw MIME in JSON)"}
+        "sparkpost": "HTTPS, SparkPost (raw MIME in JSON)",
+        "postmark-httpx": "HTTPS, Postmark, through httpx",
+        "sparkpost-httpx": "HTTPS, SparkPost, through httpx"}
+# "<provider>-httpx": the same provider through httpx rather than transports/_wire.py, as
+# deliveries go when a proxy is set: HTTPS_PROXY set (an unused port) and NO_PROXY naming the
+# sink's address, so httpx connects directly.
+HTTPX_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}
 TOKEN_ENV, TOKEN = "BENCH_POSTMARK_TOKEN", "bench-server-token"
 TARGET_RATE, TARGET_CPU = 0.8, 1.25  # HTTPS / SMTP: msg/s at least, CPU per message at most
 _COUNTERS = struct.Struct("<QQ")  # requests answered, TLS connections accepted
@@ -212,7 +221,7 @@ def config(root: Path, url: str, target: str, smtp: Sink, https: HttpsSink) -> P
         conn = (f'transport = "smtp"\nhost = "{HOST}"\nport = {smtp.port}\n'
                 'security = "none"\n')
     else:
-        conn = (f'transport = "{target}"\napi_base = "{https.url}"\n'
+        conn = (f'transport = "{target.removesuffix("-httpx")}"\napi_base = "{https.url}"\n'
                 f'ca_file = "{https.ca_file}"\napi_key_env = "{TOKEN_ENV}"\n')
     cfg = root / "postroom.toml"
     cfg.write_text(f'[server]\ndata_dir = "data"\ndatabase = "{url}"\n'
@@ -246,7 +255,7 @@ def run_one(work: Path, label: str, target: str, size: int, n: int, smtp: Sink,
     rec: dict[str, Any] = {"label": label, "target": target, "size": size, "msgs": n,
                            "enqueue_s": enqueue_postroom(url, n)}
     sink: Sink | HttpsSink = smtp if target == "smtp" else https
-    env = {**os.environ, TOKEN_ENV: TOKEN}
+    env = {**os.environ, TOKEN_ENV: TOKEN, **(HTTPX_ENV if target.endswith("-httpx") else {})}
     proc = Proc("worker", [*postroom_cmd(), "worker", "--config",
                            str(config(root, url, target, smtp, https))],
                 root / "worker.log", env=env, cwd=root)
@@ -336,13 +345,13 @@ def report(env: dict[str, Any], recs: list[dict[str, Any]],
     verdicts = []
     for size in SIZES:
         by = {t: [r for r in recs if r["size"] == size and r["target"] == t]
-              for t in TARGETS}
+              for t in WHAT}
         L += [row(size, t, rs) for t, rs in by.items() if rs]
         if not by["smtp"]:
             continue
         smtp_rate = med(by["smtp"], rate)[0]
         smtp_cpu = med(by["smtp"], lambda r: per_msg(r, "cpu"))[0]
-        for t in TARGETS[1:]:
+        for t in list(WHAT)[1:]:
             if not by[t]:
                 continue
             rr = med(by[t], rate)[0] / smtp_rate

@@ -15,7 +15,8 @@ built from the pending rows by ``Log.index_pending`` (timed). Then, warm (each q
 run once first), every query postroom.store.log serves a page with is run ``--runs`` times
 with a different value each run, timing the call of :class:`Log` (server time: no HTTP, no
 template): p50 and p95 in milliseconds. Targets: p95 <= 50 ms for text and recipient
-search, <= 100 ms for the rest.
+search, <= 100 ms for the rest. Rows "the same, no window" run the query above them with
+``Log.window`` off (the page asked of the whole log at once, as before session 6's L2).
 
 Ingest mode: ``--ingest-n`` messages enqueued by 100 concurrent callers through the queue's
 group commit, then delivered by one in-process Worker to the memory transport; once on a

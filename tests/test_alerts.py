@@ -21,8 +21,8 @@ from sqlalchemy import Engine, func, select
 from postroom import events
 from postroom.alerts import Change
 from postroom.alerts import outbox as ob
-from postroom.alerts.config import DEFAULT_KINDS, AlertRule, AlertsSettings
-from postroom.alerts.dispatcher import Dispatcher
+from postroom.alerts.config import DEFAULT_KINDS, MAX_ATTEMPTS, AlertRule, AlertsSettings
+from postroom.alerts.dispatcher import FACTS_EVERY, Dispatcher
 from postroom.alerts.rules import Facts, State, decide
 from postroom.alerts.webhook import HEADER, sign, verify
 from postroom.events import Event, Kind
@@ -358,6 +358,9 @@ def test_failures_threshold_reads_the_log(
         conn.execute(messages.update().where(messages.c.id.in_(ids))
                      .values(status="failed", updated_at=clock()))
     tick(d)
+    assert receiver.got == []  # the figures are read every FACTS_EVERY seconds
+    clock.advance(FACTS_EVERY)
+    tick(d)
     tick(d)
     assert [b["title"] for b in receiver.bodies("/a")] == ["Postroom: failures"]
     assert "3 messages failed" in receiver.bodies("/a")[0]["message"]
@@ -458,3 +461,41 @@ def test_serve_outage_one_alert_one_recovery_and_the_commands(
         unknown = pr.cli("alerts", "test", "nope")
         assert unknown.returncode != 0 and b"ops#1" in unknown.stderr + unknown.stdout
         assert SECRET.encode() not in pr.log.read_bytes()
+
+
+def test_apprise_failing_every_try_is_disabled_and_reported(
+        engine: Engine, tmp_path: Path, receiver: Receiver, clock: FakeClock) -> None:
+    receiver.status["/apprise"] = 500  # Apprise reports each try as failed
+    d = dispatcher(engine, tmp_path, two_channels(receiver.port), clock)
+    tick(d)
+    write(engine, [Event(Kind.CONNECTION_DOWN, clock(), None, "primary")])
+    for _ in range(MAX_ATTEMPTS):
+        tick(d)
+        clock.advance(ob.MAX_BACKOFF)
+    tick(d)
+    assert list(ob.disabled(engine)) == ["ops#2"]
+    (row,) = [r for r in ob.history(engine) if r.channel == "ops#2"]
+    assert row.status == ob.FAILED and row.attempts == MAX_ATTEMPTS
+    assert [h["change"] for h in receiver.bodies("/hook")] == ["opened", "channel_disabled"]
+
+
+def test_two_nodes_at_once_write_each_alert_once(
+        engine: Engine, tmp_path: Path, receiver: Receiver, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = two_channels(receiver.port)
+    one, other = dispatcher(engine, tmp_path, rules, clock), dispatcher(engine, tmp_path, rules,
+                                                                        clock)
+    tick(one)
+    write(engine, [Event(Kind.CONNECTION_DOWN, clock(), None, "primary")])
+    real = Dispatcher.facts
+    ran: list[list[Any]] = []
+
+    def interleaved(self: Dispatcher, rules: Any, now: float) -> Facts:
+        if self is one and not ran:  # node one has read the state: node two ticks now
+            ran.append(other.evaluate())
+        return real(self, rules, now)
+
+    monkeypatch.setattr(Dispatcher, "facts", interleaved)
+    assert one.evaluate() == []  # node two wrote the state since: one's tick is given up
+    assert [a.change for a in ran[0]] == [Change.OPENED]
+    assert rows(engine) == 2

@@ -26,6 +26,7 @@ from postroom.commands import diagnose as _diagnose_commands
 from postroom.commands import events as _events_commands
 from postroom.commands import oauth as _oauth_commands
 from postroom.commands import queue as _queue_commands
+from postroom.commands import report as _report_commands
 from postroom.commands import suppressions as _suppressions_commands
 from postroom.commands._common import STATUS_STYLE
 from postroom.exceptions import ConfigError, MessageError, PostroomError
@@ -49,6 +50,7 @@ app.add_typer(_suppressions_commands.cli, name="suppressions")
 app.add_typer(_alerts_commands.cli, name="alerts")
 app.command("audit")(_admin_commands.audit)
 app.command("events")(_events_commands.events_cmd)
+app.command("report")(_report_commands.report_cmd)
 
 ConfigOpt = Annotated[
     Path | None,

@@ -213,6 +213,12 @@ def _chores(inst: Instance) -> list[asyncio.Task[None]]:
         chores.append(asyncio.create_task(
             alerts_loop(Dispatcher(inst.engine, lambda: inst.settings)),
             name="postroom-alerts"))
+    # [reports] (postroom.reports): the summary report emails, once per period on one node.
+    if any(name == "reports" for name, _ in inst.settings.features):
+        from postroom.reports.schedule import report_loop
+
+        chores.append(asyncio.create_task(report_loop(inst, lambda: inst.settings),
+                                          name="postroom-reports"))
     return chores
 
 

@@ -71,6 +71,11 @@ class AlertRule(SectionModel):
         return v
 
 
+    def channel_ids(self) -> list[str]:
+        """Its channels' ids: the rule's name and the URL's position ("ops#1")."""
+        return [f"{self.name}#{i}" for i in range(1, len(self.channels) + 1)]
+
+
 class AlertsSettings(SectionModel):
     """Every ``[[alerts]]`` table of the file."""
 
@@ -88,8 +93,8 @@ class AlertsSettings(SectionModel):
 
     def channel_ids(self) -> dict[str, tuple[AlertRule, str]]:
         """Channel id ("ops#1") -> its rule and URL."""
-        return {f"{r.name}#{i}": (r, url) for r in self.rules
-                for i, url in enumerate(r.channels, 1)}
+        return {cid: (r, url) for r in self.rules
+                for cid, url in zip(r.channel_ids(), r.channels, strict=True)}
 
 
 register_section("alerts", AlertsSettings)

@@ -33,11 +33,16 @@ log = logging.getLogger("postroom.alerts")
 STATE = "alerts.state"
 PAGES = 20  # pages of events.READ_LIMIT read in one tick at most (the rest next tick)
 INTERVAL = 2.0  # seconds between ticks
+# The store's figures (failed messages, the oldest waiting one) are read this often, not at
+# every tick: counting failed messages reads an index range each time.
+FACTS_EVERY = 15.0
+PRUNE_EVERY = 3600.0  # seconds between deletions of old outbox rows
 
 
-def _load(conn: Connection) -> State | None:
-    value = conn.execute(select(control.c.value).where(control.c.name == STATE)).scalar()
-    return None if value is None else State.from_dict(json.loads(value))
+def _load(conn: Connection, *, lock: bool = False) -> str | None:
+    q = select(control.c.value).where(control.c.name == STATE)
+    value = conn.execute(q.with_for_update() if lock else q).scalar()
+    return None if value is None else str(value)
 
 
 def _save(conn: Connection, state: State, now: float) -> None:
@@ -50,6 +55,8 @@ class Dispatcher:
     def __init__(self, engine: Engine, settings: Callable[[], Settings], *,
                  clock: Callable[[], float] = time.time) -> None:
         self.engine, self.settings, self.clock = engine, settings, clock
+        self._facts_cache: tuple[float, Facts] | None = None
+        self._pruned_at = 0.0
 
     @property
     def config(self) -> AlertsSettings:
@@ -60,16 +67,22 @@ class Dispatcher:
             return
         await asyncio.to_thread(self.evaluate)
         await self.deliver()
+        now = self.clock()
+        keep = self.settings().retention.keep_rows_days
+        if keep and now - self._pruned_at >= PRUNE_EVERY:
+            self._pruned_at = now
+            await asyncio.to_thread(outbox.prune, self.engine, now - keep * 86400)
 
     # -- rules -> outbox ---------------------------------------------------------------------
     def evaluate(self) -> list[Alert]:
         """Apply the rules to the new events; the alerts written to the outbox."""
         cfg, now = self.config, self.clock()
         with self.engine.connect() as conn:
-            state = _load(conn)
-        if state is None:  # first start: what happened before alerts were set up is history
-            state = State(cursor=events.last_id(self.engine))
-        start = state.cursor
+            stored = _load(conn)
+        # first start: what happened before alerts were set up is history
+        state = (State.from_dict(json.loads(stored)) if stored is not None
+                 else State(cursor=events.last_id(self.engine)))
+        before = json.dumps(state.as_dict())
         found: list[events.Event] = []
         for _ in range(PAGES):
             page = events.read(self.engine, after_id=state.cursor if not found else found[-1].id,
@@ -77,22 +90,28 @@ class Dispatcher:
             found += page
             if len(page) < events.READ_LIMIT:
                 break
-        alerts = decide(cfg.rules, state, found, self._facts(cfg.rules, now), now,
+        alerts = decide(cfg.rules, state, found, self.facts(cfg.rules, now), now,
                         self._apps(cfg.rules, found))
+        if not alerts and json.dumps(state.as_dict()) == before and stored is not None:
+            return []  # nothing new: no write (SQLite has one writer, the queue's)
         with write_transaction(self.engine) as conn:
-            stored = conn.execute(select(control.c.value).where(control.c.name == STATE)
-                                  .with_for_update()).scalar()
-            if stored is not None and State.from_dict(json.loads(stored)).cursor != start:
-                return []  # another node took this tick
+            if _load(conn, lock=True) != stored:
+                return []  # another node wrote the state since: its tick did this one's work
             off = outbox_disabled(conn)
             by_rule = {r.name: r for r in cfg.rules}
             for alert in alerts:
                 rule = by_rule[alert.rule]
-                outbox.add(conn, [alert], [c for c in _ids(rule) if c not in off], now)
+                outbox.add(conn, [alert], [c for c in rule.channel_ids() if c not in off], now)
             _save(conn, state, now)
         return alerts
 
-    def _facts(self, rules: Sequence[AlertRule], now: float) -> Facts:
+    def facts(self, rules: Sequence[AlertRule], now: float) -> Facts:
+        cached = self._facts_cache
+        if cached is None or not 0 <= now - cached[0] < FACTS_EVERY:
+            self._facts_cache = cached = (now, self._read_facts(rules, now))
+        return cached[1]
+
+    def _read_facts(self, rules: Sequence[AlertRule], now: float) -> Facts:
         m = messages.c
         failures: dict[str, int] = {}
         with self.engine.connect() as conn:
@@ -181,10 +200,6 @@ class Dispatcher:
                           f"Fix it, then run `postroom alerts enable {channel}`.", now)
             outbox.add(conn, [alert], others, now)
         log.error("alert channel %s disabled: %s", channel, why)
-
-
-def _ids(rule: AlertRule) -> list[str]:
-    return [f"{rule.name}#{i}" for i in range(1, len(rule.channels) + 1)]
 
 
 def outbox_disabled(conn: Connection) -> set[str]:

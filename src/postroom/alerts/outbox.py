@@ -128,3 +128,10 @@ def history(engine: Engine, *, limit: int = 100, channel: str | None = None) -> 
         q = q.where(table.c.channel == channel)
     with engine.connect() as conn:
         return [_row(r) for r in conn.execute(q).all()]
+
+
+def prune(engine: Engine, before: float) -> int:
+    """Delete sent and failed rows created before ``before`` (the log's keep_rows_days)."""
+    with write_transaction(engine) as conn:
+        return int(conn.execute(delete(table).where(
+            table.c.status != PENDING, table.c.created_at < before)).rowcount)

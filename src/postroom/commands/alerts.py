@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from postroom.alerts.config import AlertRule, AlertsSettings
     from postroom.runtime import Instance
 
-cli = typer.Typer(help="Alerts: rules ([[alerts]] in postroom.toml), their channels, what was "
+cli = typer.Typer(help="Alerts: the alerts rules of postroom.toml, their channels, what was "
                   "sent.", no_args_is_help=True)
 ChannelArg = Annotated[str, typer.Argument(help="A channel id as `postroom alerts list` shows "
                                            "it (ops#1), or a rule's name for all its channels")]

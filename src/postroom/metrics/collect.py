@@ -22,7 +22,6 @@ from postroom.queue.sql import Queue
 from postroom.routing.health import DOWN, Health
 from postroom.settings import Settings
 from postroom.store.schema import attempts, log_rollups, messages, oauth_grants
-from postroom.store.schema import events as events_table
 from postroom.store.states import SENDING, WAITING
 
 BATCH = 20_000  # attempt or event rows read per scrape at most (a first scrape catches up)
@@ -69,6 +68,32 @@ class Tail:
         if rows:
             self.last = int(rows[-1].id)
         return rows
+
+
+class EventTail:
+    """The events followed like :class:`Tail`, through their one reader (postroom.events):
+    from the newest at the first read on, then each settled event once, in id order."""
+
+    def __init__(self, engine: Any, batch: int = BATCH) -> None:
+        self.engine = engine
+        self.batch = batch
+        self.last: int | None = None
+
+    def read(self, now: float) -> list[events.Event]:
+        if self.last is None:
+            self.last = events.last_id(self.engine)
+            return []
+        out: list[events.Event] = []
+        while len(out) < self.batch:
+            page = events.read(self.engine, after_id=self.last, limit=events.READ_LIMIT)
+            for ev in page:
+                if ev.at > now - SETTLE or ev.id is None:
+                    return out
+                out.append(ev)
+                self.last = ev.id
+            if len(page) < events.READ_LIMIT:
+                break
+        return out
 
 
 @dataclass
@@ -125,9 +150,9 @@ class Collector:
         self.settings = settings
         self.events: dict[str, int] = {k.value: 0 for k in events.Kind}
         self.durations: dict[tuple[str, str], Histogram] = {}
-        a, e = attempts.c, events_table.c
+        a = attempts.c
         self._attempts = Tail(attempts, a.ended_at, (a.connection, a.outcome, a.started_at))
-        self._events = Tail(events_table, e.at, (e.kind,))
+        self._events = EventTail(queue.engine)
 
     def snapshot(self) -> Snapshot:
         now = time.time()
@@ -138,8 +163,8 @@ class Collector:
             for row in self._attempts.read(conn, now):
                 hist = self.durations.setdefault((row.connection, row.outcome), Histogram())
                 hist.observe(max(0.0, float(row.settled_at) - float(row.started_at)))
-            for row in self._events.read(conn, now):
-                self.events[row.kind] = self.events.get(row.kind, 0) + 1
+            for ev in self._events.read(now):
+                self.events[ev.kind.value] = self.events.get(ev.kind.value, 0) + 1
             grants = [Grant(r.connection, r.expires_at, r.refresh_expires_at, r.state == "dead")
                       for r in conn.execute(select(
                           oauth_grants.c.connection, oauth_grants.c.expires_at,

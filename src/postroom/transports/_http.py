@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -299,7 +300,9 @@ class HttpTransport(base.Transport):
         providers' parsers read (with the request: some read what they asked)."""
         answer = await wire.request(req.method, req.url, headers, req.content)
         return httpx.Response(answer.status, headers=answer.headers, content=answer.body,
-                              request=httpx.Request(req.method, req.url, content=req.content))
+                              request=httpx.Request(req.method,
+                                                    _url(req.url) if req.auth else req.url,
+                                                    content=req.content))
 
     def classify(self, resp: httpx.Response) -> DeliveryError:
         """The DeliveryError a refusing answer means: the provider's table, then the rules
@@ -394,6 +397,14 @@ class HttpTransport(base.Transport):
         if self.wire is not None:
             await self.wire.aclose()
         await self.client.aclose()
+
+
+@functools.lru_cache(maxsize=64)
+def _url(url: str) -> httpx.URL:
+    """``url`` parsed once: httpx parses a URL string in Python on every Request, and a
+    provider posts every message to the same one or few (an immutable value, safe to share;
+    pre-authenticated URLs, one per upload and a credential each, are not kept)."""
+    return httpx.URL(url)
 
 
 def _proxied() -> bool:

@@ -20,6 +20,7 @@ a request, and only once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Mapping
@@ -35,9 +36,10 @@ from postroom.exceptions import ConnectError, DeliveryError, TimeoutError_
 # rather than held in memory.
 MAX_ANSWER = 1 << 20
 # Idle connections older than this are closed rather than reused: servers close idle
-# keep-alive connections after a few seconds (nginx 75 s, many APIs 5-60 s), and a request
-# written as they do so has an unknown outcome. httpx's default keepalive_expiry is the same.
-KEEPALIVE_EXPIRY = 5.0
+# keep-alive connections after a few seconds (Node.js's default keepAliveTimeout is 5 s,
+# nginx's keepalive_timeout 75 s), and a request written as they do so has an unknown
+# outcome. Below the shortest common one; a busy worker keeps its connections busy anyway.
+KEEPALIVE_EXPIRY = 4.0
 _READ = 65536
 
 
@@ -98,13 +100,17 @@ class WirePool:
         if pool is None:
             pool = self.hosts[key] = _Host(self.size)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        authority = host if parts.port is None else f"{host}:{port}"
+        authority = parts.netloc.rpartition("@")[2]  # as written: [v6] and :port kept
         given = {name.lower() for name in headers}
         head = [(name, value) for name, value in (
             ("Host", authority), ("User-Agent", self.user_agent), ("Accept", "*/*"),
             ("Content-Length", str(len(body)))) if name.lower() not in given]
         head += headers.items()
-        request = h11.Request(method=method, target=target, headers=head)
+        try:
+            request = h11.Request(method=method, target=target, headers=head)
+        except h11.LocalProtocolError as err:  # a header value HTTP cannot carry
+            raise ConnectError(f"{self.title}: the request cannot be sent: {err}",
+                               code="connect.failed") from err
         async with pool.slots:
             conn = await self._connection(pool, key)
             try:
@@ -196,7 +202,13 @@ class WirePool:
         return err
 
     async def aclose(self) -> None:
+        closing = [conn for pool in self.hosts.values() for conn in pool.idle]
         for pool in self.hosts.values():
-            for conn in pool.idle:
-                conn.close()
             pool.idle.clear()
+        for conn in closing:
+            conn.close()
+        # TLS says goodbye (close_notify) before the socket closes; a server that does not
+        # answer it does not hold the shutdown.
+        with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(
+                *(c.writer.wait_closed() for c in closing), return_exceptions=True), 2.0)

@@ -30,6 +30,7 @@ from postroom.web import (
     login,
     message,
     queue,
+    reports,
     settings,
     suppressions,
 )
@@ -96,7 +97,8 @@ async def _refused(request: Request, exc: Exception) -> Response:
 ROUTERS: list[APIRouter] = [pages, login.router, account.router, connections.pages,
                             apps.pages, deliverability.pages, settings.pages, audit.pages,
                             accounts.pages, dashboard.pages, log.pages, queue.pages,
-                            message.pages, suppressions.pages, events.pages]
+                            message.pages, suppressions.pages, events.pages,
+                            reports.pages]
 
 
 def json_routers() -> list[APIRouter]:

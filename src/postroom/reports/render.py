@@ -1,0 +1,137 @@
+"""A Report as an email: HTML (templates/report.html, inline CSS only, no image: mail
+clients drop style sheets and block remote files) with a plain-text part written here,
+and the Envelope that goes through the queue like any message."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from typing import TYPE_CHECKING
+
+from postroom.reports.build import Figures, Report, Row, local_time
+
+if TYPE_CHECKING:
+    import jinja2
+
+    from postroom.envelope import Envelope
+    from postroom.reports.config import ReportsSettings
+    from postroom.settings import Settings
+
+SOURCE = "reports"  # the log's door for report emails
+TITLES = {"day": "Daily", "week": "Weekly"}
+
+
+@functools.cache
+def _env() -> jinja2.Environment:
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("postroom.reports", "templates"),
+                              autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def title(report: Report) -> str:
+    return f"{TITLES.get(report.kind, report.kind)} Postroom report"
+
+
+def subject(report: Report, zone: dt.tzinfo) -> str:
+    t = report.totals.now
+    return (f"{title(report)}, {local_time(report.start, zone)[:10]}: {t.total} messages, "
+            f"{t.failed} failed")
+
+
+def _span(start: float, end: float, zone: dt.tzinfo) -> str:
+    return f"{local_time(start, zone)} to {local_time(end, zone)}"
+
+
+def html(report: Report, zone: dt.tzinfo) -> str:
+    def when(ts: float | None) -> str:
+        return "" if ts is None else local_time(ts, zone)
+
+    return _env().get_template("report.html").render(
+        report=report, title=title(report), subject=subject(report, zone), when=when,
+        span=_span(report.start, report.end, zone),
+        previous=_span(report.previous_start, report.start, zone))
+
+
+def rate(f: Figures) -> str:
+    return "-" if f.failure_rate is None else f"{100 * f.failure_rate:.1f}%"
+
+
+def trend(row: Row) -> str:
+    out = f"{row.change:+d}"
+    if row.change_pct is not None:
+        out += f" ({row.change_pct:+.0f}%)"
+    if row.rate_change is not None:
+        out += f", failure rate {row.rate_change:+.1f} pt"
+    return out
+
+
+def text(report: Report, zone: dt.tzinfo) -> str:
+    """The plain-text part: the same content, for clients (and people) without HTML."""
+    t = report.totals
+    lines = [title(report), _span(report.start, report.end, zone),
+             f"compared with {_span(report.previous_start, report.start, zone)}", "",
+             f"Messages: {t.now.total} ({trend(t)})",
+             f"Delivered: {t.now.sent + t.now.partial}  Failed: {t.now.failed}  "
+             f"Suppressed: {t.now.suppressed}  Failure rate: {rate(t.now)}"]
+    for heading, rows, none in (("By connection", report.connections, "(no connection)"),
+                                ("By app", report.apps, "(no app)")):
+        lines += ["", heading]
+        lines += [f"  {r.name or none}: {r.now.sent + r.now.partial} delivered, "
+                  f"{r.now.failed} failed, failure rate {rate(r.now)}; {trend(r)}"
+                  for r in rows] or ["  no message in either period"]
+    lines += ["", "Top failure causes"]
+    for c in report.causes:
+        what = c.advice["cause"] if c.advice else c.code
+        lines.append(f"  {c.count} x {what} [{c.code}]")
+        if c.example:
+            lines.append(f"    {c.example}")
+        if c.advice:
+            lines.append(f"    Fix: {c.advice['fix']}")
+            lines += [f"    {doc}" for doc in c.advice.get("docs", [])]
+    if not report.causes:
+        lines.append("  no failed message in this period")
+    lines += ["", "OAuth grants"]
+    lines += [f"  {g['connection']}: {g['state']}"
+              + (f", {g['account']}" if g.get("account") else "")
+              + (f", token expires {local_time(g['expires_at'], zone)}"
+                 if g.get("expires_at") else "") for g in report.oauth] or [
+        "  no connection signs in with OAuth"]
+    lines += ["", "Suppressed addresses",
+              f"  {report.suppressed_new} added in this period; {report.suppressed_total} "
+              "on the list"]
+    lines += [f"  {s['address']} ({s['source']}) {s['reason']}"
+              for s in report.suppressed_newest]
+    lines += ["", "Deliverability (SPF, DKIM, DMARC, MX)"]
+    d = report.doctor
+    if d.state == "done":
+        for part in d.domains:
+            n = part["counts"]
+            lines.append(f"  {part['subject']}: {n['fail']} failing, {n['warn']} warnings, "
+                         f"{n['ok']} passing")
+            for f in part["findings"]:
+                lines.append(f"    {f['status']} {f['check']}: {f['summary']}")
+                if f.get("fix"):
+                    lines.append(f"      Fix: {f['fix']}")
+    else:
+        lines.append(f"  {d.error or 'not checked in this report'}")
+    lines += ["", f"Generated by Postroom at {local_time(report.generated_at, zone)}."]
+    return "\n".join(lines) + "\n"
+
+
+def envelope(report: Report, settings: Settings, config: ReportsSettings) -> Envelope:
+    """The report email to ``config.to``, from ``config.sender`` (default postroom@ the
+    server's hostname), pinned to ``config.connection`` when it names one."""
+    from postroom.exceptions import ConfigError
+    from postroom.message import Draft, build
+
+    if not config.to:
+        raise ConfigError("no one to send the report to: list addresses in [reports] to = "
+                          "[\"ops@example.com\"]", code="reports.no_recipient")
+    zone = config.zone
+    sender = config.sender or f"postroom@{settings.server.hostname}"
+    draft = Draft(from_=sender, to=list(config.to), subject=subject(report, zone),
+                  text=text(report, zone), html=html(report, zone))
+    return build(draft, source=SOURCE, connection=config.connection,
+                 tags=["postroom-report"], max_size=settings.server.max_message_size)
