@@ -29,6 +29,7 @@ from sqlalchemy import insert, select, update
 
 from postroom import settings as settings_mod
 from postroom.envelope import Envelope
+from postroom.exceptions import ConfigError
 from postroom.message import compose
 from postroom.queue.sql import Queue
 from postroom.reports import build, render, schedule
@@ -192,6 +193,9 @@ def test_email_has_html_and_text(inst: Instance, seeded: float) -> None:
         assert forbidden not in html, forbidden
     assert "style=" in html and "primary" in html and "auth.rejected" in html
     assert str(msg["Subject"]).startswith("Daily Postroom report")
+    with pytest.raises(ConfigError) as refused:
+        render.envelope(report, inst.settings, ReportsSettings())
+    assert refused.value.code == "reports.no_recipient" and "[reports] to" in str(refused.value)
 
 
 def test_last_due_in_local_time() -> None:
@@ -269,6 +273,35 @@ def test_two_nodes_send_once(inst: Instance, database: str, tmp_path: Path) -> N
     assert kept[schedule.CONTROL_PREFIX + "day"] == schedule.key(day_due)
 
 
+@pytest.mark.sqlite_only
+def test_the_chore_sends_each_period_once(inst: Instance) -> None:
+    """serve's chore, ticking fast: the day's and the week's report are queued once, and
+    later ticks of the same periods queue nothing."""
+
+    def sent() -> int:
+        with inst.engine.connect() as conn:
+            return len(conn.execute(select(messages.c.id).where(
+                messages.c.source == render.SOURCE)).all())
+
+    async def main() -> tuple[int, int]:
+        task = asyncio.create_task(schedule.report_loop(inst, lambda: inst.settings,
+                                                        interval=0.01))
+        try:
+            for _ in range(3000):  # at most ~30 s for the first two
+                await asyncio.sleep(0.01)
+                if await asyncio.to_thread(sent) >= 2:
+                    break
+            first = await asyncio.to_thread(sent)
+            await asyncio.sleep(0.3)  # many more ticks of the same periods
+            return first, await asyncio.to_thread(sent)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await inst.queue.writer.aclose()
+
+    assert asyncio.run(main()) == (2, 2)
+
+
 def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
     return subprocess.run([sys.executable, "-m", "postroom.cli", *args, "--config", str(cfg)],
@@ -289,6 +322,11 @@ def test_cli(inst: Instance, seeded: float, tmp_path: Path) -> None:
     assert "Weekly Postroom report" in out.stdout and "Messages: 19" in out.stdout
     bad = cli(cfg, "report", "--period", "month")
     assert bad.returncode != 0 and "use day or week" in (bad.stdout + bad.stderr)
+    nobody = cli(cfg, "report", "--send")  # [reports] to is set, its connection is not
+    assert nobody.returncode == 0, nobody.stderr
+    cfg.write_text(cfg.read_text().replace("[reports]\n", '[reports]\nconnection = "nope"\n'))
+    bad = cli(cfg, "report", "--send", "--dns-wait", "0")
+    assert bad.returncode != 0 and "no connection named 'nope'" in (bad.stdout + bad.stderr)
 
 
 @pytest.mark.sqlite_only

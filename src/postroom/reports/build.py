@@ -193,8 +193,9 @@ def causes(engine: Any, start: float, end: float, settings: Any = None,
               .order_by(m.status, m.created_at.desc()).limit(CAUSE_SAMPLE).subquery())
     last = (select(func.max(a.id)).where(a.message_id == failed.c.id)
             .correlate(failed).scalar_subquery())
-    q = (select(failed.c.last_error, attempts)
-         .select_from(failed.outerjoin(attempts, a.id == last)))
+    # Transcripts are read below for the few attempts the advice is asked about only.
+    q = (select(failed.c.last_error, a.id, a.connection, a.error_code, a.reply_code,
+                a.reply_text).select_from(failed.outerjoin(attempts, a.id == last)))
     groups: dict[str, tuple[int, dict[str, Any]]] = {}
     with engine.connect() as conn:
         for row in conn.execute(q):
@@ -204,10 +205,17 @@ def causes(engine: Any, start: float, end: float, settings: Any = None,
                     or "no_attempt")
             n, first = groups.get(code, (0, got))
             groups[code] = (n + 1, first)
+    chosen = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
+    ids = [got["id"] for _, (_, got) in chosen if got.get("id") is not None]
+    with engine.connect() as conn:
+        transcripts = dict(conn.execute(select(a.id, a.transcript).where(a.id.in_(ids))).all())
     out = []
-    for code, (n, got) in sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]:
+    for code, (n, got) in chosen:
         example = str(got.get("reply_text") or got.get("last_error") or "")[:300]
-        advice = advice_for_attempt(got, settings=settings) if got.get("id") else None
+        advice = None
+        if got.get("id") is not None:
+            advice = advice_for_attempt({**got, "transcript": transcripts.get(got["id"], "")},
+                                        settings=settings)
         out.append(Cause(code, n, example, advice))
     return out
 

@@ -129,6 +129,8 @@ def envelope(report: Report, settings: Settings, config: ReportsSettings) -> Env
     if not config.to:
         raise ConfigError("no one to send the report to: list addresses in [reports] to = "
                           "[\"ops@example.com\"]", code="reports.no_recipient")
+    if config.connection:  # ([reports] connection) refused now, not by the worker later
+        settings.connection(config.connection)
     zone = config.zone
     sender = config.sender or f"postroom@{settings.server.hostname}"
     draft = Draft(from_=sender, to=list(config.to), subject=subject(report, zone),
