@@ -364,7 +364,8 @@ def report(env: dict[str, Any], recs: list[dict[str, Any]],
           "message): " + "; ".join(verdicts) + "."]
     if prof is not None and "error" not in prof:
         L += ["", f"Where the worker's time goes with {WHAT.get(prof['target'])} (py-spy "
-              f"`--gil`, an extra 2 KB run of {prof['msgs']:,} messages, not measured above): "
+              f"`--gil`, an extra {prof.get('size', 2048) // 1024} KB run of {prof['msgs']:,} "
+              "messages, not measured above): "
               f"{prof['gil_us_per_msg']:,.0f} µs of GIL time per message.", "",
               "| GIL µs/msg incl. | function |", "|---|---|"]
         L += [f"| {v:,.0f} | `{f}` |" for f, v in prof["inclusive"][:16]]
@@ -443,7 +444,8 @@ def measure(args: argparse.Namespace) -> str:
             target = next((t for t in targets if t != "smtp"), "postmark")
             r = run_one(work, "profile", target, sizes[0], n, smtp, https, args.quiet,
                         profile=raw)
-            prof = {"msgs": n, "target": target, **summarize_profile(raw, n)}
+            prof = {"msgs": n, "size": sizes[0], "target": target,
+                    **summarize_profile(raw, n)}
             prof["rate_under_spy"] = rate(r)
     finally:
         smtp.stop()

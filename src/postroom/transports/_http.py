@@ -20,6 +20,10 @@ Errors, when the provider's table says nothing about its code or status:
 
 A request whose body was sent but whose answer never came (read timeout, connection cut)
 has an unknown outcome: retried on the same connection only (``after_data``).
+
+Requests go out through transports/_wire.py (a lean keep-alive HTTP/1.1 client: the send
+path's CPU), or through httpx when a proxy is set in the environment or a test hands in an
+httpx transport; either way a provider module reads an ``httpx.Response``.
 """
 
 from __future__ import annotations
