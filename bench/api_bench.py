@@ -29,8 +29,8 @@ Needs root (the private Postfix instance and `smtp-sink -u nobody`), Postfix ins
 (`apt-get install postfix`; the system instance is never touched), and the `bench` extra
 (`pip install -e '.[bench]'`: Django and django-post-office).
 
-    sudo /work/venv/bin/python bench/api_bench.py              # 10,000 sends per variant
-    sudo /work/venv/bin/python bench/api_bench.py --n 2000     # quick
+    sudo .venv/bin/python bench/api_bench.py              # 10,000 sends per variant
+    sudo .venv/bin/python bench/api_bench.py --n 2000     # quick
     python bench/api_bench.py --run postroom --workdir W --n N # one variant (used internally)
 
 The report is printed and written into docs/benchmarks.md between its own markers (below the

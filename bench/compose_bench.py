@@ -7,8 +7,8 @@ measured per call: p50 and p99 over N calls per case, in one process, after a wa
 The three build the same message (From, To, Subject, Date, Message-ID, bodies, files);
 Postroom also derives the text part of an HTML-only message, the others send HTML alone.
 
-    /work/venv/bin/python bench/compose_bench.py            # 5,000 calls per case and peer
-    /work/venv/bin/python bench/compose_bench.py --out -    # print only
+    .venv/bin/python bench/compose_bench.py            # 5,000 calls per case and peer
+    .venv/bin/python bench/compose_bench.py --out -    # print only
 
 The report goes between this script's markers in docs/benchmarks.md (below the relay
 bench's generated part).
@@ -165,7 +165,7 @@ def report(results: dict[str, dict[str, dict[str, float]]], n: int) -> str:
         lines.append(f"| {case} | " + " | ".join(cells)
                      + f" | {per['stdlib EmailMessage']['p50'] / ours:.1f}× | "
                      + f"{per['Django EmailMultiAlternatives']['p50'] / ours:.1f}× |")
-    lines += ["", "Command: `/work/venv/bin/python bench/compose_bench.py`. The whole "
+    lines += ["", "Command: `.venv/bin/python bench/compose_bench.py`. The whole "
               "`build()` (validation, IDNA, encoding, Envelope) is inside Postroom's figure.",
               "", END]
     return "\n".join(lines) + "\n"

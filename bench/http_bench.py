@@ -1,7 +1,7 @@
 """HTTP API vs SMTP submission: how fast can an app hand a message over, side by side.
 
-    sudo /work/venv/bin/python bench/http_bench.py                 # 5,000 messages per row
-    sudo /work/venv/bin/python bench/http_bench.py --messages 1000 # quick
+    sudo .venv/bin/python bench/http_bench.py                 # 5,000 messages per row
+    sudo .venv/bin/python bench/http_bench.py --messages 1000 # quick
 
 Topology (everything on 127.0.0.1, ports picked free at start)::
 

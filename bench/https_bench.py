@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """One `postroom worker` delivering to a provider's HTTPS API vs to an SMTP sink, same run.
 
-    sudo /work/main/.venv/bin/python bench/https_bench.py                  # 3,000 msgs, 3 reps
-    sudo /work/main/.venv/bin/python bench/https_bench.py --messages 1000 --reps 1   # quick
+    sudo .venv/bin/python bench/https_bench.py                  # 3,000 msgs, 3 reps
+    sudo .venv/bin/python bench/https_bench.py --messages 1000 --reps 1   # quick
     ... --profile            # + one unmeasured HTTPS run under py-spy (GIL time by function)
 
 Issue 14's target: HTTPS >= 0.8x SMTP in msg/s, with <= 1.25x the worker's CPU per message.

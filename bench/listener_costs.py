@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU cost of each step of Postroom's per-message path, measured in-process.
 
-    /work/venv/bin/python bench/listener_costs.py [--n 2000]
+    .venv/bin/python bench/listener_costs.py [--n 2000]
 
 Complements relay_bench.py: that one says how fast the whole relay is, this one says where
 a message's CPU goes, with the code as it is now, one step at a time, on one thread (so no

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`postroom serve`'s memory before and after the first use of each door (issue 19.4).
 
-    sudo /work/venv/bin/python bench/memory_bench.py              # 3 repetitions
-    sudo /work/venv/bin/python bench/memory_bench.py --reps 5 --src /tmp/other/src
+    sudo .venv/bin/python bench/memory_bench.py              # 3 repetitions
+    sudo .venv/bin/python bench/memory_bench.py --reps 5 --src /tmp/other/src
 
 Measured the way bench/relay_bench.py measures idle memory: VmRSS (and PSS) of the serve
 process read from /proc, ``--settle`` seconds after the step (0.5 s after the SMTP port

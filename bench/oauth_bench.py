@@ -2,8 +2,8 @@
 """The cost of OAuth on the delivery path (issue 5): messages/s over XOAUTH2 vs PLAIN against
 the same upstream, and the token requests per 10,000 messages.
 
-    /work/venv/bin/python bench/oauth_bench.py                 # 2,000 msgs per run, 3 rounds
-    /work/venv/bin/python bench/oauth_bench.py --messages 500 --rounds 1 --token-messages 2000
+    .venv/bin/python bench/oauth_bench.py                 # 2,000 msgs per run, 3 rounds
+    .venv/bin/python bench/oauth_bench.py --messages 500 --rounds 1 --token-messages 2000
 
 What is measured: a delivery worker (Postroom's own, in this process) delivers messages
 already in the queue (SQLite, 2 KB each, one recipient) to the Postfix peer's submission port
@@ -423,7 +423,7 @@ def report(rates: dict[tuple[str, str, int], list[float]],
         f"{' '.join(f'{x:.2f}' for x in load1)} (2 shared cores; other test suites ran beside "
         "it).",
         "",
-        f"Command: `/work/venv/bin/python bench/oauth_bench.py --messages {args.messages} "
+        f"Command: `.venv/bin/python bench/oauth_bench.py --messages {args.messages} "
         f"--rounds {args.rounds} --token-messages {args.token_messages} --token-ttl "
         f"{args.token_ttl}`.", "", END]
     return "\n".join(lines) + "\n"

@@ -9,9 +9,9 @@ The instance listens on 127.0.0.1:<port> only, accepts mail from 127.0.0.0/8 onl
 relays everything to ``relayhost = [127.0.0.1]:<relay_port>``. Apart from what that needs
 it keeps Postfix's defaults, including the durable queue (cleanup fsyncs every queue file
 before smtpd answers 250) and logging through postlogd to a file, like the measurements
-in /work/shared/bench. Differences from a stock Debian install: chroot is off (a chroot
-would need copies of /etc files under the queue directory) and the concurrency limits are
-set explicitly to 20 (the Postfix default, as in the shared bench).
+of the machine's reference benchmarks. Differences from a stock Debian install: chroot is
+off (a chroot would need copies of /etc files under the queue directory) and the
+concurrency limits are set explicitly to 20 (the Postfix default, as in those benchmarks).
 
 Usage as a script (handy for poking at it by hand)::
 

@@ -16,7 +16,7 @@ Needs the Postfix peers running (`bash scripts/test.sh` starts them, or `PEERS=/
 bash tests/peers/mailserver.sh start`). The report is printed and written into
 docs/benchmarks.md between this script's markers (below the relay bench's generated part).
 
-    /work/venv/bin/python bench/probe_bench.py [--reps 7] [--rtt-ms 40] [--deadline 5]
+    .venv/bin/python bench/probe_bench.py [--reps 7] [--rtt-ms 40] [--deadline 5]
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
           f"~{d['post_smtp']:.0f} s | — |", "",
           f"Postroom answers {d['post_smtp'] / d['parallel']:.0f}× sooner than Post SMTP on a "
           "host that drops every SMTP port, and tells the drop from a refusal.", "",
-          f"Command: `/work/venv/bin/python bench/{NAME} --reps {args.reps} --rtt-ms "
+          f"Command: `.venv/bin/python bench/{NAME} --reps {args.reps} --rtt-ms "
           f"{args.rtt_ms:g} --deadline {args.deadline:g}`. The relay delays every chunk by half "
           "the RTT each way and the upstream connect by one RTT; TLS handshakes and EHLO are "
           "real (Postfix, OpenSSL).", "", END]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Postroom vs Postfix as a relay, side by side on this machine, in one run.
 
-    sudo /work/venv/bin/python bench/relay_bench.py              # full run (20,000 msgs/case)
-    sudo /work/venv/bin/python bench/relay_bench.py --scale 0.1  # quick run
+    sudo .venv/bin/python bench/relay_bench.py              # full run (20,000 msgs/case)
+    sudo .venv/bin/python bench/relay_bench.py --scale 0.1  # quick run
 
 Topology (everything on 127.0.0.1, ports picked free at start)::
 
@@ -1010,7 +1010,7 @@ def report(env: dict[str, Any], records: list[dict[str, Any]], extra: dict[str, 
           "dropped before serve started.")
     w("- Warm-up before each measured run: a few messages of the same case (not counted in "
       "the rates, counted in the database check).")
-    w("- The box is shared and noisy (see /work/shared/bench/RESULTS.md: Postfix varies by up "
+    w("- The box is shared and noisy (Postfix alone varies by up "
       "to ±35% between repetitions); use `--reps 3` for firmer numbers.")
     w("")
     w(GEN_END)

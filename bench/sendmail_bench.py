@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The sendmail command against msmtp, side by side on this machine, in one run.
 
-    sudo /work/venv/bin/python bench/sendmail_bench.py                 # 400 messages per case
-    sudo /work/venv/bin/python bench/sendmail_bench.py --messages 100 --out -
+    sudo .venv/bin/python bench/sendmail_bench.py                 # 400 messages per case
+    sudo .venv/bin/python bench/sendmail_bench.py --messages 100 --out -
 
 What a program that "runs sendmail" per message (PHP's mail(), cron) pays. Every case runs the
 same 2 KB message ("To:" in the header, ``-t -i`` as PHP does) through a fresh process per

@@ -1,7 +1,7 @@
 """Webhook ingestion: delivery events per second into `postroom serve` on SQLite.
 
-    /work/main/.venv/bin/python bench/webhook_bench.py                # 20,000 events per row
-    /work/main/.venv/bin/python bench/webhook_bench.py --events 4000  # quick
+    .venv/bin/python bench/webhook_bench.py                # 20,000 events per row
+    .venv/bin/python bench/webhook_bench.py --events 4000  # quick
     ... --provider mailgun --batch 1 / --provider sendgrid    # a real provider's payloads
     ... --out -                                                       # print, do not write
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Delivery throughput of `postroom worker` processes, side by side with django-post-office.
 
-    sudo /work/venv/bin/python bench/worker_bench.py                 # 10,000 msgs per run
-    sudo /work/venv/bin/python bench/worker_bench.py --messages 2000 --no-profile   # quick
+    sudo .venv/bin/python bench/worker_bench.py                 # 10,000 msgs per run
+    sudo .venv/bin/python bench/worker_bench.py --messages 2000 --no-profile   # quick
 
 What is measured (everything on 127.0.0.1, ports picked free at start): messages already in
 the queue (pre-enqueued, 2 KB each, one recipient) are delivered to one `smtp-sink -c`
