@@ -263,12 +263,7 @@ def run_one(work: Path, label: str, target: str, size: int, n: int, smtp: Sink,
     try:
         wait_log(root / "worker.log", "delivering from", proc)
         if profile is not None:
-            spy = subprocess.Popen(
-                [worker_bench.pyspy(), "record", "--pid", str(proc.pid), "--rate", "100",
-                 "--gil", "--threads", "--format", "raw", "--output", str(profile),
-                 "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True)
-            time.sleep(1.0)
+            spy = worker_bench.spy_on(proc.pid, profile)
         rec["busy_before"] = wait_quiet(quiet)
         meter = Meter([proc.pid], None)
         base, conns0, sink_cpu0 = sink.count(), getattr(sink, "connections", int)(), \

@@ -326,11 +326,7 @@ def run_postroom(label: str, work: Path, pg: PgServer, sink: Sink, n: int, worke
         for i, p in enumerate(procs):
             wait_log(root / f"node{i}" / "worker.log", "delivering from", p)
         if profile is not None:
-            spy = subprocess.Popen(
-                [pyspy(), "record", "--pid", str(procs[0].pid), "--rate", "100", "--gil",
-                 "--threads", "--format", "raw", "--output", str(profile), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            time.sleep(1.0)
+            spy = spy_on(procs[0].pid, profile)
         rec["busy_before"] = wait_quiet(quiet)
         rec["probe_ms"] = probe_ms()
         meter = Meter([p.pid for p in procs], pg.proc.pid if db == "postgresql" and pg.proc
@@ -385,6 +381,17 @@ def attempt_outcomes(url: str) -> dict[str, int]:
 
 def pyspy() -> str:
     return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
+def spy_on(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording process ``pid`` into ``out`` (raw collapsed stacks, 100 Hz, only the
+    thread holding the GIL) until it gets SIGINT; started a second before returning."""
+    spy = subprocess.Popen(
+        [pyspy(), "record", "--pid", str(pid), "--rate", "100", "--gil", "--threads",
+         "--format", "raw", "--output", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(1.0)
+    return spy
 
 
 # --------------------------------------------------------------------------- post-office runs
