@@ -308,26 +308,13 @@ def _password(out: _Out, p: Any, entry: dict[str, Any], address: str, env: str |
     """The password, proven by a real login before anything is stored."""
     words = p.provider.password_words if p.provider else "password"
     for attempt in range(MAX_PASSWORD_TRIES):
-        if env:
-            secret = os.environ.get(env)
-            if not secret:
-                out.fail(CredentialsError(f"--password-env {env}: the variable is not set or "
-                                          "empty", code="wizard.password"))
-        elif stdin:
-            secret = sys.stdin.readline().rstrip("\r\n")
-        elif interactive:
-            from rich.prompt import Prompt
+        from postroom.commands.wizard_api import read_secret
 
-            hint = f" ({p.provider.docs})" if p.provider and p.provider.password == "app" \
-                else ""
-            secret = Prompt.ask(f"{words} for {entry['username']}{hint}", password=True,
-                                console=console(stderr=True))
-        else:
-            out.fail(CredentialsError(
-                f"{entry['host']} needs a login: give the {words} with --password-env VAR or "
-                "--password-stdin (or run on a terminal to be asked)", code="wizard.password"))
-        if not secret:
-            out.fail(CredentialsError("empty password; nothing written", code="wizard.password"))
+        hint = f" ({p.provider.docs})" if p.provider and p.provider.password == "app" else ""
+        secret = read_secret(out, env=env, stdin=stdin, interactive=interactive,
+                             prompt=f"{words} for {entry['username']}{hint}",
+                             needs=f"{entry['host']} needs a login: give the {words}",
+                             what="password")
         out.say("Checking the login (nothing is sent)...")
         err = _check_login(entry, secret)
         if err is None:

@@ -100,7 +100,9 @@ def offer(out: Output, *, address: str, provider: Provider | None, cfg_path: Pat
         out.fail(ConfigError(
             f"{cfg_path} already has a connection named {conn_name!r}; choose another name "
             "with --name, or remove that [[connections]] entry first", code="config.dupe"))
-    key = _key(out, chosen, key_env, key_stdin, interactive)
+    key = read_secret(out, env=key_env, stdin=key_stdin, interactive=interactive,
+                      prompt=f"{chosen.title} API key", needs=f"{chosen.title} needs its "
+                      "API key: give it", what="API key")
     out.say(f"Checking the {chosen.title} API key (nothing is sent)...")
     from postroom.diagnostics.wizard import check_login
 
@@ -188,27 +190,31 @@ def _entry(out: Output, p: ApiProvider, name: str, given: dict[str, Any],
     return entry
 
 
-def _key(out: Output, p: ApiProvider, env: str | None, stdin: bool, interactive: bool) -> str:
+def read_secret(out: Output, *, env: str | None, stdin: bool, interactive: bool,
+                prompt: str, needs: str, what: str) -> str:
+    """A secret from ``--password-env``, ``--password-stdin`` or a hidden prompt, for both
+    wizard paths (SMTP password, API key); refused, with nothing written, when none of
+    them applies or the secret is empty."""
     if env:
-        key = os.environ.get(env, "")
-        if not key:
+        secret = os.environ.get(env, "")
+        if not secret:
             out.fail(CredentialsError(f"--password-env {env}: the variable is not set or "
                                       "empty", code="wizard.password"))
     elif stdin:
-        key = sys.stdin.readline().rstrip("\r\n")
+        secret = sys.stdin.readline().rstrip("\r\n")
     elif interactive:
         from rich.prompt import Prompt
 
         from postroom.commands._common import console
 
-        key = Prompt.ask(f"{p.title} API key", password=True, console=console(stderr=True))
+        secret = Prompt.ask(prompt, password=True, console=console(stderr=True))
     else:
         out.fail(CredentialsError(
-            f"{p.title} needs its API key: give it with --password-env VAR or "
-            "--password-stdin (or run on a terminal to be asked)", code="wizard.password"))
-    if not key:
-        out.fail(CredentialsError("empty API key; nothing written", code="wizard.password"))
-    return key
+            f"{needs} with --password-env VAR or --password-stdin (or run on a terminal to "
+            "be asked)", code="wizard.password"))
+    if not secret:
+        out.fail(CredentialsError(f"empty {what}; nothing written", code="wizard.password"))
+    return secret
 
 
 def _save(out: Output, path: Path, entry: dict[str, Any], key: str, address: str,
