@@ -166,6 +166,9 @@ def test_check_queries_only_for_listed_addresses_and_sees_other_processes(
         for _ in range(20):  # within REFRESH: nothing listed among them, no query at all
             assert worker.check("shop@example.com", ["bob@example.org"]) == {}
         assert statements == []
+        # The worker's shortcut (no thread hop) answers from memory only.
+        assert worker.clear_now(["bob@example.org"]) and not worker.clear_now(
+            ["DEAD@example.org"]) and statements == []
         other.add("late@example.org", reason="complaint")
         monkeypatch.setattr(module, "REFRESH", 0.0)
         assert worker.check("shop@example.com", ["late@example.org"]) == {

@@ -301,6 +301,17 @@ class Suppressions:
         """This process changed the list: the next check reads the stamp again."""
         self._looked = float("-inf")
 
+    def clear_now(self, recipients: Sequence[str]) -> bool:
+        """True when the list held in memory is fresh and names none of ``recipients``: the
+        worker then skips :meth:`apply` and its thread hop (the common case). False means
+        "ask apply()", not "suppressed". Never touches the database."""
+        if not self.config.enabled or not recipients:
+            return True
+        listed = self._listed
+        if listed is None or time.monotonic() - self._looked >= REFRESH:
+            return False
+        return not any(_key(r) in listed for r in recipients)
+
     def _addresses(self) -> frozenset[str] | None:
         """Every listed address (any scope), or None when the list is too long to hold."""
         from sqlalchemy import func, select

@@ -237,7 +237,8 @@ class Worker:
         out = Outcome()
         attempts: list[Attempt] = []
         blocked: dict[str, str] = {}
-        if self.suppressions is not None and msg.pending:
+        if self.suppressions is not None and msg.pending \
+                and not self.suppressions.clear_now(msg.pending):
             # Checked at delivery, not intake: an address bounced while the message waited
             # is caught too, and the app handing mail in never sees a refusal for it. Those
             # recipients leave `pending` (their rcpt_status says why), so no leg sends to them.
