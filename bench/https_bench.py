@@ -25,7 +25,7 @@ worker_bench: concurrency 100) is started, the queue resumed, and the worker del
   0}}``). The stand-in runs in a process of its own (`--sink`, a thread per connection,
   blocking TLS sockets: the handshake and record layer in OpenSSL) and its CPU is measured
   apart, so one can see that it is not the bottleneck. Deliveries go through Postroom's
-  lean client (transports/_wire.py); ``--targets postmark-httpx,sparkpost-httpx`` sends the
+  lean client (postroom/httpwire.py); ``--targets postmark-httpx,sparkpost-httpx`` sends the
   same through httpx, as when a proxy is set (``HTTPS_PROXY`` with ``NO_PROXY`` naming the
   sink: httpx connects directly).
 
@@ -97,7 +97,7 @@ WHAT = {"smtp": "SMTP (smtp-sink)", "postmark": "HTTPS, Postmark (MIME mapped to
         "sparkpost": "HTTPS, SparkPost (raw MIME in JSON)",
         "postmark-httpx": "HTTPS, Postmark, through httpx",
         "sparkpost-httpx": "HTTPS, SparkPost, through httpx"}
-# "<provider>-httpx": the same provider through httpx rather than transports/_wire.py, as
+# "<provider>-httpx": the same provider through httpx rather than postroom/httpwire.py, as
 # deliveries go when a proxy is set: HTTPS_PROXY set (an unused port) and NO_PROXY naming the
 # sink's address, so httpx connects directly.
 HTTPX_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}

@@ -1,4 +1,4 @@
-"""transports/_wire.py, the lean HTTP/1.1 client of the delivery path, against a local TLS
+"""postroom/httpwire.py, the lean HTTP/1.1 client of the delivery path, against a local TLS
 server (private CA, port 0) that speaks HTTP/1.1 through h11 and misbehaves on cue: kept-alive
 connections reused, an idle connection the server closed replaced before the request is
 written (and never a request sent twice), a read timeout or a cut after the body is an unknown
@@ -17,9 +17,9 @@ import h11
 import pytest
 from diag_helpers import make_ca, make_cert, server_context
 
+from postroom import httpwire as _wire
 from postroom import transports
 from postroom.exceptions import ConnectError, DeliveryError, TimeoutError_
-from postroom.transports import _wire
 from postroom.transports.base import TransportContext
 from postroom.transports.postmark import PostmarkTransport
 

@@ -21,7 +21,7 @@ Errors, when the provider's table says nothing about its code or status:
 A request whose body was sent but whose answer never came (read timeout, connection cut)
 has an unknown outcome: retried on the same connection only (``after_data``).
 
-Requests go out through transports/_wire.py (a lean keep-alive HTTP/1.1 client: the send
+Requests go out through postroom/httpwire.py (a lean keep-alive HTTP/1.1 client: the send
 path's CPU), or through httpx when a proxy is set in the environment or a test hands in an
 httpx transport; either way a provider module reads an ``httpx.Response``.
 """
@@ -53,6 +53,7 @@ from postroom.exceptions import (
     TimeoutError_,
     UnsupportedFeature,
 )
+from postroom.httpwire import WirePool
 from postroom.secrets import Secret
 from postroom.settings import ConnectionBase
 from postroom.transports import _auth, base
@@ -61,7 +62,6 @@ from postroom.transports._errors import ErrorRule as ErrorRule
 from postroom.transports._errors import retry_after
 from postroom.transports._settings import ApiKeySettings as ApiKeySettings
 from postroom.transports._settings import HttpSettings as HttpSettings
-from postroom.transports._wire import WirePool
 
 
 class AsyncTokens(Protocol):
@@ -132,7 +132,7 @@ class HttpTransport(base.Transport):
         self._slots = asyncio.Semaphore(s.pool_size)
         self.base = (s.api_base or self.default_api_base()).rstrip("/")
         self.auth = self.make_auth()
-        # Deliveries go through the lean client (transports/_wire.py) unless a proxy is set
+        # Deliveries go through the lean client (postroom/httpwire.py) unless a proxy is set
         # in the environment (httpx speaks CONNECT and SOCKS and applies NO_PROXY) or a test
         # gave an httpx transport.
         self.wire: WirePool | None = None

@@ -1,6 +1,6 @@
-"""A small keep-alive HTTP/1.1 client for the delivery hot path: asyncio streams (TLS in the
-ssl module's transport, as the SMTP transport's) and h11 for the framing (RFC 9112), a pool
-of kept-alive connections per host.
+"""A small keep-alive HTTP/1.1 client for hot paths (provider APIs, alert webhooks):
+asyncio streams (TLS in the ssl module's transport, as the SMTP transport's) and h11 for the
+framing (RFC 9112), a pool of kept-alive connections per host.
 
 Why not httpx here: on every request and every answer httpcore's pool checks each of its
 connections for expiry through anyio's ``extra_attributes``, and anyio's TLS stream runs the
