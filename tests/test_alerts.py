@@ -367,28 +367,13 @@ def test_failures_threshold_reads_the_log(
 
 
 def test_migration_0015_goes_down_and_up(engine: Engine) -> None:
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import inspect
+    from migration_helpers import migrate_to, tables
 
-    from postroom.store.db import MIGRATIONS
-
-    def tables() -> set[str]:
-        with engine.connect() as conn:
-            return set(inspect(conn).get_table_names())
-
-    def to(revision: str, up: bool) -> None:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        with write_transaction(engine) as conn:
-            cfg.attributes["connection"] = conn
-            (command.upgrade if up else command.downgrade)(cfg, revision)
-
-    assert "alert_outbox" in tables()
-    to("0014", up=False)
-    assert "alert_outbox" not in tables()
-    to("head", up=True)
-    assert "alert_outbox" in tables()
+    assert "alert_outbox" in tables(engine)
+    migrate_to(engine, "0014", up=False)
+    assert "alert_outbox" not in tables(engine)
+    migrate_to(engine, "head", up=True)
+    assert "alert_outbox" in tables(engine)
 
 
 # -- a real serve: the connection refuses, then recovers --------------------------------------

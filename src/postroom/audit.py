@@ -65,6 +65,7 @@ class Action(enum.StrEnum):
     ACCOUNT_PASSWORD = "account.password"
     ACCOUNT_ROLE = "account.role"
     ACCOUNT_TOTP = "account.totp"
+    ACCOUNT_PUSH = "account.push"  # a browser subscribed to (or removed from) Web Push alerts
     TOKEN_ADD = "token.add"
     TOKEN_REMOVE = "token.remove"
     MESSAGE_VIEW_BODY = "message.view_body"

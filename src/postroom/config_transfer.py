@@ -1,6 +1,8 @@
 """Move a configuration between instances: one versioned JSON document of connections
-(the file's too, marked), routes, policy, retention and apps, with the secrets (connection
-passwords, OAuth client secrets, OAuth grants) encrypted under a key derived from the user's
+(the file's too, marked), routes, policy, retention, apps and the feature sections that may
+be stored (``[[alerts]]``: postroom.store.dbfeatures; the file's too, marked), with the
+secrets (connection passwords, OAuth client secrets, OAuth grants, the features' secrets
+such as alert channel URLs and webhook keys) encrypted under a key derived from the user's
 passphrase (scrypt, AES-256-GCM), or left out. Never in plaintext.
 
 `postroom config export|import` and the web admin's Settings page call :func:`export_config`
@@ -11,7 +13,9 @@ creates each app with a NEW secret, returned once (:attr:`ImportReport.app_secre
 not imported, listed in :attr:`ImportReport.skipped` with the reason: a connection or named
 route the target's postroom.toml defines (the file wins), a [policy]/[retention] key it sets,
 a file connection that names an environment variable or a file (define it in the target's
-postroom.toml), a route whose chain names a connection that is not there, an app that exists.
+postroom.toml), a route whose chain names a connection that is not there, an app that exists,
+a feature section the target's postroom.toml gives, or one that names an environment variable
+or a file, or does not validate (a rule whose channels were left out with the secrets).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, insert, select
 
 from postroom.exceptions import ConfigError
-from postroom.store import dbconfig
+from postroom.store import dbconfig, dbfeatures
 from postroom.store.db import write_transaction
 from postroom.store.schema import oauth_grants
 from postroom.store.schema import secrets as secrets_table
@@ -138,6 +142,7 @@ def export_config(inst: Instance, *, passphrase: str | None, actor: Actor) -> di
         check_passphrase(passphrase)
     eff = dbconfig.effective(inst.settings, inst.engine)  # as stored now, not at start
     connections, inline = _connection_entries(eff)
+    features, feature_secrets = _feature_entries(eff)
     names = {c["entry"]["name"] for c in connections}
     file_routes = {id(r) for r in dbconfig.file_settings(eff).routes}
     doc: dict[str, Any] = {
@@ -152,14 +157,54 @@ def export_config(inst: Instance, *, passphrase: str | None, actor: Actor) -> di
         "apps": [{"name": a["name"], "senders": a["allowed_senders"] or [],
                   "connections": a["allowed_connections"] or [], "rate": a["rate_limit"]}
                  for a in inst.apps.list()],
+        "features": features,
         "secrets": None,
     }
     if passphrase is not None:
-        doc["secrets"] = _seal(_secrets_of(inst, names, inline), passphrase)
+        doc["secrets"] = _seal({**_secrets_of(inst, names, inline),
+                                "feature_secrets": feature_secrets}, passphrase)
     with write_transaction(inst.engine) as conn:
         record(conn, actor, Action.CONFIG_EXPORT, "config",
                {"connections": sorted(names), "with_secrets": passphrase is not None})
     return doc
+
+
+def _feature_entries(eff: Settings) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The feature sections that may be stored (file and stored), without their secrets;
+    those come back apart, by secret name."""
+    file = set(dict(dbconfig.file_settings(eff).features))
+    out: list[dict[str, Any]] = []
+    secrets: dict[str, str] = {}
+    for name in dbfeatures.storable_names(eff):
+        body, found = dbfeatures.parts(name, dict(eff.features)[name])
+        secrets.update(found)
+        out.append({"origin": (dbconfig.Origin.FILE if name in file
+                               else dbconfig.Origin.DATABASE).value,
+                    "section": name, "entry": body})
+    return out, secrets
+
+
+def _import_features(doc: Mapping[str, Any], file: Settings, secrets: Mapping[str, str],
+                     report: ImportReport) -> dict[str, tuple[Any, dict[str, str]]]:
+    """The export's feature sections as their rows and secrets; what cannot be stored
+    here is in ``report.skipped``."""
+    out: dict[str, tuple[Any, dict[str, str]]] = {}
+    given = dict(file.features)
+    for item in _list(doc, "features"):
+        name = str(item.get("section", ""))
+        if dbfeatures.storable(name) is None:
+            report.skipped.append(f"[{name}]: not a section this Postroom stores")
+        elif name in given:
+            report.skipped.append(f"[{name}]: postroom.toml defines it")
+        else:
+            mine = {k: v for k, v in secrets.items() if isinstance(k, str)
+                    and k.startswith(f"{dbfeatures.PREFIX}{name}:") and isinstance(v, str)}
+            try:
+                out[name] = dbfeatures.split(name, dbfeatures.unsplit(
+                    name, item.get("entry"), mine))
+            except ConfigError as err:
+                report.skipped.append(f"[{name}]: {err.message}")
+    return out
 
 
 def _set_keys(model: Any) -> dict[str, Any]:
@@ -245,6 +290,7 @@ def import_config(inst: Instance, doc: Mapping[str, Any], *, passphrase: str | N
         routes.append(route)
     sections = {kind: _unlocked(doc, kind, inst, report) for kind in (
         dbconfig.Kind.POLICY, dbconfig.Kind.RETENTION)}
+    features = _import_features(doc, file, payload.get("feature_secrets") or {}, report)
     apps = [a for a in _list(doc, "apps") if isinstance(a.get("name"), str)]
     for app in apps:
         check_name(app["name"])
@@ -262,6 +308,10 @@ def import_config(inst: Instance, doc: Mapping[str, Any], *, passphrase: str | N
             if values:
                 dbconfig.put_row(conn, kind, "", values, actor)
                 report.imported.append(f"[{kind.value}] {', '.join(sorted(values))}")
+        for name, (body, secrets) in features.items():
+            dbconfig.put_row(conn, dbconfig.Kind.FEATURE, name, body, actor)
+            dbfeatures.write_secrets(conn, inst.secrets.vault, name, secrets, time.time())
+            report.imported.append(f"[{name}]")
         _write_secrets(conn, inst, payload, set(rows))
         record(conn, actor, Action.CONFIG_IMPORT, "config",
                {"imported": report.imported, "skipped": report.skipped,

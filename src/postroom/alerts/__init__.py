@@ -6,10 +6,14 @@ durable row per alert and channel) -> a :class:`Channel` sends it, retried with 
 :mod:`.dispatcher` is the chore of ``postroom serve`` that does all of it.
 
 Channels, one module per kind, named in :data:`CHANNELS` by URL scheme (imported when an
-alert goes to one): ``webhook+https://`` the signed generic webhook (:mod:`.webhook`); every
-other URL is an Apprise URL (:mod:`.apprise`: Slack, Teams, Discord, Telegram, ntfy, mailto...).
-A new kind (email through Postroom's own paths, Web Push) is a module with a class that
-follows :class:`Channel` and a line in :data:`CHANNELS`.
+alert goes to one): ``webhook+https://`` the signed generic webhook (:mod:`.webhook`);
+``webpush://admins`` Web Push to the browsers subscribed in the web admin (:mod:`.webpush`,
+with :mod:`.vapid`, :mod:`.subscriptions`, :mod:`.outbound`); every other URL is an Apprise
+URL (:mod:`.apprise`: Slack, Teams, Discord, Telegram, ntfy, mailto...).
+A rule's ``email = [...]`` addresses are one more channel, ``email://`` (:mod:`.email`: sent
+by Postroom itself, on a path that avoids the failing connection, :mod:`.mx` for the direct
+one). A new kind is a module with a class that follows :class:`Channel` and a line in
+:data:`CHANNELS`.
 """
 
 from __future__ import annotations
@@ -17,9 +21,15 @@ from __future__ import annotations
 import enum
 import importlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from postroom.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from postroom.alerts.config import AlertRule
+    from postroom.settings import Settings
 
 
 class Change(enum.StrEnum):
@@ -62,7 +72,9 @@ class Alert:
 class Channel(Protocol):
     """One destination. ``send`` returns when the destination took the alert, else raises
     a PostroomError (usually :class:`postroom.exceptions.AlertError`): ``permanent`` disables
-    the channel, anything else is retried by the outbox with backoff."""
+    the channel, anything else is retried by the outbox with backoff. The dispatcher keeps a
+    channel between alerts; one that holds a client (a connection pool) also has
+    ``async def aclose()``, called when the dispatcher stops or the channel's rule changes."""
 
     async def send(self, alert: Alert) -> None: ...
 
@@ -75,12 +87,19 @@ class ChannelConfig:
     url: str
     secret: str | None = None
     timeout: float = 10.0
+    # For a channel that sends through Postroom's own parts (email: the connections, their
+    # health and stored secrets): its rule, the settings in force and the database.
+    rule: AlertRule | None = None
+    settings: Settings | None = None
+    engine: Engine | None = None
 
 
 # URL scheme -> "module:Class"; any other scheme is an Apprise URL.
 CHANNELS: dict[str, str] = {
     "webhook+https": "postroom.alerts.webhook:WebhookChannel",
     "webhook+http": "postroom.alerts.webhook:WebhookChannel",
+    "email": "postroom.alerts.email:EmailChannel",  # [[alerts]] email = [...], not a URL
+    "webpush": "postroom.alerts.webpush:WebPushChannel",  # browsers, from the web admin
 }
 APPRISE = "postroom.alerts.apprise:AppriseChannel"
 
@@ -100,6 +119,8 @@ def display(url: str) -> str:
     head, sep, rest = url.partition("://")
     if not sep:
         return "(not a URL)"
+    if head.lower() == "email":  # the addresses of email = [...]: no secret in them
+        return url
     if head.lower() in CHANNELS:
         host = rest.split("/", 1)[0].rpartition("@")[2]
         return f"{head}://{host}/…"

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select
 from postroom import events
 from postroom.alerts import Alert, Change, Channel, ChannelConfig, make_channel, outbox, scheme
 from postroom.alerts.config import MAX_ATTEMPTS, AlertRule, AlertsSettings
+from postroom.alerts.rates import read_all as read_rates
 from postroom.alerts.rules import Facts, State, decide
 from postroom.exceptions import AlertError, PostroomError
 from postroom.store.db import write_transaction
@@ -37,6 +38,11 @@ INTERVAL = 2.0  # seconds between ticks
 # every tick: counting failed messages reads an index range each time.
 FACTS_EVERY = 15.0
 PRUNE_EVERY = 3600.0  # seconds between deletions of old outbox rows
+# A tick that only moved the cursor (events read, none alerting: a busy worker's
+# fallback_used, lease_expired...) keeps its state in memory and writes it this often, not
+# at every tick: a write transaction every 2 s on the queue's database for nothing. After a
+# crash those events are read again; the outbox's keys keep any alert from going twice.
+SAVE_EVERY = 30.0
 
 
 def _load(conn: Connection, *, lock: bool = False) -> str | None:
@@ -45,10 +51,17 @@ def _load(conn: Connection, *, lock: bool = False) -> str | None:
     return None if value is None else str(value)
 
 
-def _save(conn: Connection, state: State, now: float) -> None:
+def _save(conn: Connection, state: State, now: float) -> str:
+    text = json.dumps(state.as_dict())
     conn.execute(delete(control).where(control.c.name == STATE))
-    conn.execute(insert(control).values(name=STATE, value=json.dumps(state.as_dict()),
-                                        updated_at=now))
+    conn.execute(insert(control).values(name=STATE, value=text, updated_at=now))
+    return text
+
+
+def _lasting(state_text: str) -> str:
+    """What of a state must be written at once: all but the cursor and the held counts."""
+    d = json.loads(state_text)
+    return json.dumps({k: v for k, v in d.items() if k not in ("cursor", "held")})
 
 
 class Dispatcher:
@@ -57,6 +70,13 @@ class Dispatcher:
         self.engine, self.settings, self.clock = engine, settings, clock
         self._facts_cache: tuple[float, Facts] | None = None
         self._pruned_at = 0.0
+        # The state as stored (its text) and this node's, which may be ahead of it by
+        # SAVE_EVERY seconds of cursor; dropped when another node writes the stored one.
+        self._kept: tuple[str, State] | None = None
+        self._saved_at = 0.0
+        # channel id -> (what it was made from, the channel): kept between alerts, so the
+        # webhook's HTTP client keeps its connection alive for the next one
+        self._channels: dict[str, tuple[tuple[object, ...], Channel]] = {}
 
     @property
     def config(self) -> AlertsSettings:
@@ -79,10 +99,11 @@ class Dispatcher:
         cfg, now = self.config, self.clock()
         with self.engine.connect() as conn:
             stored = _load(conn)
-        # first start: what happened before alerts were set up is history
-        state = (State.from_dict(json.loads(stored)) if stored is not None
-                 else State(cursor=events.last_id(self.engine)))
-        before = json.dumps(state.as_dict())
+        if self._kept is not None and self._kept[0] == stored:
+            state = self._kept[1]
+        else:  # the stored one; none at the first start: what came before is history
+            state = (State.from_dict(json.loads(stored)) if stored is not None
+                     else State(cursor=events.last_id(self.engine)))
         found: list[events.Event] = []
         for _ in range(PAGES):
             page = events.read(self.engine, after_id=state.cursor if not found else found[-1].id,
@@ -92,8 +113,12 @@ class Dispatcher:
                 break
         alerts = decide(cfg.rules, state, found, self.facts(cfg.rules, now), now,
                         self._apps(cfg.rules, found))
-        if not alerts and json.dumps(state.as_dict()) == before and stored is not None:
-            return []  # nothing new: no write (SQLite has one writer, the queue's)
+        after = json.dumps(state.as_dict())
+        if not alerts and stored is not None and (after == stored or (
+                _lasting(after) == _lasting(stored) and now - self._saved_at < SAVE_EVERY)):
+            self._kept = (stored, state)  # nothing to write now (SQLite: one writer)
+            return []
+        self._kept = None
         with write_transaction(self.engine) as conn:
             if _load(conn, lock=True) != stored:
                 return []  # another node wrote the state since: its tick did this one's work
@@ -102,7 +127,8 @@ class Dispatcher:
             for alert in alerts:
                 rule = by_rule[alert.rule]
                 outbox.add(conn, [alert], [c for c in rule.channel_ids() if c not in off], now)
-            _save(conn, state, now)
+            saved = _save(conn, state, now)
+        self._kept, self._saved_at = (saved, state), now
         return alerts
 
     def facts(self, rules: Sequence[AlertRule], now: float) -> Facts:
@@ -135,7 +161,8 @@ class Dispatcher:
                 expires = {r.connection: float(r.refresh_expires_at) for r in conn.execute(
                     select(g.connection, g.refresh_expires_at)
                     .where(g.refresh_expires_at.is_not(None))).all()}
-        return Facts(failures, None if oldest is None else float(oldest), expires)
+            rates = read_rates(conn, rules, now)
+        return Facts(failures, None if oldest is None else float(oldest), expires, rates)
 
     def _apps(self, rules: Sequence[AlertRule],
               found: Sequence[events.Event]) -> dict[str, str | None]:
@@ -165,7 +192,7 @@ class Dispatcher:
             return False
         rule, url = known[row.channel]
         try:
-            await channel_for(rule, url).send(row.alert)
+            await (await self._channel(row.channel, rule, url)).send(row.alert)
         except PostroomError as err:
             await asyncio.to_thread(self._failed, row, err)
             return False
@@ -173,8 +200,31 @@ class Dispatcher:
             await asyncio.to_thread(self._failed, row, AlertError(f"{type(err).__name__}: "
                                                                    f"{err}"))
             return False
-        await asyncio.to_thread(outbox.sent, self.engine, row.id, self.clock())
+        await asyncio.to_thread(outbox.sent, self.engine, row, self.clock())
         return True
+
+    async def _channel(self, cid: str, rule: AlertRule, url: str) -> Channel:
+        """Channel ``cid``, made once and kept while its rule, the settings and the event
+        loop are the same (a reload or another loop, as in `postroom alerts test`, makes a
+        new one: a client's connections belong to the loop that opened them)."""
+        settings = self.settings()
+        made_of = (rule, url, id(settings), id(asyncio.get_running_loop()))
+        kept = self._channels.get(cid)
+        if kept is not None and kept[0] == made_of:
+            return kept[1]
+        if kept is not None and kept[0][3] == made_of[3]:
+            await close_channel(kept[1])
+        channel = channel_for(rule, url, settings, self.engine)
+        self._channels[cid] = (made_of, channel)
+        return channel
+
+    async def aclose(self) -> None:
+        """Close the kept channels' clients (the dispatcher stops)."""
+        kept, self._channels = self._channels, {}
+        loop = id(asyncio.get_running_loop())
+        for made_of, channel in kept.values():
+            if made_of[3] == loop:
+                await close_channel(channel)
 
     def _failed(self, row: outbox.Row, err: PostroomError) -> None:
         now = self.clock()
@@ -208,7 +258,10 @@ def outbox_disabled(conn: Connection) -> set[str]:
     return {n[len(outbox.DISABLED):] for n in rows}
 
 
-def channel_for(rule: AlertRule, url: str) -> Channel:
+def channel_for(rule: AlertRule, url: str, settings: Settings | None = None,
+                engine: Engine | None = None) -> Channel:
+    """The channel of ``url``; ``settings`` and ``engine`` for those that send through
+    Postroom's own parts (email)."""
     secret = None
     if scheme(url).startswith("webhook+"):
         from pathlib import Path
@@ -219,14 +272,31 @@ def channel_for(rule: AlertRule, url: str) -> Channel:
                          env=rule.webhook_secret_env,
                          file=Path(rule.webhook_secret_file) if rule.webhook_secret_file
                          else None, stored=rule.webhook_secret)
-    return make_channel(ChannelConfig(url, secret))
+    return make_channel(ChannelConfig(url, secret, rule=rule, settings=settings,
+                                      engine=engine))
+
+
+async def close_channel(channel: Channel) -> None:
+    """Close a channel that holds a client (``aclose``, as the webhook's); a failure to
+    close is logged, never raised: the channel is dropped either way."""
+    close = getattr(channel, "aclose", None)
+    if close is None:
+        return
+    try:
+        await close()
+    except Exception:
+        log.warning("alerts: closing a channel failed", exc_info=True)
 
 
 async def run(dispatcher: Dispatcher, interval: float = INTERVAL) -> None:
-    """Tick until cancelled; a failing tick is logged and the next one tries again."""
-    while True:
-        try:
-            await dispatcher.tick()
-        except Exception:
-            log.exception("alerts: a tick failed; trying again in %.0f s", interval)
-        await asyncio.sleep(interval)
+    """Tick until cancelled; a failing tick is logged and the next one tries again. The
+    kept channels are closed when it stops."""
+    try:
+        while True:
+            try:
+                await dispatcher.tick()
+            except Exception:
+                log.exception("alerts: a tick failed; trying again in %.0f s", interval)
+            await asyncio.sleep(interval)
+    finally:
+        await dispatcher.aclose()

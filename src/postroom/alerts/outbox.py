@@ -4,7 +4,9 @@ is down for a while. A channel that fails for good (a permanent error: 404/410, 
 URL; or MAX_ATTEMPTS tries of one alert) is disabled (a ``control`` row says so, until
 `postroom alerts enable CHANNEL`), and the dispatcher reports that on the other channels.
 A row is claimed before it is sent; a node that dies while sending frees it after CLAIM
-seconds, so that alert may be sent twice, never lost.
+seconds, so that alert may be sent twice, never lost. Each channel's alerts sent are also
+counted in a ``control`` row (SENT_COUNT + channel id), in the transaction that marks the row
+sent: /metrics reads the total from there (:func:`figures`), as the outbox's rows are pruned.
 """
 
 from __future__ import annotations
@@ -13,7 +15,19 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    String,
+    cast,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
 
 from postroom.alerts import Alert
 from postroom.queue.backoff import backoff
@@ -25,6 +39,7 @@ PENDING, SENT, FAILED = "pending", "sent", "failed"
 MIN_BACKOFF, MAX_BACKOFF = 30.0, 3600.0
 CLAIM = 120.0  # seconds a sender holds a row while it sends (a crash frees it then)
 DISABLED = "alerts.disabled:"  # control row name prefix + channel id; value: why
+SENT_COUNT = "alerts.sent:"  # control row name prefix + channel id; value: alerts sent
 MAX_ERROR = 500
 
 
@@ -79,10 +94,24 @@ def claim_due(engine: Engine, now: float, limit: int = 50) -> list[Row]:
     return out
 
 
-def sent(engine: Engine, row_id: int, now: float) -> None:
+def sent(engine: Engine, row: Row, now: float) -> None:
     with write_transaction(engine) as conn:
-        conn.execute(update(table).where(table.c.id == row_id).values(
+        conn.execute(update(table).where(table.c.id == row.id).values(
             status=SENT, sent_at=now, attempts=table.c.attempts + 1, last_error=""))
+        _count_sent(conn, row.channel, now)
+
+
+def _count_sent(conn: Connection, channel: str, now: float) -> None:
+    name = SENT_COUNT + channel
+    bump = (update(control).where(control.c.name == name)
+            .values(value=cast(cast(control.c.value, Integer) + 1, String), updated_at=now))
+    if conn.execute(bump).rowcount:
+        return
+    try:  # the channel's first alert; another node may be writing the row at the same time
+        with conn.begin_nested():
+            conn.execute(insert(control).values(name=name, value="1", updated_at=now))
+    except IntegrityError:
+        conn.execute(bump)
 
 
 def failed(engine: Engine, row: Row, error: str, now: float, *, final: bool) -> None:
@@ -135,3 +164,34 @@ def prune(engine: Engine, before: float) -> int:
     with write_transaction(engine) as conn:
         return int(conn.execute(delete(table).where(
             table.c.status != PENDING, table.c.created_at < before)).rowcount)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What /metrics reports of the alerts, per channel id."""
+
+    sent: dict[str, int]  # alerts sent, ever (the control counters)
+    waiting: dict[tuple[str, bool], int]  # (channel, tried before) -> pending rows
+    failed: dict[str, int]  # rows that failed for good, among those kept
+    disabled: set[str]
+
+
+def figures(conn: Connection) -> Figures:
+    """The outbox's figures: counters from ``control``, the pending and failed rows by
+    their (status, next_at) index (the sent rows, nearly all of them, are not read)."""
+    t, c = table.c, control.c
+    sent_rows = conn.execute(select(c.name, c.value).where(c.name.like(SENT_COUNT + "%")))
+    sent = {n[len(SENT_COUNT):]: int(v) for n, v in sent_rows}
+    waiting: dict[tuple[str, bool], int] = {}
+    failed: dict[str, int] = {}
+    tried = (t.attempts > 0).label("tried")
+    for channel, status, was_tried, n in conn.execute(
+            select(t.channel, t.status, tried, func.count())
+            .where(t.status.in_((PENDING, FAILED))).group_by(t.channel, t.status, tried)):
+        if status == PENDING:
+            waiting[(channel, bool(was_tried))] = int(n)
+        else:
+            failed[channel] = int(n)
+    off = {n[len(DISABLED):] for n in conn.execute(
+        select(c.name).where(c.name.like(DISABLED + "%"))).scalars()}
+    return Figures(sent, waiting, failed, off)

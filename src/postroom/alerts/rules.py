@@ -3,9 +3,10 @@
 An incident opens once and closes once: ``connection_down`` opens one for its connection,
 ``connection_up`` closes it, whatever happened between (an outage of 10,000 messages is one
 alert and one "recovered"). Threshold incidents (failed messages, the oldest waiting
-message's age, a refresh token dying) open when the figure crosses the line and close when
-it is back. Other kinds (``fallback_used``, ``unknown_outcome``...) have no end: the first
-alerts, the next ones within ``throttle`` seconds are counted and sent as one digest.
+message's age, a refresh token dying, the providers' bounce and complaint rates) open when
+the figure crosses the line and close when it is back. Other kinds (``fallback_used``,
+``unknown_outcome``...) have no end: the first alerts, the next ones within ``throttle``
+seconds are counted and sent as one digest.
 ``fallback_used`` is a warning: mail went, by another connection.
 """
 
@@ -74,12 +75,34 @@ class State:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """One connection's messages sent in a rule's ``rate_minutes``, and the bounces and
+    complaints its provider reported in that time."""
+
+    sent: int = 0
+    bounced: int = 0
+    complained: int = 0
+
+    def __add__(self, other: Rate) -> Rate:
+        return Rate(self.sent + other.sent, self.bounced + other.bounced,
+                    self.complained + other.complained)
+
+
+# A rate incident closes once the rate is under this share of its line, not just under it:
+# the window slides, so a rate hovering at the line would otherwise alert and recover over
+# and over.
+RECOVER = 0.8
+
+
+@dataclass(frozen=True)
 class Facts:
     """Figures of the store at this tick, per rule where a rule's filters change them."""
 
     failures: Mapping[str, int] = field(default_factory=dict)  # rule -> failed in its window
     oldest_waiting: float | None = None  # created_at of the oldest queued/deferred message
     refresh_expires: Mapping[str, float] = field(default_factory=dict)  # connection -> when
+    # rule -> connection -> its sent messages, bounces and complaints in rate_minutes
+    rates: Mapping[str, Mapping[str, Rate]] = field(default_factory=dict)
 
 
 def _wants(rule: AlertRule, ev: Event, apps: Mapping[str, str | None]) -> bool:
@@ -226,3 +249,31 @@ def _thresholds(run: _Run, rule: AlertRule, facts: Facts) -> None:
                     f"(postroom oauth login {conn})"))
             else:
                 run.close(rule, "oauth_expiry", conn, "the grant was renewed")
+    _rates(run, rule, facts.rates.get(rule.name, {}), serial)
+
+
+def _rates(run: _Run, rule: AlertRule, by_conn: Mapping[str, Rate], serial: int) -> None:
+    """Bounce and complaint rates per connection, and in all when mail went through more
+    than one (with one, the total is that connection's figure: one alert, not two)."""
+    figures: dict[str | None, Rate] = {conn: rate for conn, rate in by_conn.items()}
+    if len(by_conn) > 1:
+        figures[None] = sum(by_conn.values(), Rate())
+    for conn, rate in figures.items():
+        if rate.sent < rule.rate_min_sent:
+            continue  # too few messages to tell: an open incident stays as it is
+        for family, line, n, what in (
+                ("bounce_rate", rule.bounce_rate, rate.bounced, "bounced"),
+                ("complaint_rate", rule.complaint_rate, rate.complained,
+                 "were reported as spam")):
+            if not line:
+                continue
+            pct = 100 * n / rate.sent
+            where = f" through {conn}" if conn else ""
+            if pct >= line:
+                run.open(rule, Incident(
+                    rule.name, family, family, Severity.WARNING.value, conn, run.now, serial,
+                    f"{n} of {rate.sent} messages sent{where} in the last "
+                    f"{rule.rate_minutes:g} minutes {what} ({pct:.2f}%, the line is "
+                    f"{line:g}%): providers slow down or stop senders over it"))
+            elif pct < line * RECOVER:
+                run.close(rule, family, conn, f"the rate is down to {pct:.2f}%")

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from postroom.commands._common import ConfigOpt, JsonOpt, console, fail, guard, instance, when
+from postroom.commands.registry import help_of
 from postroom.exceptions import ConfigError, PostroomError
 
 if TYPE_CHECKING:
     from postroom.alerts.config import AlertRule, AlertsSettings
     from postroom.runtime import Instance
 
-cli = typer.Typer(help="Alerts: the alerts rules of postroom.toml, their channels, what was "
-                  "sent.", no_args_is_help=True)
+cli = typer.Typer(help=help_of("alerts"), no_args_is_help=True)
 ChannelArg = Annotated[str, typer.Argument(help="A channel id as `postroom alerts list` shows "
                                            "it (ops#1), or a rule's name for all its channels")]
 
@@ -83,7 +83,7 @@ def test(channel: ChannelArg, config: ConfigOpt = None) -> None:
                       "test alert", f"A test of alert channel {cid} from `postroom alerts "
                       "test`: it works.", now)
         try:
-            asyncio.run(channel_for(rule, url).send(alert))
+            asyncio.run(channel_for(rule, url, inst.settings, inst.engine).send(alert))
         except PostroomError as err:
             bad += 1
             console(stderr=True).print(f"{cid}: failed: {err}", markup=False, soft_wrap=True)

@@ -5,7 +5,9 @@ one process's. Each read is bounded: message counts come from the log's hourly r
 (finished mail) and the queue index (waiting mail, few rows); the breaker and the OAuth
 grants have one row per connection; attempts and events are read once each, in id order,
 at most :data:`BATCH` rows per scrape (:class:`Tail`), and kept as running totals here,
-counted from this process's first scrape on.
+counted from this process's first scrape on. The alerts' figures (postroom.alerts.outbox:
+the counters of alerts sent, the rows waiting or failed, the disabled channels) are read
+only when [[alerts]] has rules.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 from sqlalchemy import Column, Connection, Table, func, select
 
 from postroom import events
+from postroom.alerts.outbox import Figures as AlertFigures
+from postroom.alerts.outbox import figures as alert_figures
 from postroom.queue.sql import Queue
 from postroom.routing.health import DOWN, Health
 from postroom.settings import Settings
@@ -140,6 +144,8 @@ class Snapshot:
     grants: list[Grant]
     events: dict[str, int]  # kind -> running total
     durations: dict[tuple[str, str], Histogram]  # (connection, outcome) -> histogram
+    alerts: AlertFigures | None = None  # the alerts' outbox (none read: no [[alerts]])
+    alert_channels: tuple[str, ...] = ()  # the channel ids [[alerts]] configures
 
 
 class Collector:
@@ -165,6 +171,8 @@ class Collector:
                 hist.observe(max(0.0, float(row.settled_at) - float(row.started_at)))
             for ev in self._events.read(now):
                 self.events[ev.kind.value] = self.events.get(ev.kind.value, 0) + 1
+            channels = alert_channels(settings)
+            alerts = alert_figures(conn) if channels else None
             grants = [Grant(r.connection, r.expires_at, r.refresh_expires_at, r.state == "dead")
                       for r in conn.execute(select(
                           oauth_grants.c.connection, oauth_grants.c.expires_at,
@@ -183,7 +191,8 @@ class Collector:
                         oldest_due=oldest_due, queue_paused=health.queue_paused(),
                         breakers=breakers, grants=grants, events=dict(self.events),
                         durations={k: Histogram(list(h.counts), h.total)
-                                   for k, h in self.durations.items()})
+                                   for k, h in self.durations.items()},
+                        alerts=alerts, alert_channels=channels)
 
     @staticmethod
     def _messages(conn: Connection) -> dict[tuple[str, str, str], int]:
@@ -210,3 +219,13 @@ class Collector:
         due = [conn.execute(select(func.min(m.next_attempt_at)).where(
             m.status == s, m.next_attempt_at <= now)).scalar() for s in WAITING]
         return max(0.0, now - min((float(d) for d in due if d is not None), default=now))
+
+
+def alert_channels(settings: Settings) -> tuple[str, ...]:
+    """The alert channel ids of the settings' [[alerts]] rules (none without the section:
+    then neither the rules' module nor the outbox is read)."""
+    if not any(name == "alerts" for name, _ in settings.features):
+        return ()
+    from postroom.alerts.config import AlertsSettings
+
+    return tuple(settings.section(AlertsSettings).channel_ids())

@@ -98,8 +98,37 @@ def families(snap: Snapshot) -> list[Metric]:
                           "sent (0: none overdue)", value=snap.oldest_due),
         GaugeMetricFamily("postroom_queue_paused", "1 when the whole queue is paused",
                           value=1.0 if snap.queue_paused else 0.0),
-        hist, state, paused, failures, access, refresh, dead, evts,
+        hist, state, paused, failures, access, refresh, dead, evts, *alert_families(snap),
     ]
+
+
+def alert_families(snap: Snapshot) -> list[Metric]:
+    """The alerts' families: sent (a counter kept in the database, so every process and
+    node reports the same total), waiting and failed outbox rows, disabled channels; every
+    configured channel has a sample (0 included), so an alert on "failing" sees it."""
+    fig = snap.alerts
+    if fig is None:
+        return []
+    channels = sorted(set(snap.alert_channels) | set(fig.sent) | set(fig.failed)
+                      | fig.disabled | {c for c, _ in fig.waiting})
+    sent = CounterMetricFamily("postroom_alerts_sent", "Alerts sent, by channel id (rule#n)",
+                               labels=["channel"])
+    waiting = GaugeMetricFamily(
+        "postroom_alerts_waiting", "Alerts in the outbox not sent yet, by channel and whether "
+        "a try failed already (retrying) or not (new)", labels=["channel", "state"])
+    failed = GaugeMetricFamily(
+        "postroom_alerts_failed", "Alerts that failed for good (the channel was disabled or "
+        "gave up), among the outbox rows kept", labels=["channel"])
+    disabled = GaugeMetricFamily(
+        "postroom_alert_channel_disabled", "1 when the alert channel is disabled (postroom "
+        "alerts enable CHANNEL)", labels=["channel"])
+    for ch in channels:
+        sent.add_metric([ch], fig.sent.get(ch, 0))
+        waiting.add_metric([ch, "new"], fig.waiting.get((ch, False), 0))
+        waiting.add_metric([ch, "retrying"], fig.waiting.get((ch, True), 0))
+        failed.add_metric([ch], fig.failed.get(ch, 0))
+        disabled.add_metric([ch], 1.0 if ch in fig.disabled else 0.0)
+    return [sent, waiting, failed, disabled]
 
 
 class _Fixed:

@@ -14,6 +14,9 @@ transport reads (:func:`secret_name`). Nor may it name an environment variable o
 otherwise make Postroom send its key file as an SMTP password to a server of their choosing.
 The one exception is ``ca_file``: a CA bundle only verifies the upstream, it is never sent.
 
+Feature sections that opt in (``[[alerts]]``) are stored whole, their secrets apart:
+postroom.store.dbfeatures.
+
 Every change is audited (before/after, no secret) and bumps the configuration generation (a
 ``control`` row) in the same transaction; postroom.reload polls it in every process.
 """
@@ -77,6 +80,7 @@ class Kind(enum.StrEnum):
     ROUTES = "routes"  # one row, name "": the stored [[routes]] list
     POLICY = "policy"  # one row, name "": [policy] keys
     RETENTION = "retention"  # one row, name "": [retention] keys
+    FEATURE = "feature"  # one row per feature section that opts in (postroom.store.dbfeatures)
 
 
 _SECTIONS: dict[Kind, type[BaseModel]] = {Kind.POLICY: PolicySettings,
@@ -211,9 +215,11 @@ def _locked(what: str) -> ConfigError:
 
 
 # -- the merge --------------------------------------------------------------------------------
-def merge(file: Settings, rows: Mapping[tuple[str, str], Any]) -> tuple[Settings, list[str]]:
+def merge(file: Settings, rows: Mapping[tuple[str, str], Any],
+          secrets: Mapping[str, str] | None = None) -> tuple[Settings, list[str]]:
     """The file's settings with the stored entries laid over them, and what was left out
-    (each with the reason and the fix). A broken stored entry is left out, never fatal."""
+    (each with the reason and the fix). A broken stored entry is left out, never fatal.
+    ``secrets``: the stored feature sections' (dbfeatures.read_secrets)."""
     notes: list[str] = []
     names = {c.name for c in file.connections}
     conns = list(file.connections)
@@ -270,8 +276,14 @@ def merge(file: Settings, rows: Mapping[tuple[str, str], Any]) -> tuple[Settings
             sections[kind.value] = validate_section(model, kind.value, {**stored, **fixed})
         except ConfigError as err:
             notes.append(f"stored [{kind.value}] is ignored: {err.message}")
+    features = file.features
+    if any(kind == Kind.FEATURE for kind, _ in rows):
+        from postroom.store import dbfeatures
+
+        features, more = dbfeatures.merged(file, rows, secrets or {}, Kind.FEATURE.value)
+        notes += more
     merged = dataclasses.replace(file, connections=tuple(conns), routes=tuple(routes),
-                                 **sections)
+                                 features=features, **sections)
     return _remember(merged, file), notes
 
 
@@ -296,12 +308,17 @@ def load(settings: Settings, engine: Engine) -> tuple[Settings, int]:
     """:func:`effective` and the generation it is (read first: a change committed meanwhile
     is seen again at the next poll, never missed)."""
     file = file_settings(settings)
+    secrets: dict[str, str] = {}
     with engine.connect() as conn:
         generation = read_generation(conn)
         rows = read_rows(conn)
+        if any(kind == Kind.FEATURE for kind, _ in rows):
+            from postroom.store import dbfeatures
+
+            secrets = dbfeatures.read_secrets(conn, dbfeatures.vault_for(file))
     if not rows:
         return file, generation
-    merged, notes = merge(file, rows)
+    merged, notes = merge(file, rows, secrets)
     for note in notes:
         log.warning("%s", note)
     return merged, generation
@@ -343,9 +360,13 @@ class ConfigStore:
 
     def problems(self, settings: Settings) -> list[str]:
         """Stored entries left out of the effective configuration, with the reason."""
+        from postroom.store import dbfeatures
+
         with self.engine.connect() as conn:
             rows = read_rows(conn)
-        return merge(file_settings(settings), rows)[1] if rows else []
+            secrets = (dbfeatures.read_secrets(conn, self.secrets.vault)
+                       if any(kind == Kind.FEATURE for kind, _ in rows) else {})
+        return merge(file_settings(settings), rows, secrets)[1] if rows else []
 
     # -- writes -------------------------------------------------------------------------------
     def put_connection(self, entry: Mapping[str, Any], *, secret: str | None, actor: Actor,
@@ -482,6 +503,43 @@ class ConfigStore:
             record(conn, actor, Action.SETTINGS_CHANGE, kind.value,
                    {"before": before, "after": body})
             bump(conn)
+
+    def feature(self, name: str) -> Any:
+        """Feature section ``name`` as stored (without its secrets), or None."""
+        return self._body(Kind.FEATURE, name)
+
+    def put_feature(self, name: str, data: Any, *, actor: Actor, settings: Settings) -> None:
+        """Store feature section ``name`` (one that opts in: postroom.store.dbfeatures),
+        replacing the stored one; its secrets go to the secrets table, encrypted. Refused
+        when postroom.toml or the environment gives the section."""
+        from postroom.audit import Action, record
+        from postroom.store import dbfeatures
+
+        if name in dict(file_settings(settings).features):
+            raise _locked(f"[{name}]")
+        body, secrets = dbfeatures.split(name, data)
+        with write_transaction(self.engine) as conn:
+            before = _row(conn, Kind.FEATURE, name)
+            put_row(conn, Kind.FEATURE, name, body, actor)
+            dbfeatures.write_secrets(conn, self.secrets.vault, name, secrets, time.time())
+            record(conn, actor, Action.SETTINGS_CHANGE, name,
+                   {"before": before, "after": body, "stored": sorted(secrets)})
+            bump(conn)
+
+    def delete_feature(self, name: str, *, actor: Actor) -> bool:
+        """Delete stored feature section ``name`` and its secrets; False when none is."""
+        from postroom.audit import Action, record
+        from postroom.store import dbfeatures
+
+        with write_transaction(self.engine) as conn:
+            before = _row(conn, Kind.FEATURE, name)
+            if before is None:
+                return False
+            _delete_row(conn, Kind.FEATURE, name)
+            dbfeatures.write_secrets(conn, self.secrets.vault, name, {}, time.time())
+            record(conn, actor, Action.SETTINGS_CHANGE, name, {"before": before, "after": None})
+            bump(conn)
+        return True
 
     # -- secrets, written in the change's own transaction -------------------------------------
     def _has_secret(self, connection: str, what: Secret) -> bool:

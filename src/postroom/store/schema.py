@@ -458,3 +458,24 @@ alert_outbox = Table(
     Index("ix_alert_outbox_due", "status", "next_at"),
     Index("ix_alert_outbox_created", "created_at"),
 )
+
+# -- Web Push subscriptions (postroom.alerts.subscriptions, migration 0016) --------------------
+# One row per browser that asked the web admin for alerts, owned by an admin account. The
+# endpoint is the push service's URL for that browser (unique: one browser, one owner, the
+# account that subscribed it last); ``secret`` its p256dh and auth keys (Fernet ciphertext).
+# ``sent_keys``: JSON list of the last alert keys it took, so a retried alert skips it.
+webpush_subscriptions = Table(
+    "webpush_subscriptions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account", String(64),
+           ForeignKey("admin_accounts.name", ondelete="CASCADE"), nullable=False),
+    Column("endpoint", String(1024), nullable=False),
+    Column("secret", Text, nullable=False),
+    Column("label", String(120), nullable=False),  # the browser, from its User-Agent
+    Column("created_at", Float, nullable=False),
+    Column("sent_at", Float),
+    Column("sent_keys", Text, nullable=False, default="[]"),
+    Index("ux_webpush_subscriptions_endpoint", "endpoint", unique=True),
+    Index("ix_webpush_subscriptions_account", "account"),
+)

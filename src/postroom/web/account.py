@@ -17,13 +17,13 @@ from fastapi.responses import RedirectResponse, Response
 from postroom.admin.accounts import LoginRefused
 from postroom.admin.sessions import SessionKind
 from postroom.audit import Actor, ActorKind, Role
-from postroom.web import auth, fence, forms
+from postroom.web import auth, fence, forms, push
 from postroom.web.ops_errors import Refused, attempt, submit
 from postroom.web.render import page, translator
 
 router = APIRouter(prefix=fence.PAGES, include_in_schema=False)
 Signed = Annotated[Actor, Depends(auth.page_actor(Role.VIEWER))]
-_NOTICES = ("password", "totp_on", "totp_off")
+_NOTICES = ("password", "totp_on", "totp_off", "push_off")
 
 
 def qr_data_uri(text: str) -> str:
@@ -42,6 +42,7 @@ async def _account_page(request: Request, actor: Actor, *, status: int = 200,
         "notice": "", "error": "", "totp": bool(account and account.totp),
         "totp_secret": "", "totp_uri": "", "totp_qr": "",
         "sso": actor.kind == ActorKind.SSO.value,
+        "push": await push.panel(request, actor),  # "Send alerts to this browser" (web.push)
     }
     return page(request, "account.html", status=status, **{**defaults, **values})
 

@@ -18,6 +18,8 @@ TYPES = {
     "admin.css": "text/css; charset=utf-8",
     "admin.js": "text/javascript; charset=utf-8",
     "htmx.min.js": "text/javascript; charset=utf-8",
+    "push.js": "text/javascript; charset=utf-8",  # the account page's Web Push control
+    "push-worker.js": "text/javascript; charset=utf-8",  # served at /admin/ (web.push)
 }
 
 
