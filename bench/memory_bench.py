@@ -16,6 +16,10 @@ to smtp-sink, as in the relay bench):
 4. one message through the HTTP API (`POST /api/v1/messages`), delivered;
 5. the web admin: sign in and the dashboard; 6. the log; 7. the API message's page.
 
+Also timed: the first admin page, which starts the web admin's own process, and the same
+page once it runs; and that process's own RSS after the pages (it is not serve's, and it
+exits after ``[admin] process_idle`` seconds without a request).
+
 Each row also gives the number of modules the server holds (POSTROOM_DEBUG_MODULES,
 written on SIGUSR1). A private Postfix instance (bench/postfix_instance.py) gives Postfix's
 idle memory, all its processes summed, side by side. ``--src DIR`` runs the Postroom found
@@ -126,6 +130,17 @@ def http_client(base: str, key: str | None = None) -> Any:
                         headers={"Authorization": f"Bearer {key}"} if key else None)
 
 
+def admin_process_rss(srv: Serve) -> float:
+    """VmRSS (kB) of serve's web admin process, 0 when it has none."""
+    assert srv.proc is not None
+    for task in Path(f"/proc/{srv.proc.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"admin_child" in cmd:
+                return float(mem(int(child)).get("VmRSS", 0))
+    return 0.0
+
+
 def one_run(work: Path, sink: Sink, env: dict[str, str], settle: float) -> dict[str, Any]:
     srv = Serve(work, sink.port, env)
     rec: dict[str, Any] = {}
@@ -158,6 +173,13 @@ def one_run(work: Path, sink: Sink, env: dict[str, str], settle: float) -> dict[
             raise RuntimeError("the API message was not delivered")
         rec["api"] = srv.sample(settle)
         with http_client(srv.http) as c:
+            # The web admin's own process starts on its first request: that page's time,
+            # then the same page's once it runs (postroom.ingress.admin_proxy).
+            for step in ("cold", "warm"):
+                began = time.perf_counter()
+                if c.get("/admin/login").status_code != 200:
+                    raise RuntimeError("/admin/login: not 200")
+                rec.setdefault("latency", {})[step] = time.perf_counter() - began
             r = c.post("/admin/login", data={"name": ADMIN[0], "password": ADMIN[1]})
             if r.status_code != 303:
                 raise RuntimeError(f"admin login: {r.status_code}")
@@ -167,6 +189,7 @@ def one_run(work: Path, sink: Sink, env: dict[str, str], settle: float) -> dict[
                 if r.status_code != 200:
                     raise RuntimeError(f"{path}: {r.status_code}")
                 rec[step] = srv.sample(settle)
+            rec["latency"]["child_rss_kb"] = admin_process_rss(srv)
     finally:
         srv.stop()
     return rec
@@ -191,9 +214,19 @@ def report(records: list[dict[str, Any]], postfix: dict[str, int] | None,
         mark = "" if step == "first" else (" ✅" if ok else " ❌")
         lines.append(f"| {label} | **{cell(rss)}**{mark} | {cell(pss)} | "
                      f"{int(statistics.median(mods))} |")
+    waits = [r["latency"] for r in records if "latency" in r]
+    if waits:
+        lines.append(
+            "| the web admin's process, after the pages (not serve's) | "
+            f"{cell([w['child_rss_kb'] for w in waits])} | | |")
     if postfix:
         lines.append(f"| Postfix, all {postfix['procs']} processes, idle after start | "
                      f"{mb(postfix['rss_kb'])} | {mb(postfix['pss_kb'])} | |")
+    if waits:
+        lines += ["", "First admin page (`GET /admin/login`, starts the web admin's process): "
+                  f"{statistics.median(w['cold'] for w in waits):.2f} s; the same page "
+                  f"once it runs: {statistics.median(w['warm'] for w in waits) * 1000:.0f} ms "
+                  "(medians)."]
     lines += ["", f"Target (issues 16, 19): ≤ {TARGETS['idle_rss_mb']:g} MB RSS idle, after "
               "each door has been used once (✅/❌ per row)."]
     return "\n".join(lines)
@@ -232,7 +265,8 @@ def main() -> int:
         for rep in range(a.reps):
             rec = one_run(work / f"run{rep}", sink, env, a.settle)
             records.append(rec)
-            say(f"  run {rep}: " + ", ".join(f"{k} {mb(v['VmRSS'])}" for k, v in rec.items()))
+            say(f"  run {rep}: " + ", ".join(f"{k} {mb(v['VmRSS'])}" for k, v in rec.items()
+                                             if "VmRSS" in v))
     finally:
         if pf is not None:
             pf.stop()

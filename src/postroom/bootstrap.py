@@ -56,6 +56,7 @@ CONFIG_TEMPLATE = '''\
 # sso_proxies = []                      # trusted only from these addresses (required with it)
 # sso_role = ""                         # "": the account must exist; viewer|admin: created
 # language = ""                         # "": the browser's; else "en" or "fr"
+# process_idle = 300                    # seconds without an admin request, then its process stops
 
 # Add the provider you deliver through. Until a connection exists, mail is accepted and
 # kept in the queue; it is delivered once you add one and restart.

@@ -384,6 +384,8 @@ async def serve(
     worker_task = asyncio.create_task(worker.run()) if worker else None
     chores = _chores(inst) if worker else []
     live, live_task = _follow_config(inst, worker, transports, chores)
+    if ctx is not None:  # the web admin's process changes it (ingress.admin_proxy)
+        ctx.refresh_config = live.check
     _say(f"postroom: accepting mail on {', '.join(f'{h}:{p}' for h, p in bound)} "
          f"(data in {settings.data_dir})")
     if not inst.settings.connections:

@@ -35,7 +35,7 @@ def shipped_languages() -> list[str]:
 class AdminSettings(SectionModel):
     """[admin]: the web admin served under /admin on server.http_listen."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no web admin (its pages and JSON API answer 404)
     # The lowest role that may see message bodies and attachments (they can hold
     # password-reset links); every view is audited.
     bodies: Role = Role.ADMIN
@@ -51,6 +51,10 @@ class AdminSettings(SectionModel):
     sso_proxies: list[str] = Field(default_factory=list)
     sso_role: Literal["", "viewer", "admin"] = ""  # "": the account must exist
     language: str = ""  # "": the browser's (Accept-Language); else a shipped one
+    # Under `postroom serve` the web admin runs in a process of its own
+    # (postroom.ingress.admin_proxy), started by the first admin request and stopped after
+    # this many seconds without one: its libraries and templates are not kept by the server.
+    process_idle: int = Field(default=300, ge=1, le=7 * 86400)
 
     @field_validator("bodies", mode="before")
     @classmethod

@@ -62,6 +62,10 @@ def peer_key(ip: str) -> str:
     return str(addr)
 
 
+# How long a peer's failures are remembered after its last one (FailureLimiter's default).
+FAILURE_WINDOW = 600.0
+
+
 class FailureLimiter:
     """A growing delay for peers whose authentication fails, across sessions and requests.
 
@@ -80,7 +84,7 @@ class FailureLimiter:
         *,
         base_delay: float,
         max_delay: float,
-        window: float = 600.0,
+        window: float = FAILURE_WINDOW,
         max_peers: int = 10000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -28,7 +28,7 @@ from postroom import __version__
 from postroom.apps import AppPolicy
 from postroom.envelope import Envelope, new_id, validate_address
 from postroom.exceptions import IntakeError, MessageError, StoreError
-from postroom.ingress import http_docs, http_raw
+from postroom.ingress import http_raw
 from postroom.ingress.http_auth import AUTH_STATE, Refusal
 from postroom.ingress.http_errors import HttpError, install
 from postroom.ingress.http_front import AdminPart, Context
@@ -43,7 +43,6 @@ from postroom.ingress.http_models import (
     ResendIn,
 )
 from postroom.message import Attachment, Draft, build
-from postroom.oauth import web as oauth_web
 from postroom.queue.sql import IdempotencyKey
 from postroom.store.log import LogFilter
 from postroom.store.schema import PRIORITIES, STATUSES
@@ -509,23 +508,30 @@ async def list_connections(app: App, ctx: Ctx) -> dict[str, Any]:
     return report
 
 
-def create_app(ctx: Context, *, admin: AdminPart = "all") -> FastAPI:
+def create_app(ctx: Context, *, admin: AdminPart = "all", pages: bool = True) -> FastAPI:
     """The application: the API, the OAuth pages and, as ``admin`` says, none of the web
     admin, its pages alone, or its pages and its JSON API (postroom.web). The HTTP front
     starts with "none" and takes more on the first request that needs it: a part not
     mounted is not imported either, and a server used only through the API (or the admin
-    pages only) never holds the rest."""
+    pages only) never holds the rest. ``pages=False``: the API alone, without the OAuth
+    pages, the OpenAPI document and the docs page, for a server whose web admin's process
+    serves them (ingress.admin_proxy)."""
     api = FastAPI(
         title="Postroom API", version=__version__,
         description="Hand mail to Postroom, follow it, resend it. Authenticate with the API "
         "key `postroom app add NAME` prints. Errors: `{\"error\": {code, message, fix, "
         "field}}`.",
-        openapi_url=f"{PREFIX}/openapi.json", docs_url=None, redoc_url=None,
+        openapi_url=f"{PREFIX}/openapi.json" if pages else None, docs_url=None,
+        redoc_url=None,
     )
-    http_docs.install(api, PREFIX, api.title)  # Swagger UI from the package, not a CDN
     api.state.ctx = ctx
     api.include_router(router)
-    api.include_router(oauth_web.router)  # /oauth/start/{connection}, /oauth/callback
+    if pages:
+        from postroom.ingress import http_docs
+        from postroom.oauth import web as oauth_web
+
+        http_docs.install(api, PREFIX, api.title)  # Swagger UI from the package, no CDN
+        api.include_router(oauth_web.router)  # /oauth/start/{connection}, /oauth/callback
     if admin != "none":  # /, /admin (pages), /api/v1/admin (JSON): postroom.web
         from postroom.web import app as web_app
 

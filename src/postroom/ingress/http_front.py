@@ -18,7 +18,9 @@ is read (404 alike for both), the body is read under 1 MB, the signature checked
 
 The web admin (``/``, ``/admin...``, ``/api/v1/admin...``; postroom.web) has its own fence
 here, before any page work: server.admin_networks and the ``Host`` header first
-(postroom.web.fence), then a body read under 64 KB unless the request is signed in.
+(postroom.web.fence), then a body read under 64 KB unless the request is signed in. Under
+`postroom serve` it is then served, with the OAuth pages and the OpenAPI document, by a
+process of its own, started on demand and stopped when idle (ingress.admin_proxy).
 
 Both are loaded when first needed: uvicorn on the first connection, FastAPI on the first
 API (or admin) request. `postroom serve` must idle within 60 MB, and they cost about 2 MB and 10 MB
@@ -37,6 +39,7 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +57,7 @@ from postroom.settings import Settings
 from postroom.web import fence
 
 if TYPE_CHECKING:
+    from postroom.ingress.admin_proxy import AdminProcess
     from postroom.metrics.expose import Metrics
     from postroom.runtime import Instance
     from postroom.web.auth import AdminAuth
@@ -94,6 +98,10 @@ class Context:
     # /metrics' running totals and cache (postroom.metrics.expose), made on the first scrape
     # or by `postroom serve` when [metrics] listen serves them on an address of their own.
     metrics: Metrics | None = None
+    # Reads the stored configuration now and applies a change (postroom.reload's
+    # LiveConfig.check): the web admin's process calls it after each request that may have
+    # changed it, so that this process's worker knows a connection as soon as the admin does.
+    refresh_config: Callable[[], Awaitable[object]] | None = None
 
     def checks(self) -> Intake:
         if self.intake is None:
@@ -198,9 +206,27 @@ class Front:
         self._api: ASGIApp | None = None
         self._part: AdminPart = "none"  # how much of the web admin self._api has
         self._loading = asyncio.Lock()
+        # Under `postroom serve` (an instance, an interpreter to start): the web admin, the
+        # OAuth pages and the OpenAPI document are served by a process of their own
+        # (ingress.admin_proxy); else by the application here, as `part` says.
+        # Made on the first request for it (its module is not imported before).
+        self.apart: AdminProcess | None = None
+        self._may_part = ctx.instance is not None and bool(sys.executable)
 
     def is_trusted(self, ip: str) -> bool:
         return ip in self.trusted
+
+    def admin_process(self) -> AdminProcess | None:
+        """The web admin's process (ingress.admin_proxy), when this server has one."""
+        if self.apart is None and self._may_part:
+            from postroom.admin.config import AdminSettings
+            from postroom.ingress.admin_proxy import AdminProcess
+
+            self.apart = AdminProcess(
+                self.ctx.settings, self.ctx.settings.section(AdminSettings).process_idle,
+                on_enqueued=self.ctx.on_enqueued, worker_owner=self.ctx.worker_owner,
+                refresh_config=lambda: self.ctx.refresh_config)
+        return self.apart
 
     def sees_details(self, ip: str) -> bool:
         """Whether /healthz may show this client the store's errors, worker ids and queue
@@ -223,7 +249,8 @@ class Front:
                     def load() -> ASGIApp:
                         from postroom.ingress.http_api import create_app
 
-                        return create_app(self.ctx, admin=part)
+                        # With an admin process, it serves the OAuth pages and the docs.
+                        return create_app(self.ctx, admin=part, pages=not self._may_part)
 
                     api = self._api = await asyncio.to_thread(load)
                     self._part = part
@@ -294,6 +321,10 @@ class Front:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # only http.disconnect remains
 
+        apart = self.admin_process() if part != "none" or _apart_path(scope["path"]) else None
+        if apart is not None:
+            await apart.forward(scope, body, send, _client(scope))
+            return
         # The OpenAPI document describes the admin's JSON endpoints too.
         app = await self.api("all" if scope["path"] == OPENAPI else part)
         try:
@@ -406,6 +437,9 @@ class Front:
         return actor is not None
 
     async def _signed_in(self, scope: Scope) -> bool:
+        apart = self.admin_process()
+        if apart is not None:  # the accounts are the admin process's
+            return await apart.signed_in(scope, _client(scope))
         from postroom.web import auth  # the accounts' modules: loaded on first admin use
 
         return await auth.signed_in(self.ctx, scope)
@@ -515,6 +549,12 @@ class Front:
         return b"".join(chunks)
 
 
+def _apart_path(path: str) -> bool:
+    """Served by the admin's process besides the web admin itself: the OAuth sign-in pages
+    (postroom.oauth.web), the OpenAPI document and the docs page."""
+    return path.startswith("/oauth/") or _public(path)
+
+
 def _public(path: str) -> bool:
     """API paths served without a key: the OpenAPI document and the docs page."""
     return path in (f"{PREFIX}/openapi.json", f"{PREFIX}/docs") or \
@@ -594,6 +634,8 @@ class Listener:
                 self.server.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        if self.app.apart is not None:
+            await self.app.apart.close()
         self.app.ctx.keys.close()
         self.sock.close()
 
