@@ -4,6 +4,8 @@
     .venv/bin/python bench/webhook_bench.py --events 4000  # quick
     ... --provider mailgun --batch 1 / --provider sendgrid    # a real provider's payloads
     ... --out -                                                       # print, do not write
+    ... --src /tmp/before/src      # the server from another src folder (same-run before/after)
+    ... --spy /tmp/hooks.txt       # py-spy (GIL holder, raw stacks) on the server, first row
 
 Issue 14's target: at least 2,000 events/s on SQLite. One `postroom serve` process (its own,
 SQLite in a fresh data folder, no worker) with one connection of the test provider
@@ -24,6 +26,11 @@ Rows: events per request 1, 10 and 100. Measured per row: events/s (events / wal
 until the last answer), requests/s, the server's CPU per event (/proc, all threads), and
 checked: every event recorded once and attached (delivery_events rows), then the same
 batches sent again are all duplicates.
+
+``--src DIR`` runs the server from DIR (the ``src`` folder of an older copy) instead of
+this checkout's, so that before and after a change are measured on the same box in the same
+hour; the database is prepared by this checkout (same schema). ``--spy FILE`` records the
+server's GIL holder with py-spy during the first row's posts (bench/worker_bench.spy_on).
 
 Every process started here is tracked by PID and stopped in a finally block.
 """
@@ -49,7 +56,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(REPO / "src"), str(REPO / "tests"), str(HERE)]
+# The server child runs from --src when given (passed down in this variable).
+SRC_ENV = "WEBHOOK_BENCH_SRC"
+sys.path[:0] = [os.environ.get(SRC_ENV) or str(REPO / "src"), str(REPO / "tests"), str(HERE)]
 
 from _report import write_block  # noqa: E402
 from postfix_instance import proc_cpu  # noqa: E402
@@ -261,11 +270,19 @@ def post_all(port: int, bodies: list[Request],
 
 
 def run_row(port: int, pid: int, total: int, size: int, threads: int,
-            provider: str) -> dict[str, Any]:
+            provider: str, spy: Path | None = None) -> dict[str, Any]:
     bodies = batches(total, size, f"b{size}", provider)
+    recorder = None
+    if spy is not None:
+        from worker_bench import spy_on
+
+        recorder = spy_on(pid, spy)
     cpu0 = proc_cpu(pid)
     wall, answers = post_all(port, bodies, threads)
     cpu = proc_cpu(pid) - cpu0
+    if recorder is not None:
+        recorder.send_signal(2)
+        recorder.wait(60)
     accepted = sum(a["accepted"] for a in answers)
     attached = sum(a["attached"] for a in answers)
     _, again = post_all(port, bodies, threads)  # replayed: every event a duplicate
@@ -311,6 +328,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--provider", choices=sorted(PROVIDERS), default="hooktest")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    ap.add_argument("--src", help="run the server from this src folder")
+    ap.add_argument("--spy", type=Path, help="py-spy raw stacks of the first row, to here")
     args = ap.parse_args()
     if args.serve:
         serve(args.serve)
@@ -319,6 +338,8 @@ def main() -> None:
     port = free_port()
     cfg = prepare(root, port, args.provider)
     env = {**os.environ, "BENCH_WEBHOOK_KEY": PROVIDERS[args.provider].key}
+    if args.src:
+        env[SRC_ENV] = str(Path(args.src).resolve())
     sizes = [int(b) for b in args.batch.split(",")]
     if not PROVIDERS[args.provider].batches and sizes != [1]:
         sys.exit(f"{args.provider} posts one event per request: use --batch 1")
@@ -327,8 +348,8 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=errlog)
     try:
         wait_port(port, timeout=60)
-        rows = [run_row(port, proc.pid, args.events, b, args.threads, args.provider)
-                for b in sizes]
+        rows = [run_row(port, proc.pid, args.events, b, args.threads, args.provider,
+                        args.spy if i == 0 else None) for i, b in enumerate(sizes)]
     finally:
         proc.terminate()
         try:

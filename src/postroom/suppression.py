@@ -2,8 +2,9 @@
 
 A hard bounce, a provider's refusal of an address it calls invalid, or a spam complaint
 (and an unsubscribe, if ``[suppression] suppress`` lists it) puts the recipient on the list
-(:func:`note_event`, called by postroom.webhooks' intake and the DSN reader); an operator
-adds, removes and imports addresses by hand (postroom.ops.suppressions). Before each
+(:func:`note_events`, called by postroom.webhooks' intake for both its doors, webhooks and
+the DSN reader); an operator adds, removes and imports addresses by hand
+(postroom.ops.suppressions). Before each
 delivery the worker asks :meth:`Suppressions.apply`: a suppressed recipient is left out of
 RCPT TO and recorded as ``suppressed`` with the reason; a message whose every recipient is
 suppressed ends with status ``suppressed`` and is never sent. Intake never refuses for it:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import enum
+import functools
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -212,9 +214,19 @@ def _insert(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
     first reason stays); the number inserted."""
     if not rows:
         return 0
+    # An executemany of one statement built once per dialect (SQLAlchemy sends it as
+    # multi-row INSERTs); RETURNING names the rows inserted (a driver's rowcount for an
+    # INSERT that skipped conflicts is not reliable across both databases).
+    return len(conn.execute(_insert_statement(conn.dialect.name), builtins.list(rows)).all())
+
+
+@functools.cache
+def _insert_statement(dialect: str) -> Any:
+    """The INSERT ... ON CONFLICT DO NOTHING RETURNING address, built once: building it
+    cost more than running it for the one row a bounce adds."""
     from postroom.store.schema import suppressions as table
 
-    if conn.dialect.name == "postgresql":
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
         stmt: Any = pg_insert(table)
@@ -222,10 +234,7 @@ def _insert(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
         stmt = sqlite_insert(table)
-    # One multi-row statement; RETURNING names the rows inserted (a driver's rowcount for
-    # an INSERT that skipped conflicts is not reliable across both databases).
-    stmt = stmt.values(builtins.list(rows)).on_conflict_do_nothing().returning(table.c.address)
-    return len(conn.execute(stmt).all())
+    return stmt.on_conflict_do_nothing().returning(table.c.address)
 
 
 def _row(address: str, scope: str, reason: str, source: Source, message_id: str | None,
@@ -262,18 +271,9 @@ def note_event(where: Engine | Connection, event: DeliveryEventLike, sender: str
     :func:`suppresses`); the entry added, or None (nothing to add, or listed already).
     Given a Connection, the row is part of that transaction (the webhook intake's)."""
     cfg = config if config is not None else SuppressionSettings()
-    source = suppresses(event, cfg)
-    if source is None or event.recipient is None:
+    row = _event_row(event, sender, message_id, connection, cfg)
+    if row is None:
         return None
-    try:
-        address = normalise(event.recipient)
-    except MessageError:
-        return None  # a provider's garbled recipient: nothing Postroom would send to
-    domain = sender_domain(sender) if cfg.scope == "sender_domain" else None
-    detail = event.detail or ""
-    reason = f"{event.kind} ({connection}): {detail}" if connection else f"{event.kind}: {detail}"
-    row = _row(address, domain or GLOBAL, reason.strip(": "), source, message_id, detail,
-               time.time())
     from sqlalchemy import Connection as Conn
 
     if isinstance(where, Conn):
@@ -284,6 +284,35 @@ def note_event(where: Engine | Connection, event: DeliveryEventLike, sender: str
         with write_transaction(where) as conn:
             added = _insert(conn, [row])
     return Entry(**row) if added else None
+
+
+def note_events(conn: Connection,
+                noted: Iterable[tuple[DeliveryEventLike, str | None, str | None, str]], *,
+                config: SuppressionSettings | None = None) -> int:
+    """:func:`note_event` for many (event, sender, message id, connection), in ``conn``'s
+    transaction and one statement; the number of entries added."""
+    cfg = config if config is not None else SuppressionSettings()
+    rows = [row for event, sender, message_id, connection in noted
+            if (row := _event_row(event, sender, message_id, connection, cfg)) is not None]
+    return _insert(conn, rows)
+
+
+def _event_row(event: DeliveryEventLike, sender: str | None, message_id: str | None,
+               connection: str, cfg: SuppressionSettings) -> dict[str, Any] | None:
+    """The entry an event adds, or None (see :func:`suppresses`, and a garbled
+    recipient)."""
+    source = suppresses(event, cfg)
+    if source is None or event.recipient is None:
+        return None
+    try:
+        address = normalise(event.recipient)
+    except MessageError:
+        return None  # a provider's garbled recipient: nothing Postroom would send to
+    domain = sender_domain(sender) if cfg.scope == "sender_domain" else None
+    detail = event.detail or ""
+    reason = f"{event.kind} ({connection}): {detail}" if connection else f"{event.kind}: {detail}"
+    return _row(address, domain or GLOBAL, reason.strip(": "), source, message_id, detail,
+                time.time())
 
 
 class Suppressions:

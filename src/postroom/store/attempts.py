@@ -4,9 +4,10 @@ gave it when it was handed over; the worker keeps that id on the attempt row."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
-from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy import Connection, Engine, bindparam, func, select
 
 from postroom.store.schema import attempts
 
@@ -24,14 +25,18 @@ _OWNERS = (select(_NEWEST.c.provider_id, _a.message_id)
            .join(attempts, _a.id == _NEWEST.c.id))
 
 
-def messages_for_provider_ids(engine: Engine, connection: str,
+def messages_for_provider_ids(where: Engine | Connection, connection: str,
                               provider_ids: Sequence[str]) -> dict[str, str]:
     """``{provider id: message id}`` for the ids connection ``connection`` gave out; ids
     not found are left out. One indexed query per 500 ids (ix_attempts_provider). Should a
-    provider ever reuse an id, the newest attempt's message wins."""
+    provider ever reuse an id, the newest attempt's message wins. Given a Connection, the
+    query runs in its transaction (the webhook intake's write)."""
     wanted = sorted({p for p in provider_ids if p})
     found: dict[str, str] = {}
-    with engine.connect() as conn:
+    if not wanted:
+        return found
+    with (where.connect() if isinstance(where, Engine)
+          else contextlib.nullcontext(where)) as conn:
         for i in range(0, len(wanted), _CHUNK):
             rows = conn.execute(_OWNERS, {"connection": connection,
                                           "ids": wanted[i:i + _CHUNK]})
