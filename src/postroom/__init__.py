@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from postroom.envelope import Envelope
 from postroom.exceptions import (
     AuthError,
     ConfigError,
@@ -21,14 +20,16 @@ from postroom.exceptions import (
 )
 
 if TYPE_CHECKING:
+    from postroom.envelope import Envelope
     from postroom.mailer import Mailer
     from postroom.message import Attachment
 
 __version__ = "0.1.0"
 
 # Imported on first use: `import postroom` stays light for the commands that only need the
-# exceptions (postroom-sendmail starts once per message).
-_LAZY = {"Mailer": "postroom.mailer", "Attachment": "postroom.message"}
+# exceptions (postroom-sendmail starts once per message, `postroom --help` needs none).
+_LAZY = {"Mailer": "postroom.mailer", "Attachment": "postroom.message",
+         "Envelope": "postroom.envelope"}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import getpass
 import json
 import os
 import re
@@ -16,22 +14,14 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from postroom import settings as settings_mod
-from postroom.commands import admin as _admin_commands
-from postroom.commands import alerts as _alerts_commands
-from postroom.commands import apps as _apps_commands
-from postroom.commands import config as _config_commands
-from postroom.commands import connections as _connections_commands
-from postroom.commands import diagnose as _diagnose_commands
-from postroom.commands import events as _events_commands
-from postroom.commands import oauth as _oauth_commands
-from postroom.commands import queue as _queue_commands
-from postroom.commands import report as _report_commands
-from postroom.commands import suppressions as _suppressions_commands
+from postroom.commands import lazy
 from postroom.commands._common import STATUS_STYLE
 from postroom.exceptions import ConfigError, MessageError, PostroomError
 
+# Every import here is paid by each command and by --help: the command modules are loaded by
+# name when they run (postroom.commands.lazy), the heavy modules inside the functions.
 app = typer.Typer(
+    cls=lazy.LazyGroup,
     help="Postroom: the mail room for your applications. Apps hand mail in; Postroom keeps it "
     "safe, delivers it through your provider, logs every attempt and explains failures.",
     no_args_is_help=True,
@@ -39,18 +29,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 conn_cli = typer.Typer(help="Connections to your providers.", no_args_is_help=True)
-app.add_typer(_apps_commands.cli, name="app")
+lazy.group(app, "app")
 app.add_typer(conn_cli, name="connection")
-app.add_typer(_queue_commands.cli, name="queue")
-app.add_typer(_connections_commands.cli, name="connections")
-app.add_typer(_oauth_commands.cli, name="oauth")
-app.add_typer(_config_commands.cli, name="config")
-app.add_typer(_admin_commands.cli, name="admin")
-app.add_typer(_suppressions_commands.cli, name="suppressions")
-app.add_typer(_alerts_commands.cli, name="alerts")
-app.command("audit")(_admin_commands.audit)
-app.command("events")(_events_commands.events_cmd)
-app.command("report")(_report_commands.report_cmd)
+for _name in ("queue", "connections", "oauth", "config", "admin", "suppressions", "alerts"):
+    lazy.group(app, _name)
+for _name in ("audit", "events", "report"):
+    lazy.command(app, _name)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -85,6 +69,7 @@ def _guard(fn: Callable[[], T]) -> T:
 
 
 def _instance(config: Path | None, *, create: bool = False) -> Any:
+    from postroom import settings as settings_mod
     from postroom.runtime import Instance
 
     return _guard(lambda: Instance(settings_mod.load(config, create=create)))
@@ -116,6 +101,9 @@ def _parse_since(value: str) -> float:
 def serve(config: ConfigOpt = None) -> None:
     """Accept mail over SMTP and deliver it (creates config, data, key and certificate on first
     run)."""
+    import asyncio
+
+    from postroom import settings as settings_mod
     from postroom.server import serve as run
 
     cfg = settings_mod.config_path_from(config, os.environ)
@@ -129,6 +117,9 @@ def serve(config: ConfigOpt = None) -> None:
 @app.command()
 def worker(config: ConfigOpt = None) -> None:
     """Run a delivery worker alone, sharing the queue with `serve` (scale-out)."""
+    import asyncio
+
+    from postroom import settings as settings_mod
     from postroom.server import work
 
     settings = _guard(lambda: settings_mod.load(config))
@@ -167,6 +158,8 @@ def _deliver_and_report(inst: Any, msg_id: str, no_retry: str | None = None) -> 
 def _deliver_now(inst: Any, msg_id: str, no_retry: str | None = None) -> list[dict[str, Any]]:
     """One delivery run of ``msg_id`` in this process; ``no_retry``: the reason it gets no
     other (a test send), see queue.sql.Claimed."""
+    import asyncio
+
     async def go() -> list[dict[str, Any]]:
         transports = inst.transports()
         w = inst.worker(transports)
@@ -480,9 +473,11 @@ def show(
             con.print(f"  {_when(ev['at'])}  {ev['kind']}{hard}  {ev['recipient'] or ''}  "
                       f"{ev['detail']}  [{ev['connection']}]", markup=False)
     if noted:
+        from postroom.commands.events import show as show_event
+
         con.print("[bold]Events[/]")
         for item in noted:
-            _events_commands.show(item, con, as_json=False)
+            show_event(item, con, as_json=False)
 
 
 @app.command()
@@ -504,7 +499,9 @@ def resend(
 @conn_cli.command("list")
 def conn_list(config: ConfigOpt = None) -> None:
     """Same as `postroom connections`: each connection with its health and limits."""
-    _connections_commands.show(config)
+    from postroom.commands.connections import show as show_connections
+
+    show_connections(config)
 
 
 @conn_cli.command("set-password")
@@ -528,6 +525,8 @@ def conn_set_password(
     if password_stdin:
         secret = sys.stdin.readline().rstrip("\r\n")
     else:
+        import getpass
+
         secret = getpass.getpass(f"{what} for {name}: ")
     if not secret:
         _fail(MessageError(f"empty {what}; nothing stored", code="cli.password"))
@@ -535,7 +534,9 @@ def conn_set_password(
     _console().print(f"{what} for {name} stored encrypted")
 
 
-_diagnose_commands.register(app)  # wizard, doctor, dkim
+lazy.command(app, "wizard")
+lazy.command(app, "doctor")
+lazy.group(app, "dkim")
 
 
 def main() -> None:

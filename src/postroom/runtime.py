@@ -10,22 +10,23 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
-from postroom import transports as registry
-from postroom.apps import Apps
 from postroom.exceptions import ConfigError
 from postroom.fsperm import open_to_others, private_dir
-from postroom.ingress.accept import Intake
 from postroom.queue.sql import Queue
 from postroom.secrets import SecretStore, load_or_create_key
 from postroom.settings import Settings
 from postroom.store.db import make_engine, migrate
 from postroom.store.direct import sqlite_path
-from postroom.transports.base import Transport, TransportContext
 
 if TYPE_CHECKING:
+    # Imported where used: `postroom log`, `show` and `queue list` start faster without
+    # the apps, the intake checks and the transports.
+    from postroom.apps import Apps
+    from postroom.ingress.accept import Intake
     from postroom.oauth.tokens import TokenManager
     from postroom.queue.worker import Worker
     from postroom.store.dbconfig import ConfigStore
+    from postroom.transports.base import Transport, TransportContext
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,15 @@ class Instance:
 
     @cached_property
     def apps(self) -> Apps:
+        from postroom.apps import Apps
+
         return Apps(self.engine, lambda: load_or_create_key(self.key_file))
 
     @cached_property
     def intake(self) -> Intake:
         """The checks every door makes before a message is stored (ingress.accept)."""
+        from postroom.ingress.accept import Intake
+
         return Intake.of(self.settings, self.apps)
 
     @cached_property
@@ -135,6 +140,8 @@ class Instance:
         return TokenManager(self.settings, self.engine, load_or_create_key(self.key_file))
 
     def transport_context(self) -> TransportContext:
+        from postroom.transports.base import TransportContext
+
         uses_oauth = any(c.oauth is not None for c in self.settings.connections)
         return TransportContext(
             ehlo_name=self.settings.server.hostname, stored_secret=self.secrets.get,
@@ -142,6 +149,8 @@ class Instance:
         )
 
     def transports(self) -> dict[str, Transport]:
+        from postroom import transports as registry
+
         ctx = self.transport_context()
         return {c.name: registry.create(c, ctx) for c in self.settings.connections}
 

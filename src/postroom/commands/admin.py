@@ -18,6 +18,7 @@ from postroom.commands._common import (
     parse_time,
     when,
 )
+from postroom.commands.registry import help_of
 from postroom.exceptions import MessageError
 
 if TYPE_CHECKING:
@@ -26,8 +27,7 @@ if TYPE_CHECKING:
     from postroom.audit import Actor
     from postroom.runtime import Instance
 
-cli = typer.Typer(help="Web admin accounts (roles, passwords, TOTP) and their API tokens.",
-                  no_args_is_help=True)
+cli = typer.Typer(help=help_of("admin"), no_args_is_help=True)
 
 RoleOpt = Annotated[str, typer.Option("--role", help="admin (everything) or viewer (read "
                                       "only)")]
@@ -224,7 +224,7 @@ def audit(
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """The audit log, newest first: who did what, when, to which object."""
+    # Its help, which `postroom --help` lists: postroom.commands.registry ("audit").
     from rich.markup import escape
     from rich.table import Table
 

@@ -9,14 +9,14 @@ import typer
 
 from postroom.audit import Actor
 from postroom.commands._common import ConfigOpt, console, fail, guard, instance, when
+from postroom.commands.registry import help_of
 from postroom.exceptions import MessageError
 from postroom.ops import apps as ops
 
 if TYPE_CHECKING:
     from postroom.ops.apps import Credentials
 
-cli = typer.Typer(help="Apps: the credentials they hand mail in with (SMTP AUTH, API key) "
-                  "and their limits.", no_args_is_help=True)
+cli = typer.Typer(help=help_of("app"), no_args_is_help=True)
 
 SenderOpt = Annotated[list[str] | None, typer.Option(
     "--sender", help="Address (shop@example.com) or domain (example.com) the app may send as: "

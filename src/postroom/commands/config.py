@@ -12,10 +12,10 @@ from typing import Annotated
 import typer
 
 from postroom.commands._common import ConfigOpt, console, fail, guard, instance
+from postroom.commands.registry import help_of
 from postroom.exceptions import ConfigError
 
-cli = typer.Typer(help="Copy this instance's configuration (connections, routes, policy, "
-                  "apps) to another one.", no_args_is_help=True)
+cli = typer.Typer(help=help_of("config"), no_args_is_help=True)
 
 PassEnvOpt = Annotated[str | None, typer.Option(
     "--passphrase-env", metavar="VAR", help="Read the passphrase from this environment "

@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 
 from postroom.commands._common import ConfigOpt, JsonOpt, console, guard, instance, relative, when
+from postroom.commands.registry import help_of
 
-cli = typer.Typer(help="Connections: health, pause and resume, rate limits in use. "
-                  "Without a sub-command: the list.", invoke_without_command=True)
+cli = typer.Typer(help=help_of("connections"), invoke_without_command=True)
 _HEALTH_STYLE = {"up": "green", "degraded": "yellow", "down": "red"}
 
 

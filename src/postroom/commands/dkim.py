@@ -9,9 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from postroom.commands._common import ConfigOpt, JsonOpt, console, fail, guard, instance
+from postroom.commands.registry import help_of
 
-cli = typer.Typer(help="DKIM signing keys: make one, print its DNS record.",
-                  no_args_is_help=True)
+cli = typer.Typer(help=help_of("dkim"), no_args_is_help=True)
 DomainOpt = Annotated[str, typer.Option("--domain", "-d", help="The signing domain (d=), "
                                         "normally your From domain", show_default=False)]
 SelectorOpt = Annotated[str, typer.Option("--selector", "-s", help="The selector (s=): the "

@@ -39,10 +39,7 @@ def doctor(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Will your mail be accepted? MX, SPF (evaluated for each connection's servers, with
-    the 10-lookup limit), DKIM keys and sizes, DMARC policy and alignment, each with the
-    record to publish; then each connection's health and login. Local DNS queries only.
-    Exit 1 when something fails."""
+    # Its help, which `postroom --help` lists: postroom.commands.registry ("doctor").
     from postroom.diagnostics import doctor as doc
     from postroom.diagnostics.dns import Resolver
     from postroom.dkim import check_domain

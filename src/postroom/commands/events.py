@@ -56,8 +56,7 @@ def events_cmd(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Events, oldest first: connections down and up, fallbacks used, OAuth grants dying,
-    leases expired... (--json: one JSON object per line)."""
+    # Its help, which `postroom --help` lists: postroom.commands.registry ("events").
     kinds = guard(lambda: events.parse_kinds(kind or [], "--kind"))
     since_ts = guard(lambda: parse_time(since, "--since")) if since else None
     inst = instance(config)

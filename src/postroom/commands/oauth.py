@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from postroom.commands._common import ConfigOpt, JsonOpt, console, guard, instance, relative, when
+from postroom.commands.registry import help_of
 
-cli = typer.Typer(help="OAuth 2.0 sign-in for connections that log in without a password.",
-                  no_args_is_help=True)
+cli = typer.Typer(help=help_of("oauth"), no_args_is_help=True)
 NameArg = Annotated[str, typer.Argument(help="The connection's name", show_default=False)]
 
 

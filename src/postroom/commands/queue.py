@@ -22,13 +22,13 @@ from postroom.commands._common import (
     relative,
     when,
 )
+from postroom.commands.registry import help_of
 from postroom.exceptions import MessageError
 
 if TYPE_CHECKING:
     from postroom.runtime import Instance
 
-cli = typer.Typer(help="The delivery queue: what waits, retry, purge, pause and resume.",
-                  no_args_is_help=True)
+cli = typer.Typer(help=help_of("queue"), no_args_is_help=True)
 
 StatusOpt = Annotated[list[str] | None, typer.Option(
     "--status", help="queued|sending|deferred|sent|partial|failed (repeat)", show_default=False)]

@@ -24,8 +24,7 @@ def report_cmd(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Summary report: totals and failure rates per connection and app with the trend,
-    top failure causes with advice, OAuth grants, suppressions, deliverability findings."""
+    # Its help, which `postroom --help` lists: postroom.commands.registry ("report").
     from postroom.reports import build, render
     from postroom.reports.config import ReportsSettings
     from postroom.reports.schedule import prepare

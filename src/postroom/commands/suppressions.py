@@ -12,12 +12,12 @@ import typer
 
 from postroom.audit import Actor
 from postroom.commands._common import ConfigOpt, JsonOpt, console, fail, guard, instance, when
+from postroom.commands.registry import help_of
 from postroom.exceptions import MessageError
 from postroom.ops import suppressions as ops
 from postroom.suppression import GLOBAL
 
-cli = typer.Typer(help="The suppression list: addresses no mail is sent to (hard bounces, "
-                  "complaints, added by hand).", no_args_is_help=True)
+cli = typer.Typer(help=help_of("suppressions"), no_args_is_help=True)
 
 ScopeOpt = Annotated[str, typer.Option(
     "--scope", help="* (every sender) or a sender domain, e.g. shop.example.com")]

@@ -103,10 +103,7 @@ def wizard(
         "region=eu", metavar="KEY=VALUE")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Set up a connection for ADDRESS: find the provider's server (built-in table, MX, SRV,
-    autoconfig), probe and rank the candidates, ask for the password only if the server
-    needs one, check it, store it encrypted, write the connection to postroom.toml and send
-    a test message."""
+    # Its help, which `postroom --help` lists: postroom.commands.registry ("wizard").
     from postroom import settings as settings_mod
     from postroom.diagnostics.dns import Resolver
     from postroom.diagnostics.wizard import default_name, entry_for, plan

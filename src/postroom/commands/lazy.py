@@ -1,0 +1,66 @@
+"""Commands imported only when they run. `postroom.cli` registers each command of
+postroom.commands.registry as a placeholder carrying the registry's help, in its place among
+the others (so `postroom --help` lists them, in the same order, without importing them);
+`LazyGroup`, the root command group, swaps a placeholder for the real command when it is
+run, asked for its own --help, or introspected (scripts/docs_gen.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import typer
+import typer.core
+import typer.main
+
+from postroom.commands.registry import COMMANDS, help_of
+
+
+def group(app: typer.Typer, name: str) -> None:
+    """Register the registry's command group ``name`` on ``app``, unloaded."""
+    app.add_typer(typer.Typer(help=help_of(name)), name=name)
+
+
+def command(app: typer.Typer, name: str) -> None:
+    """Register the registry's command ``name`` on ``app``, unloaded."""
+    app.command(name, help=help_of(name))(_unloaded)
+
+
+def _unloaded() -> None:
+    """Never runs: LazyGroup replaces the placeholder before Click invokes it."""
+
+
+def load(name: str) -> Any:
+    """The Click command of ``name``, built as `app.add_typer`/`app.command` would have."""
+    module, _, attr = COMMANDS[name].target.partition(":")
+    obj = getattr(importlib.import_module(module), attr)
+    holder = typer.Typer()
+    if isinstance(obj, typer.Typer):
+        holder.add_typer(obj, name=name)
+    else:
+        holder.command(name, help=help_of(name))(obj)
+    return typer.main.get_group(holder).commands[name]
+
+
+class LazyGroup(typer.core.TyperGroup):
+    """The root group: placeholders stand in while the group's own help is drawn."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listing = False  # True while format_help lists the commands
+        self.loaded: set[str] = set()
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if (cmd_name in COMMANDS and cmd_name in self.commands and cmd_name not in self.loaded
+                and not self.listing):
+            self.commands[cmd_name] = load(cmd_name)
+            self.loaded.add(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
