@@ -3,6 +3,7 @@
 # as root with Python 3.11+:
 #
 #   bash scripts/test.sh [pytest args...]        e.g.  bash scripts/test.sh -k harness -x
+#   bash scripts/test.sh tests/test_routing.py   one file (or file::test) against the real peers
 #
 # What it does (each step is idempotent and bounded in time):
 #   1. installs the Debian and PyPI packages the real-peer tests need, through the recipes in
@@ -14,7 +15,7 @@
 #      installed package fails the run (scripts/audit_deps.py says which and what to do);
 #   3. starts Postfix+Dovecot and the OAuth2 server (tests/peers/mailserver.sh, oauth.sh) unless
 #      they are already running for $PEERS;
-#   4. runs  python -m pytest -q tests "$@";
+#   4. runs  python -m pytest -q tests "$@" (or only the tests/... paths given);
 #   5. runs  ruff check  and  mypy --strict src/postroom  (POSTROOM_LINT=1, the default);
 #   and on exit stops only the servers it started.
 #
@@ -206,7 +207,11 @@ TO=(timeout -k 30 "${POSTROOM_PYTEST_TIMEOUT:-2700}")
 [ -t 1 ] && TO=(timeout --foreground -k 30 "${POSTROOM_PYTEST_TIMEOUT:-2700}")   # keep Ctrl-C working
 rc=0
 t0=$EPOCHREALTIME
-"${TO[@]}" "$VENV/bin/python" -m pytest -q tests "$@" || rc=$?
+# Test paths among the arguments (tests/test_x.py, tests/test_x.py::name) replace the whole
+# suite; anything else (-k, -x...) is passed on.
+TARGET=(tests)
+for a in "$@"; do case $a in tests|tests/*) TARGET=(); break ;; esac; done
+"${TO[@]}" "$VENV/bin/python" -m pytest -q "${TARGET[@]}" "$@" || rc=$?
 say "pytest: $(elapsed "$t0")s (rc=$rc)"
 case $rc in
   0) ;;

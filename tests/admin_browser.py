@@ -13,6 +13,7 @@ Screenshots go to tests/artifacts/admin/ (git-ignored): ``NAME-desktop.png`` (12
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -105,16 +106,23 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
+@contextlib.contextmanager
+def new_tab(browser: Any, base_url: str, **options: Any) -> Iterator[Any]:
+    """A tab in a fresh browser context (no cookies) on ``base_url``, desktop-sized unless
+    ``options`` (Browser.new_context's) say otherwise; the context is closed after."""
+    context = browser.new_context(base_url=base_url, **{"viewport": DESKTOP, **options})
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
 @pytest.fixture
 def page(browser: Any, admin_server: AdminServer) -> Iterator[Any]:
     """A fresh browser context (no cookies) on the server, desktop-sized."""
-    context = browser.new_context(base_url=admin_server.base, viewport=DESKTOP)
-    context.set_default_timeout(TIMEOUT_MS)
-    tab = context.new_page()
-    try:
+    with new_tab(browser, admin_server.base) as tab:
         yield tab
-    finally:
-        context.close()
 
 
 def login(page: Any, name: str, password: str) -> None:
@@ -141,11 +149,15 @@ def shot(page: Any, name: str) -> list[Path]:
     return paths
 
 
-def axe(page: Any) -> list[dict[str, Any]]:
-    """axe-core's violations on the page as it is (an empty list when clean)."""
+def axe(page: Any, rules: list[str] | None = None) -> list[dict[str, Any]]:
+    """axe-core's violations on the page as it is (an empty list when clean): of every
+    rule, or only of ``rules`` (axe's rule ids)."""
     from axe_playwright_python.sync_playwright import Axe
 
-    violations: list[dict[str, Any]] = Axe().run(page).response["violations"]
+    options: dict[str, Any] = {"resultTypes": ["violations"]}  # Axe.run's default
+    if rules:
+        options["runOnly"] = rules
+    violations: list[dict[str, Any]] = Axe().run(page, options=options).response["violations"]
     return violations
 
 

@@ -1,5 +1,5 @@
 """The HTTPS API providers as one table read from the transports registry
-(postroom.diagnostics.api_providers): the README's generated section is current, every API
+(postroom.diagnostics.api_providers): the manual's generated provider page is current, every API
 transport is described (hosts per region for `postroom probe --https`, a sample entry that
 builds through transports.create(), which `postroom test` uses), the wizard's way out when
 SMTP is blocked, and `postroom test` through an API connection. Local only: the provider is
@@ -26,15 +26,14 @@ from postroom.exceptions import ConfigError, PostroomError
 from postroom.transports._http import HttpTransport
 from postroom.transports.base import TransportContext
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "providers.md"
 
 
-def test_the_readme_provider_section_is_generated_and_current() -> None:
-    text = README.read_text("utf-8")
+def test_the_manual_provider_page_is_generated_and_current() -> None:
+    text = PAGE.read_text("utf-8")
     assert api_providers.START in text and api_providers.END in text
     assert api_providers.updated_readme(text) == text, (
-        "README.md's provider table is stale: run "
-        "`python -m postroom.diagnostics.api_providers --write README.md`")
+        "docs/reference/providers.md is stale: run `python scripts/docs_gen.py`")
     for p in api_providers.providers():
         assert (f"| `{p.kind}` |" in text) == p.api_key  # OAuth ones have their own sections
 

@@ -63,7 +63,7 @@ class BounceSettings(SectionModel):
     """[bounces]: the address DSNs come back to, for mail sent through some connections."""
 
     address: str = ""  # "": DSNs are not asked for (no VERP return path)
-    connections: list[str] = Field(default_factory=list)
+    connections: list[str] = Field(default_factory=list)  # the SMTP connections that ask for DSNs
     networks: list[str] = Field(default_factory=list)  # []: server.trusted_networks
 
     @field_validator("address")

@@ -28,8 +28,8 @@ class ConnectionBase(BaseModel):
     """Fields every connection has; each transport adds its own (transports/<kind>.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    transport: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # routes, the CLI and the log use it
+    transport: str  # the kind: smtp, gmail, msgraph, or an HTTPS API provider
     # Limits shared by every worker and node; over them, mail waits in the queue.
     rate_limit: list[str] = []  # e.g. ["20/second", "2000/day"] (Gmail's daily cap...)
     max_sessions: int | None = Field(default=None, ge=1)  # parallel sessions, all workers

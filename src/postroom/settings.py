@@ -82,17 +82,18 @@ def check_networks(names: list[str]) -> list[str]:
 
 
 class ServerSettings(_Section):
-    data_dir: Path = Path("postroom-data")
+    data_dir: Path = Path("postroom-data")  # database, keys, certificate (relative: to the file)
     database: str = ""  # default: sqlite:///<data_dir>/postroom.db
-    smtp_listen: str = "127.0.0.1:2525"
+    smtp_listen: str = "127.0.0.1:2525"  # HOST:PORT of the SMTP listener apps hand mail to
     smtps_listen: str = ""  # implicit TLS (RFC 8314) listener, off unless set
     http_listen: str = "127.0.0.1:8025"  # HTTP API, /healthz (and later UI, OAuth); "" = off
+    # Postroom's name in SMTP greetings, EHLO and Message-IDs; default: this machine's name.
     hostname: str = Field(default_factory=socket.gethostname)
     tls_cert: Path | None = None  # default: a self-signed one generated in data_dir/tls
-    tls_key: Path | None = None
+    tls_key: Path | None = None  # the private key of tls_cert (PEM)
     secret_key_file: Path | None = None  # default: data_dir/secret.key (or POSTROOM_SECRET_KEY)
-    max_message_size: int = Field(default=35 * 1024 * 1024, ge=1024)
-    max_recipients: int = Field(default=1000, ge=1)
+    max_message_size: int = Field(default=35 * 1024 * 1024, ge=1024)  # bytes, any door
+    max_recipients: int = Field(default=1000, ge=1)  # per message, any door
     # Two privileges, two settings. trusted_networks says who may *relay*: send over SMTP
     # without AUTH (with trusted_without_auth) and AUTH without TLS (postroom.ingress.smtpd,
     # its only user). admin_networks says who may reach the pages that *administer* this
@@ -106,11 +107,11 @@ class ServerSettings(_Section):
     # of http_listen, of [oauth] public_url and of each redirect URI: a page served under any
     # other Host is refused, which defeats DNS rebinding (postroom.ingress.hostcheck).
     allowed_hosts: list[str] = []
-    auth_failure_delay: float = Field(default=2.0, ge=0)
+    auth_failure_delay: float = Field(default=2.0, ge=0)  # seconds before a failed AUTH's answer
     # Each further failure from the same address (IPv6: /64) within 10 minutes doubles the
     # delay, across sessions, up to this (postroom.ingress.guard.FailureLimiter).
     auth_failure_max_delay: float = Field(default=60.0, ge=0)
-    max_auth_failures: int = Field(default=3, ge=1)
+    max_auth_failures: int = Field(default=3, ge=1)  # per SMTP session, then it is closed
     # SMTP sessions open at once, in all and per client address (IPv6: per /64; clients in
     # trusted_networks are held only to the total, of which they alone may use the last 10%).
     # Each costs a file descriptor; `postroom serve` raises its RLIMIT_NOFILE to the hard limit.
@@ -123,6 +124,8 @@ class ServerSettings(_Section):
     # 421: it cannot send anything before, so a longer stay only holds a session.
     smtp_auth_deadline: float = Field(default=60.0, gt=0)
     worker: bool = True  # run the delivery worker inside `postroom serve`
+    # SQLite's fsync: "full" on every commit (nothing accepted is lost on a power cut);
+    # "normal" may lose the last commits on a power cut, never on a crash of Postroom.
     sqlite_synchronous: Literal["full", "normal"] = "full"
 
     @field_validator("smtp_listen", "smtps_listen", "http_listen")
@@ -149,20 +152,24 @@ class ServerSettings(_Section):
 
 
 class DeliverySettings(_Section):
-    # Messages in flight per worker: more means fewer commits per message (bench/worker_bench:
-    # 100 passes 2,000 msg/s on this project's 2-core box); their bodies are bounded
-    # (queue.sql.BODY_WITH_CLAIM) and their leases renewed while they wait.
+    # Messages in flight per worker: more means fewer commits per message (the figures: the
+    # manual's benchmarks); their bodies are bounded (queue.sql.BODY_WITH_CLAIM) and their
+    # leases renewed while they wait.
     concurrency: int = Field(default=100, ge=1, le=1000)
+    # Seconds a worker holds a claimed message (renewed while it works): a worker that dies
+    # leaves its messages to the others after this.
     lease_seconds: float = Field(default=600, gt=0)
     min_backoff: float = Field(default=300, gt=0)  # Postfix minimal_backoff_time
     max_backoff: float = Field(default=4000, gt=0)  # Postfix maximal_backoff_time
     max_lifetime: float = Field(default=5 * 86400, gt=0)  # Postfix maximal_queue_lifetime
-    poll_interval: float = Field(default=1.0, gt=0)
-    claim_batch: int = Field(default=100, ge=1)
+    poll_interval: float = Field(default=1.0, gt=0)  # seconds between looks at an idle queue
+    claim_batch: int = Field(default=100, ge=1)  # messages a worker claims at once, at most
     shutdown_grace: float = Field(default=30, ge=0)  # seconds in-flight deliveries may finish
     # Circuit breaker: after this many consecutive connection-level failures a connection is
     # skipped (its chain's next connection is used) for breaker_cooldown seconds, then probed.
     breaker_failures: int = Field(default=5, ge=1)
+    # Seconds a connection is skipped once breaker_failures failures in a row opened its
+    # circuit breaker; then a message probes it again.
     breaker_cooldown: float = Field(default=60, gt=0)
 
     @model_validator(mode="after")
@@ -242,7 +249,7 @@ class SendmailSettings(_Section):
     password_env: str = ""  # the app's secret from this environment variable,
     password_file: Path | None = None  # or from this file
     ca_file: Path | None = None  # verify the server with this CA (or its self-signed cert)
-    tls_verify: bool = True
+    tls_verify: bool = True  # false: accept any certificate (tests only)
     timeout: float = Field(default=30, gt=0)  # seconds, per SMTP step
     domain: str = ""  # added to bare user names (root) and the Unix user; default: hostname
     # Unsendable messages are kept here (default ~/dead.letter): a file inside data_dir, or
@@ -299,6 +306,7 @@ class PolicySettings(_Section):
                               defer_build=True)
     envelope_sender: str = ""  # MAIL FROM for every message ("" = the message's own)
     from_: str = Field(default="", alias="from")  # From header, "Name <addr>"
+    # "always": `from` replaces the message's From; "if_missing": only added when it has none.
     from_mode: Literal["always", "if_missing"] = "always"
     to: list[str] = []  # added to the To header and the envelope
     cc: list[str] = []  # added to the Cc header and the envelope
@@ -638,6 +646,12 @@ def _routes(items: Any, names: set[str]) -> tuple[Route, ...]:
 def validate_section(model: type[BaseModel], where: str, data: Any) -> Any:
     """``data`` validated by ``model``; ConfigError worded as for the file (``where``.key)."""
     return _section(model, where, data)
+
+
+def feature_model(name: str) -> type[BaseModel] | None:
+    """The model of feature section ``name`` (its module imported through the entry point
+    group), or None when no installed feature declares it."""
+    return _feature_model(name)
 
 
 def validate_routes(items: Any, names: set[str]) -> tuple[Route, ...]:

@@ -7,9 +7,9 @@ added to ``postroom.transports.REGISTRY`` appears in everything below by itself:
   wizard's "SMTP is blocked: which APIs can this machine reach?");
 - :func:`for_provider`: the API transports that send for a mailbox provider of
   diagnostics/providers.toml (its ``transports``), else every API-key provider;
-- :func:`readme_section`: the README's provider table and config examples, regenerated with
-  ``python -m postroom.diagnostics.api_providers --write README.md`` (a test fails when the
-  README is stale).
+- :func:`readme_section`: the provider table and config examples of the manual's
+  docs/reference/providers.md, which ``python scripts/docs_gen.py`` writes with the other
+  generated pages (tests/test_api_providers.py fails when it is stale).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from postroom.diagnostics.https import Endpoint
 from postroom.diagnostics.providers import Provider
 from postroom.exceptions import ConfigError
 
-START = ("<!-- provider table: generated from the transports registry by `python -m "
-         "postroom.diagnostics.api_providers --write README.md`; edit the Transport classes, "
-         "not this section -->")
+START = ("<!-- provider table: generated from the transports registry by `python "
+         "scripts/docs_gen.py`; edit the Transport classes, not this section -->")
 END = "<!-- end of the generated provider table -->"
 
 
@@ -161,7 +160,7 @@ def for_provider(provider: Provider | None) -> list[ApiProvider]:
     return [p for p in every if p.api_key]
 
 
-# -- the README section ------------------------------------------------------------------------
+# -- the manual's provider page -----------------------------------------------------------------
 
 def readme_section() -> str:
     """The provider table and one sample entry per API-key provider (Markdown)."""
@@ -185,7 +184,7 @@ def updated_readme(text: str) -> str:
     """``text`` with its generated section replaced by the current one."""
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
-        raise ConfigError("README: the generated provider table's markers are missing; put "
+        raise ConfigError("the generated provider table's markers are missing; put "
                           f"{START!r} and {END!r} where it belongs", code="readme.markers")
     return text[:start] + readme_section() + text[end + len(END):]
 
@@ -209,8 +208,9 @@ def _toml(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m postroom.diagnostics.api_providers",
-        description="Print the README's HTTPS API provider section, or --write it into a file")
-    parser.add_argument("--write", type=Path, metavar="README",
+        description="Print the HTTPS API provider section, or --write it into a file "
+        "(python scripts/docs_gen.py writes it into docs/reference/providers.md)")
+    parser.add_argument("--write", type=Path, metavar="FILE",
                         help="replace the generated section of this file")
     args = parser.parse_args(argv)
     if args.write is None:

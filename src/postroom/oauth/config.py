@@ -35,15 +35,15 @@ class OAuthSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see settings
 
     provider: str = Field(min_length=1)  # google | microsoft | yahoo | generic (providers.py)
-    client_id: str = ""
+    client_id: str = ""  # the OAuth client registered with the provider
     client_secret: str | None = None  # discouraged in the file: prefer _env or _file
-    client_secret_env: str | None = None
-    client_secret_file: Path | None = None
+    client_secret_env: str | None = None  # the client secret from this environment variable
+    client_secret_file: Path | None = None  # or from this file
     # The secret is kept encrypted in the database (SecretStore, name
     # "connection:<name>:oauth_client_secret"): set by the web admin or `postroom config
     # import`, read by postroom.oauth.tokens.TokenManager.secret.
     client_secret_stored: bool = False
-    grant: Grant = "user"
+    grant: Grant = "user"  # user: a person signs in once; or client_credentials, service_account
     tenant: str = "common"  # Microsoft: common | consumers | organizations | <tenant id>
     scopes: list[str] | None = None  # default: what the provider needs for this transport
     # Where the browser comes back; default: [oauth] public_url + /oauth/callback.
@@ -51,7 +51,7 @@ class OAuthSettings(BaseModel):
     # Google service account (grant = "service_account"): its JSON key file, and the
     # Workspace user it acts for (default: the connection's username or user).
     service_account_file: Path | None = None
-    subject: str | None = None
+    subject: str | None = None  # the Workspace user the service account acts for
     # A generic provider's endpoints (or any provider's, to override its defaults):
     discovery_url: str | None = None  # RFC 8414 / OpenID configuration document
     authorize_url: str | None = None

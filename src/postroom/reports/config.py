@@ -30,11 +30,11 @@ class ReportsSettings(SectionModel):
     """The ``[reports]`` table."""
 
     to: list[str] = Field(default_factory=list, max_length=50)  # empty: no email is sent
-    daily: bool = False
-    weekly: bool = True
+    daily: bool = False  # send yesterday's report every day
+    weekly: bool = True  # send the last week's report on weekday
     weekday: str = "monday"  # the weekly report's day
     at: str = "08:00"  # local time (HH:MM, 24 h) the reports are sent at
-    timezone: str = "UTC"
+    timezone: str = "UTC"  # an IANA zone name ("Europe/Paris") for at and the days' bounds
     sender: str | None = None  # the From address; default postroom@<server.hostname>
     connection: str | None = None  # send through this connection; default: the routes
     # Seconds a report waits for the deliverability doctor's DNS answers before it says

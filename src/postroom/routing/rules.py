@@ -55,9 +55,9 @@ class Route(BaseModel):
     """One ``[[routes]]`` entry: a match and the ordered chain of connections."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see settings
-    name: str = ""
-    match: Match | None = None
-    chain: list[str] = Field(min_length=1)
+    name: str = ""  # names the route where Postroom reports on it; default "routes[N]"
+    match: Match | None = None  # which messages (recipients) it takes; none: every one
+    chain: list[str] = Field(min_length=1)  # connection names, tried in this order
 
 
 @dataclass(frozen=True, slots=True)

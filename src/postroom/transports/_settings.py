@@ -14,8 +14,8 @@ class HttpSettings(ConnectionBase):
     """Keys every HTTP API connection has."""
 
     api_base: str = ""  # default: the provider's; a test server or a proxy otherwise
-    timeout: float = Field(default=60, gt=0)
-    connect_timeout: float = Field(default=15, gt=0)
+    timeout: float = Field(default=60, gt=0)  # seconds for a request's answer
+    connect_timeout: float = Field(default=15, gt=0)  # seconds to connect to the API
     ca_file: str | None = None  # a private CA for api_base (a company proxy, a test server)
     # Connections each worker process keeps open to the API, all reused: HTTP/1.1 carries one
     # request at a time on each, so this bounds the requests in flight (the worker's other
@@ -39,11 +39,11 @@ class ApiKeySettings(HttpSettings):
     ``webhook_key_file`` / stored (secret ``connection:NAME:webhook_key``)."""
 
     api_key: str | None = None  # discouraged: prefer api_key_env / api_key_file / the CLI
-    api_key_env: str | None = None
-    api_key_file: Path | None = None
-    webhook_key: str | None = None
-    webhook_key_env: str | None = None
-    webhook_key_file: Path | None = None
+    api_key_env: str | None = None  # the API key from this environment variable
+    api_key_file: Path | None = None  # or from this file
+    webhook_key: str | None = None  # the events' signing key; discouraged, as api_key
+    webhook_key_env: str | None = None  # the events' signing key from this variable
+    webhook_key_file: Path | None = None  # or from this file
 
     @model_validator(mode="after")
     def _one_key(self) -> ApiKeySettings:

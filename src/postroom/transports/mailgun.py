@@ -90,7 +90,7 @@ class MailgunSettings(_http.ApiKeySettings):
     transport: Literal["mailgun"] = "mailgun"
     # The sending domain, as listed in Mailgun (a sandbox domain works for tests).
     domain: str
-    region: Literal["us", "eu"] = "us"
+    region: Literal["us", "eu"] = "us"  # where the Mailgun account lives
     test_mode: bool = False  # o:testmode: Mailgun accepts the message and delivers nothing
 
     @field_validator("domain")

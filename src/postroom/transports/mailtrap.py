@@ -73,9 +73,9 @@ ERRORS: Mapping[str | int, _http.ErrorRule] = {
 
 class MailtrapSettings(_http.ApiKeySettings):
     transport: Literal["mailtrap"] = "mailtrap"
-    stream: Literal["transactional", "bulk"] = "transactional"
+    stream: Literal["transactional", "bulk"] = "transactional"  # bulk: promotional mail
     sandbox: bool = False  # Email Testing: into inbox_id, never delivered
-    inbox_id: int | None = Field(default=None, gt=0)
+    inbox_id: int | None = Field(default=None, gt=0)  # the Email Testing inbox (sandbox)
 
     @model_validator(mode="after")
     def _sandbox_inbox(self) -> MailtrapSettings:

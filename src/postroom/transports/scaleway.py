@@ -82,8 +82,8 @@ class ScalewaySettings(_http.ApiKeySettings, sns.SnsTopics):
     """``api_key*``: the API secret key (not the access key)."""
 
     transport: Literal["scaleway"] = "scaleway"
-    region: Literal["fr-par", "nl-ams"] = "fr-par"
-    project_id: UUID
+    region: Literal["fr-par", "nl-ams"] = "fr-par"  # where the project's domain lives
+    project_id: UUID  # the Scaleway project that holds the domain
     # Delivery events: Scaleway's CA trust chain for the region (its "Verifying webhook
     # signatures" page links it), against which signing certificates are checked.
     sns_trust_chain_file: Path | None = None

@@ -104,8 +104,9 @@ class SesSettings(_http.ApiKeySettings, sns.SnsTopics):
     the SNS topics the configuration set publishes to (postroom.webhooks.sns)."""
 
     transport: Literal["ses"] = "ses"
-    region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-    access_key_id: str = Field(pattern=r"^[A-Z0-9]{16,128}$")
+    region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")  # AWS
+    access_key_id: str = Field(pattern=r"^[A-Z0-9]{16,128}$")  # the IAM user's access key id
+    # The configuration set the mail goes out with (its event destinations, its IP pool).
     configuration_set: str | None = Field(default=None, min_length=1, max_length=64)
 
 

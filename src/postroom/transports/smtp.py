@@ -59,26 +59,26 @@ _AUTO_ORDER = ("PLAIN", "LOGIN", "CRAM-MD5")
 
 class Settings(ConnectionBase):
     transport: Literal["smtp"] = "smtp"
-    host: str = Field(min_length=1)
-    port: int | None = Field(default=None, ge=1, le=65535)
-    security: Security = "starttls"
+    host: str = Field(min_length=1)  # the provider's SMTP server
+    port: int | None = Field(default=None, ge=1, le=65535)  # default: 25, 587 or 465 by security
+    security: Security = "starttls"  # none, starttls (before AUTH) or smtps (implicit TLS)
     auth: AuthMech | None = None  # default: "auto" when a username is set, else "none"
-    username: str | None = None
+    username: str | None = None  # the login at the provider
     password: str | None = None  # discouraged: prefer password_env / password_file / CLI
-    password_env: str | None = None
-    password_file: Path | None = None
+    password_env: str | None = None  # the password from this environment variable
+    password_file: Path | None = None  # or from this file
     oauth_token_env: str | None = None  # XOAUTH2/OAUTHBEARER until OAuth flows manage tokens
-    oauth_token_file: Path | None = None
-    ca_file: Path | None = None
-    tls_verify: bool = True
+    oauth_token_file: Path | None = None  # the access token from this file
+    ca_file: Path | None = None  # verify the server with this CA (a private or test server)
+    tls_verify: bool = True  # false: accept any certificate (tests only)
     tls_server_name: str | None = None  # name to verify, when it differs from host
-    allow_plaintext_auth: bool = False
-    ehlo_name: str | None = None
-    connect_timeout: float = Field(default=30, gt=0)
-    timeout: float = Field(default=60, gt=0)
+    allow_plaintext_auth: bool = False  # true: AUTH even without TLS (a password in clear)
+    ehlo_name: str | None = None  # the name Postroom greets with; default: server.hostname
+    connect_timeout: float = Field(default=30, gt=0)  # seconds to connect and get the greeting
+    timeout: float = Field(default=60, gt=0)  # seconds for each reply
     pool_size: int = Field(default=4, ge=1, le=100)  # sessions per worker process
-    max_messages_per_session: int = Field(default=100, ge=1)
-    idle_timeout: float = Field(default=30, ge=0)
+    max_messages_per_session: int = Field(default=100, ge=1)  # then a new session is opened
+    idle_timeout: float = Field(default=30, ge=0)  # seconds an unused session stays open
 
     @property
     def effective_port(self) -> int:

@@ -75,7 +75,7 @@ ERRORS: Mapping[str | int, _http.ErrorRule] = {
 
 class Smtp2goSettings(_http.ApiKeySettings):
     transport: Literal["smtp2go"] = "smtp2go"
-    region: Literal["global", "us", "eu", "au"] = "global"
+    region: Literal["global", "us", "eu", "au"] = "global"  # the API host; global: nearest
     # How SMTP2GO authenticates its webhook requests to Postroom (the webhook's
     # "Authorization header"): "basic" (webhook key = "user:password") or "bearer" (the token).
     webhook_auth: Literal["basic", "bearer"] = "basic"

@@ -82,7 +82,7 @@ ERRORS: Mapping[str | int, _http.ErrorRule] = {
 
 class SparkPostSettings(_http.ApiKeySettings):
     transport: Literal["sparkpost"] = "sparkpost"
-    region: Literal["us", "eu"] = "us"
+    region: Literal["us", "eu"] = "us"  # where the account lives: its keys work only there
     sandbox: bool = False  # options.sandbox: SparkPost's sandbox domain (sparkpostbox.com)
 
 

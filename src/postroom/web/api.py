@@ -20,7 +20,8 @@ from postroom.web import auth, fence
 admin_bearer = HTTPBearer(
     auto_error=False, scheme_name="adminToken", bearerFormat="prt_ID_SECRET",
     description="An admin API token from `postroom admin token`: "
-    "`Authorization: Bearer prt_...`. It acts with its account's role.")
+    "`Authorization: Bearer prt_...`. It acts with its account's role. The web admin's "
+    "signed-in session (its cookie, with `X-CSRF-Token` on a change) is taken too.")
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No valid admin token or session."},
     403: {"model": ErrorBody, "description": "Role too low, missing X-CSRF-Token, or a "
@@ -34,10 +35,10 @@ async def _declared(
     """Not read (web.auth reads the header): declares the security scheme in OpenAPI."""
 
 
-# The dependencies of every /api/v1/admin router (the bearer scheme in OpenAPI).
+# Added to every /api/v1/admin router where web.app.install includes it (the bearer scheme
+# in OpenAPI), so a new router cannot leave it out: none of them names it itself.
 DEPENDENCIES = [Depends(_declared)]
-router = APIRouter(prefix=fence.API, tags=["admin"], responses=ERRORS,
-                   dependencies=DEPENDENCIES)
+router = APIRouter(prefix=fence.API, tags=["admin"], responses=ERRORS)
 
 
 class Me(BaseModel):

@@ -14,12 +14,11 @@ from postroom.audit import Actor, Role
 from postroom.ingress.http_errors import HttpError
 from postroom.ops import connections as ops
 from postroom.web import auth, fence
-from postroom.web.api import DEPENDENCIES, ERRORS
+from postroom.web.api import ERRORS
 from postroom.web.dashboard import instance
 from postroom.web.ops_errors import answer, call
 
-router = APIRouter(prefix=fence.API, tags=["admin: connections"], responses=ERRORS,
-                   dependencies=DEPENDENCIES)
+router = APIRouter(prefix=fence.API, tags=["admin: connections"], responses=ERRORS)
 Viewer = Annotated[Actor, Depends(auth.api_actor(Role.VIEWER))]
 Admin = Annotated[Actor, Depends(auth.api_actor(Role.ADMIN))]
 

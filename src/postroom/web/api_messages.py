@@ -18,7 +18,7 @@ from postroom.web.dashboard import instance
 from postroom.web.ops_errors import call
 
 router = APIRouter(prefix=api.router.prefix + "/messages", tags=["admin"],
-                   responses=api.ERRORS, dependencies=api.router.dependencies)
+                   responses=api.ERRORS)
 Viewer = Annotated[Actor, Depends(auth.api_actor(Role.VIEWER))]
 Admin = Annotated[Actor, Depends(auth.api_actor(Role.ADMIN))]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {

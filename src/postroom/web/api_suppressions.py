@@ -17,8 +17,7 @@ from postroom.web import api, auth, fence
 from postroom.web.dashboard import instance
 from postroom.web.ops_errors import call, http_error
 
-router = APIRouter(prefix=fence.API, tags=["admin"], responses=api.ERRORS,
-                   dependencies=api.router.dependencies)
+router = APIRouter(prefix=fence.API, tags=["admin"], responses=api.ERRORS)
 Viewer = Annotated[Actor, Depends(auth.api_actor(Role.VIEWER))]
 Admin = Annotated[Actor, Depends(auth.api_actor(Role.ADMIN))]
 PAGE = 100

@@ -29,6 +29,7 @@ from postroom.web import (
     log,
     login,
     message,
+    push,
     queue,
     reports,
     settings,
@@ -98,7 +99,7 @@ ROUTERS: list[APIRouter] = [pages, login.router, account.router, connections.pag
                             apps.pages, deliverability.pages, settings.pages, audit.pages,
                             accounts.pages, dashboard.pages, log.pages, queue.pages,
                             message.pages, suppressions.pages, events.pages,
-                            reports.pages]
+                            reports.pages, push.router]
 
 
 def json_routers() -> list[APIRouter]:
@@ -129,7 +130,14 @@ def install(app: FastAPI, *, json: bool = True) -> None:
     """Mount the web admin: its pages, its JSON API unless ``json`` is false (the HTTP
     front mounts it on the first request for it, or for the OpenAPI document), then the
     catch-all 404 of /admin."""
-    for router in ROUTERS + (json_routers() if json else []):
+    for router in ROUTERS:
         app.include_router(router)
+    if json:
+        from postroom.web import api
+
+        # Declared here, once for every JSON router: each operation names the admin token
+        # in OpenAPI. web.auth.api_actor is what checks the token or the session.
+        for router in json_routers():
+            app.include_router(router, dependencies=api.DEPENDENCIES)
     app.include_router(fallback)
     app.add_exception_handler(auth.PageRefusal, _refused)

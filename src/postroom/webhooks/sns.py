@@ -72,8 +72,8 @@ class SnsTopics(BaseModel):
     provider's own allowed to serve signing certificates (a test server)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-    sns_topic_arns: list[str] = Field(default_factory=list)
-    sns_cert_hosts: list[str] = Field(default_factory=list)
+    sns_topic_arns: list[str] = Field(default_factory=list)  # topics whose events are accepted
+    sns_cert_hosts: list[str] = Field(default_factory=list)  # more certificate hosts (tests)
 
     @field_validator("sns_topic_arns")
     @classmethod
