@@ -130,6 +130,20 @@ def test_every_door_used_once_keeps_nothing_needed_once(
     for package in ("jinja2", "argon2", "babel", "postroom.diagnostics.advice"):
         assert held(modules, package) == [], f"serve keeps {package} after the pages"
 
+    # /metrics with an admin API token: checked by the front, without the admin's modules.
+    out = server.cli("admin", "token", ADMIN[0], "--label", "prometheus")
+    assert out.returncode == 0, out.stderr
+    found = re.search(r"Bearer (prt_\S+)", out.stdout.decode())
+    assert found, out.stdout
+    r = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {found.group(1)}"},
+                  timeout=60)
+    assert r.status_code == 200 and "postroom_" in r.text, r.text[:300]
+    assert httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer prt_x.y"},
+                     timeout=60).status_code == 401
+    modules = modules_of(server, dump)
+    assert held(modules, "postroom.web") == ["postroom.web", "postroom.web.fence"]
+    assert held(modules, "jinja2") == [] and held(modules, "argon2") == []
+
     # The OpenAPI document (from the admin's process) still describes the admin's JSON API.
     doc = httpx.get(f"{base}/api/v1/openapi.json", timeout=60).json()
     assert "/api/v1/messages" in doc["paths"]

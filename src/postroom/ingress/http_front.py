@@ -57,6 +57,7 @@ from postroom.settings import Settings
 from postroom.web import fence
 
 if TYPE_CHECKING:
+    from postroom.admin.tokens import AdminTokens
     from postroom.ingress.admin_proxy import AdminProcess
     from postroom.metrics.expose import Metrics
     from postroom.runtime import Instance
@@ -212,6 +213,9 @@ class Front:
         # Made on the first request for it (its module is not imported before).
         self.apart: AdminProcess | None = None
         self._may_part = ctx.instance is not None and bool(sys.executable)
+        # /metrics' admin API tokens, checked here without the web admin's modules (and
+        # FastAPI under them) when the admin runs in its own process; made on first scrape.
+        self._tokens: AdminTokens | None = None
 
     def is_trusted(self, ip: str) -> bool:
         return ip in self.trusted
@@ -431,9 +435,16 @@ class Front:
                 header = value.decode("latin-1")
         if header[:7].lower() != "bearer " or not header[7:].strip().startswith("prt_"):
             return False
-        from postroom.web import auth  # the accounts' modules: loaded on first admin use
+        tokens = self.ctx.admin.tokens if self.ctx.admin is not None else self._tokens
+        if tokens is None:
+            from postroom.admin.tokens import AdminTokens
+            from postroom.runtime import key_file
+            from postroom.secrets import load_or_create_key
 
-        actor = await asyncio.to_thread(auth.of(self.ctx).tokens.check, header[7:].strip(), ip)
+            settings = self.ctx.settings
+            self._tokens = tokens = AdminTokens(
+                self.ctx.queue.engine, lambda: load_or_create_key(key_file(settings)))
+        actor = await asyncio.to_thread(tokens.check, header[7:].strip(), ip)
         return actor is not None
 
     async def _signed_in(self, scope: Scope) -> bool:
