@@ -6,6 +6,7 @@ moved by `postroom config export|import` without a secret in clear."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from postroom.config_transfer import export_config, import_config, parse
 from postroom.exceptions import ConfigError
 from postroom.runtime import Instance
 from postroom.store.dbconfig import effective
-from postroom.store.schema import config_entries
+from postroom.store.schema import config_entries, control
 from postroom.store.schema import secrets as secrets_table
 
 ACTOR = audit.Actor.cli()
@@ -161,3 +162,28 @@ def test_file_alerts_exported_marked(tmp_path: Path) -> None:
             dst.close()
     finally:
         filed.close()
+
+
+def test_rules_stored_while_serving_start_the_alerts_chore(tmp_path: Path) -> None:
+    """A server started without [[alerts]] starts its alerts chore when rules are stored
+    (no restart): the chore's first tick writes its state row."""
+    from serve_proc import Postroom
+
+    def chore_state(i: Instance) -> bool:
+        with i.engine.connect() as c:
+            return c.execute(select(control.c.name).where(
+                control.c.name == "alerts.state")).first() is not None
+
+    with Postroom(tmp_path / "srv") as server:
+        inst = Instance(settings.load(server.config, environ={}))
+        try:
+            time.sleep(3)  # a few of the stored configuration's checks, with no rules
+            assert not chore_state(inst)
+            inst.config.put_feature("alerts", RULES, actor=ACTOR, settings=inst.settings)
+            deadline = time.monotonic() + 60
+            while not chore_state(inst):
+                assert time.monotonic() < deadline, "no alerts tick after the rules were stored"
+                time.sleep(0.2)
+            assert "Traceback" not in server.log.read_text()
+        finally:
+            inst.close()

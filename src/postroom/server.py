@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -204,8 +204,16 @@ def _chores(inst: Instance) -> list[asyncio.Task[None]]:
         # Stopped by cancellation with the other chores; the event is never set.
         chores.append(asyncio.create_task(periodic(inst.oauth, asyncio.Event()),
                                           name="postroom-oauth-checks"))
+    return chores + _feature_chores(inst)
+
+
+def _feature_chores(inst: Instance, running: Collection[str] = ()) -> list[asyncio.Task[None]]:
+    """The chores of the feature sections the configuration has, except those ``running``:
+    at start, and when a configuration stored in the database adds the section later."""
+    chores: list[asyncio.Task[None]] = []
+    features = {name for name, _ in inst.settings.features}
     # [[alerts]] (postroom.alerts): only a configuration that has rules imports the package.
-    if any(name == "alerts" for name, _ in inst.settings.features):
+    if "alerts" in features and "postroom-alerts" not in running:
         from postroom.alerts.dispatcher import Dispatcher
         from postroom.alerts.dispatcher import run as alerts_loop
 
@@ -214,7 +222,7 @@ def _chores(inst: Instance) -> list[asyncio.Task[None]]:
             alerts_loop(Dispatcher(inst.engine, lambda: inst.settings)),
             name="postroom-alerts"))
     # [reports] (postroom.reports): the summary report emails, once per period on one node.
-    if any(name == "reports" for name, _ in inst.settings.features):
+    if "reports" in features and "postroom-reports" not in running:
         from postroom.reports.schedule import report_loop
 
         chores.append(asyncio.create_task(report_loop(inst, lambda: inst.settings),
@@ -239,7 +247,12 @@ def _follow_config(inst: Instance, worker: Worker | None, transports: dict[str, 
                 chores[i] = asyncio.create_task(retention_loop(inst.queue, new),
                                                 name="postroom-retention")
 
+    def features_added(old: Settings, new: Settings) -> None:
+        if chores:  # a node that runs the chores (one with a worker)
+            chores.extend(_feature_chores(inst, {task.get_name() for task in chores}))
+
     live.listeners.append(retention_changed)
+    live.listeners.append(features_added)
     return live, asyncio.create_task(live.run(), name="postroom-config-reload")
 
 
