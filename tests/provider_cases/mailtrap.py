@@ -75,14 +75,18 @@ CASE = ProviderCase(
     errors=[
         ErrorCase(error(400, "'to' address is invalid"), DataRejected, True,
                   "mailtrap.invalid_request"),
-        ErrorCase(error(403, "Sending from domain example.com is not allowed: the domain is "
-                        "not verified"), SenderRejected, False, "mailtrap.domain_unverified"),
+        # Mailtrap's SMTP refusal for such a domain; the API's own sentence is undocumented.
+        ErrorCase(error(403, "Sending from domain is not allowed"), SenderRejected, False,
+                  "mailtrap.domain_unverified"),
         ErrorCase(error(403, "Your account is suspended"), DeliveryError, False,
-                  "mailtrap.account_suspended"),
-        ErrorCase(error(403, "You have reached the sending limit of your plan"),
+                  "mailtrap.account_suspended"),  # wording unverified (module header)
+        # The reason Mailtrap's suspension events give (its webhooks spec).
+        ErrorCase(error(403, "Your account has reached its daily sending limit."),
                   DeliveryError, False, "mailtrap.plan_limit"),
         ErrorCase(error(401, "Unauthorized"), AuthError, False, "auth.api_key_refused"),
-        ErrorCase(error(403, "Forbidden"), AuthError, False, "auth.api_key_forbidden"),
+        # The documented bare 403: verify the domain or the token's access to it.
+        ErrorCase(error(403, "Forbidden"), SenderRejected, False,
+                  "mailtrap.domain_unverified"),
         ErrorCase(Answer(413, "Request Entity Too Large"), DataRejected, True, "data.too_big",
                   advice="message.too_big"),
     ],

@@ -16,9 +16,15 @@ MessageAttachment, Options, EmailSend; "Statistics: Load Channels Stats").
 - Errors: the HTTP status, with the reason in the body's ``Error`` text (the v4 reference
   documents no error codes): 400 the request, 401 the key, 403 the key's access level or the
   account's state, 429, 5xx.
-- Delivery events: Elastic Email's notification webhooks are not supported here: the
-  reference available when this was written documents neither their payload nor how their
-  signature is computed, and Postroom accepts no unsigned events.
+- Delivery events: Elastic Email's notification webhooks are not supported here, as
+  Postroom accepts no unsigned events. Checked on 2026-12-07 (issue 14): Elastic Email's
+  own "Notification Settings" article
+  (https://help.elasticemail.com/en/articles/4804685-notification-settings) documents the
+  payload (a GET to the notification URL with from, to, date, subject, status, channel,
+  account, category, messageid, transaction, target, postback as URL parameters) and no
+  signature, and the v4 endpoint reference in Elastic Email's elasticemail-skills
+  repository has no webhook endpoint. Signing: not found in the provider's own docs (a
+  third-party OpenAPI rewrite mentions a ``whsec_`` signing secret: not built on).
 """
 
 from __future__ import annotations

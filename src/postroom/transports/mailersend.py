@@ -21,6 +21,13 @@ and "Webhooks: signing requests", https://developers.mailersend.com/api/v1/webho
   names the cause), 401 ``{"message": "Unauthenticated."}``, 403, 429 (Retry-After), 5xx.
 - Webhooks: ``Signature`` = hex HMAC-SHA256 of the body under the webhook's signing secret
   (no timestamp is signed: a replay is caught by the event id, ``data.id``).
+
+Checked against MailerSend's own pages on 2026-12-07 (issue 14): the event's message id
+path is confirmed (https://developers.mailersend.com/api/v1/webhooks.html, "Payload
+example": ``data.email.message`` is an object ``message`` with its ``id``), and the send
+answers with ``X-Message-Id``, the message's id for later queries
+(https://developers.mailersend.com/api/v1/email.html, "Send an email"). That the two are
+the same id is implied by both naming the message, not stated in so many words.
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ class MailerSendWebhook(Webhook):
         kind = EVENTS.get(str(data["type"]), Kind.UNKNOWN)
         permanent = {"activity.hard_bounced": True,
                      "activity.soft_bounced": False}.get(str(data["type"]))
+        # data.email.message.id (webhooks.html, "Payload example"), taken as the send's
+        # X-Message-Id (module header).
         return [DeliveryEvent(
             kind=kind, provider_id=str(message.get("id") or email.get("id") or "") or None,
             recipient=str(recipient).lower() if recipient else None,

@@ -20,9 +20,22 @@ https://docs.mailtrap.io/email-api-smtp/advanced/webhooks).
   the first is the message's ``provider_id`` (events for the others carry their own ids:
   see the report of doubtful points in the team notes).
 - Errors: ``{"success": false, "errors": ["..."]}`` (400, 401 "Unauthorized", 403, 429,
-  5xx): plain sentences, told apart by their words (MESSAGES).
+  5xx): plain sentences, told apart by their words (MESSAGES); a 403 they do not name is
+  the sending domain's (not verified, or the token has no access to it).
 - Webhooks: ``Mailtrap-Signature`` = hex HMAC-SHA256 of the body under the webhook's signing
   secret; a batch ``{"events": [...]}``, each with its ``event_id`` (no timestamp is signed).
+
+Errors checked against Mailtrap's own OpenAPI spec and docs on 2026-12-07 (issue 14):
+
+- Confirmed: the error body and its statuses (github.com/mailtrap/mailtrap-openapi,
+  specs/email-sending-transactional.openapi.yml: ``success: false`` + an ``errors`` array of
+  strings; 401 "Unauthorized"; 403 "Forbidden", described as verify the domain or check
+  the token's permissions), hence parse_error's reading of a bare 403.
+- Partly documented words: "from domain" (the SMTP refusal "Sending from domain is not
+  allowed", docs.mailtrap.io/email-api-smtp/troubleshooting/sending-from-domain-not-allowed)
+  and "limit" (a suspension event's reason, specs/webhooks.openapi.yml).
+- Unverified: the API's own sentences for an unverified domain, a suspended account and a
+  used-up plan ("not verified", "sending domain", "suspended"): Mailtrap documents none.
 """
 
 from __future__ import annotations
@@ -48,7 +61,8 @@ ACCOUNTS = "https://mailtrap.io"  # the general API: GET /api/accounts
 MAX_RECIPIENTS = 1000  # To, Cc and Bcc together ("up to 1000 recipients")
 
 _Rule = _http.ErrorRule
-# Words of Mailtrap's error sentences (lower case) -> the ERRORS key they mean.
+# Words of Mailtrap's error sentences (lower case) -> the ERRORS key they mean; which of them
+# Mailtrap documents is in the module header.
 MESSAGES: Mapping[str, str] = {
     "not verified": "domain", "from domain": "domain", "sending domain": "domain",
     "suspended": "suspended", "limit": "limit",
@@ -209,6 +223,11 @@ class MailtrapTransport(_http.HttpTransport):
         # A 429's or 5xx's words ("rate limit") are the base's to classify.
         code = "" if resp.status_code == 429 or resp.status_code >= 500 else next(
             (c for words, c in MESSAGES.items() if words in low), "")
+        # Mailtrap documents a send's bare 403 as the domain's or the token's access to it
+        # (module header): the "domain" rule names both, the generic 403 only the key. A
+        # 403 from the accounts API (check) keeps the generic meaning.
+        if not code and resp.status_code == 403 and "/api/send" in resp.request.url.path:
+            code = "domain"
         return _http.ApiError(resp.status_code, code, said)
 
     def check_request(self) -> _http.Request:

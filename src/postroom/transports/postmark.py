@@ -12,6 +12,16 @@ the documented errors as a table; the base (transports._http) does the rest.
 - Success: 200 ``{"To", "SubmittedAt", "MessageID", "ErrorCode": 0, "Message": "OK"}``;
   ``MessageID`` is the id Postmark's webhooks name the message by.
 - Errors: 401 or 422 ``{"ErrorCode": n, "Message": "..."}``, 429, 5xx (table below).
+
+Checked against Postmark's own pages on 2026-12-07 (issue 14): the error body and the
+HTTP statuses are confirmed (https://postmarkapp.com/developer/api/overview, "HTTP response
+codes": 401 for a missing or wrong token, 422 with ``{ErrorCode, Message}``). Its "Error
+codes" table was not in the stored copies of that page, so:
+
+- ErrorCode 413 (the account may not send): unverified; only a third-party copy of that
+  table lists it.
+- ErrorCode 1235 (the message stream is not found): unverified; in none of the copies searched,
+  nor in Postmark's Message Streams articles.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ ERRORS: Mapping[str | int, _http.ErrorRule] = {
                  "sends only to addresses at the sender's own domain. Fix: request approval "
                  "in Postmark's dashboard", kind=DeliveryError, permanent=False,
                  scope=Scope.CONFIGURATION),
+    # 413 and 1235: unverified against Postmark's own table (module header).
     "413": _Rule("postmark.account_blocked", "the account may not send. Fix: contact "
                  "Postmark support", kind=DeliveryError, permanent=False,
                  scope=Scope.CONFIGURATION),

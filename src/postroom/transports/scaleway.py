@@ -22,6 +22,16 @@ https://www.scaleway.com/en/developers/api/transactional-email/; the scaleway-sd
   connection names the trust chain file Scaleway publishes (``sns_trust_chain_file``) and
   the topic (``sns_topic_arns``). Events name the message by its headers (``email_headers``
   with Message-ID: the provider id) and the recipient's copy by ``email_id``.
+
+Checked against Scaleway's own docs on 2026-12-07 (issue 14):
+
+- Confirmed: ``email_headers`` is a list of ``{key, value}`` objects in every TEM event
+  (https://www.scaleway.com/en/docs/transactional-email/reference-content/webhook-events-payloads/,
+  its source in github.com/scaleway/docs-content), and the send answer's ``message_id`` is
+  the email's Message ID (scaleway-sdk-python, tem v1alpha1 ``Email``).
+- Unverified: that Message-ID is among the headers an event lists (the page says "SMTP
+  headers" and names none): without it, events fall back to ``email_id``, which the send's
+  ``message_id`` is not, so such an event matches no message.
 """
 
 from __future__ import annotations
@@ -133,6 +143,8 @@ def scaleway_event(data: dict[str, Any]) -> DeliveryEvent:
     if not name:
         raise BadEvent("a TEM event without its type")
     kind, permanent = _KINDS.get(name, (Kind.UNKNOWN, None))
+    # [{key, value}] as Scaleway documents (webhook-events-payloads); which keys it holds
+    # is not documented (module header).
     headers = {str(h.get("key", "")).lower(): str(h.get("value", ""))
                for h in data.get("email_headers") or [] if isinstance(h, dict)}
     code, said = data.get("email_response_code"), data.get("email_response_message")

@@ -5,6 +5,7 @@ https://www.zoho.com/zeptomail/help/webhooks.html).
 
 - Hosts, one per Zoho data centre (the account's region; ``region``): ``api.zeptomail.com``
   (us), ``.eu``, ``.in``, ``.com.au`` (au), ``.jp``, ``.ca``; another through ``api_base``.
+  Zoho's "Email sending API" page names ``api.zeptomail.com`` only (see below).
 - Auth: ``Authorization: Zoho-enczapikey <send mail token>`` (a Mail Agent's token; the
   dashboard shows it with that prefix, which may be pasted with it).
 - Request: ``from`` ({address, name}), ``to``/``cc``/``bcc`` ([{email_address: {address,
@@ -22,6 +23,18 @@ https://www.zoho.com/zeptomail/help/webhooks.html).
 - Webhooks: ``producer-signature: ts=<ms>;s=<base64 HMAC-SHA256 of ts + body>;
   s-algorithm=HmacSHA256`` under the webhook's authentication key; events ``softbounce``,
   ``hardbounce``, ``email_open``, ``email_link_click``.
+
+Checked against Zoho's own pages on 2026-12-07 (issue 14):
+
+- Confirmed: the send URL and auth header (email-sending.html: POST
+  https://api.zeptomail.com/v1.1/email, ``Zoho-enczapikey`` + send mail token); the webhook
+  events (webhooks.html: bounces, opens, clicks) and that a webhook authentication key
+  secures them (https://www.zoho.com/zeptomail/webhooks-instant-notification.html, "Secure
+  requests", which also shows the ``event_name`` / ``event_message`` payload).
+- Unverified, not found in Zoho's pages: the regional hosts other than
+  ``api.zeptomail.com`` (the API pages give no other; the ones here are those third-party
+  code uses), and the ``producer-signature`` format (the stored copy of webhooks.html stops
+  before any signature section; third-party receivers parse the same ts/s/s-algorithm).
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ from postroom.transports import _auth, _http, _mime
 from postroom.webhooks import DeliveryEvent, Kind, Refused, WebhookRequest, verify
 from postroom.webhooks.base import Webhook, WebhookConfig, event_time
 
+# Only "us" is on Zoho's own pages (email-sending.html); the others are unverified (header).
 HOSTS: Mapping[str, str] = {
     "us": "https://api.zeptomail.com", "eu": "https://api.zeptomail.eu",
     "in": "https://api.zeptomail.in", "au": "https://api.zeptomail.com.au",
@@ -104,6 +118,8 @@ class ZeptoMailWebhook(Webhook):
     docs_url = "https://www.zoho.com/zeptomail/help/webhooks.html"
 
     def verify(self, req: WebhookRequest, settings: WebhookConfig) -> None:
+        # Format unverified against Zoho's pages (module header): a mismatch refuses, never
+        # accepts, so a wrong guess loses events visibly (401s logged), never lets forged ones in.
         key = verify.need_key(settings.key, "ZeptoMail")
         parts = dict(p.strip().partition("=")[::2]
                      for p in verify.header(req, "producer-signature").split(";"))
