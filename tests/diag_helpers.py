@@ -24,6 +24,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -287,6 +288,25 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+@contextlib.contextmanager
+def https_server(handler: type[BaseHTTPRequestHandler], context: ssl.SSLContext
+                 ) -> Iterator[ThreadingHTTPServer]:
+    """An HTTPS server on 127.0.0.1 (port 0) answering with ``handler`` in threads, for
+    the lifetime of the block (the fakes of the internet's HTTPS services)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def _echoing(fd: int) -> bool:

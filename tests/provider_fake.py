@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from diag_helpers import make_ca, make_cert, server_context
+from diag_helpers import https_server, make_ca, make_cert, server_context
 
 from postroom.exceptions import DeliveryError
 
@@ -259,17 +259,7 @@ class FakeProvider:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        server = ThreadingHTTPServer((HOST, 0), Handler)
-        server.socket = self._tls.wrap_socket(server.socket, server_side=True)
-        server.daemon_threads = True
-        self._server = server
-        self.url = f"https://{HOST}:{server.server_address[1]}"
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
-        thread.start()
-        try:
+        with https_server(Handler, self._tls) as server:
+            self._server = server
+            self.url = f"https://{HOST}:{server.server_address[1]}"
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=10)

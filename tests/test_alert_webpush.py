@@ -14,11 +14,10 @@ import contextlib
 import json
 import os
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from diag_helpers import make_ca, make_cert, server_context
+from diag_helpers import https_server, make_ca, make_cert, server_context
 from migration_helpers import migrate_to, tables
 from sqlalchemy import Engine, insert, select
 
@@ -155,17 +154,9 @@ class PushService:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.socket = self.context.wrap_socket(server.socket, server_side=True)
-        self.port = server.server_address[1]
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with https_server(Handler, self.context) as server:
+            self.port = server.server_address[1]
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=10)
 
 
 @pytest.fixture
