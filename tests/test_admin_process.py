@@ -101,6 +101,10 @@ def test_the_fence_answers_without_starting_the_process(
         assert r.status_code == 403 and "server.admin_networks" in r.text
         r = c.post("/api/v1/admin/me", content=b"x" * 2_000_000)
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin.network"
+        # the Web Push doors: the service worker and a 2 MB "subscription" get the same
+        for r in (c.get("/admin/push-worker.js"),
+                  c.post("/admin/account/push", content=b"{" * 2_000_000)):
+            assert r.status_code == 403 and "server.admin_networks" in r.text
     with client(server) as c:  # a foreign Host: refused by the front too
         assert c.get("/admin/login", headers={"Host": "evil.example"}).status_code == 421
     assert server.log.read_text().count(" started in ") == starts  # none started
