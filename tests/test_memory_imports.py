@@ -110,9 +110,11 @@ def test_every_door_used_once_keeps_nothing_needed_once(
         msg_id = r.json()["id"]
     assert sink.wait_count(2, 30) >= 2, "both messages delivered"
 
-    # The API alone: FastAPI, but none of the web admin (its fence is the front's own).
+    # The API alone: served from its route table, without FastAPI (the web admin's process
+    # has it), and none of the web admin (its fence is the front's own).
     modules = modules_of(server, dump)
-    assert "fastapi" in modules
+    for package in ("fastapi", "starlette", "anyio"):
+        assert held(modules, package) == [], f"serve keeps {package} after the API"
     assert held(modules, "postroom.web") == ["postroom.web", "postroom.web.fence"]
     assert held(modules, "jinja2") == []
     assert held(modules, "postroom.diagnostics.advice") == []  # read for a message's page
@@ -149,10 +151,10 @@ def test_every_door_used_once_keeps_nothing_needed_once(
     assert "/api/v1/messages" in doc["paths"]
     assert any(p.startswith("/api/v1/admin/") for p in doc["paths"])
 
-    # Nothing any door needed once is held, nor the admin's JSON API.
+    # Nothing any door needed once is held, nor the admin's JSON API, nor FastAPI.
     modules = modules_of(server, dump)
     assert held(modules, "postroom.web") == ["postroom.web", "postroom.web.fence"]
-    for package in ONCE:
+    for package in (*ONCE, "fastapi", "starlette", "anyio"):
         assert held(modules, package) == [], f"serve keeps {package} after first use"
 
 

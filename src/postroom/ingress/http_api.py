@@ -1,10 +1,15 @@
-"""The HTTP API under ``/api/v1`` (FastAPI): send JSON or raw MIME, search the log, get one
-message with its attempts, resend. Every app authenticates with its own Bearer API key
+"""The HTTP API under ``/api/v1``: send JSON or raw MIME, search the log, get one message
+with its attempts, resend. Every app authenticates with its own Bearer API key
 (`postroom app add NAME`) and sees only what it handed in, through any door.
 
 Like the SMTP handler this is a thin door: validate, build the Envelope, ``enqueue()``; the
 202 is sent only once the message is durably stored. Every error is a JSON body
 ``{"error": {"code", "message", "fix", "field"}}`` (see ``http_errors``).
+
+The operations are the route table ``TABLE`` (ingress.api_table): served on the HTTP front by
+ingress.api_dispatch without FastAPI, and described in the OpenAPI document of the FastAPI
+application ``create_app`` makes (the web admin, the OAuth pages, the docs page), which
+imports FastAPI when called.
 """
 
 from __future__ import annotations
@@ -18,19 +23,15 @@ import json
 import math
 from collections.abc import Callable
 from email.utils import getaddresses
-from typing import Annotated, Any, Literal
-
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request, Security
-from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from typing import TYPE_CHECKING, Any, Literal
 
 from postroom import __version__
 from postroom.apps import AppPolicy
 from postroom.envelope import Envelope, new_id, validate_address
 from postroom.exceptions import IntakeError, MessageError, StoreError
 from postroom.ingress import http_raw
-from postroom.ingress.http_auth import AUTH_STATE, Refusal
-from postroom.ingress.http_errors import HttpError, install
+from postroom.ingress.api_table import Answer, Call, Param, Route, Table
+from postroom.ingress.http_errors import HttpError
 from postroom.ingress.http_front import AdminPart, Context
 from postroom.ingress.http_models import (
     Accepted,
@@ -48,57 +49,27 @@ from postroom.store.log import LogFilter
 from postroom.store.schema import PRIORITIES, STATUSES
 from postroom.webhooks import Kind
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 PREFIX = "/api/v1"
 # Composing a big message (base64 of large attachments) takes long enough to stall the
 # event loop, and with it every SMTP session: above this size it runs in a thread.
 _THREAD_ABOVE = 256 * 1024
-bearer = HTTPBearer(
-    auto_error=False, scheme_name="apiKey", bearerFormat="NAME.SECRET",
-    description="The API key `postroom app add NAME` prints: `Authorization: Bearer NAME.SECRET`.",
-)
+# Documented on every operation (the OpenAPI document's router-wide responses).
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or unknown API key."},
     413: {"model": ErrorBody, "description": "Request or message over a size limit."},
     422: {"model": ErrorBody, "description": "Invalid request; `fix` says how to fix it."},
     503: {"model": ErrorBody, "description": "The store is unavailable; retry later."},
 }
-router = APIRouter(prefix=PREFIX, responses=ERRORS)
-
-
-# -- dependencies --------------------------------------------------------------------------
-async def context(request: Request) -> Context:
-    # async: FastAPI runs a plain `def` dependency on a worker thread, a hop per request.
-    ctx: Context = request.app.state.ctx
-    return ctx
-
-
-async def authenticated(
-    request: Request,
-    # Not read (the Authorization header is): declares the security scheme in the OpenAPI
-    # document.
-    creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-    ctx: Annotated[Context, Depends(context)],
-) -> str:
-    """The app the request's API key belongs to; 401 (RFC 6750 3) without a valid one.
-    Under `postroom serve` the HTTP front has checked the key before reading the body and
-    put the app in the scope; the check here is for the application called on its own."""
-    checked = request.scope.get("state", {}).get(AUTH_STATE)
-    if isinstance(checked, str):
-        return checked
-    found = await ctx.keys.check(ctx.apps, request.headers.get("authorization"))
-    if isinstance(found, Refusal):
-        raise HttpError(401, found.code, found.message, found.fix,
-                        headers={"WWW-Authenticate": found.challenge})
-    return found
-
-
-App = Annotated[str, Depends(authenticated)]
-Ctx = Annotated[Context, Depends(context)]
-IdemHeader = Annotated[str | None, Header(
-    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$",
+IDEMPOTENCY = Param(
+    "idempotency_key", "header", str | None, alias="Idempotency-Key",
+    constraints={"min_length": 1, "max_length": 255, "pattern": r"^[\x20-\x7e]+$"},
     description="Repeat a request with the same key (per app) and the same body: the first "
-    "message's id comes back (200) and nothing is queued twice.")]
-MsgId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    "message's id comes back (200) and nothing is queued twice.")
+MSG_ID = Param("msg_id", "path", str, constraints={
+    "min_length": 1, "max_length": 64, "pattern": r"^[A-Za-z0-9_-]+$"})
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -238,7 +209,7 @@ def _hash(*parts: Any) -> str:
 
 
 async def _enqueue(ctx: Context, env: Envelope, app: str, key: str | None,
-                   request_hash: Callable[[], str]) -> JSONResponse:
+                   request_hash: Callable[[], str]) -> Answer:
     """Store ``env`` (at most once per Idempotency-Key) and answer 202, or 200 for a repeat.
     ``request_hash`` is only called with a key: what identifies "the same request"."""
     _admit(ctx, env, app)
@@ -260,12 +231,12 @@ async def _enqueue(ctx: Context, env: Envelope, app: str, key: str | None,
         out = Accepted(id=msg_id, status=str(row["status"]) if row else "queued",
                        recipients=list(row["recipients"]) if row else env.recipients,
                        duplicate=True)
-        return JSONResponse(out.model_dump(mode="json"), status_code=200)
+        return Answer(200, out)
     if ctx.on_enqueued is not None and env.not_before is None:
         ctx.on_enqueued(env.id)
     out = Accepted(id=env.id, status="queued", recipients=env.recipients,
                    send_at=_iso(env.not_before) if env.not_before else None)
-    return JSONResponse(out.model_dump(mode="json"), status_code=202)
+    return Answer(202, out)
 
 
 def _iso(at: float) -> dt.datetime:
@@ -318,10 +289,9 @@ _ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"description": "Stored; it w
                    "different request."}}
 
 
-@router.post("/messages", status_code=202, response_model=Accepted, responses=_ACCEPTED,
-             summary="Compose and send a message")
-async def send_message(body: MessageIn, app: App, ctx: Ctx,
-                       idempotency_key: IdemHeader = None) -> JSONResponse:
+async def send_message(call: Call) -> Answer:
+    ctx, app = call.ctx, call.app
+    body: MessageIn = call.body  # the route's body model, validated
     not_before = _send_at(ctx, body.send_at)
     connection = body.connection
     draft, size = _draft(ctx, body)
@@ -344,7 +314,7 @@ async def send_message(body: MessageIn, app: App, ctx: Ctx,
     except MessageError as err:
         status = 413 if err.code == "message.too_large" else 422
         raise HttpError(status, err.code, err.message, "correct the message") from err
-    return await _enqueue(ctx, env, app, idempotency_key,
+    return await _enqueue(ctx, env, app, call.args["idempotency_key"],
                           lambda: _hash("messages", body.model_dump(mode="json", by_alias=True)))
 
 
@@ -353,35 +323,21 @@ _RAW_BODY = {"requestBody": {"required": True, "description": "A whole RFC 5322 
                                  "type": "string", "format": "binary"}}}}}
 
 
-@router.post("/messages/raw", status_code=202, response_model=Accepted,
-             responses={**_ACCEPTED, 415: {"model": ErrorBody,
-                                           "description": "Not message/rfc822."}},
-             openapi_extra=_RAW_BODY, summary="Send a ready-made MIME message")
-async def send_raw(
-    request: Request, app: App, ctx: Ctx,
-    sender: Annotated[str | None, Query(
-        alias="from", description="Envelope sender; default: the From address.")] = None,
-    to: Annotated[list[str] | None, Query(
-        description="Envelope recipients (repeat the parameter); default: To, Cc and Bcc. "
-        "Bcc fields are removed from the message either way.")] = None,
-    connection: Annotated[str | None, Query()] = None,
-    tag: Annotated[list[str] | None, Query(max_length=20)] = None,
-    send_at: Annotated[str | None, Query(description="ISO 8601 with a zone, or epoch s.")] = None,
-    idempotency_key: IdemHeader = None,
-) -> JSONResponse:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+async def send_raw(call: Call) -> Answer:
+    ctx, app, args = call.ctx, call.app, call.args
+    ctype = (call.header(b"content-type") or "").split(";")[0].strip().lower()
     if ctype != "message/rfc822":
         raise HttpError(415, "request.content_type",
                         f"Content-Type is {ctype or 'missing'!r}, not message/rfc822",
                         "send the message as the body with 'Content-Type: message/rfc822'")
-    raw = await request.body()
+    raw = call.raw
     try:
         ctx.checks().check_size(len(raw))  # before parsing it
     except IntakeError as err:
         raise _refused(err) from err
-    not_before = _send_at(ctx, send_at)
-    pinned = connection
-    tags = tag or []
+    not_before = _send_at(ctx, args["send_at"])
+    sender, to = args["sender"], args["to"]
+    tags: list[str] = args["tag"] or []
     for i, t in enumerate(tags):
         if not 1 <= len(t) <= 100:
             raise HttpError(422, "request.tag", "a tag has 1 to 100 characters",
@@ -411,50 +367,36 @@ async def send_raw(
                             field=f"to[{i}]") from err
     _recipient_limit(ctx, len(set(rcpts)))
     env = Envelope(env_sender, list(dict.fromkeys(rcpts)), parsed.raw, source=f"api:{app}",
-                   connection=pinned, tags=tags, not_before=not_before)
-    query = sorted(request.query_params.multi_items())
-    return await _enqueue(ctx, env, app, idempotency_key,
+                   connection=args["connection"], tags=tags, not_before=not_before)
+    query = sorted(call.query)
+    return await _enqueue(ctx, env, app, args["idempotency_key"],
                           lambda: _hash("raw", query, hashlib.sha256(raw).hexdigest()))
 
 
-@router.get("/messages", response_model=MessagePage, summary="Search the log, newest first")
-async def list_messages(
-    app: App, ctx: Ctx,
-    status: Annotated[Literal[STATUSES] | None, Query()] = None,  # type: ignore[valid-type]
-    recipient: Annotated[str | None, Query(max_length=320)] = None,
-    sender: Annotated[str | None, Query(max_length=320)] = None,
-    q: Annotated[str | None, Query(max_length=200, description=(
-        "Text in the subject, From, To or Message-ID."))] = None,
-    tag: Annotated[str | None, Query(max_length=100)] = None,
-    since: Annotated[str | None, Query(description="ISO 8601 or epoch s.")] = None,
-    until: Annotated[str | None, Query(description="ISO 8601 or epoch s.")] = None,
-    event: Annotated[Kind | None, Query(
-        description="Had a delivery event of this kind (bounced, complained...).")] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> MessagePage:
-    wanted = LogFilter(status=status, to=recipient or None, sender=sender or None,
-                       text=q or None, tag=tag or None, app=app,
-                       since=_time(since, "since") if since else None,
+async def list_messages(call: Call) -> Answer:
+    ctx, a = call.ctx, call.args
+    since, until, event, limit = a["since"], a["until"], a["event"], a["limit"]
+    wanted = LogFilter(status=a["status"], to=a["recipient"] or None,
+                       sender=a["sender"] or None, text=a["q"] or None, tag=a["tag"] or None,
+                       app=call.app, since=_time(since, "since") if since else None,
                        until=_time(until, "until") if until else None,
                        event=str(event) if event else None)
+    cursor = a["cursor"]
     rows = await asyncio.to_thread(ctx.queue.log.page, wanted,
                                    before=_before(cursor) if cursor else None, limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
-    return MessagePage(messages=[MessageOut.model_validate(_out(r)) for r in rows],
-                       next=_cursor(rows[-1]) if more else None)
+    return Answer(200, MessagePage(messages=[MessageOut.model_validate(_out(r)) for r in rows],
+                                   next=_cursor(rows[-1]) if more else None))
 
 
-@router.get("/messages/{msg_id}", response_model=MessageDetail,
-            responses={404: {"model": ErrorBody, "description": "No such message."}},
-            summary="One message: recipients' states and every attempt")
-async def get_message(msg_id: MsgId, app: App, ctx: Ctx) -> MessageDetail:
+async def get_message(call: Call) -> Answer:
     # The advice catalog is read here, not when sending: an app that only sends never
     # loads it.
     from postroom.diagnostics.advice import advice_for_attempt
 
-    row = _owned(await asyncio.to_thread(ctx.queue.log.get, msg_id), app, msg_id)
+    ctx, msg_id = call.ctx, call.args["msg_id"]
+    row = _owned(await asyncio.to_thread(ctx.queue.log.get, msg_id), call.app, msg_id)
     # The message's own recipients, then the copies its policy added (marked "forced").
     forced = [r for r, st in row["rcpt_status"].items() if st.get("forced")]
     states = [{"address": r, **{k: v for k, v in row["rcpt_status"].get(r, {}).items()
@@ -467,20 +409,13 @@ async def get_message(msg_id: MsgId, app: App, ctx: Ctx) -> MessageDetail:
     from postroom.webhooks.intake import EventLog  # the event tables' code: when first asked
 
     reported = await asyncio.to_thread(EventLog(ctx.queue).for_message, row["id"])
-    return MessageDetail.model_validate(
+    return Answer(200, MessageDetail.model_validate(
         {**_out(row), "recipient_states": states, "attempts": attempts,
-         "delivery_events": [{**ev, "at": _iso(ev["at"])} for ev in reported]})
+         "delivery_events": [{**ev, "at": _iso(ev["at"])} for ev in reported]}))
 
 
-@router.post("/messages/{msg_id}/resend", status_code=202, response_model=Accepted,
-             responses={**_ACCEPTED,
-                        404: {"model": ErrorBody, "description": "No such message."}},
-             summary="Queue a copy (to the same or other recipients)")
-async def resend(
-    msg_id: MsgId, app: App, ctx: Ctx,
-    body: Annotated[ResendIn | None, Body()] = None,
-    idempotency_key: IdemHeader = None,
-) -> JSONResponse:
+async def resend(call: Call) -> Answer:
+    ctx, app, msg_id, body = call.ctx, call.app, call.args["msg_id"], call.body
     row = _owned(await asyncio.to_thread(ctx.queue.log.get, msg_id), app, msg_id)
     if row["raw"] is None:
         raise HttpError(409, "message.no_body", f"message {msg_id} has no stored body",
@@ -490,32 +425,87 @@ async def resend(
     env = Envelope(row["sender"], list(dict.fromkeys(to)), row["raw"], source=f"api:{app}",
                    connection=row["connection"], id=new_id(), tags=list(row["tags"] or []),
                    metadata=dict(row["meta"] or {}))
-    return await _enqueue(ctx, env, app, idempotency_key, lambda: _hash("resend", msg_id, to))
+    return await _enqueue(ctx, env, app, call.args["idempotency_key"],
+                          lambda: _hash("resend", msg_id, to))
 
 
-@router.get("/connections", summary="Connections: health, pause switch, limits in use")
-async def list_connections(app: App, ctx: Ctx) -> dict[str, Any]:
-    """The same as `postroom connections --json`, limited to the connections this app may
-    use (when `postroom app set --connection` limits it)."""
+async def list_connections(call: Call) -> Answer:
     from postroom.queue.status import connections_report
 
-    policy = _policy(ctx, app)
-    report: dict[str, Any] = await asyncio.to_thread(connections_report, ctx.queue,
-                                                     ctx.settings)
+    policy = _policy(call.ctx, call.app)
+    report: dict[str, Any] = await asyncio.to_thread(connections_report, call.ctx.queue,
+                                                     call.ctx.settings)
     if policy.connections:
         report["connections"] = [c for c in report["connections"]
                                  if policy.may_use(str(c.get("name")))]
-    return report
+    return Answer(200, report)
+
+
+def _query(name: str, annotation: Any, default: Any = None, **more: Any) -> Param:
+    return Param(name, "query", annotation, default, **more)
+
+
+_SINCE = "ISO 8601 or epoch s."
+TABLE = Table(PREFIX, [
+    Route("POST", "/messages", send_message, "Compose and send a message",
+          params=(IDEMPOTENCY,), body=MessageIn, status=202, response_model=Accepted,
+          responses=_ACCEPTED),
+    Route("POST", "/messages/raw", send_raw, "Send a ready-made MIME message", params=(
+        _query("sender", str | None, alias="from",
+               description="Envelope sender; default: the From address."),
+        _query("to", list[str] | None, many=True, description=(
+            "Envelope recipients (repeat the parameter); default: To, Cc and Bcc. Bcc "
+            "fields are removed from the message either way.")),
+        _query("connection", str | None),
+        _query("tag", list[str] | None, many=True, constraints={"max_length": 20}),
+        _query("send_at", str | None, description="ISO 8601 with a zone, or epoch s."),
+        IDEMPOTENCY),
+        status=202, response_model=Accepted, openapi_extra=_RAW_BODY,
+        responses={**_ACCEPTED, 415: {"model": ErrorBody, "description": "Not message/rfc822."}}),
+    Route("GET", "/messages", list_messages, "Search the log, newest first", params=(
+        _query("status", Literal[STATUSES] | None),
+        _query("recipient", str | None, constraints={"max_length": 320}),
+        _query("sender", str | None, constraints={"max_length": 320}),
+        _query("q", str | None, constraints={"max_length": 200},
+               description="Text in the subject, From, To or Message-ID."),
+        _query("tag", str | None, constraints={"max_length": 100}),
+        _query("since", str | None, description=_SINCE),
+        _query("until", str | None, description=_SINCE),
+        _query("event", Kind | None,
+               description="Had a delivery event of this kind (bounced, complained...)."),
+        _query("limit", int, 50, constraints={"ge": 1, "le": 200}),
+        _query("cursor", str | None, constraints={"max_length": 200})),
+        response_model=MessagePage),
+    Route("GET", "/messages/{msg_id}", get_message,
+          "One message: recipients' states and every attempt", params=(MSG_ID,),
+          response_model=MessageDetail,
+          responses={404: {"model": ErrorBody, "description": "No such message."}}),
+    Route("POST", "/messages/{msg_id}/resend", resend,
+          "Queue a copy (to the same or other recipients)", params=(MSG_ID, IDEMPOTENCY),
+          body=ResendIn, body_required=False, status=202, response_model=Accepted,
+          responses={**_ACCEPTED, 404: {"model": ErrorBody, "description": "No such message."}}),
+    Route("GET", "/connections", list_connections,
+          "Connections: health, pause switch, limits in use", response_model=dict[str, Any],
+          # The line break as the description had it when it was a docstring.
+          description="The same as `postroom connections --json`, limited to the connections "
+          "this app may\nuse (when `postroom app set --connection` limits it)."),
+])
 
 
 def create_app(ctx: Context, *, admin: AdminPart = "all", pages: bool = True) -> FastAPI:
-    """The application: the API, the OAuth pages and, as ``admin`` says, none of the web
-    admin, its pages alone, or its pages and its JSON API (postroom.web). The HTTP front
-    starts with "none" and takes more on the first request that needs it: a part not
-    mounted is not imported either, and a server used only through the API (or the admin
-    pages only) never holds the rest. ``pages=False``: the API alone, without the OAuth
-    pages, the OpenAPI document and the docs page, for a server whose web admin's process
-    serves them (ingress.admin_proxy)."""
+    """The FastAPI application: the OAuth pages, the OpenAPI document (with ``TABLE``'s
+    operations) and its docs page, and, as ``admin`` says, none of the web admin, its
+    pages alone, or its pages and its JSON API (postroom.web). ``TABLE`` itself is served
+    by the HTTP front (ingress.api_dispatch), never by this application. Under `postroom
+    serve` the web admin's process (ingress.admin_child) runs it; the front runs one
+    itself only without that process (an application embedded on its own), and then
+    with the admin part a request needs, the admin's modules imported only then.
+    ``pages=False``: without the OAuth pages, the OpenAPI document and the docs page."""
+    from fastapi import FastAPI
+
+    from postroom.ingress import api_openapi
+    from postroom.ingress.http_errors import install
+
     api = FastAPI(
         title="Postroom API", version=__version__,
         description="Hand mail to Postroom, follow it, resend it. Authenticate with the API "
@@ -525,7 +515,7 @@ def create_app(ctx: Context, *, admin: AdminPart = "all", pages: bool = True) ->
         redoc_url=None,
     )
     api.state.ctx = ctx
-    api.include_router(router)
+    api.include_router(api_openapi.router(TABLE, ERRORS))
     if pages:
         from postroom.ingress import http_docs
         from postroom.oauth import web as oauth_web

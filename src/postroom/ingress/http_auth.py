@@ -2,11 +2,8 @@
 request body is read (RFC 6750 section 2.1: ``Authorization: Bearer NAME.SECRET``).
 
 The HTTP front checks the key from the headers alone, so an unauthenticated client cannot
-make the server read, buffer or parse a body; it then hands the app's name to FastAPI in the
-ASGI scope (:data:`AUTH_STATE`), whose route dependency only checks again when the
-application is called without the front (tests, embedding).
-
-No FastAPI import here: the front loads FastAPI only on the first authenticated request.
+make the server read, buffer or parse a body; it then hands the app's name to the API's
+dispatcher (ingress.api_dispatch) in the ASGI scope (:data:`AUTH_STATE`).
 """
 
 from __future__ import annotations

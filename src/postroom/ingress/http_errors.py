@@ -1,18 +1,21 @@
 """Every error of the HTTP API as one JSON shape: ``{"error": {"code", "message", "fix",
 "field"}}`` with the right status (401, 404, 409, 413, 415, 422, 503), and never a traceback:
-an unexpected exception becomes a bare 500 whose details go to the server log only."""
+an unexpected exception becomes a bare 500 whose details go to the server log only.
+
+The bodies are built here for both servers of the API: ingress.api_dispatch (the app API
+on the front, without FastAPI) and the FastAPI application (``install``: the web admin's
+JSON API), which imports FastAPI only when it is installed."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
+from typing import TYPE_CHECKING, Any, cast
 
 from postroom.exceptions import PostroomError
+
+if TYPE_CHECKING:  # FastAPI only where it runs: the app API on the front goes without it
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
 
 _SCHEMA_FIX = "see the request schema at /api/v1/docs"
 
@@ -55,7 +58,7 @@ def _explain(err: Mapping[str, Any]) -> tuple[str, str, str]:
     if kind == "json_invalid":
         return ("request.json", f"the body is not valid JSON ({err.get('ctx', {}).get('error')})",
                 "send a JSON object with 'Content-Type: application/json'")
-    if kind in ("model_attributes_type", "dict_type") and where == "the body":
+    if kind in ("model_attributes_type", "model_type", "dict_type") and where == "the body":
         return ("request.json", "the body must be a JSON object",
                 "send a JSON object with 'Content-Type: application/json'")
     if kind == "missing":
@@ -70,35 +73,65 @@ def _explain(err: Mapping[str, Any]) -> tuple[str, str, str]:
     return "request.invalid", f"{where}: {msg}", _SCHEMA_FIX
 
 
-def _answer(status: int, content: dict[str, Any],
-            headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(content, status_code=status, headers=dict(headers or {}))
+def of_error(exc: HttpError) -> dict[str, Any]:
+    """The JSON body of ``exc``'s answer."""
+    return body(exc.code, exc.message, exc.fix, exc.field)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
-    exc = cast(HttpError, exc)
-    return _answer(exc.status, body(exc.code, exc.message, exc.fix, exc.field), exc.headers)
-
-
-async def _invalid(_: Request, exc: Exception) -> JSONResponse:
-    errors = list(cast(RequestValidationError, exc).errors())
+def invalid(errors: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The 422 body for pydantic's validation errors (``loc`` starting with where the value
+    was: body, query, header or path): the first explained, the next three named."""
     first = errors[0] if errors else {}
     code, message, fix = _explain(first)
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more: " + "; ".join(
             _explain(e)[1] for e in errors[1:4]) + ")"
-    return _answer(422, body(code, message, fix, _field(first.get("loc", ()))))
+    return body(code, message, fix, _field(first.get("loc", ())))
+
+
+def unreadable(detail: str) -> dict[str, Any]:
+    """The 422 body for a request body that could not be read as JSON at all (not UTF-8)."""
+    return body("request.json", f"the body cannot be read: {detail}",
+                "send a UTF-8 JSON object with 'Content-Type: application/json'")
+
+
+def internal() -> dict[str, Any]:
+    """The 500 body: the details go to the server log, never to the client."""
+    return body("internal", "internal error; it was logged on the server",
+                "retry; if it persists, report it with the server log")
+
+
+def route_unknown() -> dict[str, Any]:
+    return body("route.unknown", "no such endpoint",
+                "the API lives under /api/v1; see /api/v1/docs")
+
+
+def _answer(status: int, content: dict[str, Any],
+            headers: Mapping[str, str] | None = None) -> JSONResponse:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(content, status_code=status, headers=dict(headers or {}))
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    exc = cast(HttpError, exc)
+    return _answer(exc.status, of_error(exc), exc.headers)
+
+
+async def _invalid(_: Request, exc: Exception) -> JSONResponse:
+    from fastapi.exceptions import RequestValidationError
+
+    return _answer(422, invalid(list(cast(RequestValidationError, exc).errors())))
 
 
 async def _starlette(_: Request, exc: Exception) -> JSONResponse:
+    from starlette.exceptions import HTTPException
+
     exc = cast(HTTPException, exc)
     if exc.status_code == 404:
-        content = body("route.unknown", "no such endpoint",
-                       "the API lives under /api/v1; see /api/v1/docs")
+        content = route_unknown()
     elif exc.status_code == 400:  # FastAPI could not read the body at all (not UTF-8 ...)
-        return _answer(422, body("request.json", f"the body cannot be read: {exc.detail}",
-                                 "send a UTF-8 JSON object with 'Content-Type: "
-                                 "application/json'"))
+        return _answer(422, unreadable(str(exc.detail)))
     elif exc.status_code == 405:
         content = body("method.not_allowed", "this endpoint does not take that method",
                        f"use {(exc.headers or {}).get('Allow', 'another method')}")
@@ -109,11 +142,13 @@ async def _starlette(_: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     # The traceback is logged by the HTTP front, which sees the exception next.
-    return _answer(500, body("internal", "internal error; it was logged on the server",
-                             "retry; if it persists, report it with the server log"))
+    return _answer(500, internal())
 
 
 def install(app: FastAPI) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
     app.add_exception_handler(HttpError, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _starlette)

@@ -1,6 +1,7 @@
 """The HTTP listener of `postroom serve`: uvicorn in the server's event loop, a small ASGI
-front that answers ``/healthz`` itself, and hands ``/api/v1`` to the FastAPI application
-(``http_api``) once the request has passed the front's checks, cheapest first:
+front that answers ``/healthz`` itself, and serves the app API under ``/api/v1`` (the route
+table of ``http_api``, dispatched by ``api_dispatch``, no FastAPI) once the request has
+passed the front's checks, cheapest first:
 
 1. connections: caps per client address and in all, a deadline for each request's head
    (``http_conn``, in uvicorn's protocol);
@@ -22,9 +23,11 @@ here, before any page work: server.admin_networks and the ``Host`` header first
 `postroom serve` it is then served, with the OAuth pages and the OpenAPI document, by a
 process of its own, started on demand and stopped when idle (ingress.admin_proxy).
 
-Both are loaded when first needed: uvicorn on the first connection, FastAPI on the first
-API (or admin) request. `postroom serve` must idle within 60 MB, and they cost about 2 MB and 10 MB
-that a server used only over SMTP (or only probed on /healthz) never needs.
+Both are loaded when first needed: uvicorn on the first connection, the app API's modules
+on its first request. `postroom serve` must idle within 60 MB, also once each door was used:
+FastAPI (about 10 MB) is imported only by the web admin's process, or here for the admin,
+the OAuth pages and the docs when there is no such process (an application embedded on its
+own). Any other path is a 404 from the front itself.
 
 ``GET /metrics`` (Prometheus, postroom.metrics) is fenced like the web admin
 (server.admin_networks) and needs an admin API token; prometheus_client is loaded on the
@@ -52,6 +55,7 @@ from postroom.ingress.accept import Intake
 from postroom.ingress.guard import FailureLimiter, Networks, SessionCaps
 from postroom.ingress.health import health
 from postroom.ingress.http_auth import AUTH_STATE, KeyChecker
+from postroom.ingress.http_errors import route_unknown
 from postroom.queue.sql import Queue
 from postroom.settings import Settings
 from postroom.web import fence
@@ -188,7 +192,7 @@ class _Later:
 class Front:
     """The ASGI application uvicorn runs: /healthz, the caps on requests in flight, the API
     key checked from the headers before any body is read, the body read under its limit and
-    deadlines, then FastAPI."""
+    deadlines, then the app API's dispatcher (or the web admin's process)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -207,6 +211,8 @@ class Front:
         self._api: ASGIApp | None = None
         self._part: AdminPart = "none"  # how much of the web admin self._api has
         self._loading = asyncio.Lock()
+        # ingress.api_dispatch.serve, imported on the first app API request.
+        self._dispatch: Callable[[Context, Scope, bytes, Send], Awaitable[None]] | None = None
         # Under `postroom serve` (an instance, an interpreter to start): the web admin, the
         # OAuth pages and the OpenAPI document are served by a process of their own
         # (ingress.admin_proxy); else by the application here, as `part` says.
@@ -297,7 +303,6 @@ class Front:
             return None
         if path == METRICS:
             return await self._metrics(scope, send, ip)
-        body = b""
         if path == PREFIX or (path.startswith(PREFIX + "/") and not _public(path)):
             refusal = await self._authenticate(scope, ip)
             if refusal is not None:
@@ -305,13 +310,33 @@ class Front:
             read = await self._body(scope, receive, send)
             if read is None:
                 return None
-            body = read
-        elif _announces_body(scope):
+            await self._app_api(scope, read, send)
+            return None
+        if _announces_body(scope):
             # Public pages take no body: it is not read, and the connection ends after the
             # answer (else its bytes would be read as the next request).
             send = _closing(send)
-        await self._run(scope, body, receive, send)
+        if not _apart_path(path):
+            # Not an application's: answered here, nothing loaded for a scanner's paths.
+            await _json(send, 404, route_unknown())
+            return None
+        await self._run(scope, b"", receive, send)
         return None
+
+    async def _app_api(self, scope: Scope, body: bytes, send: Send) -> None:
+        serve = self._dispatch
+        if serve is None:
+            async with self._loading:
+                if self._dispatch is None:
+                    # Imported in a thread: the models take a moment, mail keeps flowing.
+                    def load() -> Callable[[Context, Scope, bytes, Send], Awaitable[None]]:
+                        from postroom.ingress import api_dispatch
+
+                        return api_dispatch.serve
+
+                    self._dispatch = await asyncio.to_thread(load)
+                serve = self._dispatch
+        await serve(self.ctx, scope, body, send)
 
     async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send, *,
                    part: AdminPart = "none") -> None:
