@@ -18,6 +18,8 @@ succeed (defer it). Foreign exceptions are mapped at the boundary and chained ``
     ├── EventError                   a delivery event (webhook, DSN) that cannot be taken
     │   └── EventRefused             its signature is missing, wrong or replayed
     ├── AlertError                   an alert channel did not take an alert (postroom.alerts)
+    ├── InstallError                 setting up the system failed (postroom.system: service
+    │                                user, unit files, the system's sendmail)
     └── DeliveryError                one delivery attempt failed
         ├── ConnectError             DNS, refused, unreachable, connect timeout
         ├── TimeoutError_            the server stopped answering mid-session
@@ -142,6 +144,13 @@ class AlertError(PostroomError):
 
     code = "alert.channel"
     permanent = False
+
+
+class InstallError(PostroomError):
+    """`postroom install-service` or `install-sendmail` could not change the system: not
+    root, a tool that failed, a file in the way (postroom.system). Says what to do instead."""
+
+    code = "install"
 
 
 class DeliveryError(PostroomError):
