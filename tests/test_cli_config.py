@@ -537,7 +537,7 @@ def test_send_composes_cc_bcc_html_and_attachments(served: Postroom, peers: Any,
 def test_config_is_found_in_the_user_then_system_folder(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Programs that run `postroom-sendmail` elsewhere (PHP, cron) must find the config."""
-    from postroom.settings import config_path_from, search_path
+    from postroom.config_load import config_path_from, search_path
 
     monkeypatch.chdir(tmp_path)
     env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}

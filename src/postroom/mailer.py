@@ -470,7 +470,9 @@ class Mailer:
                               "address), or drop api_key for embedded mode", code="mailer.mode")
         settings = settings_mod.load(None if config is None else Path(config))
         if settings.config_path is None:
-            places = ", ".join(str(p) for p in settings_mod.search_path(os.environ))
+            from postroom import config_load
+
+            places = ", ".join(str(p) for p in config_load.search_path(os.environ))
             raise ConfigError(
                 f"no postroom.toml found (looked in {places}); run `postroom serve` once to "
                 "create one, or pass Mailer(config=PATH) or Mailer(url=..., api_key=...)",

@@ -11,6 +11,10 @@ CHECK_SECONDS). On a change it builds the effective settings again and swaps the
 - the worker's routes, policies and default connection, and the intake's connection names;
 - the transports no longer used are closed only once every delivery under way at the
   swap has ended: a try finishes on the transport it started on, and nothing is dropped.
+
+A new postroom.toml (SIGHUP, `postroom reload`: postroom.hup) goes through the same swap:
+:meth:`LiveConfig.adopt` lays the database's entries over the new file's settings and
+applies the result as a stored change is applied.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class LiveConfig:
         self.generation = inst.config_generation
         self.listeners: list[Listener] = []
         self._retiring: set[asyncio.Task[None]] = set()
+        # One swap at a time: a poll must not apply settings built from the file's settings
+        # a SIGHUP has just replaced.
+        self._lock = asyncio.Lock()
 
     async def run(self) -> None:
         """Poll until cancelled; errors are logged, never raised (delivery goes on)."""
@@ -68,12 +75,23 @@ class LiveConfig:
 
     async def check(self) -> bool:
         """Reload if the stored configuration changed; True when it did."""
-        new, generation = await asyncio.to_thread(load, self.inst.file_settings,
-                                                  self.inst.engine)
-        if generation == self.generation:
-            return False
-        self.apply(new, generation)
-        return True
+        async with self._lock:
+            new, generation = await asyncio.to_thread(load, self.inst.file_settings,
+                                                      self.inst.engine)
+            if generation == self.generation:
+                return False
+            self.apply(new, generation)
+            return True
+
+    async def adopt(self, file: Settings) -> Settings:
+        """Use ``file`` (a new postroom.toml's settings) from now on: the stored entries laid
+        over it, swapped in whatever the generation; returns the effective settings. Raises
+        (nothing changed) when the database cannot be read."""
+        async with self._lock:
+            new, generation = await asyncio.to_thread(load, file, self.inst.engine)
+            self.inst.file_settings = file
+            self.apply(new, generation)
+            return new
 
     def apply(self, new: Settings, generation: int) -> None:
         """Swap ``new`` (effective settings) into the running parts."""

@@ -39,6 +39,15 @@ def key_file(settings: Settings) -> Path:
     )
 
 
+def tls_files(settings: Settings) -> tuple[Path, Path]:
+    """The listener's certificate and key: server.tls_cert/tls_key, or the self-signed pair
+    made in data_dir/tls (a reload re-reads them: postroom.hup)."""
+    s = settings
+    if s.server.tls_cert and s.server.tls_key:
+        return s.resolve(s.server.tls_cert), s.resolve(s.server.tls_key)
+    return s.data_dir / "tls" / "cert.pem", s.data_dir / "tls" / "key.pem"
+
+
 @dataclass
 class Instance:
     # The effective settings: the file's with the connections, routes, policy and retention
@@ -105,10 +114,7 @@ class Instance:
 
     @property
     def tls_files(self) -> tuple[Path, Path]:
-        s = self.settings
-        if s.server.tls_cert and s.server.tls_key:
-            return s.resolve(s.server.tls_cert), s.resolve(s.server.tls_key)
-        return s.data_dir / "tls" / "cert.pem", s.data_dir / "tls" / "key.pem"
+        return tls_files(self.settings)
 
     def permission_warnings(self) -> list[str]:
         """What of this instance's own files other users can read or change, each with the

@@ -9,15 +9,13 @@ or stored encrypted in the database with ``postroom connection set-password``.
 
 from __future__ import annotations
 
-import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from postroom.exceptions import ConfigError
 
@@ -43,7 +41,6 @@ def __getattr__(name: str) -> type[BaseModel]:
 
 ENV_PREFIX = "POSTROOM_"
 DEFAULT_CONFIG = "postroom.toml"
-_ENV_NOT_KEYS = {"POSTROOM_CONFIG", "POSTROOM_SECRET_KEY"}
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -226,6 +223,38 @@ class RetentionSettings(_Section):
     keep_rows_days: float = Field(default=90, ge=0)  # then the log rows themselves
     interval: float = Field(default=3600, ge=60)  # seconds between runs (one node at a time)
     batch: int = Field(default=500, ge=1, le=100_000)  # rows per transaction
+    # Total size of the stored bodies ("2GB", "500MB" or bytes); past it the oldest finished
+    # messages' bodies go first, whatever their age. 0 = no limit.
+    max_size: int = Field(default=0, ge=0)
+
+    @field_validator("max_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return parse_size(v) if isinstance(v, str) else v
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str) -> int:
+    """"2GB" -> 2000000000, "512MiB" -> 536870912, "1500" -> 1500 (bytes)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in SIZE_UNITS:
+        raise ValueError(f"expected a size such as \"2GB\", \"500MB\", \"512MiB\" or a "
+                         f"number of bytes, got {value!r}")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
+class LogSettings(_Section):
+    """What `postroom serve` and `postroom worker` write to stderr (journald keeps it): one
+    line per accepted and per finished message, plus warnings and errors."""
+
+    format: Literal["text", "json", "logfmt"] = "text"  # json: one JSON object a line
+    level: Literal["debug", "info", "warning", "error"] = "info"  # warning: no mail lines
 
 
 def parse_smtp_url(value: str) -> tuple[str, str, int]:
@@ -383,6 +412,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "policy": PolicySettings,
     "retention": RetentionSettings,
     "oauth": OAuthSection,
+    "log": LogSettings,
 }
 
 
@@ -410,7 +440,7 @@ def register_section(name: str, model: type[SectionT]) -> type[SectionT]:
     return model
 
 
-def _feature_model(name: str) -> type[BaseModel] | None:
+def feature_model(name: str) -> type[BaseModel] | None:
     """The model of feature section ``name``, importing its module through the entry point
     group when it has not registered yet; None when no installed feature declares it."""
     if name not in _FEATURES:
@@ -421,7 +451,7 @@ def _feature_model(name: str) -> type[BaseModel] | None:
     return _FEATURES.get(name)
 
 
-def _feature_names() -> list[str]:
+def feature_names() -> list[str]:
     """Every feature section an installed package declares (to word an error)."""
     from importlib.metadata import entry_points
 
@@ -441,6 +471,7 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     oauth: OAuthSection = field(default_factory=OAuthSection)
+    log: LogSettings = field(default_factory=LogSettings)  # [log]: stderr's format and level
     # The feature sections the file or the environment gave, validated: (name, model).
     features: tuple[tuple[str, BaseModel], ...] = ()
 
@@ -490,192 +521,6 @@ class Settings:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 
-def _env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for key, raw in environ.items():
-        # Only POSTROOM_<SECTION>__<KEY> is an override: other POSTROOM_* names may hold the
-        # user's own secrets (password_env = "POSTROOM_SMTP_PASSWORD").
-        if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_KEYS or "__" not in key:
-            continue
-        parts = key[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) != 2 or (parts[0] not in SECTIONS and _feature_model(parts[0]) is None):
-            raise ConfigError(
-                f"environment variable {key} is not understood: use "
-                "POSTROOM_<SECTION>__<KEY> with a section among "
-                f"{', '.join(s.upper() for s in [*SECTIONS, *_feature_names()])} (e.g. "
-                "POSTROOM_SERVER__SMTP_LISTEN=127.0.0.1:2525)",
-                code="config.env",
-            )
-        section = data.setdefault(parts[0], {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"[{parts[0]}] must be a table", code="config.type")
-        section[parts[1]] = _env_value(raw)
-
-
-def _where(section: str, loc: tuple[int | str, ...]) -> str:
-    text = section
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return text
-
-
-def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
-    """The keys allowed where ``loc`` points, following nested tables (e.g. a route's
-    ``match``, a connection's ``policy``)."""
-    import typing
-
-    for part in loc:
-        if not isinstance(part, str) or part not in model.model_fields:
-            continue
-        ann = model.model_fields[part].annotation
-        nested = [a for a in (ann, *typing.get_args(ann))
-                  if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            break
-        model = nested[0]
-    return list(model.model_fields)
-
-
-def _explain(section: str, err: ValidationError, model: type[BaseModel]) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        where = _where(section, loc)
-        if e["type"] == "extra_forbidden":
-            fields = _fields_at(model, loc[:-1])
-            key = str(loc[-1])
-            import difflib  # only to word an error
-
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
-            lines.append(f"{where}: unknown key; {hint}")
-        elif e["type"] == "missing":
-            lines.append(f"{where}: required key is missing; add it")
-        else:
-            msg = str(e["msg"]).removeprefix("Value error, ")
-            lines.append(f"{where} = {e.get('input')!r}: {msg}")
-    return "; ".join(lines)
-
-
-def _section(model: type[BaseModel], name: str, data: Any) -> Any:
-    if data is None:
-        data = {}
-    # A feature section written as an array of tables ([[alerts]]): the model names the
-    # field that holds the list (``array_field``).
-    array_field = getattr(model, "array_field", None)
-    if isinstance(data, list) and isinstance(array_field, str):
-        data = {array_field: data}
-    if not isinstance(data, dict):
-        raise ConfigError(f"[{name}] must be a table", code="config.type")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(
-            f"invalid configuration: {_explain(name, err, model)}",
-            code="config.invalid",
-        ) from err
-
-
-def _connections(items: Any) -> tuple[ConnectionBase, ...]:
-    from postroom.transports import settings_model
-
-    if items is None:
-        return ()
-    if not isinstance(items, list):
-        raise ConfigError(
-            "connections must be an array of tables: [[connections]]", code="config.type"
-        )
-    out: list[ConnectionBase] = []
-    for i, item in enumerate(items):
-        where = f"connections[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where} must be a table", code="config.type")
-        model = settings_model(str(item.get("transport", "")), where)
-        out.append(_section(model, where, item))
-    names = [c.name for c in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"connection names must be unique; {', '.join(dupes)} is used twice", code="config.dupe"
-        )
-    return tuple(out)
-
-
-def _routes(items: Any, names: set[str]) -> tuple[Route, ...]:
-    if items is None:
-        return ()
-    from postroom.routing.rules import Route
-
-    if not isinstance(items, list):
-        raise ConfigError("routes must be an array of tables: [[routes]]", code="config.type")
-    out: list[Route] = []
-    for i, item in enumerate(items):
-        where = f"routes[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where} must be a table", code="config.type")
-        route: Route = _section(Route, where, item)
-        for name in route.chain:
-            if name not in names:
-                import difflib  # only to word an error
-
-                close = difflib.get_close_matches(name, sorted(names), n=1)
-                hint = f"did you mean {close[0]!r}?" if close else (
-                    f"known: {', '.join(sorted(names)) or 'none configured'}")
-                raise ConfigError(
-                    f"{where}.chain names {name!r}, which is not a [[connections]] name; "
-                    + hint, code="config.route.unknown_connection")
-        if len(set(route.chain)) != len(route.chain):
-            raise ConfigError(f"{where}.chain lists a connection twice", code="config.invalid")
-        out.append(route)
-    defaults = [i for i, r in enumerate(out) if r.match is None]
-    if defaults and defaults[0] != len(out) - 1:
-        raise ConfigError(
-            f"routes[{defaults[0]}] has no match, so it takes every message and the routes "
-            "after it would never be used; move it last", code="config.invalid")
-    return tuple(out)
-
-
-# The same checks, and the same words, for configuration stored in the database
-# (postroom.store.dbconfig): an entry made in the web admin is held to the file's rules.
-def validate_section(model: type[BaseModel], where: str, data: Any) -> Any:
-    """``data`` validated by ``model``; ConfigError worded as for the file (``where``.key)."""
-    return _section(model, where, data)
-
-
-def feature_model(name: str) -> type[BaseModel] | None:
-    """The model of feature section ``name`` (its module imported through the entry point
-    group), or None when no installed feature declares it."""
-    return _feature_model(name)
-
-
-def validate_routes(items: Any, names: set[str]) -> tuple[Route, ...]:
-    """A [[routes]] list checked as the file's: each chain names known connections, the
-    default route (no match) comes last."""
-    return _routes(items, names)
-
-
-def search_path(environ: Mapping[str, str]) -> list[Path]:
-    """Where a configuration is looked for when none is named: the current folder, then the
-    user's, then the system's. Commands started by other programs (PHP's mail() runs
-    `postroom-sendmail` in the web server's folder, cron in $HOME) find the system one."""
-    xdg = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", "~")) / ".config")
-    return [Path(DEFAULT_CONFIG), Path(xdg) / "postroom" / DEFAULT_CONFIG,
-            Path("/etc/postroom") / DEFAULT_CONFIG]
-
-
-def config_path_from(explicit: str | Path | None, environ: Mapping[str, str]) -> Path:
-    named = explicit or environ.get("POSTROOM_CONFIG")
-    if named:
-        return Path(named)
-    return next((p for p in search_path(environ) if p.is_file()), Path(DEFAULT_CONFIG))
-
-
 def load(
     path: str | Path | None = None,
     *,
@@ -683,62 +528,8 @@ def load(
     create: bool = False,
     connections: bool = True,
 ) -> Settings:
-    """Read and validate the configuration.
+    """Read and validate the configuration (postroom.config_load.load: the file, the
+    environment, the checks and their wording)."""
+    from postroom import config_load
 
-    With ``create=True`` a missing file is written from the commented template first
-    (what `postroom serve` does on a fresh machine). With ``connections=False``,
-    [[connections]] and [[routes]] are neither read nor checked and come back empty: for
-    postroom-sendmail, which stores mail or hands it over and never delivers it. Checking a
-    connection imports its transport (asyncio, ssl...: a fifth of that command's start-up,
-    paid once per message), and a typo there must not turn away mail that a running
-    `postroom serve` would deliver.
-    """
-    env = os.environ if environ is None else environ
-    cfg = config_path_from(path, env)
-    data: dict[str, Any] = {}
-    if not cfg.exists() and create:
-        from postroom.bootstrap import write_config_template
-
-        write_config_template(cfg)
-    if cfg.exists():
-        try:
-            data = tomllib.loads(cfg.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(
-                f"{cfg}: not valid TOML ({err}); fix the syntax at that line",
-                code="config.syntax",
-            ) from err
-        except OSError as err:
-            raise ConfigError(f"cannot read {cfg}: {err.strerror}", code="config.read") from err
-    elif path is not None or "POSTROOM_CONFIG" in env:
-        raise ConfigError(
-            f"configuration file {cfg} does not exist; run `postroom serve --config {cfg}` "
-            "once to create a commented one",
-            code="config.missing",
-        )
-    _apply_env(data, env)
-    others = sorted(set(data) - {*SECTIONS, "connections", "routes"})
-    features = {name: _feature_model(name) for name in others}
-    unknown = [name for name, model in features.items() if model is None]
-    if unknown:
-        raise ConfigError(
-            f"unknown section(s) {', '.join(unknown)}; known: "
-            f"{', '.join([*SECTIONS, *_feature_names()])}, connections, routes",
-            code="config.invalid",
-        )
-    # A section the file and the environment leave out is its defaults, which are valid by
-    # construction (tests/test_cli_config.py checks each equals a validated empty table):
-    # building its validator only to check nothing would slow every command's start.
-    sections: dict[str, Any] = {
-        name: _section(model, name, data[name]) if name in data else model.model_construct()
-        for name, model in SECTIONS.items()}
-    conns = _connections(data.get("connections")) if connections else ()
-    return Settings(
-        **sections,
-        connections=conns,
-        routes=_routes(data.get("routes"), {c.name for c in conns}) if connections else (),
-        config_path=cfg if cfg.exists() else None,
-        base_dir=(cfg.parent if cfg.exists() else Path.cwd()).resolve(),
-        features=tuple((name, _section(model, name, data[name]))
-                       for name, model in features.items() if model is not None),
-    )
+    return config_load.load(path, environ=environ, create=create, connections=connections)

@@ -104,7 +104,7 @@ def wizard(
     config: ConfigOpt = None,
 ) -> None:
     # Its help, which `postroom --help` lists: postroom.commands.registry ("wizard").
-    from postroom import settings as settings_mod
+    from postroom import config_load
     from postroom.diagnostics.dns import Resolver
     from postroom.diagnostics.wizard import default_name, entry_for, plan
     from postroom.idn import check_address
@@ -123,7 +123,7 @@ def wizard(
         out.fail(ConfigError("give --password-env or --password-stdin, not both",
                              code="wizard.password"))
     servers = [_guard(out, lambda s=s: _server_arg(s)) for s in server or []]
-    cfg_path = settings_mod.config_path_from(config, os.environ)
+    cfg_path = config_load.config_path_from(config, os.environ)
 
     def https_api(provider: Any, kind: str | None) -> NoReturn:
         from postroom.commands.wizard_api import offer, parse_settings

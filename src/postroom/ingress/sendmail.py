@@ -519,6 +519,7 @@ class _Command:
         return self._submit(opts, user)
 
     def _submit(self, opts: Options, user: User) -> int:
+        from postroom import config_load
         from postroom import settings as settings_mod
         from postroom.exceptions import ConfigError
         from postroom.ingress import deadletter
@@ -535,7 +536,7 @@ class _Command:
             settings = settings_mod.load(named, environ=self.environ, connections=False)
             if settings.config_path is None:
                 # Never a store in whatever folder the caller runs in (PHP: the web root).
-                looked = ", ".join(str(p) for p in settings_mod.search_path(self.environ))
+                looked = ", ".join(str(p) for p in config_load.search_path(self.environ))
                 raise ConfigError(f"no Postroom configuration found (looked for {looked}); "
                                   "give -C FILE or set POSTROOM_CONFIG",
                                   code="config.missing")

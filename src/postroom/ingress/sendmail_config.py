@@ -49,11 +49,12 @@ def _same(a: Path, b: Path) -> bool:
 def trusted_config(value: str, environ: Mapping[str, str], uid: int) -> Path:
     """The file ``-C value`` names, if the rule above lets user ``uid`` load it, with
     symlinks resolved (what was checked is what gets read); else ConfigError."""
+    from postroom import config_load
     from postroom import settings as settings_mod
 
     named = config_file(value)
     real = Path(os.path.realpath(named))
-    default = settings_mod.config_path_from(None, environ)
+    default = config_load.config_path_from(None, environ)
     try:
         has_default = default.is_file()
     except OSError:  # e.g. a HOME this user may not enter: nothing to delegate from

@@ -35,17 +35,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, Integer, Text, cast, delete, insert, select, update
 
+from postroom.config_load import validate_routes, validate_section
 from postroom.exceptions import ConfigError
 from postroom.secrets import Secret as Secret  # the names transports read; kept here too
 from postroom.secrets import secret_name as secret_name
-from postroom.settings import (
-    ENV_PREFIX,
-    PolicySettings,
-    RetentionSettings,
-    Settings,
-    validate_routes,
-    validate_section,
-)
+from postroom.settings import ENV_PREFIX, PolicySettings, RetentionSettings, Settings
 from postroom.store.db import write_transaction
 from postroom.store.schema import config_entries, control, oauth_grants
 from postroom.store.schema import secrets as secrets_table

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 from sqlalchemy import Connection, delete, insert, select
 
+from postroom.config_load import validate_section
 from postroom.exceptions import ConfigError
-from postroom.settings import feature_model, validate_section
+from postroom.settings import feature_model
 from postroom.store.schema import secrets as secrets_table
 
 if TYPE_CHECKING:
