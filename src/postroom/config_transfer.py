@@ -3,7 +3,7 @@
 be stored (``[[alerts]]``: postroom.store.dbfeatures; the file's too, marked), with the
 secrets (connection passwords, OAuth client secrets, OAuth grants, the features' secrets
 such as alert channel URLs and webhook keys) encrypted under a key derived from the user's
-passphrase (scrypt, AES-256-GCM), or left out. Never in plaintext.
+passphrase (scrypt, AES-256-GCM: postroom.passcrypt), or left out. Never in plaintext.
 
 `postroom config export|import` and the web admin's Settings page call :func:`export_config`
 and :func:`import_config`.
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, insert, select
 
 from postroom.exceptions import ConfigError
+from postroom.passcrypt import SCRYPT, check_passphrase, cost_allowed, derive_key
 from postroom.store import dbconfig, dbfeatures
 from postroom.store.db import write_transaction
 from postroom.store.schema import oauth_grants
@@ -43,10 +44,6 @@ if TYPE_CHECKING:
 
 FORMAT = "postroom-config"
 VERSION = 1
-MIN_PASSPHRASE = 12
-# scrypt cost (RFC 7914; OWASP's recommendation for scrypt): 128 MiB of memory per try.
-SCRYPT = {"n": 2**17, "r": 8, "p": 1}
-_MAX_SCRYPT = {"n": 2**18, "r": 16, "p": 4}  # what an import accepts: a file sets the cost
 _AAD = f"{FORMAT}/{VERSION}".encode()
 _GRANT_SECRETS = ("access_token", "refresh_token")
 
@@ -59,23 +56,11 @@ class ImportReport:
     secrets: bool = False  # secrets were in the file and were imported
 
 
-def check_passphrase(passphrase: str) -> None:
-    if len(passphrase) < MIN_PASSPHRASE:
-        raise ConfigError(f"the passphrase is {len(passphrase)} characters; use at least "
-                          f"{MIN_PASSPHRASE} (a few random words)", code="config.passphrase")
-
-
-def _key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
-
-
 def _seal(payload: Mapping[str, Any], passphrase: str) -> dict[str, Any]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     salt, nonce = os.urandom(16), os.urandom(12)
-    key = _key(passphrase, salt, **SCRYPT)
+    key = derive_key(passphrase, salt, **SCRYPT)
     data = AESGCM(key).encrypt(nonce, json.dumps(payload).encode(), _AAD)
     b64 = base64.b64encode
     return {"kdf": {"name": "scrypt", **SCRYPT, "salt": b64(salt).decode()},
@@ -96,11 +81,11 @@ def _open(sealed: Any, passphrase: str) -> dict[str, Any]:
         data = base64.b64decode(sealed["data"])
     except (KeyError, TypeError, ValueError) as err:
         raise bad from err
-    if kdf.get("name") != "scrypt" or sealed.get("cipher") != "AES-256-GCM" or any(
-            not 1 <= cost[k] <= _MAX_SCRYPT[k] for k in cost) or len(nonce) != 12:
+    if kdf.get("name") != "scrypt" or sealed.get("cipher") != "AES-256-GCM" or not (
+            cost_allowed(cost)) or len(nonce) != 12:
         raise bad
     try:
-        plain = AESGCM(_key(passphrase, salt, **cost)).decrypt(nonce, data, _AAD)
+        plain = AESGCM(derive_key(passphrase, salt, **cost)).decrypt(nonce, data, _AAD)
     except (InvalidTag, ValueError) as err:
         raise ConfigError("wrong passphrase (or the file was altered): nothing was imported",
                           code="config.import.passphrase") from err

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 import weakref
 from collections.abc import Iterator
@@ -105,6 +106,11 @@ def make_engine(url: str, *, synchronous: str = "full") -> Engine:
     if is_sqlite:
         if path and path != ":memory:":
             _write_locks[engine] = WriteLock(Path(path + ".lock"))
+            from postroom.store import inuse
+
+            held = inuse.hold(Path(path))  # `postroom restore` waits for every holder
+            if held is not None:
+                weakref.finalize(engine, os.close, held)
         mode = "FULL" if synchronous == "full" else "NORMAL"
 
         @event.listens_for(engine, "connect")
@@ -155,19 +161,35 @@ def _safe(url: str) -> str:
         return url.split("@")[-1]
 
 
+def _revision(conn: Connection) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return None if found is None else str(found)
+
+
 def migrate(engine: Engine, *, apart: bool = False) -> None:
     """Bring the schema to the newest revision. Alembic is only imported when needed, which
     keeps start-up fast and idle memory low on an up-to-date database. With ``apart`` (the
     long-running processes), a database that needs migrating is migrated by a child process
-    (postroom.apart), so that this one never imports alembic at all."""
+    (postroom.apart), so that this one never imports alembic at all.
+
+    Under the lock (SQLite: the write lock every writer takes; PostgreSQL: an advisory lock)
+    the revision is read again, so of processes starting together one migrates and the
+    others find nothing to do; a database of a newer Postroom is refused, and an SQLite one
+    is copied before it is migrated (postroom.store.upgrade)."""
+    url = engine.url
+    file = (Path(url.database) if engine.dialect.name == "sqlite"
+            and url.database not in (None, "", ":memory:") else None)
+    where = str(file) if file is not None else _safe(url.render_as_string(hide_password=False))
     try:
         with engine.connect() as conn:
-            current = None
-            if inspect(conn).has_table("alembic_version"):
-                current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            current = _revision(conn)
         if current == head_revision():
             return
-        url = engine.url
+        from postroom.store import upgrade
+
+        upgrade.refuse_unknown(current, where, file)
         # A child opens the same database by its URL (an in-memory one it could not).
         if apart and url.database not in (None, "", ":memory:"):
             from postroom import apart as child
@@ -185,6 +207,13 @@ def migrate(engine: Engine, *, apart: bool = False) -> None:
                 # Several processes may start at once against one database: one migrates,
                 # the others wait here, then find nothing left to do.
                 conn.execute(text("SELECT pg_advisory_xact_lock(7405311)"))
+            current = _revision(conn)
+            if current == head_revision():
+                return
+            upgrade.refuse_unknown(current, where, file)
+            if current is not None and file is not None:
+                log.info("copied %s to %s before migrating it", file,
+                         upgrade.backup_before(file, current))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except SQLAlchemyError as err:

@@ -133,8 +133,15 @@ def enqueue(env: Envelope, *, database_url: str, synchronous: str = "full",
     from postroom.store.rows import message_row
 
     row = message_row(env, time.time(), lifetime)
+    from postroom.store import inuse
+
+    # Held from before the file is opened: `postroom restore` cannot swap the database
+    # between our open and our insert (it waits for us, or we for it).
+    held = inuse.hold(Path(path))
     conn = _open(path, synchronous)
     if conn is None:
+        if held is not None:
+            os.close(held)
         return None
     values = _sql_values(row)
     insert = (f"INSERT INTO messages ({', '.join(values)}) "
@@ -158,4 +165,6 @@ def enqueue(env: Envelope, *, database_url: str, synchronous: str = "full",
         return None  # the lock file cannot be opened (read-only folder): nothing was written
     finally:
         lock.close()
+        if held is not None:
+            os.close(held)
     return env.id
