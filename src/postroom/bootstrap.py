@@ -43,6 +43,11 @@ CONFIG_TEMPLATE = '''\
 # [retention]                           # what the log keeps; finished mail only, never waiting
 # keep_bodies_days = 30                 # then message bodies and transcripts are removed
 # keep_rows_days = 90                   # then the log rows themselves (0 = keep forever)
+# max_size = "2GB"                      # stored bodies in all; oldest finished go first
+
+# [log]                                 # what serve and worker write to stderr (journald)
+# format = "text"                       # text | json | logfmt: one line per event
+# level = "info"                        # info: a line per accepted and finished message
 
 # [admin]                               # the web admin, under /admin on http_listen
 # enabled = true                        # served to server.admin_networks only

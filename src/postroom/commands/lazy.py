@@ -2,7 +2,8 @@
 postroom.commands.registry as a placeholder carrying the registry's help, in its place among
 the others (so `postroom --help` lists them, in the same order, without importing them);
 `LazyGroup`, the root command group, swaps a placeholder for the real command when it is
-run, asked for its own --help, or introspected (scripts/docs_gen.py).
+run, asked for its own --help, completed by the shell, or introspected
+(scripts/docs_gen.py).
 """
 
 from __future__ import annotations
@@ -62,5 +63,14 @@ class LazyGroup(typer.core.TyperGroup):
         self.listing = True
         try:
             super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
+
+    def shell_complete(self, ctx: Any, incomplete: str) -> Any:
+        """`postroom <TAB>`: the names and their help, from the placeholders too (a
+        sub-command's own completion, `postroom queue <TAB>`, loads that one alone)."""
+        self.listing = True
+        try:
+            return super().shell_complete(ctx, incomplete)
         finally:
             self.listing = False

@@ -5,6 +5,10 @@
   replies), so the log still answers "was it sent?". `resend` then says there is no body.
 - Rows: ``keep_rows_days`` (default 90) after it was finished, the message is deleted with
   its attempts; events and idempotency keys older than that go too.
+- Size: ``max_size`` (default 0: none) bounds the total size of the stored bodies; past it,
+  the bodies of the oldest finished messages are purged (as by age) until it is under, so a
+  burst of big mail cannot fill the disk before ``keep_bodies_days`` comes round. Bodies,
+  not rows: they are what takes the room, and the rows still answer "was it sent?".
 - ``send_log`` (the rate limits' sliding windows) keeps only what a window can still count.
 
 Only finished messages (sent, partial, failed) are touched, and only when both their
@@ -34,7 +38,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.exceptions import PostroomError
@@ -161,13 +165,44 @@ class _Run:
         if not self.stop.is_set():  # a scan cut short proves nothing about what is left
             self.write(lambda c: _set(c, BODIES_DONE, keep_from, self.now))
 
-    @staticmethod
-    def _purge_bodies(conn: Connection, *, ids: list[str], cutoff: float) -> tuple[int, int]:
+    def size_cap(self, max_size: int) -> None:
+        """Purge the bodies of the oldest finished messages until the stored bodies' total
+        is at most ``max_size`` bytes (waiting mail is never touched, so it may stay over)."""
         m = messages.c
+        with self.queue.engine.connect() as conn:
+            total = int(conn.execute(select(func.coalesce(func.sum(m.size), 0))
+                                     .where(m.raw.is_not(None))).scalar() or 0)
+        excess = total - max_size
+        last: tuple[float, str] | None = None
+        while excess > 0 and not self.stop.is_set():
+            with self.queue.engine.connect() as conn:
+                page = conn.execute(select(m.created_at, m.id, m.size)
+                                    .where(m.raw.is_not(None), m.status.in_(FINAL),
+                                           _after(last))
+                                    .order_by(m.created_at, m.id).limit(self.batch)).all()
+            if not page:
+                return
+            ids = []
+            for r in page:
+                ids.append(r.id)
+                excess -= r.size
+                if excess <= 0:
+                    break
+            last = (page[len(ids) - 1].created_at, ids[-1])
+            n_bodies, n_transcripts = self.write(
+                functools.partial(self._purge_bodies, ids=ids, cutoff=None))
+            self.add("bodies", n_bodies)
+            self.add("transcripts", n_transcripts)
+
+    @staticmethod
+    def _purge_bodies(conn: Connection, *, ids: list[str],
+                      cutoff: float | None) -> tuple[int, int]:
+        """``cutoff``: only messages finished before it (None: whenever; by size)."""
+        m = messages.c
+        since = () if cutoff is None else (m.updated_at < cutoff,)
         done = conn.execute(
             update(messages)
-            .where(m.id.in_(ids), m.status.in_(FINAL), m.updated_at < cutoff,
-                   m.raw.is_not(None))
+            .where(m.id.in_(ids), m.status.in_(FINAL), *since, m.raw.is_not(None))
             .values(raw=None).returning(m.id)).scalars().all()
         if not done:
             return 0, 0
@@ -260,6 +295,8 @@ def retention_sync(queue: Queue, settings: Settings, now: float | None = None, *
             run.bodies(cfg.keep_bodies_days)
         if cfg.keep_rows_days:
             run.rows(cfg.keep_rows_days)
+        if cfg.max_size:  # after the age steps: what they removed counts already
+            run.size_cap(cfg.max_size)
         run.send_log()
     if any(run.counts.values()):
         log.info("retention: %s", ", ".join(f"{k}={v}" for k, v in run.counts.items() if v))

@@ -273,14 +273,7 @@ class Worker:
             attempts=rows, copy_due=copy_due,
         ):
             log.warning("message %s: lease lost before the result was recorded", msg.id)
-        self.delivered += 1
-        # One line per run, like Postfix's maillog: enough to follow mail without the UI.
-        via = ">".join(a.connection for a in attempts) or "-"
-        log.info(
-            "%s: to=%s via=%s status=%s tries=%d%s", msg.id, ",".join(msg.recipients), via,
-            d.status, msg.attempt_count + (1 if attempts else 0),
-            f" error={d.last_error}" if d.last_error else "",
-        )
+        self.delivered += 1  # its log line: Queue.finish (postroom.maillog)
         if self.on_delivered is not None:
             self.on_delivered(msg, d)
         return rows
