@@ -8,7 +8,8 @@
 # What it does (each step is idempotent and bounded in time):
 #   1. installs the Debian and PyPI packages the real-peer tests need, through the recipes in
 #      tests/peers (mailserver: postfix dovecot-core swaks ...; clients: msmtp php-cli
-#      libphp-phpmailer ...; oauth: django-oauth-toolkit in $PEERS/venv), plus python3-venv
+#      libphp-phpmailer ...; wordpress: wordpress mariadb-server php-mysql; oauth:
+#      django-oauth-toolkit in $PEERS/venv), plus python3-venv
 #      if the interpreter cannot create venvs;
 #   2. creates or reuses the venv ${POSTROOM_VENV:-.venv} and runs pip install -e '.[test]';
 #      then runs pip-audit (from a venv of its own) on that venv: a known vulnerability in an
@@ -130,6 +131,13 @@ if [ "${POSTROOM_INSTALL_PEERS:-1}" = 1 ]; then
     step install:browser 1900 bash "$RECIPES/browser.sh" install || die "installing the browser failed"
     # prometheus: the Debian server; tests/test_metrics.py starts its own on a free port
     step install:prometheus 1900 bash "$RECIPES/prometheus.sh" install || die "installing prometheus failed"
+    # wordpress: wordpress mariadb-server php-cli php-mysql; tests/test_wordpress.py starts its
+    # own MariaDB (private socket) and PHP's built-in server; apt never starts their services
+    step install:wordpress 1900 bash "$RECIPES/wordpress.sh" install || die "installing wordpress failed"
+    # systemd: systemd-analyze verify and systemd-sysusers check what `postroom install-service`
+    # writes (tests/test_service_install.py; nothing is started). update-alternatives: dpkg.
+    step install:systemd 960 bash -c 'RECIPE=test.sh; . "$HERE/common.sh"; apt_install systemd' \
+      || die "installing systemd failed"
   fi
 fi
 
@@ -211,7 +219,7 @@ t0=$EPOCHREALTIME
 # suite; anything else (-k, -x...) is passed on.
 TARGET=(tests)
 for a in "$@"; do case $a in tests|tests/*) TARGET=(); break ;; esac; done
-"${TO[@]}" "$VENV/bin/python" -m pytest -q "${TARGET[@]}" "$@" || rc=$?
+"${TO[@]}" "$VENV/bin/python" -m pytest -q --durations=25 "${TARGET[@]}" "$@" || rc=$?
 say "pytest: $(elapsed "$t0")s (rc=$rc)"
 case $rc in
   0) ;;

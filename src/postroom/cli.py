@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # `python -m postroom.cli` starts as the installed command does (postroom.launch):
+    # `serve` and `worker` without loading Typer, every other command through it.
+    from postroom.launch import main as launch_main
+
+    launch_main()
+    sys.exit(0)
+
 import datetime as dt
 import json
-import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +22,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from postroom import launch
 from postroom.commands import lazy
 from postroom.commands._common import STATUS_STYLE
-from postroom.exceptions import ConfigError, MessageError, PostroomError
+from postroom.exceptions import MessageError, PostroomError
 
 # Every import here is paid by each command and by --help: the command modules are loaded by
 # name when they run (postroom.commands.lazy), the heavy modules inside the functions.
@@ -25,22 +34,43 @@ app = typer.Typer(
     help="Postroom: the mail room for your applications. Apps hand mail in; Postroom keeps it "
     "safe, delivers it through your provider, logs every attempt and explains failures.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion (lazy.LazyGroup)
     pretty_exceptions_enable=False,
 )
 conn_cli = typer.Typer(help="Connections to your providers.", no_args_is_help=True)
 lazy.group(app, "app")
 app.add_typer(conn_cli, name="connection")
-for _name in ("queue", "connections", "oauth", "config", "admin", "suppressions", "alerts"):
+for _name in ("queue", "connections", "routes", "oauth", "config", "settings", "admin",
+              "suppressions", "alerts"):
     lazy.group(app, _name)
 for _name in ("audit", "events", "report"):
     lazy.command(app, _name)
+lazy.command(app, "wordpress-plugin")
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="Configuration file (default: $POSTROOM_CONFIG or "
+    typer.Option(*launch.CONFIG_OPTION, help="Configuration file (default: $POSTROOM_CONFIG or "
                  "./postroom.toml)", show_default=False),
 ]
+
+
+def _print_version(wanted: bool) -> None:
+    if not wanted:
+        return
+    from importlib.metadata import version  # here: a bug report's first line, nothing more
+
+    print(f"postroom {version('postroom')} (Python {sys.version.split()[0]})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[bool, typer.Option(
+        "--version", "-V", is_eager=True, callback=_print_version,
+        help="Print Postroom's version (and Python's) and exit")] = False,
+) -> None:
+    # No docstring: the group's help is the Typer's above.
+    pass
 T = TypeVar("T")
 
 
@@ -51,13 +81,8 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _fail(err: PostroomError) -> None:
-    from rich.markup import escape
-
-    # Escape: messages quote TOML like "[server]" or "[[connections]]", which Rich would
-    # otherwise take for markup tags and drop.
-    _console(stderr=True).print(f"[bold red]error[/] [dim]({escape(err.code)})[/]: "
-                                f"{escape(err.message)}", markup=True, soft_wrap=True)
-    raise typer.Exit(2 if isinstance(err, ConfigError) else 1)
+    launch.print_error(err)  # the same line as `serve` and `worker` started without Typer
+    raise typer.Exit(launch.exit_status(err))
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -101,29 +126,15 @@ def _parse_since(value: str) -> float:
 def serve(config: ConfigOpt = None) -> None:
     """Accept mail over SMTP and deliver it (creates config, data, key and certificate on first
     run)."""
-    import asyncio
-
-    from postroom import settings as settings_mod
-    from postroom.server import serve as run
-
-    cfg = settings_mod.config_path_from(config, os.environ)
-    created = not cfg.exists()
-    settings = _guard(lambda: settings_mod.load(config, create=True))
-    if created:
-        _console(stderr=True).print(f"created {cfg} (commented; add your provider there)")
-    _guard(lambda: asyncio.run(run(settings)))
+    # Usually started by postroom.launch without this module; here for --help, the forms
+    # it leaves to Typer, and a program that calls this app itself.
+    _guard(lambda: launch.run("serve", config))
 
 
 @app.command()
 def worker(config: ConfigOpt = None) -> None:
     """Run a delivery worker alone, sharing the queue with `serve` (scale-out)."""
-    import asyncio
-
-    from postroom import settings as settings_mod
-    from postroom.server import work
-
-    settings = _guard(lambda: settings_mod.load(config))
-    _guard(lambda: asyncio.run(work(settings)))
+    _guard(lambda: launch.run("worker", config))  # as `serve`: usually postroom.launch's
 
 
 # -- sending ------------------------------------------------------------------------------
@@ -362,6 +373,25 @@ def log_cmd(
     since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or a date")] = None,
     event: Annotated[str | None, typer.Option(
         "--event", help="Had this delivery event: bounced, complained, delivered...")] = None,
+    text: Annotated[str | None, typer.Option(
+        "--text", help="In the subject, From, To or Message-ID (as the admin's search)")]
+    = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="Tagged so by its app")] = None,
+    app_name: Annotated[str | None, typer.Option("--app", help="Handed in by this app")] = None,
+    source: Annotated[str | None, typer.Option(
+        "--source", help="Came in by this door: smtp:shop, api:shop, cli...")] = None,
+    until: Annotated[str | None, typer.Option(help="Created before: 30m, 2h, 7d or a date")]
+    = None,
+    ids: Annotated[list[str] | None, typer.Option(
+        "--id", help="With an action: this message (repeat) instead of a filter")] = None,
+    retry: Annotated[bool, typer.Option(
+        "--retry", help="Retry every match now (failed recipients only)")] = False,
+    resend_all: Annotated[bool, typer.Option(
+        "--resend", help="Queue a new copy of every match to its recipients")] = False,
+    delete: Annotated[bool, typer.Option(
+        "--delete", help="Delete every match and its attempts (never one being sent)")]
+    = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Act without asking")] = False,
     limit: Annotated[int | None, typer.Option(
         min=1, help="At most this many (default 50; with --export: all)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
@@ -371,31 +401,51 @@ def log_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Where --export writes")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """List messages, newest first; or export them (--export csv|eml)."""
+    """List messages, newest first; export them (--export csv|eml); or act on every match
+    (--retry, --resend, --delete: prints the count, asks unless --yes)."""
     from postroom.store.schema import STATUSES
 
     if status and status not in STATUSES:
         _fail(MessageError(f"--status {status!r}: use one of {', '.join(STATUSES)}",
                            code="cli.status"))
+    action = None
+    if retry or resend_all or delete:  # a plain listing loads no command module (startup)
+        from postroom.commands.bulk import chosen_action
+
+        action = chosen_action(retry=retry, resend=resend_all, delete=delete)
+    if ids and action is None:
+        _fail(MessageError("--id goes with --retry, --resend or --delete; to see one message: "
+                           "`postroom show ID`", code="cli.usage"))
     inst = _instance(config)
     since_ts = _guard(lambda: _parse_since(since)) if since else None
-    if export is not None:  # postroom.commands.export: streams every match, not a page
-        from postroom.audit import Actor
-        from postroom.commands.export import export_log
-        from postroom.ops import bulk
-        from postroom.store.log import LogFilter
-
-        fmt = _guard(lambda: bulk.parse_format(export))
-        _guard(lambda: bulk.begin_export(inst, Actor.cli(), fmt, LogFilter(
-            status=status, to=to, sender=sender, connection=connection, since=since_ts)))
-        export_log(inst, export, out, limit=limit, status=status, to=to, sender=sender,
-                   connection=connection, since=since_ts)
-        return
+    until_ts = _guard(lambda: _parse_since(until)) if until else None
     from postroom.store.log import LogFilter
 
     wanted = _guard(lambda: LogFilter(status=status, to=to, sender=sender,
-                                      connection=connection, since=since_ts, event=event))
-    if to or sender:  # with no server indexing, a backlog would make the search a scan
+                                      connection=connection, since=since_ts, event=event,
+                                      text=text, tag=tag, app=app_name, source=source,
+                                      until=until_ts))
+    if export is not None:  # postroom.commands.export: streams every match, not a page
+        import dataclasses
+
+        from postroom.audit import Actor
+        from postroom.commands.export import export_log
+        from postroom.ops import bulk
+
+        if action is not None:
+            _fail(MessageError(f"--export and --{action}: one at a time", code="cli.usage"))
+        fmt = _guard(lambda: bulk.parse_format(export))
+        _guard(lambda: bulk.begin_export(inst, Actor.cli(), fmt, wanted))
+        export_log(inst, export, out, limit=limit, **dataclasses.asdict(wanted))
+        return
+    if action is not None:  # postroom.commands.bulk: the admin's bulk actions
+        from postroom.commands import bulk as bulk_cmd
+
+        bulk_cmd.act(inst, action, wanted, ids or [], yes=yes, filtered=any(
+            v is not None for v in (status, to, sender, connection, since, event, text, tag,
+                                    app_name, source, until)))
+        return
+    if to or sender or text:  # with no server indexing, a backlog would make the search a scan
         inst.queue.log.catch_up()
     rows = _guard(lambda: inst.queue.log.page(wanted, limit=limit or 50, states=as_json))
     if as_json:
@@ -536,6 +586,11 @@ def conn_set_password(
 
 lazy.command(app, "wizard")
 lazy.command(app, "doctor")
+lazy.command(app, "backup")
+lazy.command(app, "restore")
+lazy.command(app, "install-service")
+lazy.command(app, "install-sendmail")
+lazy.command(app, "reload")  # postroom.commands.config: SIGHUP to the running serve
 lazy.group(app, "dkim")
 
 

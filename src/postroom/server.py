@@ -11,14 +11,15 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from postroom.bootstrap import ensure_certificate
-from postroom.ingress import http_front, smtpd
+from postroom.ingress import http_front, http_server, smtpd
 from postroom.queue.worker import Worker
 from postroom.reload import LiveConfig
 from postroom.runtime import Instance
-from postroom.settings import Settings
+from postroom.settings import LogSettings, Settings
+from postroom.system import notify
 from postroom.transports.base import Transport
 
 if TYPE_CHECKING:
@@ -110,16 +111,29 @@ class RepeatFilter(logging.Filter):
         self.sink(record)
 
 
-def setup_logging() -> None:
-    """One line per event on stderr; aiosmtpd's per-connection chatter only when debugging;
-    a line repeated in a flood is written a few times, then counted (RepeatFilter)."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for handler in logging.getLogger().handlers:
+def setup_logging(cfg: LogSettings | None = None) -> None:
+    """One line per event on stderr, in ``[log] format`` from ``[log] level`` up
+    (postroom.logformat); aiosmtpd's per-connection chatter only when debugging; a line
+    repeated in a flood is written a few times, then counted (RepeatFilter)."""
+    from postroom.logformat import formatter
+
+    cfg = cfg or LogSettings()
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "postroom_stderr", False)]
+    if not root.handlers or ours:  # a host's own logging (pytest, an embedding app) is kept
+        if not ours:
+            stderr = logging.StreamHandler()
+            stderr.postroom_stderr = True  # type: ignore[attr-defined]
+            root.addHandler(stderr)
+            ours = [stderr]
+        for mine in ours:  # called again (a second serve in one process): latest wins
+            mine.setFormatter(formatter(cfg.format))
+        root.setLevel(cfg.level.upper())
+    for handler in root.handlers:
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
             handler.addFilter(RepeatFilter(handler.handle))
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(
+        logging.DEBUG if cfg.level == "debug" else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -151,10 +165,15 @@ def raise_open_files_limit() -> tuple[int, int]:
     return (soft, hard)
 
 
+def open_files_needed(settings: Settings) -> int:
+    """Descriptors `serve` may hold at once: sessions, plus deliveries in flight, plus the
+    database, listeners and a margin (also the unit's LimitNOFILE, postroom.system.install)."""
+    return settings.server.smtp_max_sessions + settings.delivery.concurrency + 100
+
+
 def _check_open_files(settings: Settings) -> None:
     soft, hard = raise_open_files_limit()
-    # Sessions, plus deliveries in flight, plus the database, listeners and a margin.
-    need = settings.server.smtp_max_sessions + settings.delivery.concurrency + 100
+    need = open_files_needed(settings)
     if 0 <= soft < need:
         log.warning(
             "open-file limit is %d (hard limit %d), below the %d that smtp_max_sessions (%d) "
@@ -164,6 +183,11 @@ def _check_open_files(settings: Settings) -> None:
 
 
 def _say(text: str) -> None:
+    from postroom.logformat import structured
+
+    if structured():  # [log] format = json | logfmt: every stderr line is a record
+        log.info("%s", text.removeprefix("postroom: "))
+        return
     print(text, file=sys.stderr, flush=True)
 
 
@@ -179,10 +203,12 @@ def _write_modules(path: Path) -> None:
     tmp.replace(path)  # whole or absent: a reader never sees half a list
 
 
-def _stop_on_signals(stop: asyncio.Event) -> None:
+def _stop_on_signals(stop: asyncio.Event, hup: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if hup is not None:  # from the start: SIGHUP's default would end the process
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
     dump = os.environ.get(DEBUG_MODULES)
     if dump and hasattr(signal, "SIGUSR1"):
         loop.add_signal_handler(signal.SIGUSR1, _write_modules, Path(dump))
@@ -254,6 +280,17 @@ def _follow_config(inst: Instance, worker: Worker | None, transports: dict[str, 
     live.listeners.append(retention_changed)
     live.listeners.append(features_added)
     return live, asyncio.create_task(live.run(), name="postroom-config-reload")
+
+
+def _reload_on_hup(inst: Instance, live: LiveConfig, hup: asyncio.Event,
+                   **listener: Any) -> asyncio.Task[None]:
+    """SIGHUP: read postroom.toml again and swap it in (postroom.hup); ``listener``: the
+    SMTP listener's TLS context and rules, and record=True for `serve`."""
+    from postroom.hup import FileReload
+
+    reloader = FileReload(inst, live, **listener)
+    reloader.snapshot()
+    return asyncio.create_task(reloader.watch(hup), name="postroom-hup")
 
 
 def _browsable(host: str) -> str:
@@ -335,15 +372,15 @@ async def serve(
     ready: Callable[[list[tuple[str, int]]], None] | None = None,
 ) -> None:
     """Listen for mail (and deliver it, unless ``server.worker = false``) until stopped."""
-    setup_logging()
+    setup_logging(settings.log)
     _check_open_files(settings)
     web = settings.http
     if settings.http_listen and web.tls and web.tls_cert and web.tls_key:
         # A wrong pair is reported now, not after a first start's migration.
-        http_front.check_tls(settings.resolve(web.tls_cert), settings.resolve(web.tls_key))
+        http_server.check_tls(settings.resolve(web.tls_cert), settings.resolve(web.tls_key))
     inst = Instance(settings, migrate_apart=True)
-    stop = stop or asyncio.Event()
-    _stop_on_signals(stop)
+    stop, hup = stop or asyncio.Event(), asyncio.Event()
+    _stop_on_signals(stop, hup)
     cert, key = inst.tls_files
     if ensure_certificate(cert, key, settings.server.hostname, apart=True):
         _say(f"created a self-signed certificate for STARTTLS: {cert}")
@@ -381,7 +418,7 @@ async def serve(
         if web.tls:  # its own pair, or the SMTP listener's (made above when missing)
             https = ((settings.resolve(web.tls_cert), settings.resolve(web.tls_key))
                      if web.tls_cert and web.tls_key else (cert, key))
-        http, (hh, hp) = await http_front.start(ctx, *settings.http_listen, tls=https)
+        http, (hh, hp) = await http_server.start(ctx, *settings.http_listen, tls=https)
         _say(f"postroom: HTTP API on http{'s' if https else ''}://{hh}:{hp}/api/v1 (docs "
              "/api/v1/docs, health /healthz)")
         _admin_setup(inst, f"http{'s' if https else ''}://{_browsable(hh)}:{hp}")
@@ -399,6 +436,10 @@ async def serve(
     live, live_task = _follow_config(inst, worker, transports, chores)
     if ctx is not None:  # the web admin's process changes it (ingress.admin_proxy)
         ctx.refresh_config = live.check
+    hup_task = _reload_on_hup(inst, live, hup, tls=tls, policy=handler.policy, record=True)
+    from postroom.hup import hold_pidfile
+
+    pidfile = hold_pidfile(settings.data_dir)  # `postroom reload` finds this process by it
     _say(f"postroom: accepting mail on {', '.join(f'{h}:{p}' for h, p in bound)} "
          f"(data in {settings.data_dir})")
     if not inst.settings.connections:
@@ -408,9 +449,13 @@ async def serve(
              "one in the web admin")
     if ready is not None:
         ready(bound)
+    # systemd (Type=notify): every listener answers and the store is open
+    notify.ready(f"accepting mail on {', '.join(f'{h}:{p}' for h, p in bound)}")
+    pulse = notify.start_watchdog()
     try:
         await stop.wait()
     finally:
+        notify.stopping()
         _say("postroom: shutting down: no new mail accepted; finishing deliveries in flight")
         for s in servers:
             s.close()
@@ -423,19 +468,21 @@ async def serve(
         if worker_task is not None:
             worker_task.cancel()
             await asyncio.gather(worker_task, return_exceptions=True)
-        await _stop_chores([live_task, *chores])
+        await _stop_chores([live_task, hup_task, *chores, *pulse])
         await live.aclose()
         await inst.queue.writer.aclose()
         inst.close()
+        if pidfile is not None:
+            pidfile.close()  # the lock goes with it: the file left behind reads as stale
 
 
 async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """A delivery worker alone (scale-out): claims from the shared queue until stopped."""
-    setup_logging()
+    setup_logging(settings.log)
     _check_open_files(settings)
     inst = Instance(settings, migrate_apart=True)
-    stop = stop or asyncio.Event()
-    _stop_on_signals(stop)
+    stop, hup = stop or asyncio.Event(), asyncio.Event()
+    _stop_on_signals(stop, hup)
     for warning in inst.permission_warnings():
         log.warning("%s", warning)
     transports = inst.transports()
@@ -443,14 +490,18 @@ async def work(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     task = asyncio.create_task(worker.run())
     chores = _chores(inst)
     live, live_task = _follow_config(inst, worker, transports, chores)
+    hup_task = _reload_on_hup(inst, live, hup)
     _say(f"postroom worker {worker.owner}: delivering from {settings.database_url}")
+    notify.ready(f"worker {worker.owner} delivering")
+    pulse = notify.start_watchdog()
     try:
         await stop.wait()
     finally:
+        notify.stopping()
         await worker.stop(settings.delivery.shutdown_grace)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await _stop_chores([live_task, *chores])
+        await _stop_chores([live_task, hup_task, *chores, *pulse])
         await live.aclose()
         await inst.queue.writer.aclose()
         inst.close()

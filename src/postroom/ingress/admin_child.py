@@ -181,7 +181,7 @@ def main() -> int:
     args = read_args(sys.stdin.buffer)
     from postroom.server import setup_logging
 
-    setup_logging()
+    setup_logging(args.settings.log)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     asyncio.run(serve(args))
     return 0
