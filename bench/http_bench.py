@@ -340,8 +340,9 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any
     a = extra["auth"]
     L += ["",
           f"`postroom serve` RSS with the HTTP listener on: {extra['rss_idle_kb'] / 1024:.1f} "
-          "MB 0.5 s after its SMTP port answers (target ≤ 60 MB; uvicorn is imported on the "
-          f"first HTTP connection, FastAPI on the first API request); "
+          "MB 0.5 s after its SMTP port answers (target ≤ 60 MB; h11 and the listener's "
+          "connection code are imported on the first HTTP connection, the API's modules on "
+          f"the first API request); "
           f"{extra['rss_health_kb'] / 1024:.1f} MB after a /healthz; "
           f"{extra['rss_api_kb'] / 1024:.1f} MB after the first API request; "
           f"{extra['rss_end_kb'] / 1024:.1f} MB after the runs. Database after the runs: "

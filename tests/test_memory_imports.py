@@ -113,7 +113,8 @@ def test_every_door_used_once_keeps_nothing_needed_once(
     # The API alone: served from its route table, without FastAPI (the web admin's process
     # has it), and none of the web admin (its fence is the front's own).
     modules = modules_of(server, dump)
-    for package in ("fastapi", "starlette", "anyio"):
+    # Nor uvicorn (and click under it): the listener is h11 and ingress.http_conn alone.
+    for package in ("fastapi", "starlette", "anyio", "uvicorn", "click"):
         assert held(modules, package) == [], f"serve keeps {package} after the API"
     assert held(modules, "postroom.web") == ["postroom.web", "postroom.web.fence"]
     assert held(modules, "jinja2") == []
@@ -154,7 +155,7 @@ def test_every_door_used_once_keeps_nothing_needed_once(
     # Nothing any door needed once is held, nor the admin's JSON API, nor FastAPI.
     modules = modules_of(server, dump)
     assert held(modules, "postroom.web") == ["postroom.web", "postroom.web.fence"]
-    for package in (*ONCE, "fastapi", "starlette", "anyio"):
+    for package in (*ONCE, "fastapi", "starlette", "anyio", "uvicorn"):
         assert held(modules, package) == [], f"serve keeps {package} after first use"
 
 

@@ -1,32 +1,61 @@
-"""The HTTP listener's connections: how many a client may hold open, and how long it may take
-to send a request's line and headers.
+"""One connection of the HTTP listener: HTTP/1.1 parsed by h11, each request handed to the
+ASGI front (ingress.http_front) in turn.
 
-uvicorn counts neither per client nor a header deadline: a connection that sends nothing,
-or half a request line, is kept for ever, and a few hundred of them lock everyone out of
-/healthz and the API. This is uvicorn's h11 protocol with
+A server of our own rather than uvicorn: uvicorn's start-up (click, logging.config,
+multiprocessing, its own modules) cost `postroom serve` more memory than its whole front,
+and counted neither connections per client nor a deadline for a request's head. Here:
 
 - caps on open connections, in all and per client address (postroom.ingress.guard
   SessionCaps: clients in trusted_networks only count toward the total, whose last tenth is
   theirs alone); a connection over a cap gets a 503 at once and is closed;
 - a deadline for each request's line and headers, from the connection's start or the end
   of the previous response: past it, a client that sent part of a request gets 408 (RFC
-  9110 section 15.5.9) and one that sent nothing is closed, as an idle keep-alive is.
+  9110 section 15.5.9) and one that sent nothing is closed, as is an idle keep-alive
+  connection after KEEP_ALIVE seconds;
+- keep-alive, pipelined requests answered in order (one at a time: the next request is not
+  parsed before the previous response is complete), ``Expect: 100-continue`` answered when
+  the front first reads the body, chunked bodies both ways (h11's framing), HEAD;
+- backpressure both ways: reading pauses while more than INBOX_LIMIT bytes wait for the
+  front, and the front's ``send`` waits while the socket's write buffer is full, at most
+  [http] read_timeout per pause (a client that stops reading is cut off, its request no
+  longer held);
+- a failure in the front never shows the client a traceback: a 500 in the project's error
+  shape if no response had started, else the connection is cut.
 
-The body has deadlines of its own in the front (http_front), which reads it.
-Imported only when uvicorn starts (on the first HTTP connection).
+The body has deadlines of its own in the front, which reads it. This module (and h11) is
+imported on the first connection (ingress.http_server), not at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+import logging
+import time
+from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+import h11
 
-from postroom.ingress.guard import SessionCaps
+from postroom.exceptions import PostroomError
+
+if TYPE_CHECKING:
+    from postroom.ingress.http_front import ASGIApp, Message
+    from postroom.ingress.http_server import Limits
+
+log = logging.getLogger(__name__)
+KEEP_ALIVE = 15.0  # seconds an idle kept-alive connection is held open
+INBOX_LIMIT = 64 * 1024  # bytes received but not yet parsed before reading pauses
+MAX_HEAD = 16 * 1024  # a request line and headers over this get 431 (h11's limit, explicit)
+# Left unread by the front (it answered without reading the body): drained to reach the
+# next request on the connection when no more than this, else the connection is closed.
+DRAIN_LIMIT = 64 * 1024
+
+
+class ASGIMisuse(PostroomError):
+    """The front sent an ASGI message out of order (a bug, logged; the client sees a 500)."""
 
 
 def raw_answer(status: int, code: str, message: str, fix: str,
@@ -45,78 +74,371 @@ BUSY = raw_answer(
     503, "http.busy", "too many connections are open, from your address or in all",
     "close idle connections (reuse one with keep-alive) and retry in a few seconds",
     ("retry-after: 5",))
+FAILED = raw_answer(  # the words of http_errors.internal, the API's own 500
+    500, "internal", "internal error; it was logged on the server",
+    "retry; if it persists, report it with the server log")
 
 
-def guarded_protocol(caps: SessionCaps, trusted: Callable[[str], bool],
-                     header_timeout: float) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol class (uvicorn.Config(http=...)) held to ``caps`` and
-    ``header_timeout``."""
-    late = raw_answer(
+def _bad_request(status: int) -> bytes:
+    if status == 431:
+        return raw_answer(431, "request.head_too_large",
+                          f"the request line and headers are over {MAX_HEAD} bytes",
+                          "send fewer or shorter headers (cookies, tokens)")
+    return raw_answer(400, "request.malformed", "the request is not valid HTTP/1.1",
+                      "send a well-formed HTTP/1.1 request")
+
+
+class _Dates:
+    """The Date header (RFC 9110 section 6.6.1), formatted at most once a second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self.second:
+            self.second = second
+            self.value = formatdate(second, usegmt=True).encode()
+        return self.value
+
+
+DATES = _Dates()
+
+
+class Connection(asyncio.Protocol):
+    """One client's connection; its requests are served one after another by ``run``."""
+
+    def __init__(self, app: ASGIApp, limits: Limits, live: set[Connection]) -> None:
+        self.app = app
+        self.limits = limits
+        self.live = live  # the listener's open connections (for its shutdown)
+        self.loop = asyncio.get_running_loop()
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
+        self.counted = False
+        self.inbox = bytearray()  # received, not yet given to h11
+        self.eof = False
+        self.paused = False  # reading paused: the inbox is full
+        self.arrived = asyncio.Event()  # data or end of stream since the last wait
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.gone = asyncio.Event()  # the connection is lost
+        self.task: asyncio.Task[None] | None = None
+        self.in_request = False  # a request's head was parsed and it is not answered yet
+        self.partial = False  # bytes of a request whose head is incomplete arrived
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.stopping = False  # the listener is shutting down: no further request
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if not self.limits.caps.try_open(ip, exempt=self.limits.trusted(ip)):
+            transport.write(BUSY)  # never served: nothing is parsed or counted
+            transport.close()
+            return
+        self.counted = True
+        self.transport = transport
+        self.peer = (ip, int(peer[1])) if isinstance(peer, tuple) and len(peer) > 1 else None
+        local = transport.get_extra_info("sockname")
+        self.local = (str(local[0]), int(local[1])) if isinstance(local, tuple) else None
+        self.live.add(self)
+        self.arm()
+        self.task = self.loop.create_task(self.run())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.counted:
+            return
+        self.counted = False
+        self.limits.caps.close(self.peer[0] if self.peer else "")
+        self.live.discard(self)
+        self.disarm()
+        self.eof = True
+        self.gone.set()
+        self.arrived.set()
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.counted:
+            return  # refused: the 503 is on its way and the transport closing
+        self.inbox += data
+        self.partial = True
+        self.arrived.set()
+        if len(self.inbox) > INBOX_LIMIT and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self.arrived.set()
+        # True keeps the sending half open: a client that shut down its own (curl's -N,
+        # `nc -N`) still gets the answers to what it sent. TLS transports cannot.
+        return not self.limits.tls
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # -- the deadline for a request's head ------------------------------------------------
+
+    def arm(self) -> None:
+        """Start the clock for the next request's head (and the idle keep-alive limit)."""
+        self.disarm()
+        self.partial = bool(self.inbox) or bool(self.h11.trailing_data[0])
+        self.idle_since = self.loop.time()
+        self.timer = self.loop.call_later(
+            min(KEEP_ALIVE, self.limits.header_timeout), self.expired)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def expired(self) -> None:
+        self.timer = None
+        if self.in_request or self.transport is None or self.transport.is_closing():
+            return
+        if self.partial:
+            left = self.idle_since + self.limits.header_timeout - self.loop.time()
+            if left > 0:  # the idle limit came first; the head's own deadline is later
+                self.timer = self.loop.call_later(left, self.expired)
+                return
+            self.transport.write(_late(self.limits.header_timeout))
+        self.transport.close()
+
+    # -- reading --------------------------------------------------------------------------
+
+    def parsed(self) -> Any:
+        """h11's next event from what has arrived, or h11.NEED_DATA: never waits."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.inbox:
+                data, self.inbox = bytes(self.inbox), bytearray()
+                if self.paused and self.transport is not None:
+                    self.paused = False
+                    self.transport.resume_reading()
+                self.h11.receive_data(data)
+            elif self.eof and not self.h11.trailing_data[1]:
+                self.h11.receive_data(b"")  # h11 then ends with ConnectionClosed or an error
+            else:
+                return event
+
+    async def next_event(self) -> Any:
+        """h11's next event, waiting for data as needed (h11.ConnectionClosed at the end)."""
+        while (event := self.parsed()) is h11.NEED_DATA:
+            if self.eof:  # nothing more will come (h11 says so itself; never spin on it)
+                return h11.ConnectionClosed()
+            self.arrived.clear()
+            await self.arrived.wait()
+        return event
+
+    # -- the requests ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while not self.stopping:
+                try:
+                    event = await self.next_event()
+                except h11.RemoteProtocolError as err:
+                    self.refuse(err.error_status_hint)
+                    return
+                if not isinstance(event, h11.Request):
+                    return  # the client closed (h11.ConnectionClosed)
+                if _head_size(event) > MAX_HEAD:
+                    # h11 holds to its limit only while a head is incomplete: one that
+                    # arrived whole in a single read would pass.
+                    self.refuse(431)
+                    return
+                self.in_request = True
+                self.disarm()
+                keep = await Exchange(self, event).serve()
+                self.in_request = False
+                if not keep or self.stopping or not await self.next_cycle():
+                    return
+                self.arm()
+        finally:
+            self.disarm()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+
+    def refuse(self, status: int) -> None:
+        """Answer a request h11 could not parse, and close."""
+        assert self.transport is not None
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.write(_bad_request(431 if status == 431 else 400))
+
+    async def next_cycle(self) -> bool:
+        """Get ready for the connection's next request: whether there can be one."""
+        if self.h11.our_state is not h11.DONE:
+            return False
+        drained = 0
+        while self.h11.their_state is h11.SEND_BODY and drained <= DRAIN_LIMIT:
+            if self.h11.client_is_waiting_for_100_continue:
+                return False  # the body was never asked for: the client may not send it
+            try:
+                event = await asyncio.wait_for(self.next_event(), self.limits.header_timeout)
+            except (TimeoutError, h11.RemoteProtocolError):
+                return False
+            if isinstance(event, h11.Data):
+                drained += len(event.data)
+        if self.h11.their_state is not h11.DONE:
+            return False
+        self.h11.start_next_cycle()
+        return True
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write(self, pieces: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(pieces)
+
+    async def drained(self) -> bool:
+        """Wait while the client is behind reading; False if it fell silent too long."""
+        if self.writable.is_set():
+            return not self.gone.is_set()
+        try:
+            await asyncio.wait_for(self.writable.wait(), self.limits.write_timeout)
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()  # it stopped reading: let its request go
+            return False
+        return not self.gone.is_set()
+
+
+def _head_size(request: h11.Request) -> int:
+    """About the bytes of a request's line and headers (the separators counted too)."""
+    return len(request.method) + len(request.target) + 11 + sum(
+        len(name) + len(value) + 4 for name, value in request.headers)
+
+
+def _late(header_timeout: float) -> bytes:
+    return raw_answer(
         408, "request.timeout",
         f"the request line and headers did not arrive within {header_timeout:g} s",
         "send the whole request head at once; raise [http] header_timeout for slow links")
 
-    class Guarded(H11Protocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.peer_ip = ""
-            self.counted = False
-            self.partial = False  # bytes of a request whose head is incomplete arrived
-            self.head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            peer = transport.get_extra_info("peername")
-            self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-            if not caps.try_open(self.peer_ip, exempt=trusted(self.peer_ip)):
-                # Not handed to uvicorn at all: it never counts or serves this connection.
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(BUSY)
-                transport.close()
-                return
-            self.counted = True
-            super().connection_made(transport)  # type: ignore[arg-type]
-            self.arm()
+class Exchange:
+    """One request and its response, between h11 and the ASGI front."""
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not self.counted:
-                return
-            self.counted = False
-            caps.close(self.peer_ip)
-            self.disarm()
-            super().connection_lost(exc)
+    def __init__(self, conn: Connection, request: h11.Request) -> None:
+        self.conn = conn
+        self.request = request
+        self.head = request.method == b"HEAD"
+        self.started = False  # the response's head was given to h11
+        self.held: list[bytes] = []  # the head, written with the first part of the body
+        self.complete = False
+        self.body_done = False
+        self.broken = False  # the request's body was not valid HTTP
+        self.pending: Any = None  # an h11 event parsed ahead of the front's next receive
 
-        def data_received(self, data: bytes) -> None:
-            if not self.counted:
-                return  # refused: the 503 is on its way and the transport closing
-            self.partial = True
-            super().data_received(data)
-            if self.in_request():
-                self.disarm()
+    def scope(self) -> dict[str, Any] | None:
+        req = self.request
+        path, _, query = req.target.partition(b"?")
+        try:
+            text = path.decode("ascii")
+            method = req.method.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": req.http_version.decode("ascii"), "method": method,
+            "scheme": "https" if self.conn.limits.tls else "http",
+            "path": unquote(text), "raw_path": path, "query_string": query, "root_path": "",
+            "headers": list(req.headers), "client": self.conn.peer, "server": self.conn.local,
+            "state": {},
+        }
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing() and not self.in_request():
-                self.arm()  # the next request's head has the same deadline
+    async def serve(self) -> bool:
+        """Run the front on this request; whether the connection may carry another."""
+        conn = self.conn
+        scope = self.scope()
+        if scope is None:
+            conn.refuse(400)
+            return False
+        try:
+            await conn.app(scope, self.receive, self.send)
+        except Exception:
+            log.exception("HTTP %s %s failed", scope["method"], scope["path"])
+            if not self.started:
+                conn.write([FAILED])
+            return False
+        if self.broken:
+            if not self.started:
+                conn.refuse(400)
+            return False
+        if not self.complete:
+            if not self.started and not conn.gone.is_set():
+                log.error("HTTP %s %s: no response", scope["method"], scope["path"])
+                conn.write([FAILED])
+            return False
+        return True
 
-        def in_request(self) -> bool:
-            return self.cycle is not None and not self.cycle.response_complete
+    async def receive(self) -> Message:
+        conn = self.conn
+        if self.body_done or self.complete:
+            await conn.gone.wait()  # only the end of the connection is left to tell
+            return {"type": "http.disconnect"}
+        if self.broken:  # an invalid body: the connection ends after this request
+            return {"type": "http.disconnect"}
+        if conn.h11.client_is_waiting_for_100_continue and not self.started:
+            conn.write([conn.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+                        or b""])
+        try:
+            event, self.pending = self.pending or await conn.next_event(), None
+        except h11.RemoteProtocolError:
+            self.broken = True
+            return {"type": "http.disconnect"}
+        if isinstance(event, h11.Data):
+            # The end of the body is most often in the same read: said in this message, the
+            # front need not ask again.
+            more = True
+            try:
+                follow = conn.parsed()
+            except h11.RemoteProtocolError:
+                self.broken = True  # told on the next receive
+            else:
+                if isinstance(follow, h11.EndOfMessage):
+                    more, self.body_done = False, True
+                elif follow is not h11.NEED_DATA:
+                    self.pending = follow
+            return {"type": "http.request", "body": bytes(event.data), "more_body": more}
+        if isinstance(event, h11.EndOfMessage):
+            self.body_done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.disconnect"}  # h11.ConnectionClosed: the client went away
 
-        def arm(self) -> None:
-            self.disarm()
-            self.partial = False
-            self.head_timer = self.loop.call_later(header_timeout, self.head_expired)
-
-        def disarm(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-
-        def head_expired(self) -> None:
-            self.head_timer = None
-            if self.in_request() or self.transport.is_closing():
-                return
-            if self.partial:
-                self.transport.write(late)
-            self.transport.close()
-
-    return Guarded
+    async def send(self, message: Message) -> None:
+        conn = self.conn
+        kind = message["type"]
+        if conn.gone.is_set():
+            return  # the client went away: what is left to say goes nowhere
+        if kind == "http.response.start" and not self.started:
+            headers = [(b"date", DATES.now()), *message.get("headers", ())]
+            if conn.stopping:
+                headers.append((b"connection", b"close"))
+            head = conn.h11.send(h11.Response(status_code=message["status"], headers=headers))
+            self.started = True
+            self.held.append(head or b"")
+            return
+        if kind != "http.response.body" or not self.started or self.complete:
+            raise ASGIMisuse(f"unexpected ASGI message {kind!r} from the front")
+        pieces, self.held = self.held, []
+        body = message.get("body", b"")
+        if body and not self.head:  # a HEAD response has headers only
+            pieces += conn.h11.send_with_data_passthrough(h11.Data(data=body)) or ()
+        if not message.get("more_body", False):
+            pieces.append(conn.h11.send(h11.EndOfMessage()) or b"")
+            self.complete = True
+        conn.write(pieces)
+        await conn.drained()

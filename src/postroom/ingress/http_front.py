@@ -1,10 +1,11 @@
-"""The HTTP listener of `postroom serve`: uvicorn in the server's event loop, a small ASGI
-front that answers ``/healthz`` itself, and serves the app API under ``/api/v1`` (the route
-table of ``http_api``, dispatched by ``api_dispatch``, no FastAPI) once the request has
-passed the front's checks, cheapest first:
+"""The ASGI front of `postroom serve`'s HTTP listener (ingress.http_server, whose
+connections ingress.http_conn serves with h11): it answers ``/healthz`` itself, and serves
+the app API under ``/api/v1`` (the route table of ``http_api``, dispatched by
+``api_dispatch``, no FastAPI) once the request has passed the front's checks, cheapest
+first:
 
 1. connections: caps per client address and in all, a deadline for each request's head
-   (``http_conn``, in uvicorn's protocol);
+   (``http_conn``, before a request reaches this front);
 2. requests in flight: the same kind of caps (503 with Retry-After);
 3. the API key, from the headers alone (``http_auth``): no body is read, buffered or parsed
    for a client without a valid key, whose 401 comes ever later while it keeps failing;
@@ -23,7 +24,7 @@ here, before any page work: server.admin_networks and the ``Host`` header first
 `postroom serve` it is then served, with the OAuth pages and the OpenAPI document, by a
 process of its own, started on demand and stopped when idle (ingress.admin_proxy).
 
-Both are loaded when first needed: uvicorn on the first connection, the app API's modules
+Both are loaded when first needed: h11 on the first connection, the app API's modules
 on its first request. `postroom serve` must idle within 60 MB, also once each door was used:
 FastAPI (about 10 MB) is imported only by the web admin's process, or here for the admin,
 the OAuth pages and the docs when there is no such process (an application embedded on its
@@ -37,20 +38,15 @@ first scrape.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import socket
-import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from postroom.apps import Apps
-from postroom.exceptions import ConfigError
 from postroom.ingress.accept import Intake
 from postroom.ingress.guard import FailureLimiter, Networks, SessionCaps
 from postroom.ingress.health import health
@@ -190,9 +186,10 @@ class _Later:
 
 
 class Front:
-    """The ASGI application uvicorn runs: /healthz, the caps on requests in flight, the API
-    key checked from the headers before any body is read, the body read under its limit and
-    deadlines, then the app API's dispatcher (or the web admin's process)."""
+    """The ASGI application the listener (ingress.http_server) runs: /healthz, the caps on
+    requests in flight, the API key checked from the headers before any body is read, the
+    body read under its limit and deadlines, then the app API's dispatcher (or the web
+    admin's process)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -595,133 +592,3 @@ def _public(path: str) -> bool:
     """API paths served without a key: the OpenAPI document and the docs page."""
     return path in (f"{PREFIX}/openapi.json", f"{PREFIX}/docs") or \
         path.startswith(f"{PREFIX}/docs/")
-
-
-def _uvicorn(front: Front, tls: tuple[Path, Path] | None) -> Any:
-    """A uvicorn.Server for ``front`` without its own signal handling: `postroom serve` owns
-    SIGTERM and SIGINT and stops this server with everything else."""
-    import uvicorn
-
-    from postroom.ingress.http_conn import guarded_protocol
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    http = front.http
-    connections = SessionCaps(per_peer=http.max_connections_per_ip,
-                              total=http.max_connections, reserve=http.max_connections // 10)
-    protocol = guarded_protocol(connections, front.is_trusted, http.header_timeout)
-    return Server(uvicorn.Config(
-        # ws="none": no websocket library is imported even when one is installed.
-        front, lifespan="off", ws="none", log_config=None, access_log=False,
-        server_header=False, proxy_headers=False, timeout_graceful_shutdown=5,
-        timeout_keep_alive=15, http=protocol,
-        # A request line and headers over 16 KiB get 400 (h11's limit, made explicit).
-        h11_max_incomplete_event_size=16 * 1024,
-        ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
-        # uvicorn's default cipher string ("TLSv1") admits CBC and SHA-1 suites for TLS 1.2;
-        # these are Mozilla's "intermediate" ones. TLS 1.3 suites are not set by this.
-        ssl_ciphers="ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20",
-    ))
-
-
-class Listener:
-    """The HTTP listening socket, served by uvicorn from the first connection on.
-
-    The socket listens from the start (clients connect at once and wait in its backlog);
-    uvicorn is imported and started when the first connection is pending. Until then the
-    process carries none of it: a `postroom serve` that only ever gets SMTP mail stays
-    ~2 MB smaller (its idle budget is 60 MB)."""
-
-    def __init__(self, app: Front, sock: socket.socket,
-                 tls: tuple[Path, Path] | None = None) -> None:
-        self.app = app
-        self.sock = sock
-        self.tls = tls
-        self.server: Any = None
-        self.task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self) -> None:
-        self.sock.setblocking(False)
-        self._loop = loop = asyncio.get_running_loop()
-        loop.add_reader(self.sock.fileno(), self._first_connection, loop)
-
-    def _first_connection(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_reader(self.sock.fileno())
-        self.task = loop.create_task(self._serve(), name="http")
-
-    async def _serve(self) -> None:
-        try:
-            self.server = await asyncio.to_thread(_uvicorn, self.app, self.tls)
-            await self.server.serve(sockets=[self.sock])
-        except (Exception, SystemExit):  # uvicorn exits on a failed start-up
-            log.exception("the HTTP listener stopped; the API and /healthz are unavailable")
-            self.sock.close()
-
-    async def stop(self) -> None:
-        if self.task is None:
-            if self._loop is not None and self.sock.fileno() >= 0:
-                self._loop.remove_reader(self.sock.fileno())
-        else:
-            if self.server is not None:
-                self.server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        if self.app.apart is not None:
-            await self.app.apart.close()
-        self.app.ctx.keys.close()
-        self.sock.close()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
-        # proto must be IPPROTO_TCP (not 0): asyncio turns Nagle off (TCP_NODELAY) only on
-        # sockets that say so, and with Nagle on, a response written as headers + body
-        # waits for the client's delayed ACK: 40 ms per request on a kept-alive connection.
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr[:2])
-            sock.listen(512)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-    except OSError as err:
-        raise ConfigError(
-            f"cannot listen for HTTP on {host}:{port}: {err.strerror or err}; pick another "
-            "port with server.http_listen (\"\" turns the HTTP API off)",
-            code="config.listen",
-        ) from err
-
-
-def check_tls(cert: Path, key: Path) -> None:
-    """Load the pair once at start-up: a wrong path or a key that does not match is a
-    ConfigError now, not a listener that dies on its first connection."""
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as err:
-        raise ConfigError(
-            f"cannot serve HTTPS with certificate {cert} and key {key}: "
-            f"{getattr(err, 'strerror', None) or err}; fix [http] tls_cert / tls_key (or "
-            "server.tls_cert / tls_key), or set [http] tls = false", code="config.tls",
-        ) from err
-
-
-async def start(ctx: Context, host: str, port: int,
-                tls: tuple[Path, Path] | None = None) -> tuple[Listener, tuple[str, int]]:
-    """Listen on host:port (HTTPS with the ``tls`` certificate and key files); returns the
-    listener (``await listener.stop()``) and the address."""
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    if tls is not None:
-        check_tls(*tls)
-    sock = _bind(host, port)
-    listener = Listener(Front(ctx), sock, tls)
-    listener.start()
-    bound: tuple[str, int] = sock.getsockname()[:2]
-    return listener, bound
