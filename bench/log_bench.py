@@ -24,8 +24,9 @@ database with migration 0008's indexes and triggers and the indexer chore runnin
 them as in ``postroom serve`` (``store.log.index_loop``), once with all of it dropped (the
 "without" row); the ratio is the cost of keeping the log searchable (target >= 0.9x). The
 "with" row also reports how long after the last delivery the text index had caught up; a
-third row, "trigger", has only the insert trigger that fills ``log_pending`` (no indexer):
-the enqueue's own share of the text index; a fourth, "fullspeed", runs the indexer without
+third row, "trigger", has only the insert trigger that fills ``log_pending`` (no indexer;
+SQLite has none since migration 0017, so there it is the "without" row again): the
+enqueue's own share of the text index; a fourth, "fullspeed", runs the indexer without
 its duty cycle (``store.log.DUTY`` = 1: as before session 6), the "before" of that change.
 
 A PostgreSQL started here (``--pg``) is stopped in a finally block.
@@ -263,14 +264,14 @@ def no_window(on: bool) -> Iterator[None]:
 
 
 def pending_trigger_only(engine: Engine) -> None:
-    """The "trigger" row: everything of drop_log_indexes gone but the log_pending trigger."""
+    """The "trigger" row: everything of drop_log_indexes gone but the log_pending trigger
+    (PostgreSQL; SQLite has none since migration 0017: a rowid mark instead)."""
     drop_log_indexes(engine)
-    sql = ("CREATE TRIGGER log_pending_ins AFTER INSERT ON messages FOR EACH ROW "
-           "EXECUTE FUNCTION log_pending_row()" if engine.dialect.name == "postgresql" else
-           "CREATE TRIGGER log_pending_ins AFTER INSERT ON messages "
-           "BEGIN INSERT INTO log_pending (id) VALUES (new.id); END")
+    if engine.dialect.name != "postgresql":
+        return
     with write_transaction(engine) as conn:
-        conn.exec_driver_sql(sql)
+        conn.exec_driver_sql("CREATE TRIGGER log_pending_ins AFTER INSERT ON messages "
+                             "FOR EACH ROW EXECUTE FUNCTION log_pending_row()")
 
 
 def sent(engine: Engine) -> int:

@@ -36,13 +36,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from postroom import events
+from postroom import events, maillog
 from postroom.envelope import Envelope, new_id
 from postroom.events import Event, Kind
 from postroom.exceptions import MessageError, StoreError
 from postroom.store.attempts import messages_for_provider_ids
 from postroom.store.db import is_postgresql, write_transaction
 from postroom.store.log import Log
+from postroom.store.pending import insert_messages
 from postroom.store.rows import message_row as message_row
 from postroom.store.schema import (
     DEFERRED,
@@ -97,7 +98,11 @@ def _run(conn: Connection, ops: Sequence[Write]) -> list[Any]:
     for idxs in groups.values():
         first = ops[idxs[0]]
         assert isinstance(first, RowInsert)
-        conn.execute(first.stmt, [ops[i].row for i in idxs])  # type: ignore[union-attr]
+        rows = [ops[i].row for i in idxs]  # type: ignore[union-attr]
+        if first.stmt is _INSERT_MESSAGE and conn.dialect.name == "postgresql":
+            insert_messages(conn, first.stmt, rows)  # the log's pending ids: store/pending.py
+        else:
+            conn.execute(first.stmt, rows)
     if finishes:
         fins: list[FinishRow] = [ops[i] for i in finishes]  # type: ignore[misc]
         finish = _finish_pg if conn.dialect.name == "postgresql" else _finish_any
@@ -527,7 +532,7 @@ class Queue:
         idempotency key already used by that app for the same request, nothing is stored
         and the first message's id is returned (compare it with ``env.id``)."""
         result = await self.writer.submit(self._enqueue_op(env, idem=idempotency))
-        return env.id if result is None else str(result)
+        return self._accepted(env, result)
 
     def enqueue_sync(
         self, env: Envelope, *, hold: float = 0.0, idempotency: IdempotencyKey | None = None
@@ -536,7 +541,16 @@ class Queue:
         it at once with ``claim(only=...)`` (`send --now`): a running worker cannot take it
         first, and it is still delivered if that caller dies before claiming."""
         result = self.writer.run_sync(self._enqueue_op(env, hold, idempotency))
-        return env.id if result is None else str(result)
+        return self._accepted(env, result)
+
+    @staticmethod
+    def _accepted(env: Envelope, result: Any) -> str:
+        """The stored message's id; its "accepted" log line (none for a repeated
+        idempotency key: the first request's message was logged then)."""
+        if result is None or result == env.id:
+            maillog.accepted(env)
+            return env.id
+        return str(result)
 
     # -- claim / finish / release ----------------------------------------------------------
     def _claim_op(self, owner: str, limit: int, lease: float, only: str | None = None) -> Op:
@@ -646,6 +660,10 @@ class Queue:
                 attempts=attempts, copy_due=copy_due,
             )
         )
+        if ok and msg.status == SENDING:  # not a run of forced copies alone (the worker's)
+            maillog.finished(msg.id, app=msg.app, recipients=msg.recipients, status=status,
+                             attempts=attempts, last_error=last_error,
+                             tries=msg.attempt_count + (1 if attempts else 0))
         return ok
 
     async def reclaim_dead_local(self) -> int:

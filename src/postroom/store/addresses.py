@@ -24,8 +24,9 @@ from collections.abc import Iterable
 
 from sqlalchemy import ColumnElement, Connection, Text, cast, delete, or_, select, update
 
+from postroom.store import pending as index_pending
 from postroom.store.db import is_postgresql
-from postroom.store.schema import control, log_addresses, log_pending, messages
+from postroom.store.schema import control, log_addresses, messages
 
 RECIPIENT, SENDER = "r", "s"
 REREAD = "p"  # a message whose addresses changed: read again by the indexer
@@ -88,7 +89,7 @@ def exact(conn: Connection, role: str, address: str,
     found = select(la.message_id).where(la.role == role, la.address == address)
     if low is not None:
         found = found.where(la.created_at >= low)
-    waiting = select(log_pending.c.id).union_all(
+    waiting = index_pending.ids(is_postgresql(conn.engine)).union_all(
         select(la.message_id).where(la.role == REREAD))
     m = messages.c
     rows = select(*_ROWS).where(m.id.in_(waiting))

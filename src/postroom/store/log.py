@@ -8,9 +8,11 @@ direct SQLite insert, retention, maintenance) keeps the log right without knowin
 - text searches of 3+ characters use SQLite FTS5 (``trigram``) or PostgreSQL ``pg_trgm``;
   shorter ones cannot (a trigram index has nothing to look up for two characters) and
   match with LIKE over the table, which is what a two-letter search costs anyway;
-- the text index is written after the enqueue's commit, not in it: an insert leaves its id
-  in ``log_pending`` and :meth:`Log.index_pending` (:func:`index_loop`, a chore of every
-  worker process) indexes those in batches. A search reads the index *and* the pending
+- the text index is written after the enqueue's commit, not in it: which messages wait for
+  it is :mod:`postroom.store.pending`'s (SQLite: the rowids above a mark, so the enqueue
+  writes nothing for it; PostgreSQL: ``log_pending``, filled by an insert trigger), and
+  :meth:`Log.index_pending` (:func:`index_loop`, a chore of every worker process) indexes
+  them in batches. A search reads the index *and* the pending
   rows (LIKE over those few), so its answer is exactly a full scan's at any moment. While
   mail flows the chore works DUTY of the time (the enqueue and the worker keep the CPU and
   the SQLite write lock), at full speed when idle or when PENDING_BOUND rows wait;
@@ -53,7 +55,6 @@ from sqlalchemy import (
     and_,
     cast,
     column,
-    delete,
     func,
     literal_column,
     or_,
@@ -65,10 +66,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from postroom import events
 from postroom.exceptions import MessageError
-from postroom.store import addresses
+from postroom.store import addresses, pending
 from postroom.store.db import is_postgresql, write_transaction
 from postroom.store.schema import (
     FAILED,
+    FINISHED_WHERE,
     ROLLUP_STATUSES,
     STATUSES,
     WAITING,
@@ -134,7 +136,10 @@ _FTS_INDEX = text(f"INSERT INTO messages_fts (rowid, {', '.join(_FTS_COLUMNS)}) 
                   f"SELECT rowid, {', '.join(_FTS_COLUMNS)} FROM messages "
                   "WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY rowid")
 # The SQLite rowids of the pending messages: added to the index's candidates.
-_FTS_PENDING = "SELECT m.rowid FROM log_pending p JOIN messages m ON m.id = p.id"
+_FTS_PENDING = f"SELECT rowid FROM messages WHERE rowid > {pending.MARK_SQL}"
+# A finished status's filter says the partial status index's condition (schema.py).
+_FINISHED: ColumnElement[bool] = literal_column(
+    FINISHED_WHERE.replace("status", "messages.status", 1))
 INDEX_BATCH = 500  # rows per indexing transaction in the chore: the write lock is held
 INDEX_PAUSE = 0.02  # between full batches: writers waiting for the lock get it first
 INDEX_INTERVAL = 1.0  # seconds between looks when nothing was pending
@@ -308,10 +313,10 @@ class Log:
                 # text as the index's), pending rows included.
                 return walk
             pm = messages.alias("pm")
-            pending = (select(pm.c.id).join(log_pending, log_pending.c.id == pm.c.id)
+            waiting = (select(pm.c.id).join(log_pending, log_pending.c.id == pm.c.id)
                        .where(literal_column(_PG_SEARCH[col].format(r="pm."))
                               .ilike(pattern, escape="\\")))
-            return messages.c.id.in_(found.union_all(pending))
+            return messages.c.id.in_(found.union_all(waiting))
         pattern = "%" + escape_like(value.lower()) + "%"
         columns = [cast(messages.c[c], Text) if c == "recipients" else messages.c[c]
                    for c in cols]
@@ -322,7 +327,7 @@ class Log:
         if rare is None:  # every piece is common: walking the log finds a page quickly
             return like
         if not rare:  # a piece of it is in no indexed message: only pending ones can match
-            return and_(messages.c.id.in_(select(log_pending.c.id)), like)
+            return and_(pending.waiting(self._pg), like)
         query = "{" + " ".join(cols) + "} : (" + " AND ".join(map(fts_phrase, rare)) + ")"
         hits = text(f"SELECT rowid FROM messages_fts WHERE messages_fts MATCH :{name} "
                     f"UNION ALL {_FTS_PENDING}") \
@@ -400,6 +405,8 @@ class Log:
         m = messages.c
         if f.status:
             q = q.where(m.status == f.status)
+            if f.status in ROLLUP_STATUSES:
+                q = q.where(_FINISHED)
         if f.app:
             q = q.where(m.app == f.app)
         if f.connection:
@@ -429,7 +436,7 @@ class Log:
 
     # -- the text index, after the commit ---------------------------------------------------
     def index_pending(self, batch: int = 2000) -> int:
-        """Move up to ``batch`` messages from ``log_pending`` into the text index, in one
+        """Move up to ``batch`` pending messages (store.pending) into the text index, in one
         short write transaction; how many were taken (0: none pending, or no index). Safe
         on every node at once: PostgreSQL's SKIP LOCKED gives each caller other rows, and
         SQLite has one writer at a time. A message deleted meanwhile is simply skipped."""
@@ -439,13 +446,12 @@ class Log:
             if self._pg:
                 taken = list(conn.execute(_PG_INDEX, {"n": batch}).scalars())
             else:
-                # In arrival order (the table's rowid): see store/schema.py's log_pending.
-                taken = list(conn.execute(
-                    select(log_pending.c.id).order_by(literal_column("rowid")).limit(batch)
-                ).scalars())
+                # In arrival (rowid) order: FTS5 appends rowids in order cheaply, rowids
+                # from all over its range cost it merges.
+                taken, upto = pending.take(conn, batch)
                 if taken:
                     conn.execute(_FTS_INDEX, {"ids": json.dumps(taken)})
-                    conn.execute(delete(log_pending).where(log_pending.c.id.in_(taken)))
+                    pending.advance(conn, upto)
             addresses.write(conn, taken)
             reread = addresses.reread(conn, batch)
         return len(taken) + reread
@@ -463,7 +469,7 @@ class Log:
         the last FLOWING seconds, or one being sent) and fewer than PENDING_BOUND messages
         wait for the index. A paused or idle queue: full speed."""
         m = messages.c
-        waiting = select(log_pending.c.id).limit(PENDING_BOUND).subquery()
+        waiting = pending.ids(self._pg).limit(PENDING_BOUND).subquery()
         with self.engine.connect() as conn:
             if conn.execute(select(func.count()).select_from(waiting)).scalar_one() \
                     >= PENDING_BOUND:
@@ -475,8 +481,8 @@ class Log:
     def pending(self) -> int:
         """How many messages wait to be indexed."""
         with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(log_pending))
-                       .scalar_one())
+            return int(conn.execute(select(func.count()).select_from(
+                pending.ids(self._pg).subquery())).scalar_one())
 
     def catch_up(self, limit: int = 50_000) -> int:
         """Index pending messages until none are left or ``limit`` were (for a command that
@@ -629,8 +635,8 @@ class Log:
     def summary(self, since: float, until: float | None = None) -> dict[str, int]:
         """Messages created in [since, until) by status, and ``fallback_used`` events.
         Finished ones (sent, partial, failed) come from the hourly rollups, so ``since``
-        counts from the start of its hour; waiting ones from the (status, created_at)
-        index, which only holds the few rows still in the queue."""
+        counts from the start of its hour; waiting ones from the queue's index (status
+        first, created_at in it: migration 0017), which only holds a few rows of those."""
         out = {s: 0 for s in STATUSES}
         out["fallback_used"] = 0
         start = math.floor(since / HOUR) * HOUR
@@ -681,7 +687,10 @@ class Log:
             counts: dict[str, int] = dict(conn.execute(
                 select(m.status, func.count()).where(m.status.in_((*WAITING, SENDING)))
                 .group_by(m.status)).all())
-            oldest = [conn.execute(select(func.min(m.created_at)).where(m.status == s))
+            # "+ 0": read from the queue's index (status first, created_at in it), not by
+            # walking the created_at index until a row of that status: with none (nothing
+            # being sent) that walk read the whole log.
+            oldest = [conn.execute(select(func.min(m.created_at + 0)).where(m.status == s))
                       .scalar() for s in (*WAITING, SENDING)]
         known = [o for o in oldest if o is not None]
         first = min(known) if known else None

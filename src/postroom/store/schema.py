@@ -35,6 +35,10 @@ from postroom.store.states import SUPPRESSED as SUPPRESSED
 from postroom.store.states import WAITING as WAITING
 
 metadata = MetaData()
+# The messages of ix_messages_status_created (migration 0017): the finished ones. A query
+# that wants that index says this very condition too (SQLite uses a partial index only for
+# a query whose WHERE has its condition's terms; postroom.store.log).
+FINISHED_WHERE = "status IN ('sent', 'partial', 'failed', 'suppressed')"
 
 
 def partial_index(name: str, *columns: str, where: str) -> Index:
@@ -85,14 +89,20 @@ messages = Table(
     # The connection that last tried the message (the log's connection filter, migration
     # 0008); `connection` above is only the one the sender pinned.
     Column("via", String(64)),
-    Index("ix_messages_due", "status", "priority", "next_attempt_at"),
+    # The claim's (status, priority, next_attempt_at); created_at at the end (migration 0017)
+    # gives the dashboard's waiting counts and oldest waiting message from the index alone,
+    # now that the status index below has finished messages only.
+    Index("ix_messages_due", "status", "priority", "next_attempt_at", "created_at"),
     # Partial: only the few rows with a copy waiting are in it, so no other write pays for it
     # (a comparison on copy_due implies NOT NULL: SQLite and PostgreSQL both use it).
     partial_index("ix_messages_copy_due", "copy_due", where="copy_due IS NOT NULL"),
     Index("ix_messages_created", "created_at"),
     # The log's filters, newest first (postroom.store.log, migration 0008). Text columns
     # have no B-tree index: a trigram index kept by the database serves their searches.
-    Index("ix_messages_status_created", "status", "created_at"),
+    # Partial (migration 0017): finished messages only, so an enqueue and a claim do not
+    # write it; a waiting status is the queue's, found through ix_messages_due.
+    partial_index("ix_messages_status_created", "status", "created_at",
+                  where=FINISHED_WHERE),
     # Partial: mail of no app (sendmail, plain SMTP) and an enqueue (no via yet) do not write
     # them; `app = x` / `via = x` implies the condition, so the filters still use them.
     partial_index("ix_messages_app_created", "app", "created_at", where="app IS NOT NULL"),
@@ -298,8 +308,9 @@ log_rollups = Table(
     Column("count", Integer, nullable=False),
 )
 
-# Messages not in the text index yet (postroom.store.log.Log.index_pending, migration 0008):
-# an insert trigger adds the id, the indexer takes batches of them after the commit, so the
+# Messages not in the text index yet (postroom.store.log.Log.index_pending, migration 0008),
+# PostgreSQL only since migration 0017 (SQLite: a rowid mark, postroom.store.pending): an
+# insert trigger adds the ids, the indexer takes batches of them after the commit, so the
 # enqueue pays for one narrow row instead of the index. Searches read these rows directly.
 log_pending = Table(
     "log_pending",
