@@ -27,6 +27,8 @@ from typing import Any, BinaryIO, TypeVar
 
 import pytest
 
+from postroom.bootstrap import ensure_certificate
+from postroom.exceptions import ConfigError
 from postroom.ingress.guard import SessionCaps
 from postroom.ingress.http_conn import INBOX_LIMIT, MAX_HEAD, Connection
 from postroom.ingress.http_front import Message, Receive, Scope, Send
@@ -354,6 +356,46 @@ def test_tls_with_strong_ciphers_only(cert: tuple[Path, Path]) -> None:
             assert not plain.recv(4096).startswith(b"HTTP/1.1 200")
     finally:
         tls.stop()
+
+
+def _served_cert(port: int) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
+            ctx.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_tls_files_read_again_on_reload(tmp_path: Path) -> None:
+    """A certificate renewed in place (a SIGHUP reload, postroom.hup): new connections get
+    it, an open one keeps the old; a pair that no longer loads is refused, nothing changed."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ensure_certificate(cert, key, "first.test")
+    served = Served(Toy(), tls=(cert, key))
+    try:
+        first = _served_cert(served.port)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as raw, \
+                ctx.wrap_socket(raw) as open_before:
+            cert.unlink()
+            key.unlink()
+            ensure_certificate(cert, key, "renewed.test")
+            served.on_loop(served.listener.check_tls_files)
+            served.on_loop(served.listener.reload_tls)
+            renewed = _served_cert(served.port)
+            assert renewed != first
+            assert open_before.getpeercert(binary_form=True) == first
+            open_before.sendall(get("/echo", "Connection: close\r\n"))
+            assert open_before.recv(4096).startswith(b"HTTP/1.1 200")
+        key.write_text("not a key\n")
+        with pytest.raises(ConfigError):
+            served.on_loop(served.listener.check_tls_files)
+        assert _served_cert(served.port) == renewed
+    finally:
+        served.stop()
 
 
 def test_shutdown_lets_requests_in_flight_finish() -> None:

@@ -12,7 +12,9 @@ On SIGHUP the file (and the process's environment) is read again into new settin
 - the listener's certificate and key are read again (a renewed certificate at the same path
   is the common case) and loaded into its SSLContext: a new session gets them, a session in
   flight keeps the certificate it was made with (OpenSSL copies it into each connection).
-  A pair that does not load refuses the whole reload.
+  The HTTPS listener ([http] tls) reads its own pair again the same way (its paths, like
+  the rest of [http], change only with a restart). A pair that does not load refuses the
+  whole reload.
 
 `serve` holds ``serve.pid`` in its data folder under an exclusive flock for its life, so a
 pid file left by a crashed server is told apart from a running one, and writes each reload's
@@ -31,7 +33,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -86,6 +88,15 @@ def running_pid(data_dir: Path) -> int | None:
             return None
     except FileNotFoundError:
         return None
+
+
+class Renewable(Protocol):
+    """A listener whose certificate files are read again on a reload
+    (postroom.ingress.http_server.Listener)."""
+
+    def check_tls_files(self) -> None: ...
+
+    def reload_tls(self) -> None: ...
 
 
 # -- the answer -------------------------------------------------------------------------------
@@ -146,10 +157,12 @@ class FileReload:
     """The SIGHUP side: re-reads the file and swaps it in (see the module doc)."""
 
     def __init__(self, inst: Instance, live: LiveConfig, *, tls: ssl.SSLContext | None = None,
-                 policy: Policy | None = None, record: bool = False) -> None:
+                 https: Renewable | None = None, policy: Policy | None = None,
+                 record: bool = False) -> None:
         self.inst = inst
         self.live = live
         self.tls = tls  # the listener's context, shared by its sessions
+        self.https = https  # the HTTP listener (ingress.http_server), re-reads its own files
         self.policy = policy  # the listener's rules (smtpd.Policy)
         self.record = record  # `serve`: write the answer and the snapshot to the data folder
         self.text = self._read_text(inst.file_settings)
@@ -220,6 +233,8 @@ class FileReload:
         restart = [k for k in changed if config_view.needs_restart(k)]
         kept = _kept(old, new)
         await asyncio.to_thread(self._check_tls, kept)
+        if self.https is not None:
+            await asyncio.to_thread(self.https.check_tls_files)
         previous, self.text = self.text, text  # the snapshot adopt() writes reads it
         try:
             await self.live.adopt(kept)
@@ -228,6 +243,8 @@ class FileReload:
             raise
         if self.tls is not None:
             self.tls.load_cert_chain(*(str(p) for p in tls_files(kept)))
+        if self.https is not None:
+            self.https.reload_tls()
         self._listener_rules(kept)
         applied = config_view.summary([k for k in changed if k not in restart], before, after)
         log.info("configuration reloaded from %s: %s%s", path,

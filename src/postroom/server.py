@@ -436,7 +436,8 @@ async def serve(
     live, live_task = _follow_config(inst, worker, transports, chores)
     if ctx is not None:  # the web admin's process changes it (ingress.admin_proxy)
         ctx.refresh_config = live.check
-    hup_task = _reload_on_hup(inst, live, hup, tls=tls, policy=handler.policy, record=True)
+    hup_task = _reload_on_hup(inst, live, hup, tls=tls, https=http, policy=handler.policy,
+                              record=True)
     from postroom.hup import hold_pidfile
 
     pidfile = hold_pidfile(settings.data_dir)  # `postroom reload` finds this process by it

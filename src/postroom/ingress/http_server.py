@@ -79,6 +79,7 @@ class Listener:
         self.limits = replace(limits, tls=tls is not None)
         self.tls = tls
         self.server: asyncio.Server | None = None
+        self.context: ssl.SSLContext | None = None  # made with the first connection
         self.live: set[Connection] = set()
         self.task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,7 +96,7 @@ class Listener:
     async def _serve(self) -> None:
         try:
             # Imported in a thread (h11, the connection code): mail keeps flowing meanwhile.
-            context = await asyncio.to_thread(self._prepare)
+            context = self.context = await asyncio.to_thread(self._prepare)
             from postroom.ingress.http_conn import Connection
 
             limits = self.limits
@@ -111,6 +112,19 @@ class Listener:
         import postroom.ingress.http_conn  # noqa: F401 - h11 and the protocol, off the loop
 
         return tls_context(*self.tls) if self.tls else None
+
+    def check_tls_files(self) -> None:
+        """Load the certificate and key files again in a fresh context (ConfigError if the
+        pair no longer loads): the first half of a reload, which changes nothing."""
+        if self.tls is not None:
+            check_tls(*self.tls)
+
+    def reload_tls(self) -> None:
+        """Read the certificate and key files again (renewed in place: certbot, an ACME
+        client), for connections from now on; open ones keep theirs (a SIGHUP reload,
+        postroom.hup, after :meth:`check_tls_files`). Other paths need a restart."""
+        if self.tls is not None and self.context is not None:
+            self.context.load_cert_chain(*self.tls)
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish within GRACE, close the rest."""
