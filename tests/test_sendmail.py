@@ -19,6 +19,7 @@ import mailbox
 import os
 import pwd
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -358,6 +359,28 @@ def test_dot_line_ends_input_without_i(store: Path) -> None:
     row, msg = _stored(store, subject)
     assert msg.get_content() == "before\n"
     assert row["raw"].endswith(b"\r\n\r\nbefore\r\n")
+
+
+def test_stored_mail_gets_its_accepted_line_in_the_system_log(store: Path) -> None:
+    """Store mode: no server saw the message arrive, so postroom-sendmail writes the
+    "accepted" line to the system log ([sendmail] syslog, facility mail), with its id."""
+    log_sock = store.parent / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(log_sock))
+        listener.settimeout(TIMEOUT)
+        store.write_text(store.read_text() + f'[sendmail]\nsyslog = "{log_sock}"\n')
+        subject = _subject("syslog")
+        r = _sendmail(store, RCPT, input=f"Subject: {subject}\n\nhello\n".encode())
+        assert r.returncode == 0, r.stderr
+        line = listener.recv(4096).decode()
+    row, _ = _stored(store, subject)
+    assert line.startswith("<22>")  # facility mail, severity info
+    assert "postroom-sendmail[" in line and f"{row['id']}: accepted from=<" in line
+    # a system log that is not there loses the line, never the message
+    store.write_text(store.read_text().replace(str(log_sock), str(store.parent / "none")))
+    r = _sendmail(store, RCPT, input=f"Subject: {subject} 2\n\nhello\n".encode())
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    _stored(store, f"{subject} 2")
 
 
 def test_headers_completed_and_cleaned(store: Path) -> None:

@@ -287,6 +287,9 @@ class SendmailSettings(_Section):
     # Folders whose configurations any user may name with `postroom-sendmail -C`; read from
     # the default configuration only (Postfix's alternate_config_directories, postconf(5)).
     alternate_config_directories: list[Path] = []
+    # The system log's socket (journald, rsyslog): mail stored here (server = "") gets its
+    # "accepted" line there, as serve's own mail gets it on stderr; "" writes none.
+    syslog: str = "/dev/log"
 
     @field_validator("alternate_config_directories")
     @classmethod

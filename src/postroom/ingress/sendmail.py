@@ -413,8 +413,17 @@ def enqueue(env: Envelope, settings: Settings, environ: Mapping[str, str]) -> st
     stored = direct.enqueue(env, database_url=settings.database_url,
                             synchronous=settings.server.sqlite_synchronous,
                             lifetime=settings.delivery.max_lifetime)
-    if stored is not None:
-        return stored
+    if stored is None:
+        stored = _enqueue_migrating(env, settings)
+    if settings.sendmail.syslog:
+        from postroom import maillog
+
+        maillog.accepted_to_syslog(env, settings.sendmail.syslog)
+    return stored
+
+
+def _enqueue_migrating(env: Envelope, settings: Settings) -> str:
+    """The store through SQLAlchemy: created or migrated first, every error worded."""
     from postroom.exceptions import StoreError
     from postroom.runtime import Instance
 
