@@ -1,5 +1,6 @@
-"""The HTTP listener of `postroom serve` (ingress.http_server, ingress.http_conn: h11, no
-uvicorn) against real clients: raw sockets, http.client and curl (Debian's), plain and TLS.
+"""The HTTP listener of `postroom serve` (ingress.http_server, ingress.http_conn, parsed by
+llhttp in ingress.http11; no uvicorn) against real clients: raw sockets, http.client and curl
+(Debian's), plain and TLS.
 
 The listener runs in a thread of this process with a small ASGI application of its own
 (echo, streamed and chunked answers, a failure, a gate), so that what is checked is the
@@ -30,6 +31,7 @@ import pytest
 from postroom.bootstrap import ensure_certificate
 from postroom.exceptions import ConfigError
 from postroom.ingress.guard import SessionCaps
+from postroom.ingress.http11 import Data, Malformed, Responses
 from postroom.ingress.http_conn import INBOX_LIMIT, MAX_HEAD, Connection
 from postroom.ingress.http_front import Message, Receive, Scope, Send
 from postroom.ingress.http_server import GRACE, Limits, Listener, bind
@@ -70,7 +72,12 @@ class Toy:
                 await send({"type": "http.response.body", "body": part,
                             "more_body": self.streamed < BIG})
             return
-        if path == "/chunked":  # no length: h11 frames it chunked
+        if path == "/split":  # a header value that would split the response
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"x-name", b"a\r\nset-cookie: evil=1")]})
+            await send({"type": "http.response.body", "body": b"no"})
+            return
+        if path == "/chunked":  # no length: framed chunked (ingress.http11)
             await send({"type": "http.response.start", "status": 200, "headers": []})
             for word in (b"one ", b"two ", b"three"):
                 await send({"type": "http.response.body", "body": word, "more_body": True})
@@ -268,6 +275,71 @@ def test_errors_never_show_a_traceback(served: Served) -> None:
             s.sendall(request)
             got, _, body = read_response(f)
             assert got == status and json.loads(body)["error"]["code"].startswith("request.")
+
+
+def test_what_the_parser_leaves_to_the_listener(served: Served) -> None:
+    """llhttp (ingress.http11) counts no head size, needs no Host and speaks any version:
+    the listener's own rules, each from a hostile client on 127.0.0.2."""
+    def answer(request: bytes) -> tuple[int, dict[str, str], bytes, bytes]:
+        with connect(served.port, "127.0.0.2") as s, s.makefile("rb") as f:
+            s.sendall(request)
+            status, headers, body = read_response(f)
+            return status, headers, body, f.read()  # and then the connection is closed
+
+    # A head that never ends, sent in pieces: refused once past twice the limit, long before
+    # it would be complete (httptools would buffer an unfinished header without end).
+    with connect(served.port, "127.0.0.2") as s, s.makefile("rb") as f:
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Long: ")
+        sent = 0
+        with pytest.raises(OSError):  # reset or broken pipe once the server closed
+            while sent < 64 * MAX_HEAD:
+                s.sendall(b"a" * 4096)
+                sent += 4096
+                time.sleep(0.001)
+        assert sent <= 4 * MAX_HEAD
+        with pytest.raises((OSError, EOFError)):
+            assert read_response(f)[0] == 431
+            raise EOFError
+    for request, status in ((b"GET /echo HTTP/1.1\r\n\r\n", 400),  # no Host
+                            (b"GET /echo HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+                            (b"GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400)):
+        got, headers, body, rest = answer(request)
+        assert got == status and headers["connection"] == "close" and rest == b"", request
+    # HTTP/1.0: answered, and no keep-alive (the connection ends after the answer).
+    got, headers, body, rest = answer(b"GET /echo?old HTTP/1.0\r\n\r\n" + get("/echo?next"))
+    assert got == 200 and headers["connection"] == "close"
+    assert json.loads(body)["query"] == "old" and rest == b""
+    # An Upgrade is answered as a plain request, then the connection closes.
+    got, headers, body, rest = answer(get("/echo?ws", "Upgrade: websocket\r\n"
+                                          "Connection: Upgrade\r\n") + get("/echo?after"))
+    assert got == 200 and json.loads(body)["query"] == "ws" and rest == b""
+    # A header value holding CR LF is never written: a 500, no second header.
+    got, headers, body, rest = answer(get("/split"))
+    assert got == 500 and "set-cookie" not in headers and b"evil" not in body + rest
+
+
+def test_answers_read_by_the_admin_proxy() -> None:
+    """http11.Responses, as the front reads the web admin's process: Content-Length, chunked,
+    a HEAD answer and a close-delimited body ended by the close, a cut one refused."""
+    def read(chunks: list[bytes], head: bool = False) -> tuple[int, bytes]:
+        r = Responses(head)
+        for c in chunks:
+            r.feed(c)
+        body = b"".join(e.data for e in r.events if isinstance(e, Data))
+        return r.status, body
+
+    assert read([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", b"lo"]) == (200, b"hello")
+    assert read([b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n0\r\n\r\n"]) == (404, b"abc")
+    assert read([b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", b""], head=True) == (200, b"")
+    assert read([b"HTTP/1.1 200 OK\r\n\r\nall of it", b""]) == (200, b"all of it")
+    with pytest.raises(Malformed):
+        read([b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\ncut", b""])
+    with pytest.raises(Malformed):
+        read([b"HTTP/1.1 200 OK\r\nX: " + b"a" * (2 * MAX_HEAD)])
+    with pytest.raises(Malformed):
+        read([b"NOT HTTP\r\n\r\n"])
 
 
 # -- backpressure -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -426,6 +426,7 @@ SECTIONS: dict[str, type[_Section]] = {
 ENTRY_POINT_GROUP = "postroom.sections"
 _FEATURES: dict[str, type[BaseModel]] = {}
 _FEATURE_NAMES: dict[type[BaseModel], str] = {}
+_DEFAULTS: dict[type[BaseModel], BaseModel] = {}  # Settings.section's defaults, per model
 
 SectionT = TypeVar("SectionT", bound=BaseModel)
 
@@ -487,7 +488,15 @@ class Settings:
         for have, value in self.features:
             if have == name and isinstance(value, model):
                 return value
-        return model.model_construct()
+        if not model.model_config.get("frozen"):
+            return model.model_construct()
+        # One defaults object per frozen model: asked per request on hot paths (webhooks'
+        # suppression settings), where building it each time cost more than the lookup, and
+        # where writes group reports by their section object.
+        default = _DEFAULTS.get(model)
+        if default is None:
+            default = _DEFAULTS[model] = model.model_construct()
+        return cast(SectionT, default)
 
     @property
     def data_dir(self) -> Path:

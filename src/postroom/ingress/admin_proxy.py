@@ -12,9 +12,9 @@ What goes there: the web admin (``/``, ``/admin...``, ``/api/v1/admin...``), the
 sign-in pages (``/oauth/...``) and the API's OpenAPI document and docs page. The front
 (postroom.ingress.http_front) applies its fence, caps and body limits first, so a client
 outside server.admin_networks never starts the child; the request, its body already read
-and bounded, goes over a fresh socket connection with HTTP/1.1 (h11), the answer streams
-back. The socket is in a 0700 folder of the data folder (or of the temporary folder, when
-that path is too long for a socket), the socket itself 0600.
+and bounded, goes over a fresh socket connection with HTTP/1.1 (ingress.http11), the
+answer streams back. The socket is in a 0700 folder of the data folder (or of the temporary
+folder, when that path is too long for a socket), the socket itself 0600.
 
 The child's stdin is a pipe only this process holds: when `postroom serve` exits, however
 it dies (kill -9 too), the pipe ends and so does the child. A message the admin queues (a
@@ -225,39 +225,35 @@ class AdminProcess:
         except PostroomError as err:
             await _unavailable(scope, send, err.message)
             return
-        import h11
+        from postroom.ingress import http11
 
         reader, writer = conn
         started = False
         try:
-            client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-            writer.write(client.send(_request(h11, scope, len(body), ip, check)))
-            if body:
-                writer.write(client.send(h11.Data(data=body)))
-            writer.write(client.send(h11.EndOfMessage()))
+            writer.write(_request(scope, len(body), ip, check) + body)
             await writer.drain()
+            answer = http11.Responses(scope["method"] == "HEAD", MAX_HEAD)
             while True:
-                event = client.next_event()
-                if event is h11.NEED_DATA:
-                    async with asyncio.timeout(READ_PAUSE):
-                        client.receive_data(await reader.read(65536))
-                    continue
-                if isinstance(event, h11.Response):
+                if answer.headers is not None and not started:
                     started = True
-                    headers = _answer_headers(scope, event.headers)
+                    headers = _answer_headers(scope, answer.headers)
                     if scope.get("state", {}).get(fence.DELAY_STATE):  # a failed sign-in
                         self._keep_until = time.monotonic() + FAILURE_WINDOW
-                    await send({"type": "http.response.start", "status": event.status_code,
+                    await send({"type": "http.response.start", "status": answer.status,
                                 "headers": headers})
-                elif isinstance(event, h11.Data):
-                    await send({"type": "http.response.body", "body": bytes(event.data),
-                                "more_body": True})
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                if answer.events:
+                    event = answer.events.popleft()
+                    if isinstance(event, http11.Data):
+                        await send({"type": "http.response.body", "body": event.data,
+                                    "more_body": True})
+                        continue
                     if scope["method"] not in SAFE_METHODS:
                         await self._refresh()  # before the client reads the end
                     await send({"type": "http.response.body", "body": b""})
                     return
-        except (OSError, TimeoutError, h11.ProtocolError) as err:
+                async with asyncio.timeout(READ_PAUSE):
+                    answer.feed(await reader.read(65536))
+        except (OSError, TimeoutError, http11.Malformed) as err:
             log.error("web admin process: %s %s: %s", scope["method"], scope["path"],
                       err or type(err).__name__)
             if not started:
@@ -304,7 +300,7 @@ class AdminProcess:
         return answer == [204]
 
 
-def _request(h11: Any, scope: Scope, size: int, ip: str, check: bool) -> Any:
+def _request(scope: Scope, size: int, ip: str, check: bool) -> bytes:
     # The child trusts the x-postroom-front-* headers: a client's own are dropped here.
     headers = [(n, v) for n, v in scope["headers"]
                if n not in HOP_BY_HOP and not n.startswith(admin_child.HEADER_PREFIX)]
@@ -318,7 +314,9 @@ def _request(h11: Any, scope: Scope, size: int, ip: str, check: bool) -> Any:
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
-    return h11.Request(method=scope["method"], target=target, headers=headers)
+    from postroom.ingress.http11 import request_head
+
+    return request_head(str(scope["method"]).encode("ascii"), target, headers)
 
 
 def _answer_headers(scope: Scope, headers: Any) -> list[tuple[bytes, bytes]]:

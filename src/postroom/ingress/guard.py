@@ -14,6 +14,7 @@ client open as many "peers" as it likes. IPv4-mapped IPv6 addresses count as the
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import time
 from collections.abc import Callable, Iterable
@@ -27,8 +28,16 @@ def client_address(value: object) -> Address | None:
     for anything that is not an IP address."""
     if isinstance(value, tuple | list):
         value = value[0] if value else None
+    return _parse(str(value))
+
+
+# Asked several times per HTTP request and per SMTP session (the caps, trusted_networks):
+# parsing an address costs more than the rest of those checks. Bounded, so that many
+# distinct clients only churn it.
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> Address | None:
     try:
-        addr = ipaddress.ip_address(str(value).split("%", 1)[0])
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -42,12 +51,19 @@ class Networks:
     def __init__(self, names: Iterable[str]) -> None:
         self.names = tuple(names)
         self._nets = [ipaddress.ip_network(n, strict=False) for n in self.names]
+        self._holds = functools.lru_cache(maxsize=1024)(self._lookup)
 
     def __contains__(self, client: object) -> bool:
-        addr = client_address(client)
+        if isinstance(client, tuple | list):
+            client = client[0] if client else None
+        return self._holds(str(client))
+
+    def _lookup(self, client: str) -> bool:
+        addr = _parse(client)
         return addr is not None and any(addr in net for net in self._nets)
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_key(ip: str) -> str:
     """The identity a peer is counted under: its IPv4 address or its IPv6 /64.
 

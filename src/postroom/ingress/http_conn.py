@@ -1,5 +1,5 @@
-"""One connection of the HTTP listener: HTTP/1.1 parsed by h11, each request handed to the
-ASGI front (ingress.http_front) in turn.
+"""One connection of the HTTP listener: HTTP/1.1 parsed by llhttp (ingress.http11), each
+request handed to the ASGI front (ingress.http_front) in turn.
 
 A server of our own rather than uvicorn: uvicorn's start-up (click, logging.config,
 multiprocessing, its own modules) cost `postroom serve` more memory than its whole front,
@@ -11,10 +11,10 @@ and counted neither connections per client nor a deadline for a request's head. 
 - a deadline for each request's line and headers, from the connection's start or the end
   of the previous response: past it, a client that sent part of a request gets 408 (RFC
   9110 section 15.5.9) and one that sent nothing is closed, as is an idle keep-alive
-  connection after KEEP_ALIVE seconds;
+  connection after KEEP_ALIVE seconds; a head over http11.MAX_HEAD gets 431;
 - keep-alive, pipelined requests answered in order (one at a time: the next request is not
   parsed before the previous response is complete), ``Expect: 100-continue`` answered when
-  the front first reads the body, chunked bodies both ways (h11's framing), HEAD;
+  the front first reads the body, chunked bodies both ways (ingress.http11), HEAD;
 - backpressure both ways: reading pauses while more than INBOX_LIMIT bytes wait for the
   front, and the front's ``send`` waits while the socket's write buffer is full, at most
   [http] read_timeout per pause (a client that stops reading is cut off, its request no
@@ -22,8 +22,8 @@ and counted neither connections per client nor a deadline for a request's head. 
 - a failure in the front never shows the client a traceback: a 500 in the project's error
   shape if no response had started, else the connection is cut.
 
-The body has deadlines of its own in the front, which reads it. This module (and h11) is
-imported on the first connection (ingress.http_server), not at start-up.
+The body has deadlines of its own in the front, which reads it. This module (and httptools)
+is imported on the first connection (ingress.http_server), not at start-up.
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ import logging
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
-import h11
-
 from postroom.exceptions import PostroomError
+from postroom.ingress.http11 import END, MAX_HEAD, Data, Event, Framing, Head, Malformed, Requests
 
 if TYPE_CHECKING:
     from postroom.ingress.http_front import ASGIApp, Message
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 KEEP_ALIVE = 15.0  # seconds an idle kept-alive connection is held open
 INBOX_LIMIT = 64 * 1024  # bytes received but not yet parsed before reading pauses
-MAX_HEAD = 16 * 1024  # a request line and headers over this get 431 (h11's limit, explicit)
 # Left unread by the front (it answered without reading the body): drained to reach the
 # next request on the connection when no more than this, else the connection is closed.
 DRAIN_LIMIT = 64 * 1024
@@ -114,12 +112,12 @@ class Connection(asyncio.Protocol):
         self.limits = limits
         self.live = live  # the listener's open connections (for its shutdown)
         self.loop = asyncio.get_running_loop()
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.requests = Requests()
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
         self.counted = False
-        self.inbox = bytearray()  # received, not yet given to h11
+        self.inbox = bytearray()  # received, not yet given to the parser
         self.eof = False
         self.paused = False  # reading paused: the inbox is full
         self.arrived = asyncio.Event()  # data or end of stream since the last wait
@@ -136,7 +134,7 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast("asyncio.Transport", transport)
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         if not self.limits.caps.try_open(ip, exempt=self.limits.trusted(ip)):
@@ -192,7 +190,7 @@ class Connection(asyncio.Protocol):
     def arm(self) -> None:
         """Start the clock for the next request's head (and the idle keep-alive limit)."""
         self.disarm()
-        self.partial = bool(self.inbox) or bool(self.h11.trailing_data[0])
+        self.partial = bool(self.inbox) or self.requests.partial
         self.idle_since = self.loop.time()
         self.timer = self.loop.call_later(
             min(KEEP_ALIVE, self.limits.header_timeout), self.expired)
@@ -216,28 +214,27 @@ class Connection(asyncio.Protocol):
 
     # -- reading --------------------------------------------------------------------------
 
-    def parsed(self) -> Any:
-        """h11's next event from what has arrived, or h11.NEED_DATA: never waits."""
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if self.inbox:
-                data, self.inbox = bytes(self.inbox), bytearray()
-                if self.paused and self.transport is not None:
-                    self.paused = False
-                    self.transport.resume_reading()
-                self.h11.receive_data(data)
-            elif self.eof and not self.h11.trailing_data[1]:
-                self.h11.receive_data(b"")  # h11 then ends with ConnectionClosed or an error
-            else:
-                return event
+    def parsed(self) -> Event | None:
+        """The next event parsed from what has arrived, or None: never waits. Raises
+        http11.Malformed."""
+        events = self.requests.events
+        while not events:
+            if self.requests.failed is not None:
+                raise self.requests.failed
+            if not self.inbox:
+                return None
+            data, self.inbox = bytes(self.inbox), bytearray()
+            if self.paused and self.transport is not None:
+                self.paused = False
+                self.transport.resume_reading()
+            self.requests.feed(data)
+        return events.popleft()
 
-    async def next_event(self) -> Any:
-        """h11's next event, waiting for data as needed (h11.ConnectionClosed at the end)."""
-        while (event := self.parsed()) is h11.NEED_DATA:
-            if self.eof:  # nothing more will come (h11 says so itself; never spin on it)
-                return h11.ConnectionClosed()
+    async def next_event(self) -> Event | None:
+        """The next event, waiting for data as needed; None once nothing more will come."""
+        while (event := self.parsed()) is None:
+            if self.eof or self.requests.closed:
+                return None  # (parsed raised if the parser stopped on bad bytes)
             self.arrived.clear()
             await self.arrived.wait()
         return event
@@ -249,21 +246,17 @@ class Connection(asyncio.Protocol):
             while not self.stopping:
                 try:
                     event = await self.next_event()
-                except h11.RemoteProtocolError as err:
-                    self.refuse(err.error_status_hint)
+                except Malformed as err:
+                    self.refuse(err.status)
                     return
-                if not isinstance(event, h11.Request):
-                    return  # the client closed (h11.ConnectionClosed)
-                if _head_size(event) > MAX_HEAD:
-                    # h11 holds to its limit only while a head is incomplete: one that
-                    # arrived whole in a single read would pass.
-                    self.refuse(431)
-                    return
+                if not isinstance(event, Head):
+                    return  # the client closed
                 self.in_request = True
                 self.disarm()
-                keep = await Exchange(self, event).serve()
+                exchange = Exchange(self, event)
+                keep = await exchange.serve()
                 self.in_request = False
-                if not keep or self.stopping or not await self.next_cycle():
+                if not keep or self.stopping or not await self.next_cycle(exchange):
                     return
                 self.arm()
         finally:
@@ -272,29 +265,28 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
 
     def refuse(self, status: int) -> None:
-        """Answer a request h11 could not parse, and close."""
-        assert self.transport is not None
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            self.transport.write(_bad_request(431 if status == 431 else 400))
+        """Answer a request that could not be parsed (no response to it has started)."""
+        self.write([_bad_request(431 if status == 431 else 400)])
 
-    async def next_cycle(self) -> bool:
+    async def next_cycle(self, exchange: Exchange) -> bool:
         """Get ready for the connection's next request: whether there can be one."""
-        if self.h11.our_state is not h11.DONE:
+        if not exchange.complete or exchange.framing is None or exchange.framing.close:
             return False
         drained = 0
-        while self.h11.their_state is h11.SEND_BODY and drained <= DRAIN_LIMIT:
-            if self.h11.client_is_waiting_for_100_continue:
+        while not exchange.body_done and drained <= DRAIN_LIMIT:
+            if exchange.head.expects_continue and not exchange.continued:
                 return False  # the body was never asked for: the client may not send it
             try:
                 event = await asyncio.wait_for(self.next_event(), self.limits.header_timeout)
-            except (TimeoutError, h11.RemoteProtocolError):
+            except (TimeoutError, Malformed):
                 return False
-            if isinstance(event, h11.Data):
+            if event is None:
+                return False
+            if isinstance(event, Data):
                 drained += len(event.data)
-        if self.h11.their_state is not h11.DONE:
-            return False
-        self.h11.start_next_cycle()
-        return True
+            elif event is END:
+                exchange.body_done = True
+        return exchange.body_done
 
     # -- writing --------------------------------------------------------------------------
 
@@ -315,12 +307,6 @@ class Connection(asyncio.Protocol):
         return not self.gone.is_set()
 
 
-def _head_size(request: h11.Request) -> int:
-    """About the bytes of a request's line and headers (the separators counted too)."""
-    return len(request.method) + len(request.target) + 11 + sum(
-        len(name) + len(value) + 4 for name, value in request.headers)
-
-
 def _late(header_timeout: float) -> bytes:
     return raw_answer(
         408, "request.timeout",
@@ -329,33 +315,34 @@ def _late(header_timeout: float) -> bytes:
 
 
 class Exchange:
-    """One request and its response, between h11 and the ASGI front."""
+    """One request and its response, between the parser and the ASGI front."""
 
-    def __init__(self, conn: Connection, request: h11.Request) -> None:
+    def __init__(self, conn: Connection, head: Head) -> None:
         self.conn = conn
-        self.request = request
-        self.head = request.method == b"HEAD"
-        self.started = False  # the response's head was given to h11
+        self.head = head
+        self.started = False  # the response's head was made
+        self.framing: Framing | None = None
         self.held: list[bytes] = []  # the head, written with the first part of the body
         self.complete = False
-        self.body_done = False
+        self.body_done = False  # the request's body was read to its END
+        self.continued = False  # 100 Continue was sent
         self.broken = False  # the request's body was not valid HTTP
-        self.pending: Any = None  # an h11 event parsed ahead of the front's next receive
+        self.pending: Event | None = None  # an event parsed ahead of the front's next receive
 
     def scope(self) -> dict[str, Any] | None:
-        req = self.request
-        path, _, query = req.target.partition(b"?")
+        head = self.head
+        path, _, query = head.target.partition(b"?")
         try:
             text = path.decode("ascii")
-            method = req.method.decode("ascii")
+            method = head.method.decode("ascii")
         except UnicodeDecodeError:
             return None
         return {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": req.http_version.decode("ascii"), "method": method,
+            "http_version": head.version.decode("ascii"), "method": method,
             "scheme": "https" if self.conn.limits.tls else "http",
             "path": unquote(text), "raw_path": path, "query_string": query, "root_path": "",
-            "headers": list(req.headers), "client": self.conn.peer, "server": self.conn.local,
+            "headers": head.headers, "client": self.conn.peer, "server": self.conn.local,
             "state": {},
         }
 
@@ -391,32 +378,33 @@ class Exchange:
             return {"type": "http.disconnect"}
         if self.broken:  # an invalid body: the connection ends after this request
             return {"type": "http.disconnect"}
-        if conn.h11.client_is_waiting_for_100_continue and not self.started:
-            conn.write([conn.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
-                        or b""])
+        if self.head.expects_continue and not self.continued and not self.started:
+            self.continued = True
+            conn.write([b"HTTP/1.1 100 Continue\r\n\r\n"])
         try:
             event, self.pending = self.pending or await conn.next_event(), None
-        except h11.RemoteProtocolError:
+        except Malformed:
             self.broken = True
             return {"type": "http.disconnect"}
-        if isinstance(event, h11.Data):
+        if isinstance(event, Data):
             # The end of the body is most often in the same read: said in this message, the
             # front need not ask again.
+            self.continued = True  # the client sent the body: nothing to wait for
             more = True
             try:
                 follow = conn.parsed()
-            except h11.RemoteProtocolError:
+            except Malformed:
                 self.broken = True  # told on the next receive
             else:
-                if isinstance(follow, h11.EndOfMessage):
+                if follow is END:
                     more, self.body_done = False, True
-                elif follow is not h11.NEED_DATA:
+                elif follow is not None:
                     self.pending = follow
-            return {"type": "http.request", "body": bytes(event.data), "more_body": more}
-        if isinstance(event, h11.EndOfMessage):
+            return {"type": "http.request", "body": event.data, "more_body": more}
+        if event is END:
             self.body_done = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        return {"type": "http.disconnect"}  # h11.ConnectionClosed: the client went away
+        return {"type": "http.disconnect"}  # the client went away
 
     async def send(self, message: Message) -> None:
         conn = self.conn
@@ -424,21 +412,26 @@ class Exchange:
         if conn.gone.is_set():
             return  # the client went away: what is left to say goes nowhere
         if kind == "http.response.start" and not self.started:
-            headers = [(b"date", DATES.now()), *message.get("headers", ())]
-            if conn.stopping:
-                headers.append((b"connection", b"close"))
-            head = conn.h11.send(h11.Response(status_code=message["status"], headers=headers))
-            self.started = True
-            self.held.append(head or b"")
+            status = int(message["status"])
+            made = Framing(self.head, status)
+            made.close = made.close or conn.stopping or conn.requests.closed
+            try:
+                head = made.head(status, message.get("headers", ()), DATES.now())
+            except ValueError as err:
+                raise ASGIMisuse(f"the front's response head: {err}") from err
+            self.framing, self.started = made, True
+            self.held.append(head)
             return
-        if kind != "http.response.body" or not self.started or self.complete:
+        framing = self.framing
+        if kind != "http.response.body" or framing is None or self.complete:
             raise ASGIMisuse(f"unexpected ASGI message {kind!r} from the front")
         pieces, self.held = self.held, []
-        body = message.get("body", b"")
-        if body and not self.head:  # a HEAD response has headers only
-            pieces += conn.h11.send_with_data_passthrough(h11.Data(data=body)) or ()
+        try:
+            pieces += framing.body(message.get("body", b""))
+        except ValueError as err:
+            raise ASGIMisuse(f"the front's response body: {err}") from err
         if not message.get("more_body", False):
-            pieces.append(conn.h11.send(h11.EndOfMessage()) or b"")
+            pieces += framing.end()
             self.complete = True
         conn.write(pieces)
         await conn.drained()

@@ -1,5 +1,5 @@
 """The ASGI front of `postroom serve`'s HTTP listener (ingress.http_server, whose
-connections ingress.http_conn serves with h11): it answers ``/healthz`` itself, and serves
+connections ingress.http_conn serves with llhttp): it answers ``/healthz`` itself, and serves
 the app API under ``/api/v1`` (the route table of ``http_api``, dispatched by
 ``api_dispatch``, no FastAPI) once the request has passed the front's checks, cheapest
 first:
@@ -24,8 +24,8 @@ here, before any page work: server.admin_networks and the ``Host`` header first
 `postroom serve` it is then served, with the OAuth pages and the OpenAPI document, by a
 process of its own, started on demand and stopped when idle (ingress.admin_proxy).
 
-Both are loaded when first needed: h11 on the first connection, the app API's modules
-on its first request. `postroom serve` must idle within 60 MB, also once each door was used:
+Both are loaded when first needed: the HTTP parser on the first connection, the app API's
+modules on its first request. `postroom serve` must idle within 60 MB, also once each door was used:
 FastAPI (about 10 MB) is imported only by the web admin's process, or here for the admin,
 the OAuth pages and the docs when there is no such process (an application embedded on its
 own). Any other path is a 404 from the front itself.

@@ -1,9 +1,9 @@
 """The HTTP listening socket of `postroom serve`: bound at start-up, served from the first
-connection on by ingress.http_conn (h11) with the ASGI front (ingress.http_front), and
-stopped gracefully.
+connection on by ingress.http_conn (llhttp, ingress.http11) with the ASGI front
+(ingress.http_front), and stopped gracefully.
 
-The socket listens from the start (clients connect at once and wait in its backlog); h11
-and the connection code are imported, and the TLS context made, when the first connection
+The socket listens from the start (clients connect at once and wait in its backlog); the
+parser and the connection code are imported, and the TLS context made, when the first connection
 is pending. Until then the process carries none of it: a `postroom serve` that only ever
 gets SMTP mail stays smaller (its idle budget is 60 MB).
 
@@ -95,7 +95,7 @@ class Listener:
 
     async def _serve(self) -> None:
         try:
-            # Imported in a thread (h11, the connection code): mail keeps flowing meanwhile.
+            # Imported in a thread (httptools, the connection code): mail keeps flowing meanwhile.
             context = self.context = await asyncio.to_thread(self._prepare)
             from postroom.ingress.http_conn import Connection
 
@@ -109,7 +109,7 @@ class Listener:
             self.sock.close()
 
     def _prepare(self) -> ssl.SSLContext | None:
-        import postroom.ingress.http_conn  # noqa: F401 - h11 and the protocol, off the loop
+        import postroom.ingress.http_conn  # noqa: F401 - httptools and the protocol, off the loop
 
         return tls_context(*self.tls) if self.tls else None
 

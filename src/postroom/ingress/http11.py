@@ -1,0 +1,287 @@
+"""HTTP/1.1 on the wire, both ways, for `postroom serve`'s listener (ingress.http_conn) and
+its client of the web admin's process (ingress.admin_proxy): messages parsed by llhttp (the
+parser Node.js uses, through httptools, in C) into a few plain events, and the answers'
+heads and body framing written here.
+
+Parsing in C rather than h11's pure Python: a small request (a provider's webhook, an API
+call) cost the listener more CPU in h11's parsing and framing than in its own work.
+
+What h11 enforced and llhttp does not is enforced here:
+
+- a request head (line and headers) of at most MAX_HEAD bytes: 431. llhttp keeps no count,
+  and httptools buffers an incomplete header in memory, so bytes are fed in slices of
+  MAX_HEAD and a head still incomplete after more than twice that is refused before it
+  grows further; a complete one is measured exactly;
+- HTTP/1.0 or 1.1 only, and a Host header in every HTTP/1.1 request (RFC 9112 section 3.2);
+- header names and values that go out hold no CR, LF or NUL (no response splitting from a
+  value that came from a message, such as an attachment's file name);
+- a body framed by Content-Length when the application gives one, else chunked (HTTP/1.1)
+  or delimited by closing the connection (HTTP/1.0, whose clients get no keep-alive);
+  no body after HEAD or with 204 / 304.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final
+
+import httptools
+
+MAX_HEAD = 16 * 1024  # a request line and headers over this get 431
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+_BAD = (b"\r", b"\n", b"\0")
+
+
+class Malformed(Exception):
+    """The peer's bytes are not acceptable HTTP/1.1; ``status``: the answer (400 or 431)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A request's line and headers (names lower-cased, values without surrounding
+    whitespace)."""
+
+    method: bytes
+    target: bytes
+    version: bytes  # b"1.1" or b"1.0"
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool  # the client allows another request on the connection after this
+    expects_continue: bool  # Expect: 100-continue (HTTP/1.1)
+    has_body: bool  # a Content-Length over 0 or a Transfer-Encoding was announced
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    data: bytes
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+END: Final = _End()  # the end of a message's body
+Event = Head | Data | _End
+
+
+class Requests:
+    """A server connection's bytes in, requests' events out (Head, Data..., END), in order;
+    pipelined requests queue behind one another. Bytes that are not acceptable HTTP set
+    ``failed`` (what to answer once the events before them are served) and end parsing."""
+
+    def __init__(self) -> None:
+        self.events: collections.deque[Event] = collections.deque()
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self.in_head = False  # a request's line began and its head is not complete
+        self._head_fed = 0  # bytes fed since then (an upper bound of its size so far)
+        self.closed = False  # nothing more is parsed (an upgrade, or bad bytes)
+        self.failed: Malformed | None = None
+
+    # -- httptools' callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head, self._head_fed = True, 0
+        self._url, self._headers = b"", []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:  # not a chunked body's trailer fields: those are dropped
+            self._headers.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser, headers = self._parser, self._headers
+        version = parser.get_http_version().encode()
+        size = len(self._url) + 16 + sum(len(n) + len(v) + 4 for n, v in headers)
+        if size > MAX_HEAD:
+            raise Malformed(431, "head too large")
+        if version not in (b"1.1", b"1.0"):
+            raise Malformed(400, "HTTP version")
+        has_body = expects = host = False
+        for name, value in headers:
+            if name == b"host":
+                host = True
+            elif name == b"content-length":
+                has_body = has_body or value not in (b"0", b"")
+            elif name == b"transfer-encoding":
+                has_body = True
+            elif name == b"expect":
+                expects = value.lower() == b"100-continue"
+        if version == b"1.1" and not host:
+            raise Malformed(400, "no Host header")
+        self.events.append(Head(
+            parser.get_method(), self._url, version, headers,
+            keep_alive=version == b"1.1" and parser.should_keep_alive(),
+            expects_continue=expects and version == b"1.1", has_body=has_body))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        self.events.append(END)
+
+    # -- feeding ------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``: its events appended to ``events``, or ``failed`` set."""
+        if self.closed:
+            return
+        for start in range(0, len(data), MAX_HEAD):
+            piece = data[start:start + MAX_HEAD] if len(data) > MAX_HEAD else data
+            try:
+                self._parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                # An Upgrade (WebSocket) or CONNECT is not served: the request is answered
+                # as a plain one, and the connection ends after it.
+                self.closed = True
+                return
+            except httptools.HttpParserError as err:
+                # A request before the bad bytes (HTTP/1.0's, then data after its end) is
+                # still served; the error is answered after it.
+                cause = err.__context__
+                self.failed = cause if isinstance(cause, Malformed) else Malformed(400, str(err))
+                self.closed = True
+                return
+            if self.in_head:
+                self._head_fed += len(piece)
+                if self._head_fed > 2 * MAX_HEAD:
+                    self.failed, self.closed = Malformed(431, "head too large"), True
+                    return
+
+    @property
+    def partial(self) -> bool:
+        """Part of a request's head has arrived."""
+        return self.in_head
+
+
+class Responses:
+    """A client connection's bytes in, one response's events out: ``status``, ``headers``
+    once the head is read, then Data... and END. Call ``feed(b"")`` at the end of the
+    stream: it ends a body delimited by the close, or the answer to a HEAD request (which
+    has none, whatever its Content-Length says: the server closes after it)."""
+
+    def __init__(self, head_request: bool = False, max_head: int = MAX_HEAD) -> None:
+        self.events: collections.deque[Data | _End] = collections.deque()
+        self._parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] | None = None  # set with the head
+        self._collected: list[tuple[bytes, bytes]] = []
+        self._head_request = head_request
+        self._max_head = max_head
+        self._size = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers is None:
+            self._collected.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.headers = self._collected
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        self.events.append(END)
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; b"" is the end of the stream. Malformed for a bad answer."""
+        try:
+            if data:
+                self._parser.feed_data(data)
+            elif END not in self.events:
+                if self.headers is None or not (self._head_request or not any(
+                        n in (b"content-length", b"transfer-encoding")
+                        for n, _ in self.headers)):
+                    raise Malformed(400, "the connection closed before the answer ended")
+                self.events.append(END)  # the body was delimited by the close
+        except httptools.HttpParserError as err:
+            raise Malformed(400, str(err)) from None
+        if self.headers is None:  # bytes of an unfinished head: bounded, as a request's
+            self._size += len(data)
+        if self.headers is None and self._size > self._max_head:
+            raise Malformed(431, "answer head too large")
+
+
+def _valid(pieces: list[bytes], block: bytes) -> bytes:
+    """``block``, the joined ``pieces`` of a head, unless some piece held CR, LF or NUL."""
+    expected = len(pieces)  # one CRLF after each line, one more at the end
+    if block.count(b"\n") != expected or block.count(b"\r") != expected or b"\0" in block:
+        raise ValueError("a header name or value holds CR, LF or NUL")
+    return block
+
+
+def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 request's head (the caller gives Host and the body's framing)."""
+    lines = [method + b" " + target + b" HTTP/1.1",
+             *(name + b": " + value for name, value in headers), b""]
+    return _valid(lines, b"\r\n".join(lines) + b"\r\n")
+
+
+class Framing:
+    """How one response's body goes out, decided from its head: ``head`` writes the head
+    (after adding the framing headers it needs), ``body`` frames each part, ``end`` the
+    last; ``close``: the connection must end after this response."""
+
+    __slots__ = ("bodiless", "chunked", "close", "declared", "sent")
+
+    def __init__(self, request: Head | None, status: int) -> None:
+        self.chunked = False
+        self.close = request is None or not request.keep_alive
+        self.declared: int | None = None
+        self.sent = 0
+        self.bodiless = (request is not None and request.method == b"HEAD") or \
+            status in (204, 304) or status < 200
+
+    def head(self, status: int, headers: list[tuple[bytes, bytes]] | Any,
+             date: bytes) -> bytes:
+        framed = False
+        lines = [b"HTTP/1.1 %d %s" % (status, _PHRASES.get(status, b"Unknown")),
+                 b"date: " + date]
+        for name, value in headers:
+            name = name.lower()
+            if name == b"content-length":
+                framed = True
+                self.declared = int(value)
+            elif name == b"transfer-encoding":
+                framed = self.chunked = True
+            elif name == b"connection":
+                if b"close" in value.lower():
+                    self.close = True
+                continue  # written below, once
+            elif name == b"date":
+                continue
+            lines.append(name + b": " + value)
+        if not framed and not self.bodiless and status >= 200:
+            if self.close:
+                pass  # delimited by the close
+            else:
+                self.chunked = True
+                lines.append(b"transfer-encoding: chunked")
+        if self.close:
+            lines.append(b"connection: close")
+        lines.append(b"")
+        return _valid(lines, b"\r\n".join(lines) + b"\r\n")
+
+    def body(self, data: bytes) -> list[bytes]:
+        if self.bodiless or not data:
+            return []
+        self.sent += len(data)
+        if self.declared is not None and self.sent > self.declared:
+            raise ValueError("more body than the Content-Length said")
+        if self.chunked:
+            return [b"%x\r\n" % len(data), data, b"\r\n"]
+        return [data]
+
+    def end(self) -> list[bytes]:
+        if self.declared is not None and self.sent != self.declared and not self.bodiless:
+            self.close = True  # the client cannot find the next response: end here
+        return [b"0\r\n\r\n"] if self.chunked and not self.bodiless else []
