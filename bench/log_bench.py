@@ -217,9 +217,9 @@ def queries(engine: Engine, corpus: Corpus, rnd: random.Random,
         ("count, capped at 10,000", 100,
          lambda i: log.count(LogFilter(status="sent"), cap=10_000)),
         ("message page (get)", 100, lambda i: log.get(pick(ids))),
-        ("dashboard", 100, lambda i: (
-            log.summary(now - DAY), log.summary(now - 7 * DAY), log.summary(now - 30 * DAY),
-            log.series(now - 7 * DAY), log.queue_depth(), log.latest_failures())),
+        ("dashboard", 100, lambda i: (  # what postroom.ops.queue.dashboard reads
+            log.overview([now - DAY, now - 7 * DAY, now - 30 * DAY]),
+            log.series(now - 7 * DAY), log.latest_failures())),
     ]
     out = []
     for label, target, fn in cases:

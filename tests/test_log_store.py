@@ -343,6 +343,39 @@ def test_worker_results_set_the_connection_and_the_dashboard(queue: Queue,
     assert log.get(a)["attempts"][0]["connection"] == "mem"  # type: ignore[index]
 
 
+def test_the_dashboards_overview_equals_its_parts(queue: Queue, clock: FakeClock) -> None:
+    """Log.overview (the dashboard's one pass over the waiting mail) gives what summary()
+    per window and queue_depth() give one by one."""
+    first, *_ = [add(queue, clock, at=T0 - back + i)  # waiting, created over three weeks
+                 for i, back in enumerate((0, 2 * HOUR, 3 * 86400, 20 * 86400))]
+    sent = add(queue, clock, at=T0 - 5 * 86400)
+
+    async def finish() -> None:
+        for m in await queue.claim("w", 10, 600):
+            if m.id not in (sent, first):
+                await queue.finish(m, status="queued", next_attempt_at=0, last_error=None,
+                                   attempts=[])
+            elif m.id == sent:
+                await queue.finish(m, status="sent", next_attempt_at=0, last_error=None,
+                                   attempts=[_attempt("mem", "sent")])
+            elif m.id == first:  # one of them deferred, the others stay queued
+                await queue.finish(m, status="deferred", next_attempt_at=T0 + HOUR,
+                                   last_error="421 later", attempts=[_attempt("mem", "deferred")])
+
+    run(queue, finish)
+    log = queue.log
+    sinces = [T0 - HOUR, T0 - 86400, T0 - 7 * 86400, T0 - 30 * 86400]
+    windows, depth = log.overview(sinces)
+    assert windows == [log.summary(s) for s in sinces]
+    assert [w["queued"] + w.get("deferred", 0) + w.get("sending", 0) for w in windows] \
+        == [1, 2, 3, 4]
+    assert windows[2]["sent"] == 1 and windows[1]["sent"] == 0
+    plain = log.queue_depth()
+    assert {k: v for k, v in depth.items() if k != "oldest_age"} == \
+        {k: v for k, v in plain.items() if k != "oldest_age"}
+    assert depth["oldest_at"] == T0 - 20 * 86400 + 3
+
+
 def _attempt(connection: str, outcome: str) -> dict[str, Any]:
     return {"connection": connection, "started_at": T0, "ended_at": T0 + 1, "outcome": outcome,
             "reply_code": 250 if outcome == "sent" else 550, "reply_text": "x",

@@ -113,16 +113,15 @@ def dashboard(inst: Instance, actor: Actor, *, failures: int = 10) -> Dashboard:
     require(actor, Role.VIEWER, "see the dashboard")
     now = time.time()
     log = inst.queue.log
-    windows = {}
-    for key, back in WINDOWS:
-        got = log.summary(now - back)
-        windows[key] = {k: int(got.get(k, 0)) for k in FIGURES}
+    figures, depth = log.overview([now - back for _, back in WINDOWS])
+    windows = {key: {k: int(got.get(k, 0)) for k in FIGURES}
+               for (key, _), got in zip(WINDOWS, figures, strict=True)}
     paused, conns = connection_status(inst.queue, inst.settings, now)
     latest = log.latest_failures(failures)
     for row in latest:
         attempt = row.get("attempt")
         row["advice"] = advice_for_attempt(attempt, settings=inst.settings) if attempt else None
-    return Dashboard(windows=windows, series=log.series(now - DAY + 1), depth=log.queue_depth(),
+    return Dashboard(windows=windows, series=log.series(now - DAY + 1), depth=depth,
                      paused=paused, connections=conns, oauth=_oauth_states(inst),
                      failures=latest)
 

@@ -53,6 +53,7 @@ from sqlalchemy import (
     Select,
     Text,
     and_,
+    case,
     cast,
     column,
     func,
@@ -637,23 +638,60 @@ class Log:
         Finished ones (sent, partial, failed) come from the hourly rollups, so ``since``
         counts from the start of its hour; waiting ones from the queue's index (status
         first, created_at in it: migration 0017), which only holds a few rows of those."""
-        out = {s: 0 for s in STATUSES}
-        out["fallback_used"] = 0
-        start = math.floor(since / HOUR) * HOUR
-        r = log_rollups.c
-        q = select(r.status, func.sum(r.count)).where(r.hour >= start).group_by(r.status)
-        w = select(messages.c.status, func.count()).where(
-            messages.c.status.in_((*WAITING, SENDING)), messages.c.created_at >= since)
-        if until is not None:
-            q = q.where(r.hour < until)
-            w = w.where(messages.c.created_at < until)
+        if until is None:
+            return self.overview([since])[0][0]
+        out = self._finished([since], until)[0]
+        m = messages.c
+        w = select(m.status, func.count()).where(
+            m.status.in_((*WAITING, SENDING)), m.created_at >= since, m.created_at < until)
         with self.engine.connect() as conn:
-            for status, n in conn.execute(q):
-                out[status] = int(n or 0)
-            for status, n in conn.execute(w.group_by(messages.c.status)):
+            for status, n in conn.execute(w.group_by(m.status)):
                 out[status] = int(n)
             out["fallback_used"] = events.count(conn, events.Kind.FALLBACK_USED, since=since,
                                                 until=until)
+        return out
+
+    def overview(self, sinces: list[float]) -> tuple[list[dict[str, int]], dict[str, Any]]:
+        """``summary(since)`` for each of ``sinces`` (until now) and ``queue_depth()``, the
+        dashboard's figures, with one pass over the waiting mail for all of them: with a
+        big backlog (tens of thousands waiting) each window's own count, and the depth's,
+        walked the same index entries again."""
+        out = self._finished(sinces, None) if sinces else []
+        m = messages.c
+        per_window = [func.sum(case((m.created_at >= since, 1), else_=0)) for since in sinces]
+        q = (select(m.status, func.count(), func.min(m.created_at), *per_window)
+             .where(m.status.in_((*WAITING, SENDING))).group_by(m.status))
+        depth: dict[str, Any] = {s: 0 for s in (*WAITING, SENDING)}
+        oldest: list[float] = []
+        with self.engine.connect() as conn:
+            for status, total, first, *counts in conn.execute(q):
+                depth[status] = int(total)
+                oldest += [float(first)] if first is not None else []
+                for window, n in zip(out, counts, strict=True):
+                    window[status] = int(n or 0)
+            for window, since in zip(out, sinces, strict=True):
+                window["fallback_used"] = events.count(conn, events.Kind.FALLBACK_USED,
+                                                       since=since)
+        first_at = min(oldest) if oldest else None
+        depth["oldest_at"] = first_at
+        depth["oldest_age"] = None if first_at is None else max(0.0, time.time() - first_at)
+        return out, depth
+
+    def _finished(self, sinces: list[float], until: float | None) -> list[dict[str, int]]:
+        """Each window's finished messages by status, from the hourly rollups (one query
+        for all windows), every status present."""
+        starts = [math.floor(since / HOUR) * HOUR for since in sinces]
+        r = log_rollups.c
+        q = (select(r.status, *[func.sum(case((r.hour >= start, r.count), else_=0))
+                                for start in starts])
+             .where(r.hour >= min(starts)).group_by(r.status))
+        if until is not None:
+            q = q.where(r.hour < until)
+        out = [{s: 0 for s in (*STATUSES, "fallback_used")} for _ in sinces]
+        with self.engine.connect() as conn:
+            for status, *sums in conn.execute(q):
+                for window, n in zip(out, sums, strict=True):
+                    window[status] = int(n or 0)
         return out
 
     def series(self, since: float, *, bucket: int = HOUR, until: float | None = None
@@ -682,22 +720,7 @@ class Log:
     def queue_depth(self) -> dict[str, Any]:
         """Mail still in the queue: counts by status, and the oldest waiting message's
         creation time and age in seconds (None when nothing waits)."""
-        m = messages.c
-        with self.engine.connect() as conn:
-            counts: dict[str, int] = dict(conn.execute(
-                select(m.status, func.count()).where(m.status.in_((*WAITING, SENDING)))
-                .group_by(m.status)).all())
-            # "+ 0": read from the queue's index (status first, created_at in it), not by
-            # walking the created_at index until a row of that status: with none (nothing
-            # being sent) that walk read the whole log.
-            oldest = [conn.execute(select(func.min(m.created_at + 0)).where(m.status == s))
-                      .scalar() for s in (*WAITING, SENDING)]
-        known = [o for o in oldest if o is not None]
-        first = min(known) if known else None
-        out: dict[str, Any] = {s: int(counts.get(s, 0)) for s in (*WAITING, SENDING)}
-        out["oldest_at"] = first
-        out["oldest_age"] = None if first is None else max(0.0, time.time() - first)
-        return out
+        return self.overview([])[1]
 
     def latest_failures(self, limit: int = 10) -> list[dict[str, Any]]:
         """The newest failed messages (no body), each with its last attempt ("attempt",
