@@ -35,6 +35,7 @@ from postroom.webhooks.intake import EventLog
 if TYPE_CHECKING:
     from postroom.connection_settings import ConnectionBase
     from postroom.ingress.http_front import Context
+    from postroom.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,29 @@ def target(ctx: Context, scope: dict[str, Any] | Any) -> Target | Answer:
     if not _NAME.fullmatch(name):
         return NOT_FOUND
     settings = ctx.instance.settings if ctx.instance is not None else ctx.settings
-    conn = next((c for c in settings.connections if c.name == name), None)
-    if conn is None:
-        return NOT_FOUND
+    return _targets(settings).get(name) or NOT_FOUND
+
+
+# The connections that take webhooks, by name, for the settings in force: worked out once
+# per settings object (a reload makes a new one), not on every event a provider posts.
+_TARGETS: list[tuple[Settings, dict[str, Target]]] = []
+
+
+def _targets(settings: Settings) -> dict[str, Target]:
+    if _TARGETS and _TARGETS[0][0] is settings:
+        return _TARGETS[0][1]
     from postroom.transports import transport_class
 
-    try:
-        webhook = transport_class(conn.transport).webhook
-    except PostroomError:
-        return NOT_FOUND
-    return NOT_FOUND if webhook is None else Target(conn, webhook)
+    found: dict[str, Target] = {}
+    for conn in settings.connections:
+        try:
+            webhook = transport_class(conn.transport).webhook
+        except PostroomError:
+            continue
+        if webhook is not None:
+            found.setdefault(conn.name, Target(conn, webhook))
+    _TARGETS[:] = [(settings, found)]
+    return found
 
 
 def _signing_key(ctx: Context, conn: ConnectionBase) -> str | None:
