@@ -4,6 +4,7 @@
     sudo .venv/bin/python bench/https_bench.py                  # 3,000 msgs, 3 reps
     sudo .venv/bin/python bench/https_bench.py --messages 1000 --reps 1   # quick
     ... --profile            # + one unmeasured HTTPS run under py-spy (GIL time by function)
+    ... --targets smtp,postmark,postmark@base --base-src DIR   # DIR/postroom: "before"
 
 Issue 14's target: HTTPS >= 0.8x SMTP in msg/s, with <= 1.25x the worker's CPU per message.
 
@@ -16,7 +17,9 @@ worker_bench: concurrency 100) is started, the queue resumed, and the worker del
   = "none"``, its default ``pool_size`` of reused sessions;
 * **HTTPS**: a local stand-in for a provider's API (``api_base`` pointing at it,
   ``ca_file`` its private CA, the API key from an env variable), TLS 1.3, HTTP/1.1
-  keep-alive, every request answered with the provider's documented success, a new id
+  keep-alive, every request checked against the provider's documented shape (method,
+  endpoint, auth header, JSON with the fields a send needs; one that is not is answered
+  422 and fails the run) and answered with the provider's documented success, a new id
   each. Two providers, for the two kinds of API: **Postmark** (``POST /email``: the
   message mapped into JSON fields, so Postroom parses the MIME; answer ``{"To",
   "SubmittedAt", "MessageID", "ErrorCode": 0, "Message": "OK"}``) and **SparkPost**
@@ -101,28 +104,59 @@ WHAT = {"smtp": "SMTP (smtp-sink)", "postmark": "HTTPS, Postmark (MIME mapped to
 # deliveries go when a proxy is set: HTTPS_PROXY set (an unused port) and NO_PROXY naming the
 # sink's address, so httpx connects directly.
 HTTPX_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}
+# "<target>@base": the same target with the worker importing Postroom from --base-src (e.g.
+# `git archive HEAD src | tar -x -C DIR`, then DIR/src): before and after a change, in one run.
+WHAT.update({f"{t}@base": f"{w}, before (--base-src)" for t, w in list(WHAT.items())})
+BASE_SRC: str | None = None
 TOKEN_ENV, TOKEN = "BENCH_POSTMARK_TOKEN", "bench-server-token"
 TARGET_RATE, TARGET_CPU = 0.8, 1.25  # HTTPS / SMTP: msg/s at least, CPU per message at most
-_COUNTERS = struct.Struct("<QQ")  # requests answered, TLS connections accepted
+_COUNTERS = struct.Struct("<QQQ")  # requests answered, TLS connections accepted, refused
 
 
 # --------------------------------------------------------------------------- the HTTPS sink
 def sink_main(port: int, cert: str, key: str, counters: str) -> None:
-    """The HTTPS stand-in (this script with ``--sink``): answers every request with the
-    documented success of the provider its path is for, and counts requests and
-    connections in ``counters``."""
+    """The HTTPS stand-in (this script with ``--sink``): checks every request against the
+    shape the provider its path is for documents, answers it with that provider's
+    documented success (or a 422), and counts requests, connections and refusals in
+    ``counters``."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     with open(counters, "r+b") as f:
         shared = mmap.mmap(f.fileno(), _COUNTERS.size)
     lock = threading.Lock()
-    state = [0, 0]
+    state = [0, 0, 0]
 
     def bump(i: int) -> int:
         with lock:
             state[i] += 1
             _COUNTERS.pack_into(shared, 0, *state)
             return state[0]
+
+    def wrong(method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes) -> str:
+        """What in the request is not as the provider documents it ("" when it all is):
+        method, endpoint, auth header, JSON content type and the fields a send needs."""
+        sparkpost = path.startswith(b"/api/v1/transmissions")
+        if method != b"POST" or path not in (b"/api/v1/transmissions", b"/email"):
+            return f"{method!r} {path!r}: not a send endpoint"
+        auth = b"authorization" if sparkpost else b"x-postmark-server-token"
+        if headers.get(auth) != TOKEN.encode():
+            return f"no {auth.decode()}: {TOKEN}"
+        if not headers.get(b"content-type", b"").startswith(b"application/json"):
+            return "not application/json"
+        try:
+            data = json.loads(body)
+        except ValueError as err:
+            return f"not JSON: {err}"
+        if sparkpost:  # Transmissions: recipients [{address: {email}}], content.email_rfc822
+            ok = (isinstance(data.get("recipients"), list) and data["recipients"]
+                  and all(isinstance(r.get("address", {}).get("email"), str)
+                          for r in data["recipients"])
+                  and isinstance(data.get("content", {}).get("email_rfc822"), str))
+        else:  # Email API: From, To, Subject, TextBody or HtmlBody, MessageStream
+            ok = (all(isinstance(data.get(k), str) for k in ("From", "To", "Subject",
+                                                              "MessageStream"))
+                  and isinstance(data.get("TextBody", data.get("HtmlBody")), str))
+        return "" if ok else "fields missing or of the wrong type"
 
     def answer(path: bytes, n: int) -> bytes:
         if path.startswith(b"/api/v1/transmissions"):  # SparkPost "Transmissions: create"
@@ -150,20 +184,31 @@ def sink_main(port: int, cert: str, key: str, counters: str) -> None:
                     if not data:
                         return
                     buf += data
-                length = 0
                 lines = bytes(buf[:end]).split(b"\r\n")
-                path = lines[0].split(b" ")[1] if b" " in lines[0] else b"/"
+                method, _, rest = lines[0].partition(b" ")
+                path = rest.partition(b" ")[0]
+                headers = {}
                 for line in lines[1:]:
                     name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                need = end + 4 + length
+                    headers[name.strip().lower()] = value.strip()
+                need = end + 4 + int(headers.get(b"content-length", 0))
                 while len(buf) < need:
                     data = conn.recv(262144)
                     if not data:
                         return
                     buf += data
+                why = wrong(method, path, headers, bytes(buf[end + 4:need]))
                 del buf[:need]
+                if why:  # answered as the provider would: 422, and counted
+                    bump(2)
+                    print(f"refused: {why}", file=sys.stderr, flush=True)
+                    body = json.dumps({"ErrorCode": 300, "Message": why}).encode()
+                    conn.sendall(b"HTTP/1.1 422 Unprocessable Entity\r\nContent-Type: "
+                                 b"application/json\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+                    continue
+                # One write for head and body (one TLS record): no second segment for
+                # Nagle's algorithm to hold back.
                 conn.sendall(answer(path, bump(0)))
         except (OSError, ssl.SSLError):
             return
@@ -210,6 +255,10 @@ class HttpsSink:
     def connections(self) -> int:
         return int(_COUNTERS.unpack_from(self._shared, 0)[1])
 
+    def refused(self) -> int:
+        """Requests not as the provider documents them (answered 422, not counted above)."""
+        return int(_COUNTERS.unpack_from(self._shared, 0)[2])
+
     def stop(self) -> None:
         self.proc.stop()
 
@@ -221,7 +270,8 @@ def config(root: Path, url: str, target: str, smtp: Sink, https: HttpsSink) -> P
         conn = (f'transport = "smtp"\nhost = "{HOST}"\nport = {smtp.port}\n'
                 'security = "none"\n')
     else:
-        conn = (f'transport = "{target.removesuffix("-httpx")}"\napi_base = "{https.url}"\n'
+        conn = (f'transport = "{target.removesuffix("@base").removesuffix("-httpx")}"\n'
+                f'api_base = "{https.url}"\n'
                 f'ca_file = "{https.ca_file}"\napi_key_env = "{TOKEN_ENV}"\n')
     cfg = root / "postroom.toml"
     cfg.write_text(f'[server]\ndata_dir = "data"\ndatabase = "{url}"\n'
@@ -255,7 +305,12 @@ def run_one(work: Path, label: str, target: str, size: int, n: int, smtp: Sink,
     rec: dict[str, Any] = {"label": label, "target": target, "size": size, "msgs": n,
                            "enqueue_s": enqueue_postroom(url, n)}
     sink: Sink | HttpsSink = smtp if target == "smtp" else https
-    env = {**os.environ, TOKEN_ENV: TOKEN, **(HTTPX_ENV if target.endswith("-httpx") else {})}
+    env = {**os.environ, TOKEN_ENV: TOKEN,
+           **(HTTPX_ENV if target.removesuffix("@base").endswith("-httpx") else {})}
+    if target.endswith("@base"):
+        if BASE_SRC is None:
+            raise SystemExit(f"{target}: give --base-src")
+        env["PYTHONPATH"] = BASE_SRC
     proc = Proc("worker", [*postroom_cmd(), "worker", "--config",
                            str(config(root, url, target, smtp, https))],
                 root / "worker.log", env=env, cwd=root)
@@ -268,6 +323,7 @@ def run_one(work: Path, label: str, target: str, size: int, n: int, smtp: Sink,
         meter = Meter([proc.pid], None)
         base, conns0, sink_cpu0 = sink.count(), getattr(sink, "connections", int)(), \
             proc_cpu(sink.pid)
+        refused0 = getattr(sink, "refused", int)()
         meter.start()
         set_paused(url, False)
         first, last, got = watch_sink(sink, base, n, timeout=max(120, n / 20),
@@ -276,6 +332,7 @@ def run_one(work: Path, label: str, target: str, size: int, n: int, smtp: Sink,
         rec.update(meter.stop())
         rec["sink_cpu"] = proc_cpu(sink.pid) - sink_cpu0
         rec["connections"] = getattr(sink, "connections", int)() - conns0
+        rec["refused"] = getattr(sink, "refused", int)() - refused0
         if spy is not None:
             spy.send_signal(2)
             spy.wait(60)
@@ -286,7 +343,7 @@ def run_one(work: Path, label: str, target: str, size: int, n: int, smtp: Sink,
         rec["span"] = (done - first) if first is not None and done is not None else None
         rec["ok"] = (last is not None and got == n and sink.count() - base == n
                      and rec["statuses"] == {"sent": n}
-                     and rec["provider_ids"] in (None, n))
+                     and rec["provider_ids"] in (None, n) and rec["refused"] == 0)
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
@@ -320,7 +377,8 @@ def row(size: int, t: str, rs: list[dict[str, Any]]) -> str:
     box = med(rs, lambda r: per_msg(r, "box_cpu"))[0]
     conns = "–" if t == "smtp" else f"{statistics.median(r['connections'] for r in rs):.0f}"
     ok = "ok" if all(r["ok"] for r in rs) else "FAILED: " + "; ".join(
-        f"{r['delivered']} arrived, {r['statuses']}, ids {r['provider_ids']}"
+        f"{r['delivered']} arrived, {r['statuses']}, ids {r['provider_ids']}, "
+        f"{r.get('refused', 0)} refused by the sink"
         for r in rs if not r["ok"])
     return (f"| {size // 1024} KB | {WHAT.get(t, t)} | {m[0]:,.0f} [{m[1]:,.0f}–{m[2]:,.0f}] "
             f"| {c[0]:,.0f} [{c[1]:,.0f}–{c[2]:,.0f}] | {sink:,.0f} | {box:,.0f} | {conns} "
@@ -387,6 +445,8 @@ def main() -> int:
     ap.add_argument("--quiet-wait", dest="quiet", type=float, default=5.0,
                     help="wait up to S seconds for the box to be <20%% busy before each run")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--base-src", metavar="DIR",
+                    help="Postroom's src/ of a version to compare: targets '<target>@base'")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"),
                     help="markdown file for the report block ('-' = print only)")
     ap.add_argument("--from-json", metavar="RESULTS", help="only render a saved results.json")
@@ -394,6 +454,8 @@ def main() -> int:
     if args.sink:
         sink_main(int(args.sink[0]), *args.sink[1:])
         return 0
+    global BASE_SRC
+    BASE_SRC = args.base_src
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         text = report(data["env"], data["runs"], data.get("profile"))

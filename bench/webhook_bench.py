@@ -234,7 +234,7 @@ def batches(total: int, size: int, run: str, provider: str) -> list[Request]:
 
 def _wire(port: int, body: bytes, headers: dict[str, str]) -> bytes:
     """One request as it goes on the wire (built before the clock starts)."""
-    head = [f"POST /webhooks/hooks HTTP/1.1", f"Host: 127.0.0.1:{port}",
+    head = ["POST /webhooks/hooks HTTP/1.1", f"Host: 127.0.0.1:{port}",
             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 

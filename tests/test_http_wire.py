@@ -1,5 +1,6 @@
 """postroom/httpwire.py, the lean HTTP/1.1 client of the delivery path, against a local TLS
-server (private CA, port 0) that speaks HTTP/1.1 through h11 and misbehaves on cue: kept-alive
+server (private CA, port 0) that speaks HTTP/1.1 through h11 and misbehaves on cue (and a
+plain-TCP one writing answers byte for byte: 1xx, chunked, until close, HTTP/1.0): kept-alive
 connections reused, an idle connection the server closed replaced before the request is
 written (and never a request sent twice), a read timeout or a cut after the body is an unknown
 outcome (``after_data``), chunked and Content-Length answers, an answer over the cap refused;
@@ -271,3 +272,69 @@ def test_a_transport_error_carries_the_transcript(tmp_path: Path,
     assert err.after_data is True and err.code == "connect.lost"
     assert err.transcript.startswith(f"C: POST https://{HOST}:")
     assert "secret-key" not in err.transcript and len(server.requests) == 1
+
+
+# Answers as servers write them, byte for byte, from a plain-TCP server: (answer, closes
+# after it) -> (status, body, header names, connection kept for the next request).
+_RAW = {
+    "/continue": (b"HTTP/1.1 100 Continue\r\n\r\n"
+                  b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+    "/chunked": (b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n", False),
+    "/no-content": (b"HTTP/1.1 204 No Content\r\nX-Id:  7 \r\n\r\n", False),
+    "/close": (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", True),
+    "/until-close": (b"HTTP/1.1 200 OK\r\n\r\nthe rest", True),
+    "/http10": (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+    "/two": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False),
+}
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/continue", (200, b"ok", [b"content-length"], True)),
+    ("/chunked", (201, b"ok!!!", [b"transfer-encoding"], True)),
+    ("/no-content", (204, b"", [b"x-id"], True)),
+    ("/close", (200, b"ok", [b"connection", b"content-length"], False)),
+    ("/until-close", (200, b"the rest", [], False)),
+    ("/http10", (200, b"ok", [b"content-length"], False)),
+    ("/two", (200, b"ok", [b"content-length"], False)),  # a second answer: not reused
+])
+def test_answers_as_servers_write_them(path: str, expected: tuple[object, ...]) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        answer, closes = _RAW[head.split(b" ")[1].decode()]
+        writer.write(answer)
+        await writer.drain()
+        if closes:
+            writer.close()
+        else:
+            await reader.read()  # until the client closes
+
+    async def go() -> tuple[object, ...]:
+        srv = await asyncio.start_server(handle, HOST, 0)
+        port = int(srv.sockets[0].getsockname()[1])
+        wire = _wire.WirePool(title="Test API", base="x", ssl_context=ssl.create_default_context(),
+                              size=1, connect_timeout=5, timeout=5, user_agent="t")
+        try:
+            a = await wire.request("POST", f"http://{HOST}:{port}{path}", {}, b"{}")
+            kept = bool(wire.hosts[("http", HOST, port)].idle)
+            return a.status, a.body, [k for k, _ in a.headers], kept
+        finally:
+            await wire.aclose()
+            srv.close()
+
+    assert asyncio.run(go()) == expected
+
+
+@pytest.mark.parametrize("headers", [{"X-Bad": "a\r\nInjected: 1"}, {"X Bad": "v"},
+                                     {"X-Bad": " lead"}, {"X-Bad": "é"}])
+def test_a_header_http_cannot_carry_is_refused_before_connecting(
+        headers: dict[str, str]) -> None:
+    wire = _wire.WirePool(title="Test API", base="x", ssl_context=ssl.create_default_context(),
+                          size=1, connect_timeout=5, timeout=5, user_agent="t")
+    with pytest.raises(ConnectError) as info:  # port 9: nothing is ever dialled
+        asyncio.run(wire.request("POST", f"http://{HOST}:9/x", headers, b""))
+    assert info.value.code == "connect.failed" and "cannot be sent" in str(info.value)
+    assert wire.opened == 0

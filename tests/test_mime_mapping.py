@@ -87,3 +87,55 @@ def test_a_header_the_provider_forbids_is_refused() -> None:
     assert "the header field X-Mailer" in refusal(raw, forbidden_headers={"x-mailer"})
     m = mapped_of(raw)
     assert m.headers == [("X-Mailer", "app")]  # type: ignore[attr-defined]
+
+
+# Values on both sides of the fast paths' lines (header values read as they stand, a
+# single-part body taken whole): the mapping must not tell them apart from the full parse.
+_FROMS = ["Bench <a@example.com>", "<a@example.com>", "a@example.com", "J. Doe <a@b.c>",
+          "A  B <a@b.c>", "O'Brien <x.y@b.c>", "=?utf-8?q?Z=C3=B6e?= <a@b.c>",
+          '"Doe, J" <a@b.c>', "a@b.c (comment)", "Zoë <a@b.c>", "a@@b", "<a@>"]
+_TOS = ["<r1@example.org>", "r1@example.org, R Two <r2@example.org>", "r1@x,r2@y",
+        "undisclosed-recipients:;", "a@b c@d", "a..b@c", "<ä@x>"]
+_SUBJECTS = ["worker bench 1", "a  b", " lead", "trail ", "tab\there", "x=?y",
+             "=?utf-8?b?R3LDvMOfZQ==?=", "Grüße", "(c) \"q\" \\"]
+_IDS = ["<run-1@bench.test>", "<a b@c>", "< a@b >", "<>", "<x@[1.2.3.4]>", "a@b"]
+_HEADS = [b"Content-Type: text/plain; charset=utf-8\r\n", b"", b"Content-Type: text/html\r\n",
+          b"Content-Type: message/rfc822\r\n", b"Content-Transfer-Encoding: base64\r\n",
+          b"Content-Type: text/plain; charset=latin-1\r\nX-Fold: a\r\n b\r\n",
+          b"not a header\r\n", b"Sender: A  B <a@b.c>\r\nResent-Date: 1 Jan 2026 00:00 +0000\r\n"]
+_BODIES = [b"\r\nhello\r\n", b"\r\nx\ny\rz", b"\nlf\n", b"", b"\r\n" + b"line\r\n" * 400,
+           b"\r\n\xc3\xa9t\xc3\xa9\r\n", b"\r\nFrom: x@y\r\nSubject: old\r\n\r\nold\r\n"]
+
+
+def _cases() -> list[bytes]:
+    out = []
+    for i in range(160):  # a fixed spread over the lists, each value met several times
+        out.append(b"From: %s\r\nTo: %s\r\nSubject: %s\r\nMessage-ID: %s\r\n%s%s" % (
+            _FROMS[i % len(_FROMS)].encode(), _TOS[i % len(_TOS)].encode(),
+            _SUBJECTS[i % len(_SUBJECTS)].encode(), _IDS[i % len(_IDS)].encode(),
+            _HEADS[i % len(_HEADS)], _BODIES[i % len(_BODIES)]))
+    return out
+
+
+def _outcome(raw: bytes) -> object:
+    try:
+        return vars(mapped_of(raw))
+    except UnsupportedFeature as err:
+        return err.message
+    except Exception as err:  # the full parse's own failures are compared too
+        return type(err).__name__
+
+
+def test_the_fast_paths_map_as_the_full_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+    from email.parser import BytesParser
+
+    from postroom.transports import _mime
+
+    fast = [_outcome(raw) for raw in _cases()]
+    never = re.compile(r"(?!)")
+    for name in ("_PLAIN", "_PLAIN_ADDRESSES", "_PLAIN_ID"):
+        monkeypatch.setattr(_mime, name, never)
+    monkeypatch.setattr(_mime, "_parse",
+                        lambda raw, policy: BytesParser(policy=policy).parsebytes(raw))
+    assert fast == [_outcome(raw) for raw in _cases()]

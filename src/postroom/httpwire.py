@@ -1,13 +1,15 @@
 """A small keep-alive HTTP/1.1 client for hot paths (provider APIs, alert webhooks):
-asyncio streams (TLS in the ssl module's transport, as the SMTP transport's) and h11 for the
-framing (RFC 9112), a pool of kept-alive connections per host.
+asyncio streams (TLS in the ssl module's transport, as the SMTP transport's), requests
+written here and answers read by llhttp (httptools, as the HTTP listener's) for the framing
+(RFC 9112), a pool of kept-alive connections per host.
 
 Why not httpx here: on every request and every answer httpcore's pool checks each of its
 connections for expiry through anyio's ``extra_attributes``, and anyio's TLS stream runs the
 record layer in Python over ``ssl.MemoryBIO`` -- together most of an HTTPS worker's CPU per
 message (docs/benchmarks.md, "HTTPS providers and webhooks"). httpx stays for proxies,
 mocked transports in tests, OAuth and everything off the send path (transports/_http.py
-picks).
+picks). Why not h11 (which this client used first): its state machine and validation in
+Python were 130-220 µs of GIL time per request in the HTTPS bench; llhttp parses in C.
 
 Errors are the exception tree's, with ``after_data`` set as RFC 9110 §9.2.2 asks of a
 non-idempotent POST: a request whose bytes were written but whose answer never came has an
@@ -21,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import re
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import h11
+import httptools
 
 from postroom.exceptions import ConnectError, DeliveryError, TimeoutError_
 
@@ -41,6 +45,31 @@ MAX_ANSWER = 1 << 20
 # outcome. Below the shortest common one; a busy worker keeps its connections busy anyway.
 KEEPALIVE_EXPIRY = 4.0
 _READ = 65536
+# What may be written (RFC 9110 §5.1, §5.5, §9.1; RFC 9112 §3.2), as h11 checked it: a method
+# and field names are tokens, a field value visible characters with spaces or tabs inside
+# (none at either end), the target visible characters.
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"(?:[!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*)?")
+_TARGET = re.compile(r"[!-~]+")
+
+
+def _where(url: str) -> tuple[tuple[str, str, int], str, str]:
+    """``url``'s (scheme, host, port), request target and authority; parsed once per URL
+    without a query (a provider posts every message to the same one or few), each time for
+    one with a query (a pre-authenticated URL: its credential is not kept here)."""
+    return _parse_url(url) if "?" in url else _parse_url_once(url)
+
+
+def _parse_url(url: str) -> tuple[tuple[str, str, int], str, str]:
+    parts = urlsplit(url)
+    scheme, host = parts.scheme, parts.hostname or ""
+    port = parts.port or (443 if scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    authority = parts.netloc.rpartition("@")[2]  # as written: [v6] and :port kept
+    return (scheme, host, port), target, authority
+
+
+_parse_url_once = functools.lru_cache(maxsize=64)(_parse_url)
 
 
 @dataclass(frozen=True)
@@ -50,11 +79,64 @@ class Answer:
     body: bytes
 
 
+class _Broken(Exception):
+    """The server broke the exchange off."""
+
+
+class _Reading:
+    """One answer as llhttp's callbacks give it. An interim answer (1xx) is passed over;
+    header names are lower-cased (as h11 gave them)."""
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.complete = False
+        self.extra = False
+        self.until_close = False  # headers read, neither Content-Length nor chunked
+        self.keep_alive = False
+
+    def on_message_begin(self) -> None:
+        self.extra = self.extra or self.complete
+
+    # After the answer, what more came is not read (extra: that connection is closed).
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.complete:
+            self.headers.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        if self.complete:
+            return
+        self.status = self.parser.get_status_code()
+        names = {name for name, _ in self.headers}
+        self.until_close = (self.status >= 200 and self.status not in (204, 304)
+                            and not names & {b"content-length", b"transfer-encoding"})
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
+        self.size += len(body)
+        if self.size <= MAX_ANSWER:
+            self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.complete:
+            return
+        if 100 <= self.status < 200:  # 100 Continue and the like: the answer follows
+            self.headers, self.chunks, self.size, self.status = [], [], 0, 0
+            return
+        assert self.parser is not None
+        self.complete, self.until_close = True, False
+        self.keep_alive = self.parser.should_keep_alive()  # read while the answer is current
+
+
 @dataclass
 class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    h11: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     idle_since: float = 0.0
 
     def usable(self, now: float) -> bool:
@@ -92,39 +174,46 @@ class WirePool:
 
     async def request(self, method: str, url: str, headers: Mapping[str, str],
                       body: bytes) -> Answer:
-        parts = urlsplit(url)
-        scheme, host = parts.scheme, parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port)
+        key, target, authority = _where(url)
         pool = self.hosts.get(key)
         if pool is None:
             pool = self.hosts[key] = _Host(self.size)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        authority = parts.netloc.rpartition("@")[2]  # as written: [v6] and :port kept
         given = {name.lower() for name in headers}
         head = [(name, value) for name, value in (
             ("Host", authority), ("User-Agent", self.user_agent), ("Accept", "*/*"),
             ("Content-Length", str(len(body)))) if name.lower() not in given]
         head += headers.items()
-        try:
-            request = h11.Request(method=method, target=target, headers=head)
-        except h11.LocalProtocolError as err:  # a header value HTTP cannot carry
-            raise ConnectError(f"{self.title}: the request cannot be sent: {err}",
-                               code="connect.failed") from err
+        request = self._head(method, target, head)
         async with pool.slots:
             conn = await self._connection(pool, key)
             try:
-                answer = await self._exchange(conn, request, body)
+                answer, reuse = await self._exchange(conn, request, body)
             except BaseException:
                 conn.close()
                 raise
-            if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-                conn.h11.start_next_cycle()
+            if reuse:
                 conn.idle_since = time.monotonic()
                 pool.idle.append(conn)
-            else:  # "Connection: close", or an answer before the whole request was read
+            else:  # "Connection: close", HTTP/1.0, or more than one answer
                 conn.close()
             return answer
+
+    def _head(self, method: str, target: str, fields: list[tuple[str, str]]) -> bytes:
+        """The request line and header fields; one HTTP cannot carry is refused."""
+        bad = ("method", method) if not _TOKEN.fullmatch(method) or method == "HEAD" else (
+            ("target", target) if not _TARGET.fullmatch(target) else next(
+                (("header field", f"{n}: {v}") for n, v in fields
+                 if not _TOKEN.fullmatch(n) or not _FIELD_VALUE.fullmatch(v)), None))
+        if bad is None:
+            try:
+                return (f"{method} {target} HTTP/1.1\r\n"
+                        + "".join(f"{n}: {v}\r\n" for n, v in fields) + "\r\n"
+                        ).encode("ascii")
+            except UnicodeEncodeError:
+                bad = ("header field", "with a character outside ASCII")
+        # HEAD: its answer's length says no body follows, which the parser cannot know.
+        raise ConnectError(f"{self.title}: the request cannot be sent: illegal {bad[0]} "
+                           f"{bad[1]!r}", code="connect.failed")
 
     async def _connection(self, pool: _Host, key: tuple[str, str, int]) -> _Conn:
         now = time.monotonic()
@@ -150,51 +239,47 @@ class WirePool:
         self.opened += 1
         return _Conn(reader, writer)
 
-    async def _exchange(self, conn: _Conn, request: h11.Request, body: bytes) -> Answer:
-        c = conn.h11
-        data = c.send(request) or b""
-        data += c.send(h11.Data(data=body)) or b""
-        data += c.send(h11.EndOfMessage()) or b""
+    async def _exchange(self, conn: _Conn, head: bytes, body: bytes) -> tuple[Answer, bool]:
+        """The answer, and whether the connection may carry another request."""
         # From here the server may have the request: any failure is an unknown outcome.
-        conn.writer.write(data)
+        conn.writer.writelines((head, body))
         try:
-            await asyncio.wait_for(conn.writer.drain(), self.timeout)
-            return await asyncio.wait_for(self._answer(conn), self.timeout)
+            # asyncio.timeout rather than wait_for, which runs its awaitable as a Task of
+            # its own: two more tasks per request (3.11).
+            async with asyncio.timeout(self.timeout):
+                await conn.writer.drain()
+            async with asyncio.timeout(self.timeout):
+                return await self._answer(conn)
         except TimeoutError as err:
             raise self._unknown(TimeoutError_(
                 f"{self.title} did not answer in time (ReadTimeout)", code="timeout")) from err
-        except (OSError, ssl.SSLError, h11.RemoteProtocolError) as err:
+        except (OSError, ssl.SSLError, httptools.HttpParserError, _Broken) as err:
             raise self._unknown(ConnectError(
                 f"{self.title} closed the connection: {err or type(err).__name__}",
                 code="connect.lost")) from err
 
-    async def _answer(self, conn: _Conn) -> Answer:
-        c = conn.h11
-        status = 0
-        headers: list[tuple[bytes, bytes]] = []
-        chunks: list[bytes] = []
-        got = 0
-        while True:
-            event = c.next_event()
-            if event is h11.NEED_DATA:
-                data = await conn.reader.read(_READ)
-                c.receive_data(data)  # b"" is the end of the stream: h11 says what it means
-                continue
-            if isinstance(event, h11.Response):
-                status, headers = event.status_code, list(event.headers)
-            elif isinstance(event, h11.Data):
-                got += len(event.data)
-                if got > MAX_ANSWER:
-                    raise self._unknown(ConnectError(
-                        f"{self.title} answered with more than {MAX_ANSWER} bytes: not a "
-                        f"provider API's answer; check the connection's api_base "
-                        f"(now {self.base})", code="connect.answer_too_big"))
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return Answer(status, headers, b"".join(chunks))
-            elif isinstance(event, h11.ConnectionClosed):
-                raise h11.RemoteProtocolError("Server disconnected without sending a response")
-            # InformationalResponse (100 Continue) and others: keep reading.
+    async def _answer(self, conn: _Conn) -> tuple[Answer, bool]:
+        got = _Reading()
+        parser = got.parser = httptools.HttpResponseParser(got)
+        while not got.complete:
+            data = await conn.reader.read(_READ)
+            if not data:
+                if got.until_close:  # no length given: the body ends with the stream
+                    return Answer(got.status, got.headers, b"".join(got.chunks)), False
+                raise _Broken("Server disconnected without sending a response")
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError:
+                if not got.complete:
+                    raise
+                got.extra = True  # bytes after the answer: that connection is not reused
+            if got.size > MAX_ANSWER:
+                raise self._unknown(ConnectError(
+                    f"{self.title} answered with more than {MAX_ANSWER} bytes: not a "
+                    f"provider API's answer; check the connection's api_base "
+                    f"(now {self.base})", code="connect.answer_too_big"))
+        return (Answer(got.status, got.headers, b"".join(got.chunks)),
+                got.keep_alive and not got.extra)
 
     @staticmethod
     def _unknown(err: DeliveryError) -> DeliveryError:

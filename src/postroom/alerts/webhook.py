@@ -90,7 +90,8 @@ class WebhookChannel:
             raise AlertError(f"webhook {self.host} answered {status}", code="alert.webhook")
 
     async def _direct(self, body: bytes, headers: dict[str, str]) -> int:
-        # (imported at the first alert: postroom/httpwire.py, h11; TLS context only for https)
+        # (imported at the first alert: postroom/httpwire.py, httptools; TLS context only for
+        # https)
         import ssl
 
         from postroom.exceptions import DeliveryError

@@ -22,7 +22,7 @@ from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr, quote
-from typing import cast
+from typing import Any, cast
 
 from postroom.envelope import Envelope
 from postroom.exceptions import UnsupportedFeature
@@ -92,7 +92,11 @@ _SPECIALS = re.compile(r'[()<>@,;:\\".\[\]]')
 def _mailboxes(msg: EmailMessage, name: str) -> list[str]:
     """Mailboxes with their display names decoded (a JSON API takes Unicode; formataddr
     would write RFC 2047 encoded-words)."""
-    values = [str(v) for v in msg.get_all(name, [])]
+    values = [value if _PLAIN_ADDRESSES.fullmatch(value) and "=?" not in value
+              else str(msg.policy.header_fetch_parse(field, value))
+              for field, value in msg.raw_items() if field.lower() == name]
+    if not values:
+        return []
     out = []
     for display, addr in getaddresses(values):
         if not addr:
@@ -103,11 +107,77 @@ def _mailboxes(msg: EmailMessage, name: str) -> list[str]:
     return out
 
 
+# Header values email.policy.default's header classes would give back unchanged (for
+# address fields: whose addresses getaddresses reads the same), so read as they stand: the
+# classes' parse was most of the mapping of a small message (bench/https_bench.py). Printable
+# ASCII words between single spaces and no RFC 2047 encoded word ("=?"); for addresses
+# only "Name <a@b>", "<a@b>" or "a@b", comma-separated, with no quotes, comments, groups
+# or dots in names. tests/test_mime_mapping.py holds both ways against each other.
+_PLAIN = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR = rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*"
+_MAILBOX = rf"(?:(?:{_ATEXT} )+<{_ADDR}>|<{_ADDR}>|{_ADDR})"
+_PLAIN_ADDRESSES = re.compile(rf"{_MAILBOX}(?:, ?{_MAILBOX})*")
+_PLAIN_ID = re.compile(rf"<{_ADDR}>")
+# Fields whose class is not the unstructured one (addresses, dates, MIME parameters) are
+# parsed, but for Message-ID written "<id@host>".
+_STRUCTURED = frozenset(HeaderRegistry().registry) - {"subject"}
+
+
+def _plain_value(msg: EmailMessage, name: str, raw_value: str) -> str:
+    """A header field's value as ``str(msg.get(name))`` reads it."""
+    low = name.lower()
+    if "=?" not in raw_value and (
+            _PLAIN_ID.fullmatch(raw_value) if low == "message-id"
+            else low not in _STRUCTURED and _PLAIN.fullmatch(raw_value)):
+        return raw_value
+    return str(msg.policy.header_fetch_parse(name, raw_value))
+
+
+# Content-Type / Content-Disposition written "type/subtype; name=value; ..." (printable ASCII,
+# a value quoted or not, not empty, no quote or backslash inside it; each name once), and a
+# Content-Transfer-Encoding token: what their classes write of them is known without the
+# parse (each value quoted, "; " between), and the email package's accessors read no more.
+_TOKEN = r"[!#$%&+.^_`|~0-9A-Za-z-]+"  # less "*" and "'", RFC 2231's marks
+_ATTRIBUTE = r"[!#$&+.^_`|~0-9A-Za-z-]+"  # a parameter's name: no "%" either
+_PARAM = re.compile(rf'; ?({_ATTRIBUTE})=(?:({_TOKEN})|"([ !#-\[\]-~]+)")')
+_MIME_FIELD = re.compile(rf"({_TOKEN}(?:/{_TOKEN})?)((?:{_PARAM.pattern})*)")
+_PARAMETERIZED = {"content-type": True, "content-disposition": False,
+                  "content-transfer-encoding": False}  # -> has a subtype
+
+
+def _mime_field(low: str, value: str) -> str | None:
+    """The text email.policy.default's class for the field ``low`` makes of ``value``, when
+    known without parsing it; else None."""
+    found = _MIME_FIELD.fullmatch(value)
+    if found is None or "=?" in value or ("/" in found[1]) != _PARAMETERIZED[low]:
+        return None
+    params = [(m[1], m[2] if m[2] is not None else m[3]) for m in _PARAM.finditer(found[2])]
+    if low == "content-transfer-encoding":
+        return None if params else value
+    if len({n.lower() for n, _ in params}) != len(params):
+        return None
+    return found[1] + "".join(f'; {n}="{v}"' for n, v in params)
+
+
+class _Known(str):
+    """A MIME field's value as its header class writes it, parsed by that class only when
+    something beyond the text is asked of it (``.params``, ``.fold()``...)."""
+
+    name: str
+    _raw: str
+    _factory: _ParseOnce
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._factory.parse(self.name, self._raw), attr)
+
+
 class _ParseOnce(HeaderRegistry):
     """A header factory that parses each field once: email.message's accessors
     (get_content_type, get_filename, get_content...) each parse Content-Type anew, and
-    those parses were half the mapping of a small message (bench/https_bench.py). One per
-    message (see map_message), so no parsed header outlives it."""
+    those parses were half the mapping of a small message (bench/https_bench.py); and does
+    not parse the plain MIME fields at all (_mime_field). One per message (see
+    map_message), so no parsed header outlives it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,7 +185,22 @@ class _ParseOnce(HeaderRegistry):
 
     def __call__(self, name: str, value: str) -> BaseHeader:
         found = self._parsed.get((name, value))
-        if found is None:
+        if found is not None:
+            return found
+        low = name.lower()
+        text = _mime_field(low, value) if low in _PARAMETERIZED else None
+        if text is None:
+            return self.parse(name, value)
+        known = _Known(text)
+        known.name, known._raw, known._factory = name, value, self
+        # A str as BaseHeader is; the rest on demand.
+        found = self._parsed[(name, value)] = cast(BaseHeader, known)
+        return found
+
+    def parse(self, name: str, value: str) -> BaseHeader:
+        """The field parsed by its class (kept for the next ask)."""
+        found = self._parsed.get((name, value))
+        if found is None or isinstance(found, _Known):
             found = self._parsed[(name, value)] = super().__call__(name, value)
         return found
 
@@ -126,13 +211,13 @@ def map_message(env: Envelope, raw: bytes, title: str, *,
     added any envelope recipient missing from To/Cc/Bcc as Bcc) read into a Mapped.
     ``forbidden_headers``: lower-case field names the provider refuses as custom headers."""
     policy = email.policy.default.clone(header_factory=_ParseOnce())
-    msg = BytesParser(policy=policy).parsebytes(raw)
+    msg = _parse(raw, policy)
     froms = _mailboxes(msg, "from")
     if len(froms) != 1:
         raise _refuse(f"a From field with {len(froms)} addresses", title)
     out = Mapped(from_=froms[0], to=_mailboxes(msg, "to"), cc=_mailboxes(msg, "cc"),
                  bcc=_mailboxes(msg, "bcc"), reply_to=_mailboxes(msg, "reply-to"),
-                 subject=str(msg.get("subject", "")), tags=list(env.tags),
+                 subject=_subject(msg), tags=list(env.tags),
                  metadata=dict(env.metadata))
     # raw_items(), then parsing only the fields kept: items() would parse every field with
     # the policy's header classes, Date and Content-Type too, and those dominated the
@@ -146,7 +231,7 @@ def map_message(env: Envelope, raw: bytes, title: str, *,
             continue
         if low in forbidden_headers:
             raise _refuse(f"the header field {name}", title)
-        value = str(msg.policy.header_fetch_parse(name, raw_value))
+        value = _plain_value(msg, name, raw_value)
         if low == "message-id":
             out.message_id = value.strip()
         out.headers.append((name, value))
@@ -154,6 +239,67 @@ def map_message(env: Envelope, raw: bytes, title: str, *,
     if out.text is None and out.html is None:
         out.text = ""  # an empty body: both APIs and readers take an empty text part
     return out
+
+
+def _subject(msg: EmailMessage) -> str:
+    """The first Subject, as ``str(msg.get("subject", ""))``."""
+    return next((_plain_value(msg, name, value) for name, value in msg.raw_items()
+                 if name.lower() == "subject"), "")
+
+
+def _parse(raw: bytes, policy: email.policy.EmailPolicy[EmailMessage]) -> EmailMessage:
+    """``raw`` parsed as BytesParser would, with a single-part body (not multipart/*, not
+    message/*) taken as the rest of the text at once: the parser reads it a line at a time,
+    most of the mapping of a 50 KB message (bench/https_bench.py). Anything the header
+    block's parse does not end exactly at the first empty line of (a defect, a line break
+    other than CRLF or LF) takes the whole parse."""
+    end = raw.find(b"\r\n\r\n")
+    if end >= 0:
+        msg = _header_block(raw[:end].decode("ascii", "surrogateescape"), policy)
+        if msg is not None and msg.get_content_maintype() not in ("multipart", "message"):
+            msg.set_payload(raw[end + 4:].decode("ascii", "surrogateescape"))
+            return msg
+    parser = BytesParser(policy=policy)
+    ends = [i + 3 if sep == b"\n\r\n" else i + 2
+            for sep in (b"\n\r\n", b"\n\n") if (i := raw.find(sep)) >= 0]
+    if ends:
+        end = min(ends)
+        msg = parser.parsebytes(raw[:end], headersonly=True)
+        if (not msg.defects and msg.get_payload() == ""
+                and msg.get_content_maintype() not in ("multipart", "message")):
+            msg.set_payload(raw[end:].decode("ascii", "surrogateescape"))
+            return msg
+    return parser.parsebytes(raw)
+
+
+# The first line of a header field as the email parser takes it (feedparser's headerRE): a
+# name of printable characters but ":", then ":".
+_FIELD_START = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
+
+
+def _header_block(head: str, policy: email.policy.EmailPolicy[EmailMessage],
+                  ) -> EmailMessage | None:
+    """The header block ``head`` (up to the empty line) read into a message as the email
+    parser reads it, field by field through the policy's header_source_parse and set_raw:
+    the parser's generator machinery was half the mapping of a small message. None for
+    anything but CRLF lines of fields and their continuations (a bare CR or LF, a line
+    that is no field, a Unix "From " line), which the parser reads with its defects."""
+    if not head.count("\r") == head.count("\n") == head.count("\r\n"):
+        return None
+    msg = policy.message_factory(policy=policy)  # type: ignore[misc]
+    field: list[str] = []
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t") and field:
+            field.append(line + "\r\n")
+            continue
+        if not _FIELD_START.match(line):
+            return None
+        if field:
+            msg.set_raw(*policy.header_source_parse(field))
+        field = [line + "\r\n"]
+    if field:
+        msg.set_raw(*policy.header_source_parse(field))
+    return msg
 
 
 def _walk(part: EmailMessage, out: Mapped, title: str, *, top: bool = False) -> None:

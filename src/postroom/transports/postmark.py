@@ -27,7 +27,6 @@ codes" table was not in the stored copies of that page, so:
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -126,7 +125,7 @@ class PostmarkTransport(_http.HttpTransport):
                 f"Postmark sends one message to at most {MAX_RECIPIENTS} recipients (To, Cc "
                 f"and Bcc); this one has {len(m.recipients)}: send it in parts",
                 code="unsupported.recipients")
-        body = json.dumps(self.payload(m), ensure_ascii=False).encode()
+        body = _http.json_bytes(self.payload(m))
         if len(body) > MAX_SIZE:
             raise UnsupportedFeature(
                 f"the message is {len(body)} bytes as Postmark's JSON; Postmark takes at most "

@@ -192,7 +192,7 @@ class SparkPostTransport(_http.HttpTransport):
         if self.settings.sandbox:
             data["options"] = {"sandbox": True}
         try:
-            body = json.dumps(data, ensure_ascii=False).encode()
+            body = _http.json_bytes(data)
         except UnicodeEncodeError as err:
             raise UnsupportedFeature(
                 "SparkPost takes the message as JSON text, and this one has bytes that are "
