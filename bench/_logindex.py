@@ -11,8 +11,12 @@ bench/log_bench.py, bench/relay_bench.py and bench/worker_bench.py each measure 
 database where :func:`drop_log_indexes` removed it, beside a normal one.
 
 The database stays at the head revision (nothing is downgraded), so a ``postroom serve``
-or ``postroom worker`` started on it migrates nothing and runs as usual: its indexer chore
-finds no text index (SQLite) or no pending rows (PostgreSQL) and indexes nothing.
+or ``postroom worker`` started on it migrates nothing and runs as usual. On SQLite its
+indexer chore finds no text index and indexes nothing. On PostgreSQL the queue's batch still
+writes the pending ids itself (``postroom.store.pending.insert_messages``, since migration
+0017), so "without" still pays that statement at the enqueue, and the chore still copies
+those messages into ``message_search`` (no trigram index left on it) and ``log_addresses``:
+"without" there is the log's indexes and triggers off, not all of its bookkeeping.
 """
 
 from __future__ import annotations

@@ -108,6 +108,37 @@ def test_an_enqueue_batch_writes_the_messages_alone(queue: Queue) -> None:
             _ids(log, LogFilter(text="versandt"))) == want
 
 
+def test_a_batch_in_chunks_writes_what_one_row_a_statement_would(queue: Queue) -> None:
+    """PostgreSQL writes a batch CHUNK messages a statement (store/pending.py): a batch of
+    two chunks and a rest gives the same rows, each pending once, found by its text and
+    address, as the one-row executemany (which SQLite keeps)."""
+    n = 2 * pending.CHUNK + 5
+    envs = [Envelope("app@example.org", [f"c{i}@example.test"],
+                     compose(sender="app@example.org", to=[f"c{i}@example.test"],
+                             subject=f"Sendung {i} unterwegs", text="body\n"),
+                     source="test", tags=[f"t{i}"] if i % 3 else [],
+                     metadata={"i": str(i)} if i % 5 == 0 else {}, priority=i % 3 - 1)
+            for i in range(n)]
+    made = _enqueue_batch(queue, envs)
+    with queue.engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(messages))}
+    assert sorted(rows) == sorted(made) and len(made) == n
+    for i, env in enumerate(envs):
+        r = rows[env.id]
+        assert (r.recipients, r.raw, r.status, r.priority, r.size, r.subject) == (
+            list(env.recipients), env.raw, "queued", env.priority, len(env.raw),
+            f"Sendung {i} unterwegs")
+        assert (r.tags, r.meta) == (list(env.tags) or None, dict(env.metadata) or None)
+    log = queue.log
+    assert log.pending() == n
+    assert _ids(log, LogFilter(text="Sendung 17 unterwegs")) == {made[17]}
+    assert _ids(log, LogFilter(to="c33@example.test")) == {made[33]}
+    assert log.catch_up() == n and log.pending() == 0
+    assert _ids(log, LogFilter(text="Sendung 17 unterwegs")) == {made[17]}
+    assert _ids(log, LogFilter(to="c33@example.test")) == {made[33]}
+    assert _ids(log, LogFilter(text="unterwegs")) == set(made)
+
+
 @pytest.mark.sqlite_only
 def test_a_rowid_given_again_waits_for_the_index(queue: Queue) -> None:
     """SQLite gives a new row the largest rowid + 1: after the newest messages are deleted

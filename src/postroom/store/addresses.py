@@ -40,14 +40,15 @@ _WHOLE = re.compile(r"[^\s@<>,;:\"()\[\]]+@[^\s@<>,;:\"()\[\]]+\.[^\s@<>,;:\"()\
 # rest of its work on a message); a display name holding an "@" adds a row that finds the
 # message by a text that is in its header anyway.
 _IN_HEADER = re.compile(r"[^\s@<>,;:\"()\[\]]+@[^\s@<>,;:\"()\[\]]+")
-# A row already there is skipped: a message read twice (pending, and by the backfill). The
-# driver's executemany of tuples: a third of the cost of SQLAlchemy Core's dicts.
-_ADD = {
-    False: "INSERT OR IGNORE INTO log_addresses (role, address, message_id, created_at) "
-           "VALUES (?, ?, ?, ?)",
-    True: "INSERT INTO log_addresses (role, address, message_id, created_at) "
-          "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-}
+# A row already there is skipped: a message read twice (pending, and by the backfill).
+# SQLite: the driver's executemany of tuples (a third of the cost of SQLAlchemy Core's
+# dicts). PostgreSQL: one statement over arrays; an executemany there is one statement a
+# row, each paying the server's per-statement set-up, about 2.5 rows a message.
+_ADD_SQLITE = ("INSERT OR IGNORE INTO log_addresses (role, address, message_id, created_at) "
+               "VALUES (?, ?, ?, ?)")
+_ADD_PG = ("INSERT INTO log_addresses (role, address, message_id, created_at) "
+           "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[]) "
+           "ON CONFLICT DO NOTHING")
 _ROWS = (messages.c.id, messages.c.sender, messages.c.recipients, messages.c.to_header,
          messages.c.from_header, messages.c.created_at)
 
@@ -126,8 +127,12 @@ def write(conn: Connection, ids: list[str]) -> None:
             for r in conn.execute(select(*_ROWS).where(messages.c.id.in_(ids)))
             for role, address in addresses(r.sender, r.recipients, r.to_header,
                                            r.from_header)]
-    if rows:
-        conn.exec_driver_sql(_ADD[is_postgresql(conn.engine)], rows)
+    if not rows:
+        return
+    if is_postgresql(conn.engine):
+        conn.exec_driver_sql(_ADD_PG, tuple(map(list, zip(*rows, strict=True))))
+    else:
+        conn.exec_driver_sql(_ADD_SQLITE, rows)
 
 
 def reread(conn: Connection, batch: int) -> int:

@@ -25,15 +25,19 @@ index (issue 13: >= 0.9x of its rate without the log's indexes). Migration 0017:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Executable,
+    Insert,
     Integer,
     Select,
+    bindparam,
     cast,
+    insert,
     literal_column,
     select,
     text,
@@ -88,8 +92,51 @@ def advance(conn: Connection, upto: int) -> None:
 def insert_messages(conn: Connection, stmt: Executable, rows: Sequence[dict[str, Any]]) -> None:
     """PostgreSQL: the executemany ``stmt`` of new messages ``rows``, and their pending ids
     in one statement, the row trigger off for them alone (the caller's other statements in
-    the same transaction, an idempotent enqueue's INSERT, still get it)."""
+    the same transaction, an idempotent enqueue's INSERT, still get it).
+
+    The rows go up to CHUNK to a statement: the server pays a set-up per statement (the
+    executor opening every index, compiling the partial indexes' predicates and the
+    insert trigger's WHEN), which with one row a statement was most of what the log's
+    indexes cost the enqueue (docs/benchmarks.md). The chunks still go as one pipelined
+    executemany, unlike one statement for the whole batch (which was slower: the server
+    could not insert a row while the next ones were on their way)."""
+    if not rows:
+        return
     conn.execute(_SKIP, {"on": "on"})
-    conn.execute(stmt, rows)
+    keys = tuple(rows[0])
+    values = itemgetter(*keys)
+    whole = len(rows) - len(rows) % CHUNK
+    for start, end, size in ((0, whole, CHUNK), (whole, len(rows), len(rows) - whole)):
+        if end == start:
+            continue
+        if size == 1:
+            conn.execute(stmt, rows[start:end])
+            continue
+        chunked, names = _chunked(keys, size)
+        params = []
+        for i in range(start, end, size):
+            group: dict[str, Any] = {}
+            for j in range(size):
+                group.update(zip(names[j], values(rows[i + j]), strict=True))
+            params.append(group)
+        conn.execute(chunked, params)
     conn.execute(_SKIP, {"on": "off"})
     conn.execute(_ADD, {"ids": [r["id"] for r in rows]})
+
+
+CHUNK = 16  # rows a statement in insert_messages
+# By the rows' keys and count: the INSERT of that many, each row's parameter names.
+_CHUNKED: dict[tuple[tuple[str, ...], int], tuple[Insert, list[tuple[str, ...]]]] = {}
+
+
+def _chunked(keys: tuple[str, ...], size: int) -> tuple[Insert, list[tuple[str, ...]]]:
+    """An INSERT of ``size`` messages with columns ``keys`` (parameters ``{key}_{j}``), and
+    the names of row j's parameters in the order of ``keys``."""
+    found = _CHUNKED.get((keys, size))
+    if found is None:
+        names = [tuple(f"{k}_{j}" for k in keys) for j in range(size)]
+        found = _CHUNKED[keys, size] = (insert(messages).values([
+            {k: bindparam(n, type_=messages.c[k].type) for k, n in zip(keys, names[j],
+                                                                        strict=True)}
+            for j in range(size)]), names)
+    return found
