@@ -266,7 +266,7 @@ class HttpsSink:
 # --------------------------------------------------------------------------- one run
 def config(root: Path, url: str, target: str, smtp: Sink, https: HttpsSink) -> Path:
     """The worker's config: the same but for its one connection."""
-    if target == "smtp":
+    if target.removesuffix("@base") == "smtp":
         conn = (f'transport = "smtp"\nhost = "{HOST}"\nport = {smtp.port}\n'
                 'security = "none"\n')
     else:
@@ -304,7 +304,7 @@ def run_one(work: Path, label: str, target: str, size: int, n: int, smtp: Sink,
     worker_bench.SIZE = size  # worker_bench.raw_message's size, read when it is called
     rec: dict[str, Any] = {"label": label, "target": target, "size": size, "msgs": n,
                            "enqueue_s": enqueue_postroom(url, n)}
-    sink: Sink | HttpsSink = smtp if target == "smtp" else https
+    sink: Sink | HttpsSink = smtp if target.removesuffix("@base") == "smtp" else https
     env = {**os.environ, TOKEN_ENV: TOKEN,
            **(HTTPX_ENV if target.removesuffix("@base").endswith("-httpx") else {})}
     if target.endswith("@base"):
@@ -375,7 +375,7 @@ def row(size: int, t: str, rs: list[dict[str, Any]]) -> str:
     c = med(rs, lambda r: per_msg(r, "cpu"))
     sink = med(rs, lambda r: per_msg(r, "sink_cpu"))[0]
     box = med(rs, lambda r: per_msg(r, "box_cpu"))[0]
-    conns = "–" if t == "smtp" else f"{statistics.median(r['connections'] for r in rs):.0f}"
+    conns = "–" if t.removesuffix("@base") == "smtp" else f"{statistics.median(r['connections'] for r in rs):.0f}"
     ok = "ok" if all(r["ok"] for r in rs) else "FAILED: " + "; ".join(
         f"{r['delivered']} arrived, {r['statuses']}, ids {r['provider_ids']}, "
         f"{r.get('refused', 0)} refused by the sink"
