@@ -91,6 +91,10 @@ MIN_INDEXED = 3  # a trigram index matches nothing shorter (FTS5 trigram, pg_trg
 # How text searches pick their trigrams (Log._rare_trigrams).
 WINDOW = 20_000  # newest rows a trigram's frequency is sampled in
 COMMON = 200  # hits in that window (1 %) that make a trigram common
+# Hits in that window (10 %) up to which a trigram still joins the rare ones in a search:
+# reading its doclist costs less than confirming the candidates it strikes out (a local
+# part such as "harbor46668": one rare trigram, "r46", left thousands of candidates).
+USABLE = 10 * COMMON
 RARE_PICK = 3  # rare trigrams a search asks the index for
 MAX_GRAMS = 24  # trigrams sized at most (a long value: an even sample)
 _SIZE = text("SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_fts MATCH :q "
@@ -369,7 +373,8 @@ class Log:
         example.com address) is in nearly every row: a phrase query of a full address
         read them all. A few rare trigrams find the same candidates at a fraction of the
         cost. Each is sized by counting its hits among the newest rows (a rowid range
-        the index seeks to), stopping at COMMON."""
+        the index seeks to), stopping at USABLE; below COMMON it is rare, and the rarest
+        up to USABLE narrow it further."""
         # As typed: FTS5 folds case itself (casefold() here could change the length, ß->ss).
         grams = list(dict.fromkeys(value[i:i + 3] for i in range(len(value) - 2)))
         if len(grams) > MAX_GRAMS:  # a long value: an even sample of it is enough
@@ -381,13 +386,13 @@ class Log:
             for gram in grams:
                 phrase = fts_phrase(gram)
                 n = int(conn.execute(_SIZE, {"q": phrase, "low": top - WINDOW,
-                                             "cap": COMMON}).scalar_one())
+                                             "cap": USABLE}).scalar_one())
                 if n == 0 and conn.execute(_ANY, {"q": phrase}).first() is None:
                     return []
                 sized.append((n, gram))
             sized.sort()
-            picked = [g for n, g in sized[:RARE_PICK] if n < COMMON]
-            if not picked:
+            picked = [g for n, g in sized[:RARE_PICK] if n < USABLE]
+            if not sized or sized[0][0] >= COMMON:
                 # Each piece is common; together they may still be rare (an order
                 # number: common digits, one message). Many candidates: walk the log.
                 picked = [g for _, g in sized[:RARE_PICK]]
