@@ -375,7 +375,8 @@ def row(size: int, t: str, rs: list[dict[str, Any]]) -> str:
     c = med(rs, lambda r: per_msg(r, "cpu"))
     sink = med(rs, lambda r: per_msg(r, "sink_cpu"))[0]
     box = med(rs, lambda r: per_msg(r, "box_cpu"))[0]
-    conns = "–" if t.removesuffix("@base") == "smtp" else f"{statistics.median(r['connections'] for r in rs):.0f}"
+    conns = ("–" if t.removesuffix("@base") == "smtp"
+             else f"{statistics.median(r['connections'] for r in rs):.0f}")
     ok = "ok" if all(r["ok"] for r in rs) else "FAILED: " + "; ".join(
         f"{r['delivered']} arrived, {r['statuses']}, ids {r['provider_ids']}, "
         f"{r.get('refused', 0)} refused by the sink"

@@ -1,5 +1,5 @@
 """The HTTP listener of `postroom serve` (ingress.http_server, ingress.http_conn, parsed by
-llhttp in ingress.http11; no uvicorn) against real clients: raw sockets, http.client and curl
+llhttp in postroom.http11; no uvicorn) against real clients: raw sockets, http.client and curl
 (Debian's), plain and TLS.
 
 The listener runs in a thread of this process with a small ASGI application of its own
@@ -30,8 +30,8 @@ import pytest
 
 from postroom.bootstrap import ensure_certificate
 from postroom.exceptions import ConfigError
+from postroom.http11 import Data, Malformed, Responses
 from postroom.ingress.guard import SessionCaps
-from postroom.ingress.http11 import Data, Malformed, Responses
 from postroom.ingress.http_conn import INBOX_LIMIT, MAX_HEAD, Connection
 from postroom.ingress.http_front import Message, Receive, Scope, Send
 from postroom.ingress.http_server import GRACE, Limits, Listener, bind
@@ -77,7 +77,7 @@ class Toy:
                         "headers": [(b"x-name", b"a\r\nset-cookie: evil=1")]})
             await send({"type": "http.response.body", "body": b"no"})
             return
-        if path == "/chunked":  # no length: framed chunked (ingress.http11)
+        if path == "/chunked":  # no length: framed chunked (postroom.http11)
             await send({"type": "http.response.start", "status": 200, "headers": []})
             for word in (b"one ", b"two ", b"three"):
                 await send({"type": "http.response.body", "body": word, "more_body": True})
@@ -278,7 +278,7 @@ def test_errors_never_show_a_traceback(served: Served) -> None:
 
 
 def test_what_the_parser_leaves_to_the_listener(served: Served) -> None:
-    """llhttp (ingress.http11) counts no head size, needs no Host and speaks any version:
+    """llhttp (postroom.http11) counts no head size, needs no Host and speaks any version:
     the listener's own rules, each from a hostile client on 127.0.0.2."""
     def answer(request: bytes) -> tuple[int, dict[str, str], bytes, bytes]:
         with connect(served.port, "127.0.0.2") as s, s.makefile("rb") as f:

@@ -1,7 +1,7 @@
 """A small keep-alive HTTP/1.1 client for hot paths (provider APIs, alert webhooks):
 asyncio streams (TLS in the ssl module's transport, as the SMTP transport's), requests
-written here and answers read by llhttp (httptools, as the HTTP listener's) for the framing
-(RFC 9112), a pool of kept-alive connections per host.
+written here and answers read by llhttp (postroom.http11, as the HTTP listener's) for the
+framing (RFC 9112), a pool of kept-alive connections per host.
 
 Why not httpx here: on every request and every answer httpcore's pool checks each of its
 connections for expiry through anyio's ``extra_attributes``, and anyio's TLS stream runs the
@@ -31,9 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import httptools
-
 from postroom.exceptions import ConnectError, DeliveryError, TimeoutError_
+from postroom.http11 import Data, Malformed, Responses
 
 # The most of an answer read: a provider's JSON answer is a few hundred bytes; the transcript
 # keeps 500 characters and the parsers need the whole JSON. Beyond this, the answer is refused
@@ -77,60 +76,6 @@ class Answer:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
-
-
-class _Broken(Exception):
-    """The server broke the exchange off."""
-
-
-class _Reading:
-    """One answer as llhttp's callbacks give it. An interim answer (1xx) is passed over;
-    header names are lower-cased (as h11 gave them)."""
-
-    def __init__(self) -> None:
-        self.parser: httptools.HttpResponseParser | None = None
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.complete = False
-        self.extra = False
-        self.until_close = False  # headers read, neither Content-Length nor chunked
-        self.keep_alive = False
-
-    def on_message_begin(self) -> None:
-        self.extra = self.extra or self.complete
-
-    # After the answer, what more came is not read (extra: that connection is closed).
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.complete:
-            self.headers.append((name.lower(), value.strip(b" \t")))
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        if self.complete:
-            return
-        self.status = self.parser.get_status_code()
-        names = {name for name, _ in self.headers}
-        self.until_close = (self.status >= 200 and self.status not in (204, 304)
-                            and not names & {b"content-length", b"transfer-encoding"})
-
-    def on_body(self, body: bytes) -> None:
-        if self.complete:
-            return
-        self.size += len(body)
-        if self.size <= MAX_ANSWER:
-            self.chunks.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.complete:
-            return
-        if 100 <= self.status < 200:  # 100 Continue and the like: the answer follows
-            self.headers, self.chunks, self.size, self.status = [], [], 0, 0
-            return
-        assert self.parser is not None
-        self.complete, self.until_close = True, False
-        self.keep_alive = self.parser.should_keep_alive()  # read while the answer is current
 
 
 @dataclass
@@ -253,33 +198,30 @@ class WirePool:
         except TimeoutError as err:
             raise self._unknown(TimeoutError_(
                 f"{self.title} did not answer in time (ReadTimeout)", code="timeout")) from err
-        except (OSError, ssl.SSLError, httptools.HttpParserError, _Broken) as err:
+        except (OSError, ssl.SSLError, Malformed) as err:
             raise self._unknown(ConnectError(
                 f"{self.title} closed the connection: {err or type(err).__name__}",
                 code="connect.lost")) from err
 
     async def _answer(self, conn: _Conn) -> tuple[Answer, bool]:
-        got = _Reading()
-        parser = got.parser = httptools.HttpResponseParser(got)
-        while not got.complete:
+        got = Responses()
+        chunks: list[bytes] = []
+        while True:
             data = await conn.reader.read(_READ)
-            if not data:
-                if got.until_close:  # no length given: the body ends with the stream
-                    return Answer(got.status, got.headers, b"".join(got.chunks)), False
-                raise _Broken("Server disconnected without sending a response")
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserError:
-                if not got.complete:
-                    raise
-                got.extra = True  # bytes after the answer: that connection is not reused
+            got.feed(data)  # b"": the end of a body delimited by the close, else Malformed
+            while got.events:
+                event = got.events.popleft()
+                if isinstance(event, Data):
+                    chunks.append(event.data)
             if got.size > MAX_ANSWER:
                 raise self._unknown(ConnectError(
                     f"{self.title} answered with more than {MAX_ANSWER} bytes: not a "
                     f"provider API's answer; check the connection's api_base "
                     f"(now {self.base})", code="connect.answer_too_big"))
-        return (Answer(got.status, got.headers, b"".join(got.chunks)),
-                got.keep_alive and not got.extra)
+            if got.complete:
+                assert got.headers is not None
+                return (Answer(got.status, got.headers, b"".join(chunks)),
+                        bool(data) and got.keep_alive and not got.extra)
 
     @staticmethod
     def _unknown(err: DeliveryError) -> DeliveryError:

@@ -12,7 +12,7 @@ What goes there: the web admin (``/``, ``/admin...``, ``/api/v1/admin...``), the
 sign-in pages (``/oauth/...``) and the API's OpenAPI document and docs page. The front
 (postroom.ingress.http_front) applies its fence, caps and body limits first, so a client
 outside server.admin_networks never starts the child; the request, its body already read
-and bounded, goes over a fresh socket connection with HTTP/1.1 (ingress.http11), the
+and bounded, goes over a fresh socket connection with HTTP/1.1 (postroom.http11), the
 answer streams back. The socket is in a 0700 folder of the data folder (or of the temporary
 folder, when that path is too long for a socket), the socket itself 0600.
 
@@ -225,7 +225,7 @@ class AdminProcess:
         except PostroomError as err:
             await _unavailable(scope, send, err.message)
             return
-        from postroom.ingress import http11
+        from postroom import http11
 
         reader, writer = conn
         started = False
@@ -314,7 +314,7 @@ def _request(scope: Scope, size: int, ip: str, check: bool) -> bytes:
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
-    from postroom.ingress.http11 import request_head
+    from postroom.http11 import request_head
 
     return request_head(str(scope["method"]).encode("ascii"), target, headers)
 

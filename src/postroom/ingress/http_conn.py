@@ -1,4 +1,4 @@
-"""One connection of the HTTP listener: HTTP/1.1 parsed by llhttp (ingress.http11), each
+"""One connection of the HTTP listener: HTTP/1.1 parsed by llhttp (postroom.http11), each
 request handed to the ASGI front (ingress.http_front) in turn.
 
 A server of our own rather than uvicorn: uvicorn's start-up (click, logging.config,
@@ -14,7 +14,7 @@ and counted neither connections per client nor a deadline for a request's head. 
   connection after KEEP_ALIVE seconds; a head over http11.MAX_HEAD gets 431;
 - keep-alive, pipelined requests answered in order (one at a time: the next request is not
   parsed before the previous response is complete), ``Expect: 100-continue`` answered when
-  the front first reads the body, chunked bodies both ways (ingress.http11), HEAD;
+  the front first reads the body, chunked bodies both ways (postroom.http11), HEAD;
 - backpressure both ways: reading pauses while more than INBOX_LIMIT bytes wait for the
   front, and the front's ``send`` waits while the socket's write buffer is full, at most
   [http] read_timeout per pause (a client that stops reading is cut off, its request no
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
 from postroom.exceptions import PostroomError
-from postroom.ingress.http11 import END, MAX_HEAD, Data, Event, Framing, Head, Malformed, Requests
+from postroom.http11 import END, MAX_HEAD, Data, Event, Framing, Head, Malformed, Requests
 
 if TYPE_CHECKING:
     from postroom.ingress.http_front import ASGIApp, Message

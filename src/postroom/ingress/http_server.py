@@ -1,5 +1,5 @@
 """The HTTP listening socket of `postroom serve`: bound at start-up, served from the first
-connection on by ingress.http_conn (llhttp, ingress.http11) with the ASGI front
+connection on by ingress.http_conn (llhttp, postroom.http11) with the ASGI front
 (ingress.http_front), and stopped gracefully.
 
 The socket listens from the start (clients connect at once and wait in its backlog); the

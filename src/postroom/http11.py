@@ -1,7 +1,8 @@
-"""HTTP/1.1 on the wire, both ways, for `postroom serve`'s listener (ingress.http_conn) and
-its client of the web admin's process (ingress.admin_proxy): messages parsed by llhttp (the
-parser Node.js uses, through httptools, in C) into a few plain events, and the answers'
-heads and body framing written here.
+"""HTTP/1.1 on the wire, both ways, for `postroom serve`'s listener (ingress.http_conn), its
+client of the web admin's process (ingress.admin_proxy) and the lean HTTPS client of the
+send path (postroom.httpwire): messages parsed by llhttp (the parser Node.js uses, through
+httptools, in C) into a few plain events, and the answers' heads and body framing written
+here.
 
 Parsing in C rather than h11's pure Python: a small request (a provider's webhook, an API
 call) cost the listener more CPU in h11's parsing and framing than in its own work.
@@ -164,9 +165,11 @@ class Requests:
 
 class Responses:
     """A client connection's bytes in, one response's events out: ``status``, ``headers``
-    once the head is read, then Data... and END. Call ``feed(b"")`` at the end of the
-    stream: it ends a body delimited by the close, or the answer to a HEAD request (which
-    has none, whatever its Content-Length says: the server closes after it)."""
+    once the head is read, then Data... and END. Interim answers (1xx) are passed over.
+    Call ``feed(b"")`` at the end of the stream: it ends a body delimited by the close, or
+    the answer to a HEAD request (which has none, whatever its Content-Length says: the
+    server closes after it). ``size``: the body's bytes so far (the caller caps it);
+    ``extra``: bytes came after the answer (the connection is not to be reused)."""
 
     def __init__(self, head_request: bool = False, max_head: int = MAX_HEAD) -> None:
         self.events: collections.deque[Data | _End] = collections.deque()
@@ -176,20 +179,37 @@ class Responses:
         self._collected: list[tuple[bytes, bytes]] = []
         self._head_request = head_request
         self._max_head = max_head
-        self._size = 0
+        self._head_fed = 0
+        self.size = 0
+        self.complete = False
+        self.keep_alive = False  # the server allows another request (read at the end)
+        self.extra = False
+
+    def on_message_begin(self) -> None:
+        self.extra = self.extra or self.complete
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.headers is None:
             self._collected.append((name.lower(), value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        self.headers = self._collected
+        if self.headers is None and not self.complete:
+            self.status = self._parser.get_status_code()
+            if self.status >= 200:
+                self.headers = self._collected
 
     def on_body(self, body: bytes) -> None:
-        self.events.append(Data(body))
+        if not self.complete:
+            self.size += len(body)
+            self.events.append(Data(body))
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            return
+        if self.headers is None:  # 100 Continue and the like: the answer follows
+            self._collected, self.status = [], 0
+            return
+        self.complete, self.keep_alive = True, self._parser.should_keep_alive()
         self.events.append(END)
 
     def feed(self, data: bytes) -> None:
@@ -197,18 +217,21 @@ class Responses:
         try:
             if data:
                 self._parser.feed_data(data)
-            elif END not in self.events:
+            elif not self.complete:
                 if self.headers is None or not (self._head_request or not any(
                         n in (b"content-length", b"transfer-encoding")
                         for n, _ in self.headers)):
                     raise Malformed(400, "the connection closed before the answer ended")
-                self.events.append(END)  # the body was delimited by the close
+                self.complete = True  # the body was delimited by the close
+                self.events.append(END)
         except httptools.HttpParserError as err:
-            raise Malformed(400, str(err)) from None
+            if not self.complete:
+                raise Malformed(400, str(err)) from None
+            self.extra = True  # bytes after the answer: that connection is not reused
         if self.headers is None:  # bytes of an unfinished head: bounded, as a request's
-            self._size += len(data)
-        if self.headers is None and self._size > self._max_head:
-            raise Malformed(431, "answer head too large")
+            self._head_fed += len(data)
+            if self._head_fed > self._max_head:
+                raise Malformed(431, "answer head too large")
 
 
 def _valid(pieces: list[bytes], block: bytes) -> bytes:
