@@ -314,6 +314,21 @@ def test_what_the_parser_leaves_to_the_listener(served: Served) -> None:
     got, headers, body, rest = answer(get("/echo?ws", "Upgrade: websocket\r\n"
                                           "Connection: Upgrade\r\n") + get("/echo?after"))
     assert got == 200 and json.loads(body)["query"] == "ws" and rest == b""
+    # An Upgrade with a body (curl --http2 on http:// asks for h2c): the body is read as
+    # the request's, answered, and the connection closed; a chunked one is refused.
+    post = (b"POST /echo?h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n")
+    got, headers, body, rest = answer(post + b"Content-Length: 11\r\n\r\nhello world")
+    assert got == 200 and json.loads(body)["size"] == 11 and rest == b""
+    with connect(served.port, "127.0.0.2") as s, s.makefile("rb") as f:  # the body later
+        s.sendall(post + b"Content-Length: 11\r\n\r\nhello")
+        time.sleep(0.2)
+        s.sendall(b" world")
+        got, _, body = read_response(f)
+        assert got == 200 and json.loads(body)["size"] == 11 and f.read() == b""
+    got, headers, body, rest = answer(post + b"Transfer-Encoding: chunked\r\n\r\n"
+                                      b"5\r\nhello\r\n0\r\n\r\n")
+    assert got == 400 and rest == b""
     # A header value holding CR LF is never written: a 500, no second header.
     got, headers, body, rest = answer(get("/split"))
     assert got == 500 and "set-cookie" not in headers and b"evil" not in body + rest

@@ -83,8 +83,12 @@ class Requests:
         self._headers: list[tuple[bytes, bytes]] = []
         self.in_head = False  # a request's line began and its head is not complete
         self._head_fed = 0  # bytes fed since then (an upper bound of its size so far)
-        self.closed = False  # nothing more is parsed (an upgrade, or bad bytes)
+        self._stopped = False  # llhttp parses no more (an upgrade, or bad bytes)
         self.failed: Malformed | None = None
+        # An Upgrade request's body still to come: llhttp skips the body of any request it
+        # takes for an upgrade (curl --http2 on http:// asks for h2c), so it is passed
+        # through here by its Content-Length.
+        self._left: int | None = None
 
     # -- httptools' callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -133,29 +137,64 @@ class Requests:
     # -- feeding ------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Parse ``data``: its events appended to ``events``, or ``failed`` set."""
-        if self.closed:
+        if self._left is not None:
+            self._pass(data)
+            return
+        if self._stopped:
             return
         for start in range(0, len(data), MAX_HEAD):
             piece = data[start:start + MAX_HEAD] if len(data) > MAX_HEAD else data
             try:
                 self._parser.feed_data(piece)
-            except httptools.HttpParserUpgrade:
-                # An Upgrade (WebSocket) or CONNECT is not served: the request is answered
-                # as a plain one, and the connection ends after it.
-                self.closed = True
+            except httptools.HttpParserUpgrade as up:
+                # An Upgrade (WebSocket, h2c) or CONNECT is not served: the request is
+                # answered as a plain one, and the connection ends after it.
+                self._stopped = True
+                self._upgraded(piece[int(up.args[0]):] + data[start + len(piece):])
                 return
             except httptools.HttpParserError as err:
                 # A request before the bad bytes (HTTP/1.0's, then data after its end) is
                 # still served; the error is answered after it.
                 cause = err.__context__
                 self.failed = cause if isinstance(cause, Malformed) else Malformed(400, str(err))
-                self.closed = True
+                self._stopped = True
                 return
             if self.in_head:
                 self._head_fed += len(piece)
                 if self._head_fed > 2 * MAX_HEAD:
-                    self.failed, self.closed = Malformed(431, "head too large"), True
+                    self.failed, self._stopped = Malformed(431, "head too large"), True
                     return
+
+    def _upgraded(self, rest: bytes) -> None:
+        """After an upgrade request's head: its body, which llhttp skipped, from ``rest``."""
+        if len(self.events) < 2 or not isinstance(self.events[-2], Head):
+            return
+        head = self.events[-2]
+        if not head.has_body:
+            return
+        length = next((v for n, v in head.headers if n == b"content-length"), None)
+        self.events.pop()  # the END llhttp gave at once
+        if length is None or not length.isdigit():
+            self.events.pop()  # a chunked body: not read here, the request is refused
+            self.failed = Malformed(400, "an Upgrade request with a chunked body")
+            return
+        self._left = int(length)
+        self._pass(rest)
+
+    def _pass(self, data: bytes) -> None:
+        assert self._left is not None
+        take = data[:self._left]
+        if take:
+            self.events.append(Data(take))
+            self._left -= len(take)
+        if not self._left:
+            self.events.append(END)
+            self._left = None  # and, stopped, closed: what follows is not read
+
+    @property
+    def closed(self) -> bool:
+        """No more bytes will be read: the connection ends after what was parsed."""
+        return self._stopped and self._left is None
 
     @property
     def partial(self) -> bool:
