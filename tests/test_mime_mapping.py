@@ -126,6 +126,18 @@ def _outcome(raw: bytes) -> object:
         return type(err).__name__
 
 
+def test_plain_address_lists_split_as_getaddresses_reads_them() -> None:
+    from email.utils import getaddresses
+
+    from postroom.transports._mime import address_pairs
+
+    values = [*_FROMS, *_TOS, "A B <a@b.c>, c@d.e,<f@g.h>", "x@y, Z <z@y>", "a@b.c,",
+              "O'Brien Jr <o@b.ie>", "a.b+tag@sub.example.org", "Zoë <a@b.c>, d@e.f"]
+    for v in values:
+        assert address_pairs([v]) == getaddresses([v]), v
+    assert address_pairs(values[:3]) == getaddresses(values[:3])
+
+
 def test_the_fast_paths_map_as_the_full_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     import re
     from email.parser import BytesParser

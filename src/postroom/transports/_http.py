@@ -35,7 +35,6 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import getproxies
@@ -486,8 +485,11 @@ def mime_text(raw: bytes, title: str) -> str:
 
 
 def header_recipients(raw: bytes) -> set[str]:
+    # Imported here: a webhook-only use of a provider's module in `serve` loads no mapping.
+    from postroom.transports._mime import address_pairs
+
     found = header_values(raw, ("to", "cc", "bcc"))
-    return {addr.lower() for _, addr in getaddresses(list(found.values())) if addr}
+    return {addr.lower() for _, addr in address_pairs(list(found.values())) if addr}
 
 
 def match_headers(env: Envelope, title: str) -> bytes:

@@ -98,7 +98,7 @@ def _mailboxes(msg: EmailMessage, name: str) -> list[str]:
     if not values:
         return []
     out = []
-    for display, addr in getaddresses(values):
+    for display, addr in address_pairs(values):
         if not addr:
             continue
         if display and _SPECIALS.search(display):
@@ -119,6 +119,19 @@ _ADDR = rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*"
 _MAILBOX = rf"(?:(?:{_ATEXT} )+<{_ADDR}>|<{_ADDR}>|{_ADDR})"
 _PLAIN_ADDRESSES = re.compile(rf"{_MAILBOX}(?:, ?{_MAILBOX})*")
 _PLAIN_ID = re.compile(rf"<{_ADDR}>")
+# One mailbox of such a list: the display name, or the address within <> or alone.
+_MAILBOX_PARTS = re.compile(rf"((?:{_ATEXT} )+)<({_ADDR})>|<({_ADDR})>|({_ADDR})")
+
+
+def address_pairs(values: list[str]) -> list[tuple[str, str]]:
+    """``email.utils.getaddresses(values)``: (display name, address) pairs. Plain lists
+    (_PLAIN_ADDRESSES) are split by a regular expression, which reads them as getaddresses
+    does: its parser, with 3.11's checks for parentheses and quotes, was most of a small
+    message's mapping once the header classes were out of the way."""
+    if all(_PLAIN_ADDRESSES.fullmatch(v) and "=?" not in v for v in values):
+        return [((m[1] or "").strip(), m[2] or m[3] or m[4])
+                for v in values for m in _MAILBOX_PARTS.finditer(v)]
+    return getaddresses(values)
 # Fields whose class is not the unstructured one (addresses, dates, MIME parameters) are
 # parsed, but for Message-ID written "<id@host>".
 _STRUCTURED = frozenset(HeaderRegistry().registry) - {"subject"}
