@@ -24,6 +24,7 @@ What h11 enforced and llhttp does not is enforced here:
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
@@ -281,11 +282,26 @@ def _valid(pieces: list[bytes], block: bytes) -> bytes:
     return block
 
 
+# What a request may carry (RFC 9110 sections 5.1, 5.5, 9.1; RFC 9112 section 3.2), as h11
+# checked it: a method and field names are tokens, a field value visible characters with
+# spaces or tabs inside (none at either end), the target visible characters.
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"(?:[!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*)?")
+_TARGET = re.compile(rb"[!-~]+")
+
+
 def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """An HTTP/1.1 request's head (the caller gives Host and the body's framing)."""
-    lines = [method + b" " + target + b" HTTP/1.1",
-             *(name + b": " + value for name, value in headers), b""]
-    return _valid(lines, b"\r\n".join(lines) + b"\r\n")
+    """An HTTP/1.1 request's head (the caller gives Host and the body's framing);
+    ValueError(what, text) for a part HTTP cannot carry."""
+    if not _TOKEN.fullmatch(method):
+        raise ValueError("method", method)
+    if not _TARGET.fullmatch(target):
+        raise ValueError("target", target)
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            raise ValueError("header field", name + b": " + value)
+    return b"".join([method, b" ", target, b" HTTP/1.1\r\n",
+                     *(name + b": " + value + b"\r\n" for name, value in headers), b"\r\n"])
 
 
 class Framing:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from postroom.exceptions import ConnectError, DeliveryError, TimeoutError_
-from postroom.http11 import Data, Malformed, Responses
+from postroom.http11 import Data, Malformed, Responses, request_head
 
 # The most of an answer read: a provider's JSON answer is a few hundred bytes; the transcript
 # keeps 500 characters and the parsers need the whole JSON. Beyond this, the answer is refused
@@ -44,12 +43,6 @@ MAX_ANSWER = 1 << 20
 # outcome. Below the shortest common one; a busy worker keeps its connections busy anyway.
 KEEPALIVE_EXPIRY = 4.0
 _READ = 65536
-# What may be written (RFC 9110 §5.1, §5.5, §9.1; RFC 9112 §3.2), as h11 checked it: a method
-# and field names are tokens, a field value visible characters with spaces or tabs inside
-# (none at either end), the target visible characters.
-_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(r"(?:[!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*)?")
-_TARGET = re.compile(r"[!-~]+")
 
 
 def _where(url: str) -> tuple[tuple[str, str, int], str, str]:
@@ -144,21 +137,19 @@ class WirePool:
             return answer
 
     def _head(self, method: str, target: str, fields: list[tuple[str, str]]) -> bytes:
-        """The request line and header fields; one HTTP cannot carry is refused."""
-        bad = ("method", method) if not _TOKEN.fullmatch(method) or method == "HEAD" else (
-            ("target", target) if not _TARGET.fullmatch(target) else next(
-                (("header field", f"{n}: {v}") for n, v in fields
-                 if not _TOKEN.fullmatch(n) or not _FIELD_VALUE.fullmatch(v)), None))
-        if bad is None:
-            try:
-                return (f"{method} {target} HTTP/1.1\r\n"
-                        + "".join(f"{n}: {v}\r\n" for n, v in fields) + "\r\n"
-                        ).encode("ascii")
-            except UnicodeEncodeError:
-                bad = ("header field", "with a character outside ASCII")
-        # HEAD: its answer's length says no body follows, which the parser cannot know.
-        raise ConnectError(f"{self.title}: the request cannot be sent: illegal {bad[0]} "
-                           f"{bad[1]!r}", code="connect.failed")
+        """The request line and header fields (postroom.http11.request_head); one HTTP
+        cannot carry is refused."""
+        try:
+            if method == "HEAD":  # its answer's length says no body follows, which the
+                raise ValueError("method", method.encode())  # parser cannot know
+            return request_head(method.encode("ascii"), target.encode("ascii"),
+                                [(n.encode("ascii"), v.encode("ascii")) for n, v in fields])
+        except UnicodeEncodeError:
+            what, text = "header field", "with a character outside ASCII"
+        except ValueError as err:
+            what, text = err.args[0], bytes(err.args[1]).decode("latin-1")
+        raise ConnectError(f"{self.title}: the request cannot be sent: illegal {what} "
+                           f"{text!r}", code="connect.failed")
 
     async def _connection(self, pool: _Host, key: tuple[str, str, int]) -> _Conn:
         now = time.monotonic()
