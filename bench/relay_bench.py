@@ -512,8 +512,9 @@ def run_postroom(kind: str, work: Path, template: Path, sink: Sink, size: int, r
 
 
 def profile_postroom(kind: str, work: Path, template: Path, sink: Sink, n: int,
-                     out_dir: Path, timeout: float, fmt: str = "raw") -> list[dict[str, Any]]:
-    """An extra, unmeasured run (2 KB, new connection per message) with py-spy attached to
+                     out_dir: Path, timeout: float, fmt: str = "raw",
+                     size: int = 2048) -> list[dict[str, Any]]:
+    """An extra, unmeasured run (``size`` bytes, new connection per message) with py-spy attached to
     each Postroom process (`postroom serve`, and `postroom worker` in the split variant).
     ``raw``: collapsed stacks of the thread holding the GIL (py-spy --gil), summarised by
     thread, area and function; ``flamegraph``: an SVG of all (non-idle) threads."""
@@ -531,7 +532,7 @@ def profile_postroom(kind: str, work: Path, template: Path, sink: Sink, n: int,
         pr.start()
         spies = []
         for name, proc in zip(names, pr.procs, strict=False):
-            path = out_dir / f"{kind}-{name}-2kb.{'txt' if fmt == 'raw' else 'svg'}"
+            path = out_dir / f"{kind}-{name}-{size // 1024}kb.{'txt' if fmt == 'raw' else 'svg'}"
             results.append({"kind": kind, "process": name, "path": str(path), "rate": rate})
             cmd = [pyspy, "record", "--pid", str(proc.pid), "--rate", str(rate), "--threads",
                    "--format", fmt, "--output", str(path), "--duration", str(int(timeout))]
@@ -543,7 +544,7 @@ def profile_postroom(kind: str, work: Path, template: Path, sink: Sink, n: int,
         base = sink.count()
         cpu0 = pr.cpu()
         t0 = time.perf_counter()
-        rc, t_acc, _, _ = run_source(source_cmd(pr.port, n, 2048, False), timeout)
+        rc, t_acc, _, _ = run_source(source_cmd(pr.port, n, size, False), timeout)
         t1 = time.perf_counter()
         cpu1 = pr.cpu()
         sink.wait_count(base + n, timeout)
@@ -1040,8 +1041,10 @@ def main() -> int:
     ap.add_argument("--cases", default="",
                     help="comma-separated subset of case numbers 1-4 (2K new, 2K -d, 50K new, "
                          "50K -d)")
+    ap.add_argument("--profile-size", type=int, default=2048,
+                    help="message size of the --profile runs, in bytes (default 2048)")
     ap.add_argument("--profile", action="store_true",
-                    help="also run postroom serve once under py-spy (2 KB, new connections)")
+                    help="also run postroom serve once under py-spy (new connections)")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"),
                     help="markdown report ('-' = print only)")
     ap.add_argument("--workdir", default="", help="default: a new folder under /tmp")
@@ -1126,7 +1129,8 @@ def main() -> int:
             for kind, fmt in (("postroom", "raw"), ("split", "raw"), ("postroom", "flamegraph")):
                 say(f"profiling {LABEL[kind]} ({fmt}, {pn} messages; extra run, not measured)")
                 for p in profile_postroom(kind, work, template, sink, pn,
-                                          work / "profile-out", timeout, fmt):
+                                          work / "profile-out", timeout, fmt,
+                                          a.profile_size):
                     extra["profiles"].append(p)
                     if "samples" in p:
                         say(print_profile(p))

@@ -36,6 +36,7 @@ from postroom.envelope import Envelope, validate_address
 from postroom.exceptions import EventError, IntakeError, MessageError, PostroomError
 from postroom.ingress.accept import Intake
 from postroom.ingress.guard import FailureLimiter, Networks, SessionCaps, client_address
+from postroom.ingress.smtpdata import Refusal, read_data
 from postroom.queue.sql import Queue
 from postroom.settings import ServerSettings
 
@@ -156,6 +157,38 @@ class PostroomSMTP(SMTP):
                     return addr, s[end + 1 :].strip()
         result: tuple[str | None, str | None] = super()._getaddr(arg)
         return result
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's own DATA, with the data read in blocks (ingress.smtpdata) instead of
+        # line by line; the checks before 354 and the handler call after are its own.
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await read_data(self._reader, self.data_size_limit,
+                                      self.line_length_limit)
+        except asyncio.CancelledError:
+            # The connection was lost during DATA (eof_received cancels this coroutine).
+            log.info("connection lost during DATA")
+            self._writer.close()
+            raise
+        # aiosmtpd's _set_post_data_state: a fresh envelope for the next transaction.
+        if isinstance(content, Refusal):
+            self.envelope = self._create_envelope()
+            await self.push(content.value)
+            return
+        self.envelope.content = self.envelope.original_content = content
+        assert self.session is not None
+        status = await self.handler.handle_DATA(self, self.session, self.envelope)
+        self.envelope = self._create_envelope()
+        await self.push(status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None  # not the second call made by STARTTLS
