@@ -9,7 +9,10 @@ GIL contention, no scheduler noise). The message is what smtp-source sends (4 he
 80-character body lines). Steps:
 
   listener  aiosmtpd's per-connection set-up (PostroomSMTP(...)), address parsing for
-            MAIL and RCPT (SMTP._getaddr), the DATA checks (has_bare_newline, summarize)
+            MAIL and RCPT (SMTP._getaddr), the DATA checks (bare_newline, summarize)
+  data      one transaction's DATA over loopback, 2 KB and 50 KB, read in blocks
+            (ingress.smtpdata, what `serve` does) and line by line (aiosmtpd's own reader);
+            client and server in this one thread, so the CPU is both sides
   store     the enqueue transaction (message_row + INSERT + COMMIT with synchronous=FULL),
             one message per transaction and 10 per transaction (group commit)
   worker    claim (10 at a time), the finish transaction (UPDATE + INSERT attempt)
@@ -62,6 +65,54 @@ def timeit(fn: Callable[[], Any], n: int, rounds: int = 5) -> tuple[float, float
     return statistics.median(cpu), statistics.median(wall)
 
 
+async def data_phase(settings: Any, raw: bytes, blocks: bool, n: int) -> float:
+    """CPU µs (this thread: client and server) per transaction of ``raw`` over one kept
+    connection to a PostroomSMTP whose handler takes the data and stores nothing."""
+    from aiosmtpd.smtp import SMTP
+
+    from postroom.ingress import smtpd
+    from postroom.ingress.accept import Intake
+
+    class Taker(smtpd.Handler):
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            return "250 2.0.0 Ok"
+
+    cls: Any = smtpd.PostroomSMTP
+    if not blocks:
+        cls = type("LineByLine", (smtpd.PostroomSMTP,), {"smtp_DATA": SMTP.smtp_DATA})
+    handler = Taker(None, None, smtpd.Policy(settings.server),  # type: ignore[arg-type]
+                    Intake(settings.server, ()))
+    template = cls(handler, implicit_tls=False, data_size_limit=10 * len(raw),
+                   decode_data=False, hostname="bench.test", authenticator=handler.authenticator)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: cls.like(template), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", server.sockets[0].getsockname()[1])
+    await reader.readline()
+    writer.write(b"EHLO c.test\r\n")
+    while not (await reader.readline()).startswith(b"250 "):
+        pass
+    stuffed = raw.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    envelope = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+
+    async def one() -> None:
+        writer.write(envelope)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(stuffed)
+        await reader.readline()
+
+    for _ in range(20):
+        await one()
+    c0 = time.thread_time()
+    for _ in range(n):
+        await one()
+    cpu = (time.thread_time() - c0) / n * 1e6
+    writer.close()
+    server.close()
+    return cpu
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,6 +128,7 @@ def main() -> int:
     from postroom import settings as settings_mod
     from postroom.envelope import Envelope, summarize
     from postroom.ingress import smtpd
+    from postroom.ingress.accept import Intake, bare_newline
     from postroom.runtime import Instance
 
     work = Path(tempfile.mkdtemp(prefix="postroom-costs-"))
@@ -121,7 +173,8 @@ security = "none"
 
         # -- listener (on an event loop, as in `postroom serve`) -------------------------
         async def listener_steps() -> None:
-            handler = smtpd.Handler(queue, inst.apps, smtpd.Policy(settings.server))
+            handler = smtpd.Handler(queue, inst.apps, smtpd.Policy(settings.server),
+                                    Intake.of(settings, inst.apps))
             tls = None
 
             def make() -> Any:
@@ -140,20 +193,26 @@ security = "none"
                 lambda: proto._getaddr("<a@example.com>"))
 
         asyncio.run(listener_steps())
-        add("listener", "has_bare_newline(2 KB)", lambda: smtpd.has_bare_newline(msg2k))
+        add("listener", "bare_newline(2 KB)", lambda: bare_newline(msg2k))
         add("listener", "summarize(2 KB) (headers -> Message-ID, Subject, From, To)",
             lambda: summarize(msg2k))
-        add("listener", "has_bare_newline(50 KB)", lambda: smtpd.has_bare_newline(msg50k))
+        add("listener", "bare_newline(50 KB)", lambda: bare_newline(msg50k))
+        for size, raw in (("2 KB", msg2k), ("50 KB", msg50k)):
+            for label, blocks in (("in blocks", True), ("line by line (aiosmtpd)", False)):
+                c = asyncio.run(data_phase(settings, raw, blocks, max(100, n // 4)))
+                rows.append(("data", f"DATA {size}, {label}", c, c))
+                print(f"  {'data':<8} {'DATA ' + size + ', ' + label:<62} CPU {c:8.1f} µs",
+                      flush=True)
 
         # -- store ------------------------------------------------------------------------
         def env(raw: bytes = msg2k) -> Envelope:
             return Envelope("a@example.com", ["b@example.org"], raw, source="smtp:trusted")
 
         # The queue's internals change as Postroom is optimised: adapt to the version here.
-        from postroom.queue import sql as qsql
+        from postroom.queue import commit as qcommit
 
         per_env = next(iter(inspect.signature(queue._enqueue_op).parameters)) == "env"
-        run_ops = getattr(qsql, "_run", None)
+        run_ops = getattr(qcommit, "run_writes", None)
 
         q: Any = queue  # either API version
 
@@ -213,7 +272,7 @@ security = "none"
                            time.time(), settings.delivery)
                 ops.append(queue._finish_op(m, status=d.status,
                                             next_attempt_at=d.next_attempt_at,
-                                            last_error=None, attempt=attempt_row(d)))
+                                            last_error=None, attempts=[attempt_row(d)]))
             if batched:  # as the group committer does when finishes arrive together
                 with inst.engine.begin() as conn:
                     execute(conn, ops)

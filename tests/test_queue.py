@@ -19,7 +19,8 @@ from sqlalchemy import Engine, event, select
 from postroom.envelope import Envelope
 from postroom.exceptions import DeliveryError, StoreError
 from postroom.queue.backoff import backoff
-from postroom.queue.sql import Claimed, Queue
+from postroom.queue.lease import Claimed
+from postroom.queue.sql import Queue
 from postroom.queue.worker import Worker, decide
 from postroom.settings import DeliverySettings
 from postroom.store.db import make_engine, migrate
@@ -912,7 +913,7 @@ def test_a_live_worker_renews_its_leases(engine: Engine) -> None:
 def test_big_bodies_are_read_when_their_delivery_starts(queue: Queue) -> None:
     """A claim leaves bodies over BODY_WITH_CLAIM in the database (a worker holds up to
     `concurrency` claimed messages); the worker reads each when it delivers it, byte-exact."""
-    from postroom.queue.sql import BODY_WITH_CLAIM
+    from postroom.queue.lease import BODY_WITH_CLAIM
 
     big = (b"From: a@example.org\r\nTo: b@example.test\r\nSubject: big\r\n\r\n"
            + b"0123456789abcdef" * (BODY_WITH_CLAIM // 16 + 1) + b"\r\n")
@@ -950,3 +951,62 @@ def test_migrations_build_exactly_the_declared_schema(engine: Engine) -> None:
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"include_name": declared})
         assert compare_metadata(context, metadata) == []
+
+
+def _rollups(engine: Engine) -> dict[tuple[float, str, str, str], int]:
+    """The log's rollups, checked against what counting the table says."""
+    from sqlalchemy import func, text
+
+    from postroom.store.schema import ROLLUP_STATUSES, messages
+
+    keys = (func.floor(messages.c.created_at / 3600) * 3600, messages.c.status,
+            func.coalesce(messages.c.via, ""), func.coalesce(messages.c.app, ""))
+    with engine.connect() as conn:
+        want = {(float(h), s, c, a): int(n) for h, s, c, a, n in conn.execute(
+            select(*keys, func.count()).where(messages.c.status.in_(ROLLUP_STATUSES))
+            .group_by(*keys))}
+        got = {(float(h), s, c, a): int(n) for h, s, c, a, n in conn.execute(text(
+            "SELECT hour, status, connection, app, sum(count) FROM log_rollups "
+            "GROUP BY hour, status, connection, app HAVING sum(count) <> 0"))}
+    assert got == want
+    return got
+
+
+def test_a_batch_of_results_counts_each_finished_message_once(queue: Queue, engine: Engine,
+                                                              clock: FakeClock) -> None:
+    """A batch of results (one statement on PostgreSQL) counts each finished message once in
+    the log's rollups, a forced copy's run moves its count to its new connection, and
+    other writers are counted too."""
+    from sqlalchemy import update
+
+    from postroom.store.schema import messages
+
+    for i in range(6):
+        queue.enqueue_sync(envelope(f"r{i}@example.test"))
+
+    def tried(via: str) -> dict[str, Any]:
+        return {"connection": via, "started_at": clock.t, "ended_at": clock.t,
+                "outcome": "sent", "reply_code": 250, "reply_text": "ok", "error_code": None,
+                "permanent": False, "recipients": {}, "transcript": "", "provider_id": None}
+
+    async def go() -> list[bool]:
+        claimed = await queue.claim("host:1", 10, 60)
+        fates = ["sent", "sent", "sent", "failed", "deferred", "partial"]
+        done = list(await asyncio.gather(*(
+            queue.finish(m, status=fate, next_attempt_at=clock.t + 300, last_error=None,
+                         attempts=[tried("a")], copy_due=clock.t if fate == "partial" else None)
+            for m, fate in zip(claimed, fates, strict=True))))
+        copies = await queue.claim("host:1", 10, 60)  # the partial one's forced copies
+        assert [m.status for m in copies] == ["partial"]
+        done.append(await queue.finish(copies[0], status="sent", next_attempt_at=clock.t,
+                                       last_error=None, attempts=[tried("b")]))
+        return done
+
+    assert run(queue, go) == [True] * 7
+    counts = _rollups(engine)
+    assert sorted((s, c, n) for (_, s, c, _), n in counts.items()) == [
+        ("failed", "a", 1), ("partial", "b", 1), ("sent", "a", 3)]
+    with engine.begin() as conn:  # another writer: the trigger
+        conn.execute(update(messages).where(messages.c.status == "failed")
+                     .values(status="sent"))
+    assert sum(n for (_, s, _, _), n in _rollups(engine).items() if s == "sent") == 4

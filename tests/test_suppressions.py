@@ -32,7 +32,8 @@ from postroom import audit
 from postroom.audit import Actor, ActorKind, Role
 from postroom.exceptions import ConfigError, MessageError, PermissionDenied
 from postroom.ops import suppressions as ops
-from postroom.queue.sql import Claimed, Queue
+from postroom.queue.lease import Claimed
+from postroom.queue.sql import Queue
 from postroom.queue.worker import decide
 from postroom.settings import DeliverySettings, load
 from postroom.store.db import write_transaction

@@ -5,7 +5,7 @@ a message's page.
 One closed vocabulary: :class:`Kind`, each kind with its :class:`Severity` and the
 :class:`Subject` it concerns (:data:`SPECS`). One writer: :func:`record` (one row),
 :func:`record_all` (rows in one statement), :func:`record_once` (unless recorded lately) and
-:func:`queued` (a row for the queue writer's batches, postroom.queue.sql). One reader:
+:func:`queued` (a row for the queue writer's batches, postroom.queue.commit). One reader:
 :func:`read` and :func:`count`. Nothing else reads or writes the ``events`` table, except
 retention (postroom.queue.retention), which deletes old rows whatever their kind.
 
@@ -19,15 +19,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select
 
 from postroom.exceptions import MessageError
+from postroom.queue.insert import RowInsert
 from postroom.store.schema import events as table
-
-if TYPE_CHECKING:
-    from postroom.queue.sql import RowInsert
 
 MAX_DETAIL = 2000  # characters of detail kept
 READ_LIMIT = 1000  # rows one read returns at most
@@ -59,7 +57,7 @@ class Kind(enum.StrEnum):
     QUEUE_PAUSED = "queue_paused"
     QUEUE_RESUMED = "queue_resumed"
     QUEUE_PURGED = "queue_purged"
-    # A message (queue.worker, queue.sql, queue.maintenance, webhooks.intake).
+    # A message (queue.worker, queue.lease, queue.maintenance, webhooks.intake).
     FALLBACK_USED = "fallback_used"
     UNKNOWN_OUTCOME = "unknown_outcome"
     LEASE_EXPIRED = "lease_expired"
@@ -211,9 +209,6 @@ def queued(kind: Kind, *, at: float, message_id: str | None = None,
            connection: str | None = None, detail: str = "") -> RowInsert:
     """The event as a row for the queue's writer: a batch's events go in one executemany
     (one per message when a flapping primary makes every message fall back)."""
-    # queue.sql writes lease_expired through this module: imported here, not at the top.
-    from postroom.queue.sql import RowInsert
-
     return RowInsert(INSERT, _row(Event(kind, at, message_id, connection, detail)))
 
 

@@ -276,7 +276,7 @@ class _Embedded:
 
     def start(self) -> None:
         if self.inst is None:
-            from postroom.queue.sql import GroupCommitter
+            from postroom.queue.commit import GroupCommitter
 
             inst = self._make(self.settings)
             if inst.engine.url.get_backend_name() == "sqlite":

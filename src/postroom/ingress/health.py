@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
-from postroom.queue.sql import pid_alive
 from postroom.queue.worker import HEARTBEAT_SECONDS
+from postroom.queue.workers import pid_alive
 from postroom.store.schema import DEFERRED, QUEUED, SENDING, messages
 
 if TYPE_CHECKING:

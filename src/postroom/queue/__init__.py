@@ -1,1 +1,3 @@
-"""The queue: durable rows (sql.py), retry timing (backoff.py), delivery (worker.py)."""
+"""The queue: its operations on one database (sql.py's Queue), the group commit its writes go
+through (commit.py), leases (lease.py), results (finish.py), the worker registry
+(workers.py), retry timing (backoff.py), delivery (worker.py)."""

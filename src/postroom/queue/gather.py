@@ -1,6 +1,6 @@
 """Many small writes of one kind, run as one write with shared statements.
 
-The group commit (postroom.queue.sql.GroupCommitter) already puts every write that arrives
+The group commit (postroom.queue.commit.GroupCommitter) already puts every write that arrives
 during a commit into the next transaction, but each write still runs its own statements: a
 hundred one-event webhook requests are a hundred duplicate checks, a hundred lookups and a
 hundred inserts in that transaction. A :class:`Gather` folds the items submitted while its
@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from postroom.exceptions import StoreError
 
 if TYPE_CHECKING:
-    from postroom.queue.sql import GroupCommitter
+    from postroom.queue.commit import GroupCommitter
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from postroom import policy as message_policy
 from postroom.exceptions import DeliveryError
 from postroom.queue.backoff import backoff
-from postroom.queue.sql import Claimed
+from postroom.queue.lease import Claimed
 from postroom.routing.chain import fails_message
 from postroom.routing.walk import rcpt_state
 from postroom.settings import DeliverySettings

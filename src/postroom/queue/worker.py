@@ -24,10 +24,12 @@ from postroom import policy as message_policy
 from postroom.envelope import Envelope, header_values
 from postroom.events import Kind
 from postroom.exceptions import ConfigError, DeliveryError, PostroomError
+from postroom.queue.lease import Claimed
 from postroom.queue.limits import Limiter, limited
 from postroom.queue.outcome import LIFETIME_OVER, Decision, Outcome, copies_next, results_for_error
 from postroom.queue.outcome import decide as decide  # its home before; tests and benches import it
-from postroom.queue.sql import Claimed, Queue, worker_id
+from postroom.queue.sql import Queue
+from postroom.queue.workers import worker_id
 from postroom.routing.chain import counts_against_connection, misconfigured, scope_of
 from postroom.routing.health import Health
 from postroom.routing.rules import Facts, Leg, Route, Router
@@ -49,7 +51,7 @@ from postroom.transports.base import DeliveryResult, Transport
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0  # how often a worker refreshes its row in `workers`
-BIG_BODIES_AT_ONCE = 4  # bodies over queue.sql.BODY_WITH_CLAIM in memory at a time
+BIG_BODIES_AT_ONCE = 4  # bodies over queue.lease.BODY_WITH_CLAIM in memory at a time
 HELD = ("held in the queue, not failed: the connection's configuration is wrong; once it "
         "is fixed the message goes at its next try (it fails only when its lifetime ends)")
 

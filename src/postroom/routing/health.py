@@ -34,7 +34,8 @@ from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
 from postroom import events
 from postroom.events import Kind
-from postroom.queue.sql import Queue, Write
+from postroom.queue.commit import Write
+from postroom.queue.sql import Queue
 from postroom.store.schema import connection_state, control
 
 log = logging.getLogger(__name__)
