@@ -19,24 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from postroom import settings
+from postroom import config_values, settings
 from postroom.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from postroom.connection_settings import ConnectionBase
     from postroom.routing.rules import Route
 
-# POSTROOM_* names that are not overrides of a key.
-_ENV_NOT_KEYS = {"POSTROOM_CONFIG", "POSTROOM_SECRET_KEY"}
-
-
-def value_from_text(raw: str) -> Any:
-    """A TOML value when ``raw`` parses as one (numbers, booleans, arrays), else the string:
-    how an environment override, and a value typed on a command line, are read."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+# Pure pieces, shared with postroom-sendmail's pydantic-free loader; their old names here.
+_ENV_NOT_KEYS = config_values.ENV_NOT_KEYS
+value_from_text = config_values.value_from_text
+search_path = config_values.search_path
+config_path_from = config_values.config_path_from
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -231,22 +225,6 @@ def validate_routes(items: Any, names: set[str]) -> tuple[Route, ...]:
     """A [[routes]] list checked as the file's: each chain names known connections, the
     default route (no match) comes last."""
     return _routes(items, names)
-
-
-def search_path(environ: Mapping[str, str]) -> list[Path]:
-    """Where a configuration is looked for when none is named: the current folder, then the
-    user's, then the system's. Commands started by other programs (PHP's mail() runs
-    `postroom-sendmail` in the web server's folder, cron in $HOME) find the system one."""
-    xdg = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", "~")) / ".config")
-    return [Path(settings.DEFAULT_CONFIG), Path(xdg) / "postroom" / settings.DEFAULT_CONFIG,
-            Path("/etc/postroom") / settings.DEFAULT_CONFIG]
-
-
-def config_path_from(explicit: str | Path | None, environ: Mapping[str, str]) -> Path:
-    named = explicit or environ.get("POSTROOM_CONFIG")
-    if named:
-        return Path(named)
-    return next((p for p in search_path(environ) if p.is_file()), Path(settings.DEFAULT_CONFIG))
 
 
 def load(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.header import Header, decode_header, make_header
@@ -19,7 +19,12 @@ _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 def new_id() -> str:
     """A message id: time-ordered enough for log listing, unique across nodes."""
-    return uuid.uuid4().hex
+    # uuid.uuid4().hex without importing uuid (and platform): short-lived commands such as
+    # postroom-sendmail, one process per message, make one id each.
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return b.hex()
 
 
 def needs_smtputf8(address: str) -> bool:

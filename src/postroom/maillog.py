@@ -12,12 +12,13 @@ credentials are not logged here at all.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from postroom.logformat import FIELDS
 from postroom.store.states import FAILED, PARTIAL, SENT, SUPPRESSED
+from postroom.syslog_line import accepted_text
+from postroom.syslog_line import accepted_to_syslog as accepted_to_syslog  # its old home
 
 if TYPE_CHECKING:
     from postroom.envelope import Envelope
@@ -26,39 +27,13 @@ LOG = logging.getLogger("postroom.mail")
 FINISHED = (SENT, PARTIAL, FAILED, SUPPRESSED)
 
 
-def _accepted_text(env: Envelope) -> str:
-    return (f"{env.id}: accepted from=<{env.sender}> rcpts={len(env.recipients)} "
-            f"size={len(env.raw)} source={env.source or '-'}")
-
-
 def accepted(env: Envelope) -> None:
     """``env`` is stored (after its commit: an accepted line is never for mail not kept)."""
     if not LOG.isEnabledFor(logging.INFO):  # the hot path of intake: nothing built for nobody
         return
     fields = {"event": "accepted", "id": env.id, "app": env.app, "source": env.source,
               "from": env.sender, "recipients": len(env.recipients), "size": len(env.raw)}
-    LOG.info("%s", _accepted_text(env), extra={FIELDS: fields})
-
-
-def accepted_to_syslog(env: Envelope, socket_path: str,
-                       program: str = "postroom-sendmail") -> None:
-    """The accepted line of mail a short-lived command stored itself (postroom-sendmail's
-    store mode), to the system log at ``socket_path`` (facility mail, as Postfix's postdrop
-    logs): the command's stderr belongs to the program that ran it (PHP, cron), and no
-    server saw the message arrive. A system log that is missing or full loses the line,
-    never the message, which is already stored."""
-    import socket
-    import time
-
-    pri = 2 * 8 + 6  # facility mail (2), severity info (6): RFC 5424 6.2.1
-    line = (f"<{pri}>{time.strftime('%b %d %H:%M:%S')} {program}[{os.getpid()}]: "
-            f"{_accepted_text(env)}")
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(0.5)  # a stalled journald must not hold up the caller
-            sock.sendto(line.encode("utf-8", "replace"), socket_path)
-    except OSError:
-        pass
+    LOG.info("%s", accepted_text(env), extra={FIELDS: fields})
 
 
 def finished(msg_id: str, *, app: str | None, recipients: Sequence[str], status: str,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from postroom import config_values
 from postroom.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -39,19 +40,14 @@ def __getattr__(name: str) -> type[BaseModel]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-ENV_PREFIX = "POSTROOM_"
-DEFAULT_CONFIG = "postroom.toml"
-
-
-def _parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:2525, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-# The public name, for a feature section's own listen address (postroom.metrics).
-parse_listen = _parse_listen
+# Pure parsers and names, shared with postroom-sendmail's pydantic-free loader.
+ENV_PREFIX = config_values.ENV_PREFIX
+DEFAULT_CONFIG = config_values.DEFAULT_CONFIG
+parse_listen = config_values.parse_listen
+_parse_listen = parse_listen
+SIZE_UNITS = config_values.SIZE_UNITS
+parse_size = config_values.parse_size
+parse_smtp_url = config_values.parse_smtp_url
 
 
 # defer_build: a model's validator is built when it first validates, not when its module is
@@ -233,38 +229,12 @@ class RetentionSettings(_Section):
         return parse_size(v) if isinstance(v, str) else v
 
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: str) -> int:
-    """"2GB" -> 2000000000, "512MiB" -> 536870912, "1500" -> 1500 (bytes)."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-    unit = m.group(2).upper() if m else ""
-    if m is None or unit not in SIZE_UNITS:
-        raise ValueError(f"expected a size such as \"2GB\", \"500MB\", \"512MiB\" or a "
-                         f"number of bytes, got {value!r}")
-    return int(float(m.group(1)) * SIZE_UNITS[unit])
-
-
 class LogSettings(_Section):
     """What `postroom serve` and `postroom worker` write to stderr (journald keeps it): one
     line per accepted and per finished message, plus warnings and errors."""
 
     format: Literal["text", "json", "logfmt"] = "text"  # json: one JSON object a line
     level: Literal["debug", "info", "warning", "error"] = "info"  # warning: no mail lines
-
-
-def parse_smtp_url(value: str) -> tuple[str, str, int]:
-    """"smtp://127.0.0.1:2525" -> ("smtp", "127.0.0.1", 2525); smtps:// is implicit TLS."""
-    scheme, sep, rest = value.partition("://")
-    if not sep or scheme not in ("smtp", "smtps") or "/" in rest:
-        raise ValueError(f"expected smtp://HOST:PORT or smtps://HOST:PORT (e.g. "
-                         f"smtp://127.0.0.1:2525, Postroom's smtp_listen), got {value!r}")
-    host, port = _parse_listen(rest)
-    return scheme, host, port
 
 
 class SendmailSettings(_Section):
@@ -463,7 +433,7 @@ def feature_names() -> list[str]:
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(config_values.InstancePaths):
     server: ServerSettings
     delivery: DeliverySettings
     connections: tuple[ConnectionBase, ...]
@@ -499,14 +469,6 @@ class Settings:
         return cast(SectionT, default)
 
     @property
-    def data_dir(self) -> Path:
-        return (self.base_dir / self.server.data_dir).resolve()
-
-    @property
-    def database_url(self) -> str:
-        return self.server.database or f"sqlite:///{self.data_dir / 'postroom.db'}"
-
-    @property
     def smtp_listen(self) -> tuple[str, int]:
         return _parse_listen(self.server.smtp_listen)
 
@@ -528,9 +490,6 @@ class Settings:
             "with that name to postroom.toml",
             code="config.connection.unknown",
         )
-
-    def resolve(self, path: Path) -> Path:
-        return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 
 def load(

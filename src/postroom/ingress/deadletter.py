@@ -34,6 +34,7 @@ from postroom.envelope import split_header
 from postroom.exceptions import ConfigError, StoreError
 
 if TYPE_CHECKING:
+    from postroom.ingress.sendmail_settings import LightSettings
     from postroom.settings import Settings
 
 # mboxrd: every line that reads as a From_ line, however many '>' it already has, gets one
@@ -68,7 +69,8 @@ def confine(configured: Path, *, data_dir: Path, home: str) -> Path:
     return path
 
 
-def configured_file(settings: Settings, environ: Mapping[str, str], home: str) -> Path | None:
+def configured_file(settings: Settings | LightSettings, environ: Mapping[str, str],
+                    home: str) -> Path | None:
     """``[sendmail] dead_letter``, confined; None when it is not set."""
     if settings.sendmail.dead_letter is None:
         return None

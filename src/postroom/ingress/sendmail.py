@@ -21,11 +21,13 @@ in the command line stops before the message is read (as Postfix); any later err
 the message in a dead.letter file (ingress/deadletter.py) and says where.
 
 Start-up cost matters (PHP runs this once per mail): only the standard library is imported
-at first; pydantic (settings) when the configuration is read, without [[connections]] and
-[[routes]] (their transports are the worker's business); the message goes into a store whose
-schema is current through the standard library's sqlite3 (store/direct.py), and SQLAlchemy
-and Alembic are imported only to create or migrate the store, or for PostgreSQL; smtplib
-only in SMTP mode. tests/test_sendmail.py checks what one run imports.
+at first; the configuration is read without pydantic when every value in it is one the
+models take as it is (ingress/sendmail_settings.py; else through postroom.settings, as every
+other command), without [[connections]] and [[routes]] (their transports are the worker's
+business); the message goes into a store whose schema is current through the standard
+library's sqlite3 (store/direct.py), and SQLAlchemy and Alembic are imported only to create
+or migrate the store, or for PostgreSQL; smtplib only in SMTP mode. tests/test_sendmail.py
+checks what one run imports.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
 from postroom.exceptions import PostroomError
 
 if TYPE_CHECKING:
     from postroom.envelope import Envelope
+    from postroom.ingress.sendmail_settings import LightSettings
     from postroom.settings import Settings
 
 # sysexits.h
@@ -96,9 +98,10 @@ def _usage(message: str) -> SendmailError:
     return SendmailError(message, EX_USAGE, code="sendmail.usage")
 
 
-@dataclass
+# Plain classes, not dataclasses: building a dataclass (exec'ing its methods) at import costs
+# a command that starts once per message more than the few lines of __init__ below.
 class Options:
-    recipients: list[str] = field(default_factory=list)
+    recipients: list[str]
     extract: bool = False  # -t
     dot_ends: bool = True  # cleared by -i / -oi
     sender: str | None = None  # -f / -r
@@ -107,6 +110,9 @@ class Options:
     verbose: bool = False  # -v
     done: int | None = None  # set when the command has nothing to read (-bi, --help...)
     text: str = ""  # what to print then
+
+    def __init__(self) -> None:
+        self.recipients = []
 
 
 _UNSUPPORTED_MODES = {
@@ -208,14 +214,16 @@ def parse_args(argv: Sequence[str], prog: str = "postroom-sendmail") -> Options:
     return opts
 
 
-@dataclass(frozen=True)
 class User:
     """Who runs the command (Postfix: the login name of the real user id)."""
 
-    uid: int
-    name: str | None  # None: no entry in the password database
-    full_name: str
-    home: str
+    __slots__ = ("full_name", "home", "name", "uid")
+
+    def __init__(self, uid: int, name: str | None, full_name: str, home: str) -> None:
+        self.uid = uid
+        self.name = name  # None: no entry in the password database
+        self.full_name = full_name
+        self.home = home
 
 
 def unix_user() -> User:
@@ -247,15 +255,15 @@ def _check_line_breaks(opts: Options, environ: Mapping[str, str]) -> None:
                                 code="sendmail.recipient")
 
 
-@dataclass
 class Submission:
     """What the command line says about the message, resolved against the configuration."""
 
-    sender: str
-    recipients: list[str]
-    full_name: str
-    domain: str
-    source: str
+    __slots__ = ("domain", "full_name", "recipients", "sender", "source")
+
+    def __init__(self, sender: str, recipients: list[str], full_name: str, domain: str,
+                 source: str) -> None:
+        self.sender, self.recipients, self.full_name = sender, recipients, full_name
+        self.domain, self.source = domain, source
 
 
 def _addresses(value: str) -> list[str] | None:
@@ -270,7 +278,7 @@ def _addresses(value: str) -> list[str] | None:
     return found
 
 
-def resolve(opts: Options, user: User, settings: Settings,
+def resolve(opts: Options, user: User, settings: Settings | LightSettings,
             environ: Mapping[str, str]) -> Submission:
     """Envelope sender and command-line recipients, qualified and validated."""
     from postroom.envelope import qualify, validate_address
@@ -381,7 +389,8 @@ def header_recipients(raw: bytes, domain: str) -> list[str]:
     return resent if resent_seen else regular
 
 
-def build(raw: bytes, opts: Options, sub: Submission, settings: Settings) -> Envelope:
+def build(raw: bytes, opts: Options, sub: Submission,
+          settings: Settings | LightSettings) -> Envelope:
     from postroom.envelope import Envelope, complete_headers
     from postroom.ingress.accept import Intake
 
@@ -395,11 +404,14 @@ def build(raw: bytes, opts: Options, sub: Submission, settings: Settings) -> Env
     message = complete_headers(raw, sender=sub.sender, domain=sub.domain,
                                full_name=sub.full_name)
     env = Envelope(sub.sender, recipients, message, source=sub.source)
-    Intake.of(settings).check(env)  # the one intake path: a local user is not an app
+    # The one intake path (a local user is not an app); no connection can be pinned here,
+    # and none is loaded (Intake.of would find none).
+    Intake(settings.server, ()).check(env)
     return env
 
 
-def enqueue(env: Envelope, settings: Settings, environ: Mapping[str, str]) -> str:
+def enqueue(env: Envelope, settings: Settings | LightSettings,
+            environ: Mapping[str, str]) -> str:
     """Into the store, or to ``[sendmail] server``; returns the message id or server reply."""
     if settings.sendmail.server:
         from postroom.ingress.smtp_handoff import hand_off
@@ -414,11 +426,15 @@ def enqueue(env: Envelope, settings: Settings, environ: Mapping[str, str]) -> st
                             synchronous=settings.server.sqlite_synchronous,
                             lifetime=settings.delivery.max_lifetime)
     if stored is None:
-        stored = _enqueue_migrating(env, settings)
-    if settings.sendmail.syslog:
-        from postroom import maillog
+        from postroom.ingress.sendmail_settings import LightSettings
 
-        maillog.accepted_to_syslog(env, settings.sendmail.syslog)
+        # Creating or migrating the store takes the models (postroom.runtime.Instance).
+        full = settings.full(environ) if isinstance(settings, LightSettings) else settings
+        stored = _enqueue_migrating(env, full)
+    if settings.sendmail.syslog:
+        from postroom.syslog_line import accepted_to_syslog
+
+        accepted_to_syslog(env, settings.sendmail.syslog)
     return stored
 
 
@@ -493,7 +509,7 @@ class _Command:
             pass  # stderr closed: the exit status still tells
 
     def keep(self, raw: bytes, err: BaseException, *, sender: str, recipients: Sequence[str],
-             settings: Settings | None, user: User) -> None:
+             settings: Settings | LightSettings | None, user: User) -> None:
         from postroom.ingress import deadletter
 
         configured = None
@@ -528,13 +544,12 @@ class _Command:
         return self._submit(opts, user)
 
     def _submit(self, opts: Options, user: User) -> int:
-        from postroom import config_load
-        from postroom import settings as settings_mod
+        from postroom import config_values
         from postroom.exceptions import ConfigError
-        from postroom.ingress import deadletter
+        from postroom.ingress import deadletter, sendmail_settings
         from postroom.ingress.sendmail_config import trusted_config
 
-        settings: Settings | None = None
+        settings: Settings | LightSettings | None = None
         failure: BaseException | None = None
         sub: Submission | None = None
         try:
@@ -542,10 +557,10 @@ class _Command:
             # -C is argv, which PHP mail()'s fifth argument reaches: not every file is
             # honoured (ingress/sendmail_config.py).
             named = trusted_config(opts.config, self.environ, user.uid) if opts.config else None
-            settings = settings_mod.load(named, environ=self.environ, connections=False)
+            settings = sendmail_settings.load(named, self.environ)
             if settings.config_path is None:
                 # Never a store in whatever folder the caller runs in (PHP: the web root).
-                looked = ", ".join(str(p) for p in config_load.search_path(self.environ))
+                looked = ", ".join(str(p) for p in config_values.search_path(self.environ))
                 raise ConfigError(f"no Postroom configuration found (looked for {looked}); "
                                   "give -C FILE or set POSTROOM_CONFIG",
                                   code="config.missing")
@@ -558,8 +573,8 @@ class _Command:
             return err.status
         except (PostroomError, OSError) as err:
             failure = err  # configuration: still read the message, to keep it
-        limit = settings.server.max_message_size if settings else settings_mod.ServerSettings(
-            hostname="localhost").max_message_size
+        limit = settings.server.max_message_size if settings else \
+            sendmail_settings.default_max_message_size()
         try:
             raw = read_message(self.stdin, dot_ends=opts.dot_ends, limit=limit)
         except SendmailError as err:
@@ -606,5 +621,20 @@ def run(argv: Sequence[str], *, prog: str = "postroom-sendmail", stdin: IO[bytes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``postroom-sendmail`` console script."""
-    return run(sys.argv[1:] if argv is None else argv)
+    """The ``postroom-sendmail`` console script (``argv`` None: this process is its own)."""
+    if argv is not None:
+        return run(argv)
+    # A process that lives for one message: the cyclic garbage collector would only walk the
+    # objects the imports make, and the interpreter's teardown only free them again.
+    import gc
+
+    gc.disable()
+    status = run(sys.argv[1:])
+    try:  # run() wrote its lines with flush=True, so nothing is left to write here
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except (AttributeError, OSError, ValueError):
+        return status  # a closed or missing stream: the interpreter's exit handles it as ever
+    # Every file is closed and every write on disk by now (the store's commit, dead.letter's
+    # fsync, the syslog datagram): exit without tearing the interpreter down.
+    os._exit(status)

@@ -49,12 +49,12 @@ def _same(a: Path, b: Path) -> bool:
 def trusted_config(value: str, environ: Mapping[str, str], uid: int) -> Path:
     """The file ``-C value`` names, if the rule above lets user ``uid`` load it, with
     symlinks resolved (what was checked is what gets read); else ConfigError."""
-    from postroom import config_load
-    from postroom import settings as settings_mod
+    from postroom import config_values
+    from postroom.ingress import sendmail_settings
 
     named = config_file(value)
     real = Path(os.path.realpath(named))
-    default = config_load.config_path_from(None, environ)
+    default = config_values.config_path_from(None, environ)
     try:
         has_default = default.is_file()
     except OSError:  # e.g. a HOME this user may not enter: nothing to delegate from
@@ -66,8 +66,7 @@ def trusted_config(value: str, environ: Mapping[str, str], uid: int) -> Path:
     except OSError:
         return real  # missing or unreachable: loading it says which, in the usual words
     if has_default:
-        listed = settings_mod.load(default, environ=environ, connections=False) \
-            .sendmail.alternate_config_directories
+        listed = sendmail_settings.load(default, environ).sendmail.alternate_config_directories
         if any(_same(real.parent, Path(folder)) for folder in listed):
             return real
         own = (st.st_uid == uid and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from postroom.config_values import parse_smtp_url
 from postroom.envelope import Envelope
 from postroom.exceptions import (
     AuthError,
@@ -28,16 +29,21 @@ from postroom.exceptions import (
     TLSError,
     UnsupportedFeature,
 )
-from postroom.settings import SendmailSettings, parse_smtp_url
 
 if TYPE_CHECKING:
     import smtplib
     import ssl
 
+    from postroom.ingress.sendmail_settings import SendmailView
+    from postroom.settings import SendmailSettings
+
+    # [sendmail] as the models give it, or as postroom-sendmail's light loader does.
+    SendmailConfig = SendmailSettings | SendmailView
+
 RECIPIENT_REFUSED = "recipient.rejected"
 
 
-def _password(cfg: SendmailSettings, environ: Mapping[str, str],
+def _password(cfg: SendmailConfig, environ: Mapping[str, str],
               resolve: Callable[[Path], Path]) -> str:
     from postroom.secrets import resolve as resolve_secret
 
@@ -50,7 +56,7 @@ def _password(cfg: SendmailSettings, environ: Mapping[str, str],
     return secret or ""
 
 
-def _tls_context(cfg: SendmailSettings, resolve: Callable[[Path], Path]) -> ssl.SSLContext:
+def _tls_context(cfg: SendmailConfig, resolve: Callable[[Path], Path]) -> ssl.SSLContext:
     import ssl
 
     cafile = str(resolve(cfg.ca_file)) if cfg.ca_file else None
@@ -77,7 +83,7 @@ def _reply(what: str, code: int, text: bytes, *, kind: type[DeliveryError] = Del
     return kind.from_reply(what, code, text.decode("utf-8", "replace"), code=err_code)
 
 
-def _session(client: smtplib.SMTP, cfg: SendmailSettings, env: Envelope, *, tls: bool,
+def _session(client: smtplib.SMTP, cfg: SendmailConfig, env: Envelope, *, tls: bool,
              host: str, password: str, ctx: ssl.SSLContext | None) -> str:
     client.ehlo_or_helo_if_needed()
     if cfg.starttls and not tls:
@@ -117,7 +123,7 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def hand_off(cfg: SendmailSettings, env: Envelope, *, ehlo_name: str,
+def hand_off(cfg: SendmailConfig, env: Envelope, *, ehlo_name: str,
              resolve: Callable[[Path], Path], environ: Mapping[str, str] | None = None) -> str:
     """Send ``env`` to ``cfg.server``; return the server's final reply ("2.0.0 queued as
     ...")."""

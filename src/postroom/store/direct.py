@@ -16,12 +16,12 @@ compares what both paths store).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import json
 import os
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -50,7 +50,7 @@ class WriteLock:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._fd: int | None = None
-        self._threads = threading.Lock()
+        self._threads = _thread.allocate_lock()  # threading.Lock, without importing threading
 
     def __enter__(self) -> None:
         self._threads.acquire()
