@@ -4,6 +4,7 @@
     .venv/bin/python bench/cli_bench.py                # 15 runs of each, after 2 warm-ups
     .venv/bin/python bench/cli_bench.py --runs 30 --json
     .venv/bin/python bench/cli_bench.py --src /tmp/before/src   # another checkout's code
+    .venv/bin/python bench/cli_bench.py --serve both   # also with a `postroom serve` running
 
 A user types these all day; nearly all of their time is Python importing modules. In a
 fresh instance (a temporary folder with a default postroom.toml and three queued messages)
@@ -13,18 +14,28 @@ imported and the sum of their own import times (both from ``python -X importtime
 module count does not depend on the machine's load, the times do), and for scale the same
 figures for `python -c pass` (Python's own start-up) and for importing the libraries the
 database commands cannot do without (SQLAlchemy, pydantic, Typer, Rich).
+
+`log`, `show` and `queue list` are answered by a running `postroom serve` of the instance
+when there is one (postroom.control). ``--serve without`` (the default) measures them with
+none running, ``--serve with`` with one running (SMTP on a free port, no HTTP), ``--serve
+both`` one after the other, labelled. A serve is waited for until its socket answers; the
+rows marked "(serve)" also check that the answer was serve's (no SQLAlchemy imported).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 FLOOR = "import typer, pydantic, sqlalchemy, rich.console, rich.table"
@@ -76,11 +87,46 @@ def instance(folder: Path) -> str:
     return ids[0]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_serve(folder: Path, exe: Path) -> Iterator[None]:
+    """`postroom serve` in ``folder`` until the block ends; ready when its socket is."""
+    sock = folder / "postroom-data" / "cli.sock"
+    proc = subprocess.Popen([str(exe), "serve"], cwd=folder, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("postroom serve did not start")
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def answered_by_serve(argv: list[str], cwd: Path) -> bool:
+    """True when ``postroom ARGV`` got its answer from serve (imported no SQLAlchemy)."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "postroom.cli", *argv],
+                         cwd=cwd, capture_output=True, text=True, timeout=120, check=True)
+    return "| sqlalchemy\n" not in res.stderr and "postroom.control" in res.stderr
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=15, help="counted runs of each command")
     parser.add_argument("--warmup", type=int, default=2, help="runs not counted, first")
     parser.add_argument("--json", action="store_true", help="one JSON object per command")
+    parser.add_argument("--serve", choices=("without", "with", "both"), default="without",
+                        help="measure log/show/queue list with a `postroom serve` running, "
+                        "without, or both (--help is measured once)")
     parser.add_argument("--src", type=Path, help="run the postroom package of this src folder "
                         "(e.g. `git archive` of an older commit) instead of the installed one")
     args = parser.parse_args()
@@ -95,14 +141,27 @@ def main() -> int:
         parser.error(f"{exe} not found: install Postroom in this environment (pip install -e .)")
     with tempfile.TemporaryDirectory(prefix="cli-bench-") as tmp:
         folder = Path(tmp)
-        (folder / "postroom.toml").write_text("", encoding="utf-8")
+        # no HTTP and a free SMTP port: `--serve with` must not collide with anything
+        (folder / "postroom.toml").write_text(
+            f'[server]\nsmtp_listen = "127.0.0.1:{free_port()}"\nhttp_listen = ""\n',
+            encoding="utf-8")
         msg_id = instance(folder)
-        cases = [("postroom --help", ["--help"]),
-                 ("postroom log --limit 1", ["log", "--limit", "1"]),
+        reads = [("postroom log --limit 1", ["log", "--limit", "1"]),
                  ("postroom show ID", ["show", msg_id]),
                  ("postroom queue list", ["queue", "list"])]
+        cases = [("postroom --help", ["--help"])]
+        if args.serve in ("without", "both"):
+            cases += reads
         results = [measure(label, [str(exe), *cli], ["-m", "postroom.cli", *cli], folder,
                            args.runs, args.warmup) for label, cli in cases]
+        if args.serve in ("with", "both"):
+            with running_serve(folder, exe):
+                for label, cli in reads:
+                    if not answered_by_serve(cli, folder):
+                        raise SystemExit(f"{label}: not answered by the running serve")
+                    results.append(measure(f"{label} (serve)", [str(exe), *cli],
+                                           ["-m", "postroom.cli", *cli], folder, args.runs,
+                                           args.warmup))
         results.append(measure("python -c pass", [sys.executable, "-c", "pass"],
                                ["-c", "pass"], folder, args.runs, args.warmup))
         results.append(measure(f"python -c '{FLOOR}'", [sys.executable, "-c", FLOOR],

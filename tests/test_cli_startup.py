@@ -9,6 +9,7 @@ command imports its own module only; and the registry is the one copy of each he
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from postroom.commands.registry import COMMANDS
 HEAVY = ("sqlalchemy", "pydantic", "asyncio")
 PROBE = """
 import json, sys
-from postroom.cli import main
+from postroom.launch import main  # the installed command's entry
 sys.argv = ["postroom", *sys.argv[1:]]
 try:
     main()
@@ -43,7 +44,7 @@ def imported(*args: str, cwd: Path | None = None) -> set[str]:
 
 def loaded_commands(modules: set[str]) -> list[str]:
     return sorted(m for m in modules if m.startswith("postroom.commands.")
-                  and m.rsplit(".", 1)[1] not in ("lazy", "registry", "_common"))
+                  and m.rsplit(".", 1)[1] not in ("lazy", "registry", "_common", "views"))
 
 
 def test_help_imports_no_command_module_nor_database_nor_pydantic() -> None:
@@ -98,3 +99,32 @@ def test_a_loaded_command_runs_through_the_root_group(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "no event recorded yet" in res.output
     assert lazy.load("events").name == "events"
+
+
+HELP_PAGE = """
+import sys
+sys.argv = ["postroom", *sys.argv[1:]]
+if sys.argv[-1] == "full":
+    sys.argv.pop()
+    import typer.rich_utils  # with Rich's Markdown and traceback, as Typer imports it
+from postroom.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["queue", "list", "--help"], ["log", "--help"]])
+def test_help_is_drawn_without_markdown_nor_pygments_and_the_same(args: list[str]) -> None:
+    def page(*extra: str) -> str:
+        res = subprocess.run([sys.executable, "-c", HELP_PAGE, *args, *extra],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "COLUMNS": "100"})
+        return res.stdout
+
+    assert page() == page("full") and "Usage: postroom" in page()
+    modules = imported(*args)
+    assert "typer.rich_utils" in modules
+    for heavy in ("rich.markdown", "rich.traceback", "pygments", "markdown_it"):
+        assert heavy not in modules, heavy

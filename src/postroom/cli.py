@@ -12,9 +12,6 @@ if __name__ == "__main__":
     launch_main()
     sys.exit(0)
 
-import datetime as dt
-import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +20,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from postroom import launch
-from postroom.commands import lazy
-from postroom.commands._common import STATUS_STYLE
+from postroom.commands import lazy, views
 from postroom.exceptions import MessageError, PostroomError
 
 # Every import here is paid by each command and by --help: the command modules are loaded by
@@ -100,25 +96,8 @@ def _instance(config: Path | None, *, create: bool = False) -> Any:
     return _guard(lambda: Instance(settings_mod.load(config, create=create)))
 
 
-def _when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-_STATUS_STYLE = STATUS_STYLE  # one table for every command (postroom.commands._common)
-
-
-def _parse_since(value: str) -> float:
-    m = re.fullmatch(r"(\d+)([smhdw])", value.strip())
-    if m:
-        n, unit = int(m.group(1)), m.group(2)
-        return time.time() - n * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
-    try:
-        return dt.datetime.fromisoformat(value).timestamp()
-    except ValueError as err:
-        raise MessageError(f"--since {value!r}: use 30m, 2h, 7d or a date like 2026-11-21",
-                           code="cli.since") from err
+_when = views.when  # one format for every command (postroom.commands.views)
+_parse_since = views.parse_since
 
 
 # -- long-running processes ------------------------------------------------------------------
@@ -193,29 +172,14 @@ def _deliver_now(inst: Any, msg_id: str, no_retry: str | None = None) -> list[di
 
 
 def _print_attempt(a: dict[str, Any], settings: Any = None) -> None:
-    from rich.markup import escape
-
-    con = _console()
-    style = _STATUS_STYLE.get(a["outcome"], "white")
-    con.print(f"[bold]attempt[/] via [bold]{a['connection']}[/] {_when(a['started_at'])} "
-              f"({(a['ended_at'] - a['started_at']) * 1000:.0f} ms): [{style}]{a['outcome']}[/]")
-    if a.get("error_code"):
-        con.print(f"  error [dim]({escape(a['error_code'])})[/]: "
-                  f"{escape(a.get('reply_text') or '')}")
-    if a.get("provider_id"):  # what the provider's delivery events and support call it
-        con.print(f"  provider id: {a['provider_id']}", markup=False)
-    for rcpt, r in (a.get("recipients") or {}).items():
-        con.print(f"  {rcpt}: {r.get('code')} {r.get('reply', '')} → {r.get('state')}",
-                  markup=False)
-    if a.get("transcript"):
-        con.print("  [dim]transcript:[/]")
-        for line in a["transcript"].splitlines():
-            con.print(f"    {line}", markup=False, highlight=False)
-    if settings is not None:  # `show` and `test`: what the failure means and how to fix it
+    """One attempt; with ``settings`` (`show` and `test`), what its failure means and how to
+    fix it."""
+    advice = None
+    if settings is not None:
         from postroom.diagnostics.advice import advice_for_attempt
-        from postroom.diagnostics.render import print_advice
 
-        print_advice(con, advice_for_attempt(a, settings=settings))
+        advice = advice_for_attempt(a, settings=settings)
+    views.print_attempt(a, advice)
 
 
 @app.command()
@@ -445,27 +409,13 @@ def log_cmd(
             v is not None for v in (status, to, sender, connection, since, event, text, tag,
                                     app_name, source, until)))
         return
-    if to or sender or text:  # with no server indexing, a backlog would make the search a scan
-        inst.queue.log.catch_up()
-    rows = _guard(lambda: inst.queue.log.page(wanted, limit=limit or 50, states=as_json))
-    if as_json:
-        for r in rows:
-            print(json.dumps(r, default=str))
-        return
-    from rich.markup import escape
-    from rich.table import Table
+    from postroom import control  # what a running `postroom serve` answers this with
 
-    table = Table(title=f"{len(rows)} message(s)", title_justify="left")
-    for col in ("id", "created", "status", "from", "to", "subject", "tries", "last error"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        style = _STATUS_STYLE.get(r["status"], "white")
-        # Cells are markup: escape what comes from mail (a Subject like "[URGENT] ... [/]").
-        table.add_row(r["id"][:12], _when(r["created_at"]), f"[{style}]{r['status']}[/]",
-                      escape(r["sender"] or "<>"), escape(", ".join(r["recipients"])),
-                      escape(r["subject"]), str(r["attempt_count"]),
-                      escape((r["last_error"] or "")[:80]))
-    _console().print(table)
+    rows = _guard(lambda: control.log_rows(inst, wanted, limit or 50, as_json))
+    if as_json:
+        views.json_lines(rows)
+        return
+    views.log_table(rows)
 
 
 @app.command()
@@ -477,57 +427,21 @@ def show(
 ) -> None:
     """A message with its recipients, attempts and transcripts."""
     inst = _instance(config)
-    m = _guard(lambda: inst.queue.log.get(msg_id))
-    if m is None:
-        _fail(MessageError(f"no message {msg_id!r}; list them with `postroom log`",
-                           code="message.unknown"))
+    unknown = MessageError(f"no message {msg_id!r}; list them with `postroom log`",
+                           code="message.unknown")
     if raw:
+        m = _guard(lambda: inst.queue.log.get(msg_id))
+        if m is None:
+            _fail(unknown)
         sys.stdout.buffer.write(m["raw"] or b"")
         return
-    from postroom.webhooks.intake import EventLog
+    from postroom import control  # what a running `postroom serve` answers this with
 
-    reported = EventLog(inst.queue).for_message(m["id"])
-    from postroom.events import read as read_events
-
-    noted = read_events(inst.engine, message_id=m["id"])  # fallback used, lease expired...
-    if as_json:
-        m["raw"] = None if m["raw"] is None else m["raw"].decode("utf-8", "replace")
-        m["delivery_events"] = reported
-        m["events"] = [ev.as_dict() for ev in noted]
-        print(json.dumps(m, default=str, indent=2))
+    found = _guard(lambda: control.show_data(inst, msg_id, as_json))
+    if found is None:
+        _fail(unknown)
         return
-    con = _console()
-    style = _STATUS_STYLE.get(m["status"], "white")
-    con.print(f"[bold]{m['id']}[/]  [{style}]{m['status']}[/]  queued {_when(m['created_at'])}"
-              f"  from {m['source']}")
-    con.print(f"Message-ID {m['message_id']}  Subject: {m['subject']}", markup=False)
-    con.print(f"envelope: <{m['sender']}> → {', '.join(m['recipients'])}  ({m['size']} bytes)",
-              markup=False)
-    for rcpt, st in m["rcpt_status"].items():
-        forced = ""
-        if st.get("forced"):  # a copy the policy added: retried on its own (postroom.policy)
-            forced = f" (added by the message policy: {st['forced']}"
-            if st.get("state") == "pending" and m.get("copy_due"):
-                forced += f"; retried on its own, next try {_when(m['copy_due'])}"
-            forced += ")"
-        con.print(f"  {rcpt}: {st.get('state')} {st.get('code', '')} {st.get('reply', '')}"
-                  f"{forced}", markup=False)
-    if m["status"] == "deferred":
-        con.print(f"next attempt {_when(m['next_attempt_at'])}")
-    for a in m["attempts"]:
-        _print_attempt(a, inst.settings)
-    if reported:  # what the provider (webhooks) or a DSN said happened after it left
-        con.print("[bold]Delivery events[/]")
-        for ev in reported:
-            hard = {True: " (hard)", False: " (soft)"}.get(ev["permanent"], "")
-            con.print(f"  {_when(ev['at'])}  {ev['kind']}{hard}  {ev['recipient'] or ''}  "
-                      f"{ev['detail']}  [{ev['connection']}]", markup=False)
-    if noted:
-        from postroom.commands.events import show as show_event
-
-        con.print("[bold]Events[/]")
-        for item in noted:
-            show_event(item, con, as_json=False)
+    views.show_message(found, as_json)
 
 
 @app.command()
@@ -595,6 +509,8 @@ lazy.group(app, "dkim")
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or "--help" in sys.argv[1:]:  # a help page: Typer's rich_utils
+        lazy.import_help_lean()
     app()
 
 

@@ -15,6 +15,10 @@ interface: the same options, help and messages. Both paths run :func:`run`, prin
 Postroom error with :func:`print_error` and exit as Typer's standalone mode does (0; 2 for
 a configuration error, 1 for another; 130 on Ctrl-C before the server took the signals).
 
+`postroom log`, `show` and `queue list` are first offered to a running `postroom serve` of
+the same instance (postroom.control), which answers them without this process importing
+the database layer or Typer; when none answers, they go to Typer as every other command.
+
 `python -m postroom.cli` comes here too (the top of postroom.cli), so the tests that start
 a server that way start it as the installed command does.
 """
@@ -32,6 +36,8 @@ from postroom.exceptions import ConfigError, PostroomError
 # --config's names, for every command (postroom.cli's ConfigOpt) and for the parse below.
 CONFIG_OPTION = ("--config", "-c")
 LONG_RUNNING = ("serve", "worker")  # the commands started from here
+# Commands a running `postroom serve` may answer (postroom.control: some of their forms).
+READ_COMMANDS = ("log", "show", "queue")
 
 
 def lean_command(argv: Sequence[str], environ: Mapping[str, str]
@@ -40,8 +46,7 @@ def lean_command(argv: Sequence[str], environ: Mapping[str, str]
     long-running command in a form listed above; None when Typer should read it."""
     if not argv or argv[0] not in LONG_RUNNING:
         return None
-    # Click's completion protocol (`_POSTROOM_COMPLETE=...`): Typer answers it.
-    if any(name.startswith("_") and name.endswith("_COMPLETE") for name in environ):
+    if completing(environ):
         return None
     rest = list(argv[1:])
     if not rest:
@@ -58,6 +63,11 @@ def lean_command(argv: Sequence[str], environ: Mapping[str, str]
     if not value or value.startswith("-"):
         return None
     return argv[0], Path(value)
+
+
+def completing(environ: Mapping[str, str]) -> bool:
+    """Click's completion protocol (`_POSTROOM_COMPLETE=...`): Typer answers it."""
+    return any(name.startswith("_") and name.endswith("_COMPLETE") for name in environ)
 
 
 def run(command: str, config: Path | None) -> None:
@@ -122,6 +132,11 @@ def main() -> None:
     """The installed `postroom` command."""
     found = lean_command(sys.argv[1:], os.environ)
     if found is None:
+        if sys.argv[1:2] and sys.argv[1] in READ_COMMANDS:
+            from postroom import control
+
+            if control.answered(sys.argv[1:], os.environ):  # by a running `postroom serve`
+                return
         from postroom.cli import main as typer_main
 
         typer_main()

@@ -441,6 +441,12 @@ async def serve(
     from postroom.hup import hold_pidfile
 
     pidfile = hold_pidfile(settings.data_dir)  # `postroom reload` finds this process by it
+    reads = None  # `postroom log`, `show`, `queue list` ask this server (postroom.control)
+    if pidfile is not None:  # another serve of this data folder answers them
+        from postroom.control import ReadSocket
+
+        reads = ReadSocket(inst)
+        await reads.start()
     _say(f"postroom: accepting mail on {', '.join(f'{h}:{p}' for h, p in bound)} "
          f"(data in {settings.data_dir})")
     if not inst.settings.connections:
@@ -464,6 +470,8 @@ async def serve(
             await http.stop()
         if metrics is not None:
             await metrics.stop()
+        if reads is not None:
+            reads.close()
         if worker is not None:
             await worker.stop(settings.delivery.shutdown_grace)
         if worker_task is not None:

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from postroom.commands.views import STATUS_STYLE as STATUS_STYLE
+from postroom.commands.views import UNITS
+from postroom.commands.views import console as console
+from postroom.commands.views import relative as relative
+from postroom.commands.views import when as when
 from postroom.exceptions import ConfigError, MessageError, PostroomError
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from postroom.runtime import Instance
 
 T = TypeVar("T")
@@ -28,17 +31,6 @@ ConfigOpt = Annotated[
                  "./postroom.toml)", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
-
-STATUS_STYLE = {"sent": "green", "partial": "yellow", "deferred": "yellow", "failed": "red",
-                "queued": "cyan", "sending": "cyan", "suppressed": "magenta"}
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def console(stderr: bool = False) -> Console:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
-
 
 def fail(err: PostroomError) -> NoReturn:
     """One line on stderr; exit 2 for configuration errors, 1 for the rest (as postroom.cli)."""
@@ -67,32 +59,12 @@ def parse_time(value: str, option: str, now: float | None = None) -> float:
     """"30m", "2h", "7d", "4w" ago, or a date/time ("2026-11-21", "2026-11-21T08:00")."""
     m = re.fullmatch(r"(\d+)\s*([smhdw])", value.strip())
     if m:
-        return (time.time() if now is None else now) - int(m.group(1)) * _UNITS[m.group(2)]
+        return (time.time() if now is None else now) - int(m.group(1)) * UNITS[m.group(2)]
     try:
         return dt.datetime.fromisoformat(value.strip()).timestamp()
     except ValueError as err:
         raise MessageError(f"{option} {value!r}: give an age like 30m, 2h, 30d or 4w, or a "
                            "date like 2026-11-21", code="cli.time") from err
-
-
-def when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def relative(ts: float | None, now: float) -> str:
-    """"due", "in 4m", "in 2h 5m", "3m ago"."""
-    if ts is None:
-        return "-"
-    delta = ts - now
-    if -1 < delta <= 0:
-        return "due"
-    secs = int(abs(delta))
-    text = (f"{secs}s" if secs < 60 else f"{secs // 60}m" if secs < 3600
-            else f"{secs // 3600}h {secs % 3600 // 60}m" if secs < 86400
-            else f"{secs // 86400}d {secs % 86400 // 3600}h")
-    return f"in {text}" if delta > 0 else f"due ({text} ago)"
 
 
 @contextlib.contextmanager

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from postroom import events
-from postroom.commands._common import ConfigOpt, JsonOpt, console, guard, instance, parse_time, when
+from postroom.commands._common import ConfigOpt, JsonOpt, console, guard, instance, parse_time
+from postroom.commands.views import event_line
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 FOLLOW_EVERY = 1.0  # seconds between two looks for new events with --follow
-STYLE = {events.Severity.INFO: "", events.Severity.WARNING: "yellow",
-         events.Severity.ERROR: "bold red"}
 
 
 def show(ev: events.Event, con: Console, as_json: bool) -> None:
@@ -26,15 +25,7 @@ def show(ev: events.Event, con: Console, as_json: bool) -> None:
     if as_json:
         print(json.dumps(ev.as_dict(), ensure_ascii=False), flush=True)
         return
-    from rich.text import Text
-
-    about = ev.connection or ""
-    if ev.message_id:
-        about = f"{about} {ev.message_id}".strip()
-    line = Text(f"{when(ev.at)}  ")
-    line.append(f"{ev.severity.value:<7}  {ev.kind.value}", style=STYLE[ev.severity])
-    line.append(f"  {about}  {ev.detail}" if about else f"  {ev.detail}")
-    con.print(line, soft_wrap=True)
+    event_line(con, ev.as_dict())
 
 
 def events_cmd(

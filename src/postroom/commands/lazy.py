@@ -9,6 +9,8 @@ run, asked for its own --help, completed by the shell, or introspected
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 import typer
@@ -16,6 +18,56 @@ import typer.core
 import typer.main
 
 from postroom.commands.registry import COMMANDS, help_of
+
+
+class _Markdown:
+    """Stands in for rich.markdown.Markdown in typer.rich_utils: Typer draws help as
+    Markdown only in its "markdown" markup mode, which Postroom does not use; should it
+    ever, the real class is imported then."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from rich.markdown import Markdown
+
+        return Markdown(*args, **kwargs)
+
+
+class _Traceback:
+    """Stands in for rich.traceback.Traceback in typer.rich_utils (pretty exceptions,
+    disabled in postroom.cli)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from rich.traceback import Traceback
+
+        return Traceback(*args, **kwargs)
+
+    @classmethod
+    def from_exception(cls, *args: Any, **kwargs: Any) -> Any:
+        from rich.traceback import Traceback
+
+        return Traceback.from_exception(*args, **kwargs)
+
+
+def import_help_lean() -> None:
+    """Import typer.rich_utils, which draws every help page, without the modules it
+    imports for Markdown help and tracebacks (with Pygments: over a hundred modules, a
+    fifth of `postroom --help`'s time); the output is the same. The stand-ins are in
+    sys.modules only while rich_utils is imported: any other importer gets Rich's own."""
+    if "typer.rich_utils" in sys.modules:
+        return
+    stand_ins = {"rich.markdown": ("Markdown", _Markdown),
+                 "rich.traceback": ("Traceback", _Traceback)}
+    placed = []
+    for name, (attr, cls) in stand_ins.items():
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            setattr(module, attr, cls)
+            sys.modules[name] = module
+            placed.append(name)
+    try:
+        importlib.import_module("typer.rich_utils")
+    finally:
+        for name in placed:
+            del sys.modules[name]
 
 
 def group(app: typer.Typer, name: str) -> None:

@@ -3,13 +3,11 @@ postroom.queue.retention do the work; this module parses, asks and prints)."""
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from postroom.commands._common import (
-    STATUS_STYLE,
     ConfigOpt,
     JsonOpt,
     confirm_or_fail,
@@ -19,10 +17,10 @@ from postroom.commands._common import (
     instance,
     parse_time,
     progress,
-    relative,
     when,
 )
 from postroom.commands.registry import help_of
+from postroom.commands.views import PRIORITY, json_lines, queue_table
 from postroom.exceptions import MessageError
 
 if TYPE_CHECKING:
@@ -35,8 +33,6 @@ StatusOpt = Annotated[list[str] | None, typer.Option(
 AppOpt = Annotated[str | None, typer.Option("--app", help="Handed in by this app")]
 ToOpt = Annotated[str | None, typer.Option("--to", help="A recipient contains")]
 FromOpt = Annotated[str | None, typer.Option("--from", help="Sender contains")]
-_PRIO = {"high": 1, "normal": 0, "low": -1}
-_PRIO_NAME = {v: k for k, v in _PRIO.items()}
 
 
 def _paused_note(inst: Instance) -> None:
@@ -64,43 +60,23 @@ def list_cmd(
     workers take them: higher priority first, then the earliest due."""
     import time
 
-    from postroom.queue.maintenance import Filter, list_queue, waiting_counts
-    from postroom.routing.health import Health
+    from postroom.control import queue_data
+    from postroom.queue.maintenance import Filter
 
-    if priority is not None and priority not in _PRIO:
+    if priority is not None and priority not in PRIORITY:
         fail(MessageError(f"--priority {priority!r}: use high, normal or low",
                           code="cli.priority"))
     now = time.time()
     flt = guard(lambda: Filter(statuses=tuple(status or ()), app=app, to=to, sender=sender,
-                               priority=_PRIO.get(priority or ""), due_by=now if due else None))
+                               priority=PRIORITY.get(priority or ""),
+                               due_by=now if due else None))
     inst = instance(config)
-    rows = guard(lambda: list_queue(inst.queue, flt, limit))
+    # postroom.control: what a running `postroom serve` answers these with, when it runs
+    found = guard(lambda: queue_data(inst, flt, limit, table=not as_json))
     if as_json:
-        for r in rows:
-            print(json.dumps(r, default=str))
+        json_lines(found["rows"])
         return
-    from rich.markup import escape
-    from rich.table import Table
-
-    counts = guard(lambda: waiting_counts(inst.queue))
-    d = inst.settings.delivery
-    paused = Health(inst.queue, d.breaker_failures, d.breaker_cooldown).queue_paused()
-    title = (f"{len(rows)} shown · {counts['queued']} queued, {counts['sending']} sending, "
-             f"{counts['deferred']} deferred" + (" · [bold yellow]PAUSED[/]" if paused else ""))
-    table = Table(title=title, title_justify="left")
-    for col in ("id", "status", "prio", "next attempt", "tries", "from", "to", "subject",
-                "last error"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        style = STATUS_STYLE.get(r["status"], "white")
-        nxt = "-" if r["status"] == "sending" else relative(r["next_attempt_at"], now)
-        # Cells are markup: escape what comes from mail (a Subject like "[URGENT] ... [/]").
-        table.add_row(r["id"][:12], f"[{style}]{r['status']}[/]",
-                      _PRIO_NAME.get(r["priority"], str(r["priority"])), nxt,
-                      str(r["attempt_count"]), escape(r["sender"] or "<>"),
-                      escape(", ".join(r["recipients"])), escape(r["subject"]),
-                      escape((r["last_error"] or "")[:80]))
-    console().print(table)
+    queue_table(found["rows"], found["counts"], found["paused"], now)
 
 
 @cli.command("retry")

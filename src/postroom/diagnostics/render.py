@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from postroom.commands.views import print_advice as print_advice
 from postroom.diagnostics.probe import probe_sync
 from postroom.diagnostics.report import ProbeReport, Verdict
 
@@ -88,18 +89,6 @@ def print_report(report: ProbeReport, console: Console) -> None:
         style = "bold green" if i == 0 and report.recommendation else "bold" if i == 0 else ""
         text = escape(line)
         console.print(f"[{style}]{text}[/]" if style else text, soft_wrap=True)
-
-
-def print_advice(console: Console, advice: Mapping[str, Any] | None, indent: str = "  ") -> None:
-    """One advice entry (advice.Advice.to_dict()) under an attempt or an error."""
-    if not advice:
-        return
-    who = f" ({escape(str(advice['recipient']))})" if advice.get("recipient") else ""
-    console.print(f"{indent}[bold yellow]why[/]{who}: {escape(str(advice['cause']))}",
-                  soft_wrap=True)
-    console.print(f"{indent}[bold green]fix[/]: {escape(str(advice['fix']))}", soft_wrap=True)
-    for url in advice.get("docs") or ():
-        console.print(f"{indent}[dim]see {escape(str(url))}[/]", soft_wrap=True)
 
 
 def ca_file_option(value: Path | None) -> Path | None:

@@ -23,13 +23,13 @@ import contextlib
 import logging
 import os
 import pickle
-import socket
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from postroom.control import listen
 from postroom.ingress.http_front import ASGIApp, Context, Message, Receive, Scope, Send
 from postroom.settings import Settings
 from postroom.web import fence
@@ -118,20 +118,6 @@ def read_args(stream: Any) -> ChildArgs:
 def write_args(args: ChildArgs) -> bytes:
     data = pickle.dumps(args)
     return struct.pack(">I", len(data)) + data
-
-
-def listen(path: Path) -> socket.socket:
-    """The socket, 0600 from its creation (umask), in the parent's 0700 folder."""
-    path.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(128)
-    return sock
 
 
 async def serve(args: ChildArgs) -> None:
