@@ -8,14 +8,22 @@ Topology (everything on 127.0.0.1, ports picked free at start)::
     10 client threads --HTTP POST /api/v1/messages--> postroom serve --+
     10 client threads --SMTP (smtplib)-------------->  postroom serve --+--> smtp-sink -c
     10 client threads --SMTP (smtplib)--> Postfix (private instance) --+
+    10 client threads --HTTP POST--> postroom serve (worker = false) --+
+                                     + postroom worker ----------------+
 
 What an app would otherwise do is submit the message over SMTP to the local Postfix, with
 smtplib (Django's SMTP backend does exactly that); that is the reference row. Every row
 uses the same client pattern: 10 threads in this process, each with one kept-alive
 connection (smtplib.SMTP reused with RSET / http.client.HTTPConnection, both standard
 library; one more row uses postroom.client, which is httpx-based), taking messages from a
-shared counter until N were accepted. The message is the same 2 KB text message in every row
-(composed once with postroom.message.build from the JSON the HTTP rows post).
+shared counter until N were accepted. The last row of each size runs the deliveries in a
+`postroom worker` process beside `postroom serve` (``worker = false``, as relay_bench.py's
+split variant), so that they do not share the serve process's interpreter with intake; its
+server CPU is both processes'. Two messages, each run through every row: about 2 KB
+and 50 KB, each text + HTML + a PDF attachment. The HTTP rows post it as JSON with the file
+base64 in it (as an app sends it); the SMTP rows send the same message as MIME (composed
+once with postroom.message.build from that JSON). ``--sizes`` and ``--rows`` pick some of
+them while iterating (with ``--out -``).
 
 Measured per row: accepted messages/s (N / wall time until the last 202/250), latency of
 each hand-over (request sent -> 202 / final 250 after DATA) p50 and p99, CPU per message of
@@ -34,10 +42,12 @@ is tracked by PID and stopped in a finally block.
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import importlib.metadata as md
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -47,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -77,8 +88,38 @@ NAME = "http_bench.py"
 BEGIN, END = _report.markers(NAME)
 CLIENTS = 10
 SENDER, RCPT = "bench@example.com", "rcpt@example.org"
-PAYLOAD = {"from": f"Bench <{SENDER}>", "to": [RCPT], "subject": "http bench",
-           "text": ("All work and no play makes Jack a dull boy. " * 46)[:2000]}
+# Two messages as an app sends them (text, HTML and a file, the file base64 in the JSON):
+# about 2 KB and 50 KB, in the JSON body and in the MIME the SMTP rows send.
+SIZES = {"2 KB": (520, 720, 400), "50 KB": (2000, 3000, 34_000)}  # text, HTML, file bytes
+
+
+def _lines(words: str, size: int) -> str:
+    """``size`` characters of lines wrapped at 72 between words, as a template renders."""
+    return "\n".join(textwrap.wrap(words * (size // len(words) + 1), 72))[:size]
+
+
+def payload(label: str) -> dict[str, Any]:
+    """The JSON an app posts for the ``label`` message of SIZES (the same bytes each run)."""
+    text_n, html_n, file_n = SIZES[label]
+    words = "All work and no play makes Jack a dull boy. " * 4
+    text = _lines(words, text_n)
+    html = "<html><body>\n" + _lines("<p>" + words + "</p>", html_n - 29) + \
+        "\n</body></html>"
+    data = random.Random(file_n).randbytes(file_n)
+    return {"from": f"Bench <{SENDER}>", "to": [RCPT], "subject": f"http bench {label}",
+            "text": text, "html": html,
+            "attachments": [{"filename": "invoice.pdf", "content_type": "application/pdf",
+                             "content": base64.b64encode(data).decode()}]}
+
+
+def mime(body: dict[str, Any]) -> bytes:
+    """The same message as MIME, composed by postroom.message (what the SMTP rows send)."""
+    from postroom.message import Attachment, Draft, build
+
+    files = [Attachment(a["filename"], base64.b64decode(a["content"]), a["content_type"])
+             for a in body["attachments"]]
+    return build(Draft(from_=body["from"], to=body["to"], subject=body["subject"],
+                       text=body["text"], html=body["html"], attachments=files)).raw
 
 
 def loadavg() -> str:
@@ -97,9 +138,12 @@ def pct(values: list[float], q: int) -> float:
 
 
 class PostroomServe:
-    def __init__(self, root: Path, sink_port: int) -> None:
+    """`postroom serve`; ``split``: with ``worker = false``, its deliveries made by a
+    `postroom worker` process beside it (relay_bench.py's split variant)."""
+
+    def __init__(self, root: Path, sink_port: int, split: bool = False) -> None:
         root.mkdir(parents=True)
-        self.root = root
+        self.root, self.split = root, split
         self.smtp_port, self.http_port = free_port(), free_port()
         self.config = root / "postroom.toml"
         self.config.write_text(f"""\
@@ -108,9 +152,11 @@ data_dir = "data"
 smtp_listen = "{HOST}:{self.smtp_port}"
 http_listen = "{HOST}:{self.http_port}"
 hostname = "postroom.bench.test"
+worker = {"false" if split else "true"}
 
 [delivery]
 concurrency = 10
+{"poll_interval = 0.05" if split else ""}
 
 [[connections]]
 name = "upstream"
@@ -120,6 +166,7 @@ port = {sink_port}
 security = "none"
 """)
         self.proc: Proc | None = None
+        self.worker: Proc | None = None
 
     def cli(self, *args: str) -> str:
         out = subprocess.run([*postroom_cmd(), *args, "--config", str(self.config)],
@@ -134,6 +181,9 @@ security = "none"
         self.proc = Proc("postroom-serve", [*postroom_cmd(), "serve", "--config",
                                             str(self.config)], self.root / "serve.log")
         wait_banner(self.smtp_port)
+        if self.split and self.worker is None:
+            self.worker = Proc("postroom-worker", [*postroom_cmd(), "worker", "--config",
+                                                   str(self.config)], self.root / "worker.log")
 
     def wait_http(self) -> None:
         deadline = time.monotonic() + 30
@@ -152,7 +202,8 @@ security = "none"
 
     def cpu(self) -> float:
         assert self.proc is not None
-        return proc_cpu(self.proc.pid, children=True)
+        worker = proc_cpu(self.worker.pid) if self.worker is not None else 0.0
+        return proc_cpu(self.proc.pid, children=True) + worker
 
     def statuses(self) -> dict[str, int]:
         con = sqlite3.connect(f"file:{self.root / 'data' / 'postroom.db'}?mode=ro", uri=True,
@@ -163,15 +214,18 @@ security = "none"
             con.close()
 
     def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
 
 
 # -- the clients ---------------------------------------------------------------------------
-def _http_worker(port: int, key: str, idem: bool) -> Any:
+def _http_worker(port: int, key: str, idem: bool, message: dict[str, Any]) -> Any:
     """http.client (standard library, like smtplib): one kept-alive connection."""
-    body = json.dumps(PAYLOAD).encode()
+    body = json.dumps(message).encode()
 
     def make() -> Any:
         c = http.client.HTTPConnection(HOST, port, timeout=30)  # sets TCP_NODELAY
@@ -190,13 +244,13 @@ def _http_worker(port: int, key: str, idem: bool) -> Any:
     return make
 
 
-def _client_lib_worker(url: str, key: str) -> Any:
+def _client_lib_worker(url: str, key: str, message: dict[str, Any]) -> Any:
     """postroom.client.Client (httpx), what the Mailer's remote mode uses."""
     from postroom.client import Client
 
     def make() -> Any:
         c = Client(url, key)
-        return (lambda: c.send(PAYLOAD)), c.close
+        return (lambda: c.send(message)), c.close
 
     return make
 
@@ -314,26 +368,38 @@ def auth_cost(pr: PostroomServe, key: str) -> dict[str, float]:
 
 # -- report --------------------------------------------------------------------------------
 def report(env: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
-    ref = next(r for r in rows if r["label"].startswith("Postfix"))
+    sizes = extra.get("sizes", {})
+    shown = ", ".join(f"{label}: {j:,} B of JSON, {m:,} B of MIME"
+                      for label, (j, m) in sizes.items())
     L = [BEGIN, "", "## HTTP API: hand-over rate and latency vs SMTP submission", "",
          f"Generated by `python bench/{NAME} --messages {env['messages']}` (see its "
          "docstring). Each row: 10 client threads in one Python process, one kept-alive "
-         "connection each (smtplib, http.client: both standard library; the last row uses "
-         "Postroom's own httpx-based client), the same 2 KB text message; `×Postfix` divides "
-         "by the Postfix row "
-         "(smtplib to a private Postfix, what an app does without Postroom; for latency and "
-         "CPU lower is better).", "", "```",
+         "connection each (smtplib, http.client: both standard library; one row of each size "
+         "uses Postroom's own httpx-based client; the last one delivers from a `postroom "
+         "worker` process beside `postroom serve`, whose server CPU counts both). Two "
+         "messages, each text + HTML + a PDF attachment, posted as JSON (the file base64 in "
+         "it, as an app sends it) and "
+         f"sent over SMTP as the same message in MIME ({shown}); every message is stored "
+         "durably (fsync) before its 202 / 250. `×Postfix` divides by the Postfix row of the "
+         "same size (smtplib to a private Postfix, what an app does without Postroom; for "
+         "latency and CPU lower is better). Client CPU: the bench process's, all threads.",
+         "", "```",
          f"date:      {env['date']}   git {env['git']}, src/postroom {env['src']}",
          f"versions:  {env['versions']}",
          f"machine:   {env['cpus']} CPUs; load average before {env['load_start']}, after "
          f"{env['load_end']} (1/5/15 min; the box is shared)", "```", "",
-         "| server, door | accepted msg/s | ×Postfix | p50 ms | p99 ms | ×Postfix p99 | "
-         "server CPU µs/msg | client CPU µs/msg | all delivered | load before → after |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| message | server, door | accepted msg/s | ×Postfix | p50 ms | p99 ms | ×Postfix p99 "
+         "| server CPU µs/msg | client CPU µs/msg | all delivered | load before → after |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        size = r.get("size", "2 KB")
+        ref = next((x for x in rows if x.get("size", "2 KB") == size
+                    and x["label"].startswith("Postfix")), None)
+        rate = f"{r['rate'] / ref['rate']:.2f}×" if ref else "–"
+        p99 = f"{r['p99_ms'] / ref['p99_ms']:.2f}×" if ref else "–"
         L.append(
-            f"| {r['label']} | **{r['rate']:,.0f}** | {r['rate'] / ref['rate']:.2f}× | "
-            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p99_ms'] / ref['p99_ms']:.2f}× | "
+            f"| {size} | {r['label']} | **{r['rate']:,.0f}** | {rate} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {p99} | "
             f"{r['server_cpu_us']:,.0f} | {r['client_cpu_us']:,.0f} | "
             f"{'yes' if r['delivered'] and not r['errors'] else 'NO ' + str(r['errors'])} | "
             f"{r['load_before']} → {r['load_after']} |")
@@ -346,7 +412,8 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any
           f"{extra['rss_health_kb'] / 1024:.1f} MB after a /healthz; "
           f"{extra['rss_api_kb'] / 1024:.1f} MB after the first API request; "
           f"{extra['rss_end_kb'] / 1024:.1f} MB after the runs. Database after the runs: "
-          f"{extra['statuses']}.", "",
+          f"{extra['statuses']}; with `postroom worker` apart: "
+          f"{extra.get('split_statuses')}.", "",
           f"API key check (in-process, same database): first {a['first_ms']:.1f} ms (reads the "
           f"app's row), then {a['cached_us']:.0f} µs (HMAC-SHA256 and the 1 s policy cache); "
           f"a wrong secret costs {a['wrong_ms']:.2f} ms: a flood of bad keys costs the server "
@@ -368,6 +435,11 @@ def main() -> int:
                     help="markdown file for the report block ('-' = print only)")
     ap.add_argument("--from-json", default="",
                     help="only re-render the report from the results.json of an earlier run")
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES),
+                    help="the messages to run (default: all)")
+    ap.add_argument("--rows", nargs="+", default=[],
+                    help="only the rows whose label holds one of these words (iterating; "
+                    "the Postfix row is the reference of ×Postfix)")
     a = ap.parse_args()
     if a.from_json:
         saved = json.loads(Path(a.from_json).read_text())
@@ -380,10 +452,6 @@ def main() -> int:
         sys.exit("run as root: the private Postfix instance and smtp-sink -u need it")
     if not shutil.which("postfix") or not Path(SMTP_SINK).exists():
         sys.exit("needs Postfix (postfix, smtp-sink): apt-get install postfix")
-    from postroom.message import Draft, build
-
-    raw = build(Draft(from_=PAYLOAD["from"], to=PAYLOAD["to"], subject=PAYLOAD["subject"],
-                      text=PAYLOAD["text"])).raw
     work = Path(tempfile.mkdtemp(prefix="http-bench-"))
     os.chmod(work, 0o755)  # Postfix's own user must reach its folder inside
     print(f"work dir {work}")
@@ -395,8 +463,10 @@ def main() -> int:
     sink = Sink(free_port(), work / "sink.log")
     pf = PostfixInstance(work / "postfix", free_port(), sink.port)
     pr = PostroomServe(work / "postroom", sink.port)
+    ps = PostroomServe(work / "postroom-split", sink.port, split=True)
     rows: list[dict[str, Any]] = []
-    extra: dict[str, Any] = {}
+    message_sizes: dict[str, tuple[int, int]] = {}
+    extra: dict[str, Any] = {"sizes": message_sizes}
     try:
         pf.start()
         pr.start(first=True)
@@ -411,26 +481,44 @@ def main() -> int:
                   timeout=30).raise_for_status()
         time.sleep(0.5)
         extra["rss_api_kb"] = pr.rss_kb()
-        plan = [
-            ("Postfix, SMTP (smtplib)", _smtp_worker(pf.port, raw), pf.cpu),
-            ("postroom serve, SMTP (smtplib)", _smtp_worker(pr.smtp_port, raw), pr.cpu),
-            ("postroom serve, HTTP POST /messages (http.client)",
-             _http_worker(pr.http_port, key, False), pr.cpu),
-            ("postroom serve, HTTP + Idempotency-Key (http.client)",
-             _http_worker(pr.http_port, key, True), pr.cpu),
-            ("postroom serve, HTTP via postroom.client (httpx)", _client_lib_worker(api, key),
-             pr.cpu),
-        ]
-        for label, make, cpu in plan:
-            rows.append(measure(label, make, a.messages, a.warm, sink, cpu, a.quiet))
+        ps.start(first=True)
+        ps.wait_http()
+        split_key = re.search(r"Bearer (\S+)", ps.cli("app", "add", "bench")).group(1)  # type: ignore[union-attr]
+        for size in a.sizes:
+            message = payload(size)
+            raw = mime(message)
+            message_sizes[size] = (len(json.dumps(message)), len(raw))
+            plan = [
+                ("Postfix, SMTP (smtplib)", _smtp_worker(pf.port, raw), pf.cpu),
+                ("postroom serve, SMTP (smtplib)", _smtp_worker(pr.smtp_port, raw), pr.cpu),
+                ("postroom serve, HTTP POST /messages (http.client)",
+                 _http_worker(pr.http_port, key, False, message), pr.cpu),
+                ("postroom serve, HTTP + Idempotency-Key (http.client)",
+                 _http_worker(pr.http_port, key, True, message), pr.cpu),
+                ("postroom serve, HTTP via postroom.client (httpx)",
+                 _client_lib_worker(api, key, message), pr.cpu),
+                ("postroom serve + postroom worker, HTTP POST /messages (http.client)",
+                 _http_worker(ps.http_port, split_key, False, message), ps.cpu),
+            ]
+            for label, make, cpu in plan:
+                if a.rows and not any(w.lower() in label.lower() for w in a.rows):
+                    continue
+                print(f"{size}:")
+                rows.append(measure(label, make, a.messages, a.warm, sink, cpu, a.quiet)
+                            | {"size": size})
         deadline = time.monotonic() + 120
         while (st := pr.statuses()).get("sent", 0) < sum(st.values()) and \
                 time.monotonic() < deadline:
             time.sleep(0.2)
+        while (split := ps.statuses()).get("sent", 0) < sum(split.values()) and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
         extra["statuses"] = st
+        extra["split_statuses"] = split
         extra["rss_end_kb"] = pr.rss_kb()
         extra["auth"] = auth_cost(pr, key)
     finally:
+        ps.stop()
         pr.stop()
         pf.stop()
         sink.stop()

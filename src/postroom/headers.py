@@ -176,6 +176,8 @@ Mailbox = tuple[str, str]  # (display name, addr-spec)
 
 def split_addresses(value: str) -> list[str]:
     """Split ``a@x, "Doe, J" <j@y>`` at the commas outside quotes and angle brackets."""
+    if "," not in value:  # one address (most often): nothing to walk through
+        return [value.strip()] if value.strip() else []
     out: list[str] = []
     start = 0
     quoted = angle = False

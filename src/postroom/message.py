@@ -25,6 +25,7 @@ import binascii
 import mimetypes
 import os
 import re
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -187,7 +188,7 @@ def _compose(draft: Draft, max_size: int | None) -> tuple[bytes, str, list[str]]
             raise MessageError(f"header {name} given twice", code="message.header_twice")
         fields[key] = extra_field(name, value)
     if "date" not in fields:
-        fields["date"] = f"Date: {formatdate(localtime=True)}\r\n"
+        fields["date"] = f"Date: {_now()}\r\n"
     if "message-id" not in fields:
         fields["message-id"] = f"Message-ID: {_message_id(froms[0][1])}\r\n"
     head = [fields.pop(k) for k in _OWN if k in fields]
@@ -220,6 +221,19 @@ def _mailboxes(what: str, items: Sequence[Address]) -> list[h.Mailbox]:
     for _, addr in out:
         check_address(addr, what)
     return out
+
+
+_date: tuple[int, str] = (-1, "")
+
+
+def _now() -> str:
+    """The Date field's value (RFC 5322 3.3, local time), formatted at most once a second:
+    formatdate takes as long as writing the rest of a short message's header."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, formatdate(second, localtime=True))
+    return _date[1]
 
 
 def _message_id(from_addr: str) -> str:
@@ -284,9 +298,23 @@ def _text(subtype: str, text: str) -> bytes:
     return f"{head}Content-Transfer-Encoding: base64\r\n\r\n".encode() + _base64(data)
 
 
+# Lines of base64 are cut 64 at a time by one call in C: a Python step per 76-character
+# line took longer than the encoding itself on attachments of tens of KB.
+_LINES = struct.Struct("76s" * 64)
+
+
 def _base64(data: bytes) -> bytes:
     enc = binascii.b2a_base64(data, newline=False)
-    return b"".join(enc[i : i + 76] + b"\r\n" for i in range(0, len(enc), 76))
+    size = len(enc)
+    if not size:
+        return b""
+    whole = size - size % _LINES.size
+    lines: list[bytes] = []
+    for i in range(0, whole, _LINES.size):
+        lines += _LINES.unpack_from(enc, i)
+    lines += [enc[i : i + 76] for i in range(whole, size, 76)]
+    lines.append(b"")  # the last line's CRLF
+    return b"\r\n".join(lines)
 
 
 def _attachment(att: Attachment) -> bytes:

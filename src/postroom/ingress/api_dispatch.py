@@ -97,7 +97,7 @@ def _json_body(scope: Scope, raw: bytes) -> Any:
         return None
     ctype = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"),
                  None)
-    if ctype is not None:
+    if ctype is not None and ctype != "application/json":  # (what nearly every client sends)
         header = MimeHeader()
         header["content-type"] = ctype
         subtype = header.get_content_subtype()
@@ -141,11 +141,32 @@ async def _error(send: Send, status: int, content: dict[str, Any],
     await _send(send, status, _encode(content), headers)
 
 
+def _valid_json(scope: Scope, raw: bytes, route: Route) -> Any:
+    """The body as the route's model, parsed and validated in one pass by pydantic when it
+    is JSON and valid; else _ABSENT, and the body is read as FastAPI reads it (json.loads,
+    then validation) for the refusal to say what it says. Where both accept a body they give
+    the same model; the one pass takes a fraction of the time on a big body (base64
+    attachments)."""
+    if not raw:
+        return _ABSENT
+    for name, value in scope["headers"]:
+        if name == b"content-type" and value != b"application/json":
+            return _ABSENT
+    try:
+        return _adapter(route.body, ()).validate_json(raw)
+    except ValidationError:
+        return _ABSENT
+
+
 async def _call(ctx: Context, scope: Scope, body: bytes, route: Route,
                 path: Mapping[str, str]) -> Answer | tuple[int, dict[str, Any]]:
     """The handler's answer, or the status and body of the request's refusal."""
     value = None
+    validated = False
     if route.body is not None:
+        value = _valid_json(scope, body, route)
+        validated = value is not _ABSENT
+    if route.body is not None and not validated:
         try:
             value = _json_body(scope, body)
         except json.JSONDecodeError as err:
@@ -157,7 +178,7 @@ async def _call(ctx: Context, scope: Scope, body: bytes, route: Route,
     query = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                       keep_blank_values=True)
     args, errors = _arguments(route, scope, query, path)
-    if route.body is not None:
+    if route.body is not None and not validated:
         value, more = _body(route, value)
         errors += more
     if errors:

@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any, Literal
@@ -111,16 +112,25 @@ def _send_at(ctx: Context, value: str | float | None) -> float | None:
     return at
 
 
+# "addr" or "Name <addr>" at their plainest (a dot-atom address, a name of letters, digits
+# and single spaces): getaddresses reads the same address from them, and its parser costs
+# more than the rest of a message's checks; anything else is read by getaddresses.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN = re.compile(rf"({_ADDR})|[A-Za-z0-9]+(?: [A-Za-z0-9]+)* ?<({_ADDR})>")
+
+
 def _addresses(field: str, values: list[str]) -> list[str]:
     """The addresses in ``values`` ("addr" or "Name <addr>"), each checked; errors name the
     field and the index."""
-    out = []
+    out: list[str] = []
     for i, value in enumerate(values):
         where = field if field == "from" else f"{field}[{i}]"
         if any(c in value for c in "\r\n\x00"):
             raise HttpError(422, "message.header_injection", f"{where} contains CR, LF or NUL",
                             "send one address per value, on one line", field=where)
-        found = [a for _, a in getaddresses([value]) if a]
+        plain = _PLAIN.fullmatch(value)
+        found = [plain[1] or plain[2]] if plain else [a for _, a in getaddresses([value]) if a]
         if not found:
             raise HttpError(422, "address.malformed", f"no address in {value!r}",
                             "write 'addr@example.com' or 'Name <addr@example.com>'", field=where)

@@ -387,12 +387,16 @@ class Exchange:
             self.broken = True
             return {"type": "http.disconnect"}
         if isinstance(event, Data):
-            # The end of the body is most often in the same read: said in this message, the
-            # front need not ask again.
+            # The rest of the body and its end are most often in the same read (the parser
+            # gives a big body in pieces): said in this message, the front need not ask again.
             self.continued = True  # the client sent the body: nothing to wait for
             more = True
+            parts = [event.data]
             try:
                 follow = conn.parsed()
+                while isinstance(follow, Data):
+                    parts.append(follow.data)
+                    follow = conn.parsed()
             except Malformed:
                 self.broken = True  # told on the next receive
             else:
@@ -400,7 +404,8 @@ class Exchange:
                     more, self.body_done = False, True
                 elif follow is not None:
                     self.pending = follow
-            return {"type": "http.request", "body": event.data, "more_body": more}
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            return {"type": "http.request", "body": body, "more_body": more}
         if event is END:
             self.body_done = True
             return {"type": "http.request", "body": b"", "more_body": False}
