@@ -20,17 +20,18 @@ worker_bench: concurrency 100) is started, the queue resumed, and the worker del
   keep-alive, every request checked against the provider's documented shape (method,
   endpoint, auth header, JSON with the fields a send needs; one that is not is answered
   422 and fails the run) and answered with the provider's documented success, a new id
-  each. Two providers, for the two kinds of API: **Postmark** (``POST /email``: the
+  each. Three providers, for the two kinds of API: **Postmark** (``POST /email``: the
   message mapped into JSON fields, so Postroom parses the MIME; answer ``{"To",
-  "SubmittedAt", "MessageID", "ErrorCode": 0, "Message": "OK"}``) and **SparkPost**
-  (``POST /api/v1/transmissions``: the raw MIME inside JSON, no parsing; answer
-  ``{"results": {"id", "total_accepted_recipients": 1, "total_rejected_recipients":
-  0}}``). The stand-in runs in a process of its own (`--sink`, a thread per connection,
-  blocking TLS sockets: the handshake and record layer in OpenSSL) and its CPU is measured
-  apart, so one can see that it is not the bottleneck. Deliveries go through Postroom's
-  lean client (postroom/httpwire.py); ``--targets postmark-httpx,sparkpost-httpx`` sends the
-  same through httpx, as when a proxy is set (``HTTPS_PROXY`` with ``NO_PROXY`` naming the
-  sink: httpx connects directly).
+  "SubmittedAt", "MessageID", "ErrorCode": 0, "Message": "OK"}``), **SendGrid** (``POST
+  /v3/mail/send``: the same mapping, into nested objects; answer 202, no body, the id in
+  ``X-Message-Id``) and **SparkPost** (``POST /api/v1/transmissions``: the raw MIME inside
+  JSON, no parsing; answer ``{"results": {"id", "total_accepted_recipients": 1,
+  "total_rejected_recipients": 0}}``). The stand-in runs in a process of its own
+  (`--sink`, a thread per connection, blocking TLS sockets: the handshake and record layer
+  in OpenSSL) and its CPU is measured apart, so one can see that it is not the bottleneck.
+  Deliveries go through Postroom's lean client (postroom/httpwire.py); ``--targets
+  postmark-httpx,sparkpost-httpx`` sends the same through httpx, as when a proxy is set
+  (``HTTPS_PROXY`` with ``NO_PROXY`` naming the sink: httpx connects directly).
 
 The rate is N / (time every message is recorded as sent - the first arrival at the sink),
 as in worker_bench.py: the worker's start and poll interval are not counted, recording the
@@ -95,8 +96,9 @@ from worker_bench import (  # noqa: E402
 NAME = "https_bench.py"
 BEGIN, END = _report.markers(NAME)
 SIZES = (2048, 51200)
-TARGETS = ("smtp", "postmark", "sparkpost")
+TARGETS = ("smtp", "postmark", "sendgrid", "sparkpost")
 WHAT = {"smtp": "SMTP (smtp-sink)", "postmark": "HTTPS, Postmark (MIME mapped to JSON)",
+        "sendgrid": "HTTPS, SendGrid (MIME mapped to JSON objects)",
         "sparkpost": "HTTPS, SparkPost (raw MIME in JSON)",
         "postmark-httpx": "HTTPS, Postmark, through httpx",
         "sparkpost-httpx": "HTTPS, SparkPost, through httpx"}
@@ -135,12 +137,15 @@ def sink_main(port: int, cert: str, key: str, counters: str) -> None:
     def wrong(method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes) -> str:
         """What in the request is not as the provider documents it ("" when it all is):
         method, endpoint, auth header, JSON content type and the fields a send needs."""
-        sparkpost = path.startswith(b"/api/v1/transmissions")
-        if method != b"POST" or path not in (b"/api/v1/transmissions", b"/email"):
+        sparkpost = path == b"/api/v1/transmissions"
+        sendgrid = path == b"/v3/mail/send"
+        if method != b"POST" or path not in (b"/api/v1/transmissions", b"/email",
+                                             b"/v3/mail/send"):
             return f"{method!r} {path!r}: not a send endpoint"
-        auth = b"authorization" if sparkpost else b"x-postmark-server-token"
-        if headers.get(auth) != TOKEN.encode():
-            return f"no {auth.decode()}: {TOKEN}"
+        auth = b"authorization" if sparkpost or sendgrid else b"x-postmark-server-token"
+        token = (b"Bearer " if sendgrid else b"") + TOKEN.encode()
+        if headers.get(auth) != token:
+            return f"no {auth.decode()}: {token.decode()}"
         if not headers.get(b"content-type", b"").startswith(b"application/json"):
             return "not application/json"
         try:
@@ -152,6 +157,18 @@ def sink_main(port: int, cert: str, key: str, counters: str) -> None:
                   and all(isinstance(r.get("address", {}).get("email"), str)
                           for r in data["recipients"])
                   and isinstance(data.get("content", {}).get("email_rfc822"), str))
+        elif sendgrid:  # Mail Send: personalizations[].to[].email, from.email, subject,
+            # content[] of {type, value}
+            people = data.get("personalizations")
+            ok = (isinstance(people, list) and people
+                  and all(isinstance(p.get("to"), list) and p["to"]
+                          and all(isinstance(t.get("email"), str) for t in p["to"])
+                          for p in people)
+                  and isinstance(data.get("from", {}).get("email"), str)
+                  and isinstance(data.get("subject"), str)
+                  and isinstance(data.get("content"), list) and data["content"]
+                  and all(isinstance(c.get("type"), str) and isinstance(c.get("value"), str)
+                          for c in data["content"]))
         else:  # Email API: From, To, Subject, TextBody or HtmlBody, MessageStream
             ok = (all(isinstance(data.get(k), str) for k in ("From", "To", "Subject",
                                                               "MessageStream"))
@@ -159,6 +176,9 @@ def sink_main(port: int, cert: str, key: str, counters: str) -> None:
         return "" if ok else "fields missing or of the wrong type"
 
     def answer(path: bytes, n: int) -> bytes:
+        if path == b"/v3/mail/send":  # SendGrid "Mail Send": 202, no body, the id in a header
+            return (b"HTTP/1.1 202 Accepted\r\nX-Message-Id: " + f"bench{n}".encode()
+                    + b"\r\nContent-Length: 0\r\n\r\n")
         if path.startswith(b"/api/v1/transmissions"):  # SparkPost "Transmissions: create"
             data: dict[str, Any] = {"results": {"id": str(n), "total_accepted_recipients": 1,
                                                 "total_rejected_recipients": 0}}

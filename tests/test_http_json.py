@@ -20,7 +20,11 @@ LONG = "The quick brown fox.\r\n" * 100  # over the length json_bytes escapes it
     {"x": LONG + "Grüße \u2028 non-ASCII"},
     {"x": LONG, 1: "a non-str key", None: "and None"},
     {"x": [LONG, {"y": LONG}], "f": 1.5, "t": True, "z": None, "e": {}},
-    {}, LONG, [LONG], "short",
+    {}, LONG, [LONG], "short", [], [[]], [{}], ["a", 1, None, [LONG, "\udc80"[:0]]],
+    {"personalizations": [{"to": [{"email": "a@b", "name": "Zoë"}]}],
+     "content": [{"type": "text/plain", "value": LONG}], "s": {"enable": False}},
+    ("a tuple", LONG), {"k": ("t", LONG)}, {"nan": float("nan"), "big": 10 ** 30, "neg": -0.0},
+    {"\u2028 key \"q\"": LONG, "k\x00": "v\x00"}, [LONG + "\x7f"], {"x": "short\x01"},
 ])
 def test_json_bytes_writes_what_json_dumps_writes(value: object) -> None:
     assert json_bytes(value) == json.dumps(value, ensure_ascii=False).encode()
@@ -32,3 +36,9 @@ def test_a_lone_surrogate_raises_as_json_dumps_encode_does() -> None:
         json.dumps(value, ensure_ascii=False).encode()
     with pytest.raises(UnicodeEncodeError):
         json_bytes(value)
+
+
+def test_a_lone_surrogate_in_a_list_or_short_string_raises_too() -> None:
+    for value in ([LONG, "\udce9"], {"k": ["x\udce9"]}, "\udce9"):
+        with pytest.raises(UnicodeEncodeError):
+            json_bytes(value)

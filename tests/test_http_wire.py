@@ -328,6 +328,50 @@ def test_answers_as_servers_write_them(path: str, expected: tuple[object, ...]) 
     assert asyncio.run(go()) == expected
 
 
+@pytest.mark.parametrize("path", [*_RAW, "/charset"])
+def test_the_answer_reads_as_the_httpx_response_it_stands_for(path: str) -> None:
+    """HttpTransport hands the providers' parsers a WireResponse: the same status, headers,
+    body, text and JSON as httpx.Response(content=...) with the request, made lazily."""
+    from postroom.transports._http import Request, WireResponse, answer_text
+
+    raws = {**_RAW, "/charset": (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=latin-1"
+                                 b"\r\nContent-Length: 3\r\n\r\n\xe9t\xe9", False)}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(raws[head.split(b" ")[1].decode()][0])
+        await writer.drain()
+        writer.close()
+
+    async def go() -> _wire.Answer:
+        srv = await asyncio.start_server(handle, HOST, 0)
+        port = int(srv.sockets[0].getsockname()[1])
+        wire = _wire.WirePool(title="Test API", base="x", ssl_context=ssl.create_default_context(),
+                              size=1, connect_timeout=5, timeout=5, user_agent="t")
+        try:
+            return await wire.request("POST", f"http://{HOST}:{port}{path}", {}, b'{"a": 1}')
+        finally:
+            await wire.aclose()
+            srv.close()
+
+    import httpx
+
+    answer = asyncio.run(go())
+    req = Request("POST", "https://api.example.com/v1/send", {}, b'{"a": 1}', "JSON")
+    got = WireResponse(answer, req)
+    want = httpx.Response(answer.status, headers=answer.headers, content=answer.body,
+                          request=httpx.Request("POST", req.url, content=req.content))
+    assert (got.status_code, got.headers.raw, got.content, got.text, answer_text(got),
+            got.reason_phrase, got.is_success) == (
+        want.status_code, want.headers.raw, want.content, want.text, want.text,
+        want.reason_phrase, want.is_success)
+    assert (got.request.method, got.request.url, got.request.content, got.url) == (
+        want.request.method, want.request.url, want.request.content, want.url)
+    got.raise_for_status()  # the request it reads is there
+
+
 @pytest.mark.parametrize("headers", [{"X-Bad": "a\r\nInjected: 1"}, {"X Bad": "v"},
                                      {"X-Bad": " lead"}, {"X-Bad": "é"}])
 def test_a_header_http_cannot_carry_is_refused_before_connecting(

@@ -3,6 +3,8 @@ what it reads from real composed messages, and what it refuses, naming it."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from postroom.envelope import Envelope
@@ -102,18 +104,37 @@ _IDS = ["<run-1@bench.test>", "<a b@c>", "< a@b >", "<>", "<x@[1.2.3.4]>", "a@b"
 _HEADS = [b"Content-Type: text/plain; charset=utf-8\r\n", b"", b"Content-Type: text/html\r\n",
           b"Content-Type: message/rfc822\r\n", b"Content-Transfer-Encoding: base64\r\n",
           b"Content-Type: text/plain; charset=latin-1\r\nX-Fold: a\r\n b\r\n",
-          b"not a header\r\n", b"Sender: A  B <a@b.c>\r\nResent-Date: 1 Jan 2026 00:00 +0000\r\n"]
+          b"not a header\r\n", b"Sender: A  B <a@b.c>\r\nResent-Date: 1 Jan 2026 00:00 +0000\r\n",
+          # Around the single-text-body path (_mime._simple): what it reads, what it leaves.
+          b"Content-Type: TEXT/HTML; Charset=\"UTF-8\"; format=flowed\r\n"
+          b"Content-Transfer-Encoding: 8BIT\r\nContent-Disposition: inline\r\n",
+          b"Content-Type: text/plain; charset=us-ascii\r\n"
+          b"Content-Transfer-Encoding: 7bit\r\n",
+          b"Content-Type: text/plain; name=a.txt\r\n",
+          b"Content-Type: text/plain;charset=ascii\r\n",
+          b"Content-Disposition: attachment\r\n", b"Content-Disposition: inline; filename=a\r\n",
+          b"Content-ID: <c@d>\r\n", b"Content-Transfer-Encoding: quoted-printable\r\n",
+          b"Content-Type: text/plain; charset=utf-8; charset=ascii\r\n",
+          b"Content-Type: text/plain\r\nContent-Type: text/html\r\n",
+          b"Content-Type: text/plain; charset=\"utf-8\" \r\n",
+          b"Content-Type: text/plain; charset=bogus\r\n",
+          b"Content-Type: text/calendar; charset=utf-8\r\n", b"Content-Type: text\r\n",
+          b"Content-Type: text/plain; charset*=utf-8''x\r\n",
+          b"Content-Transfer-Encoding: x-custom\r\n",
+          b"content-type: text/html; charset=us-ascii\r\nX-A: =?utf-8?q?x?=\r\n"]
 _BODIES = [b"\r\nhello\r\n", b"\r\nx\ny\rz", b"\nlf\n", b"", b"\r\n" + b"line\r\n" * 400,
-           b"\r\n\xc3\xa9t\xc3\xa9\r\n", b"\r\nFrom: x@y\r\nSubject: old\r\n\r\nold\r\n"]
+           b"\r\n\xc3\xa9t\xc3\xa9\r\n", b"\r\nFrom: x@y\r\nSubject: old\r\n\r\nold\r\n",
+           b"\r\n\xe9t\xe9 \xff\r\n", b"\r\n\r\n", b"\r\naGVsbG8=\r\n"]
 
 
 def _cases() -> list[bytes]:
     out = []
-    for i in range(160):  # a fixed spread over the lists, each value met several times
+    # Every MIME head with every body; the address, subject and id fields a fixed spread
+    # over their lists, each value met several times.
+    for i, (head, body) in enumerate(itertools.product(_HEADS, _BODIES)):
         out.append(b"From: %s\r\nTo: %s\r\nSubject: %s\r\nMessage-ID: %s\r\n%s%s" % (
             _FROMS[i % len(_FROMS)].encode(), _TOS[i % len(_TOS)].encode(),
-            _SUBJECTS[i % len(_SUBJECTS)].encode(), _IDS[i % len(_IDS)].encode(),
-            _HEADS[i % len(_HEADS)], _BODIES[i % len(_BODIES)]))
+            _SUBJECTS[i % len(_SUBJECTS)].encode(), _IDS[i % len(_IDS)].encode(), head, body))
     return out
 
 
@@ -148,6 +169,20 @@ def test_the_fast_paths_map_as_the_full_parse(monkeypatch: pytest.MonkeyPatch) -
     never = re.compile(r"(?!)")
     for name in ("_PLAIN", "_PLAIN_ADDRESSES", "_PLAIN_ID"):
         monkeypatch.setattr(_mime, name, never)
+    monkeypatch.setattr(_mime, "_simple", lambda raw: None)
     monkeypatch.setattr(_mime, "_parse",
                         lambda raw, policy: BytesParser(policy=policy).parsebytes(raw))
     assert fast == [_outcome(raw) for raw in _cases()]
+
+
+def test_mailbox_objects_read_as_parseaddr_reads_them() -> None:
+    from email.utils import parseaddr
+
+    from postroom.transports._mime import mailbox_object
+
+    values = [*_FROMS, *_TOS, "Name<a@b.c>", " Name <a@b.c>", "Name <a@b.c> ", "<a@b.c> x",
+              '"Q, R" <q@r.s>', "A B C <a.b@c.d>", "a@b.c (c)", "", "<>", "Zoë Shop <s@e.com>"]
+    for v in values:
+        display, addr = parseaddr(v)
+        assert mailbox_object(v, "e", "n") == ({"e": addr, "n": display} if display
+                                               else {"e": addr}), v

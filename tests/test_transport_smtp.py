@@ -1172,3 +1172,19 @@ def test_plain_text_after_starttls_reply_is_refused() -> None:
                          ProtocolError)
     assert err.code == "protocol" and "STARTTLS injection" in err.message
     assert srv.commands[-1] == "STARTTLS"  # nothing after it: no handshake, no AUTH, no MAIL
+
+
+def test_dot_stuffing_doubles_every_dot_that_starts_a_line() -> None:
+    """The two replaces in _dot_stuff double exactly the dots the RFC 5321 rule (plus bare
+    CR and LF as line breaks) names: checked against that rule written as a regular
+    expression, on every short string of the bytes that matter."""
+    import itertools
+
+    from postroom.transports.smtp import _dot_stuff
+
+    rule = re.compile(rb"(?:\A|(?<=[\r\n]))\.")
+    for n in range(1, 7):
+        for combo in itertools.product((b".", b"\r", b"\n", b"x"), repeat=n):
+            raw = b"".join(combo)
+            want = rule.sub(b"..", raw)
+            assert _dot_stuff(raw) == (want if want.endswith(b"\r\n") else want + b"\r\n"), raw

@@ -53,7 +53,7 @@ from postroom.exceptions import (
     TimeoutError_,
     UnsupportedFeature,
 )
-from postroom.httpwire import WirePool
+from postroom.httpwire import Answer, WirePool
 from postroom.secrets import Secret
 from postroom.settings import ConnectionBase
 from postroom.transports import _auth, base
@@ -293,7 +293,7 @@ class HttpTransport(base.Transport):
             raise mapped from err
         # A URL in an answer may be a credential itself (an upload session's): its query
         # stays out of the transcript.
-        body = _URL_QUERY.sub(r"\1?****", resp.text[:500].replace("\n", " "))
+        body = _URL_QUERY.sub(r"\1?****", answer_text(resp)[:500].replace("\n", " "))
         lines.append(f"S: {resp.status_code} {body}".rstrip())
         return resp
 
@@ -303,10 +303,7 @@ class HttpTransport(base.Transport):
         """One request through the lean client, its answer as the httpx.Response the
         providers' parsers read (with the request: some read what they asked)."""
         answer = await wire.request(req.method, req.url, headers, req.content)
-        return httpx.Response(answer.status, headers=answer.headers, content=answer.body,
-                              request=httpx.Request(req.method,
-                                                    _url(req.url) if req.auth else req.url,
-                                                    content=req.content))
+        return WireResponse(answer, req)
 
     def classify(self, resp: httpx.Response) -> DeliveryError:
         """The DeliveryError a refusing answer means: the provider's table, then the rules
@@ -403,6 +400,50 @@ class HttpTransport(base.Transport):
         await self.client.aclose()
 
 
+class WireResponse(httpx.Response):
+    """An answer of the lean client as the httpx.Response the providers' parsers read, made
+    without the two things they do not need: the body is handed over as read (not encoded
+    anew as content), and the httpx.Request it answers is made only when something asks for
+    it (of the providers, only Mailtrap's parser does). Those two were most of the answer's
+    cost in a worker (docs/benchmarks.md, issue 14)."""
+
+    def __init__(self, answer: Answer, req: Request) -> None:
+        headers = answer.headers
+        if answer.body and not any(name.lower() == b"content-length" for name, _ in headers):
+            # What httpx.Response(content=...) adds: the headers as they were with it.
+            headers = [*headers, (b"Content-Length", str(len(answer.body)).encode())]
+        super().__init__(answer.status, headers=headers, stream=httpx.ByteStream(answer.body))
+        self.read()
+        self._asked = req
+
+    @property
+    def request(self) -> httpx.Request:
+        # httpx's own property reads _request (as raise_for_status does): set there.
+        if self._request is None:
+            req = self._asked
+            self._request = httpx.Request(req.method, _url(req.url) if req.auth else req.url,
+                                          content=req.content)
+        return self._request
+
+    @request.setter
+    def request(self, value: httpx.Request) -> None:
+        self._request = value
+
+    def raise_for_status(self) -> httpx.Response:
+        self.request  # noqa: B018 - made for httpx's check, which reads _request
+        return super().raise_for_status()
+
+
+def answer_text(resp: httpx.Response) -> str:
+    """``resp.text``, for an answer that names no charset (the usual JSON one) without
+    httpx's lookup of it, which parses the Content-Type with email.message: UTF-8, errors
+    replaced, as httpx decodes then."""
+    ctype = resp.headers.get("Content-Type")
+    if ctype is None or "charset" not in ctype.lower():
+        return resp.content.decode("utf-8", "replace")
+    return resp.text
+
+
 @functools.lru_cache(maxsize=64)
 def _url(url: str) -> httpx.URL:
     """``url`` parsed once: httpx parses a URL string in Python on every Request, and a
@@ -443,22 +484,49 @@ def json_error(resp: httpx.Response) -> dict[str, Any]:
 
 def json_bytes(value: Any) -> bytes:
     """``json.dumps(value, ensure_ascii=False).encode()``, byte for byte (a lone surrogate
-    raises the same UnicodeEncodeError), with long ASCII strings (a message's MIME, a text
+    raises a UnicodeEncodeError too), with long ASCII strings (a message's MIME, a text
     body) escaped by the ``unicode_escape`` codec: json's C encoder escapes a character at a
     time, and a 50 KB body was a fifth of a worker's GIL time per message (docs/
-    benchmarks.md). Dicts with str keys are walked; anything else goes to json as is."""
-    if type(value) is str and len(value) >= _LONG and value.isascii():
-        escaped = value.encode("unicode_escape")
-        # For ASCII it escapes only backslash, \t, \n, \r (as JSON does) and other controls
-        # and DEL as \xNN (which JSON writes otherwise): those, rare, go to json.
-        if b"\\x" not in escaped:
-            return b'"' + escaped.replace(b'"', b'\\"') + b'"'
-    elif type(value) is dict and value and all(type(k) is str for k in value):
-        return b"{" + b", ".join(json.dumps(k, ensure_ascii=False).encode() + b": "
-                                 + json_bytes(v) for k, v in value.items()) + b"}"
-    return json.dumps(value, ensure_ascii=False).encode()
+    benchmarks.md). Dicts with str keys and lists are walked, each str of them written by
+    json's own C function; anything else goes to one encoder made once (json.dumps with an
+    argument makes one a call)."""
+    out: list[bytes] = []
+    _json_write(value, out)
+    return b"".join(out)
 
 
+def _json_write(value: Any, out: list[bytes]) -> None:
+    kind = type(value)
+    if kind is str:
+        if len(value) >= _LONG and value.isascii():
+            escaped = value.encode("unicode_escape")
+            # For ASCII it escapes only backslash, \t, \n, \r (as JSON does) and other
+            # controls and DEL as \xNN (which JSON writes otherwise): those, rare, go to json.
+            if b"\\x" not in escaped:
+                out += (b'"', escaped.replace(b'"', b'\\"'), b'"')
+                return
+        out.append(_json_str(value).encode())
+    elif kind is dict and value and all(type(k) is str for k in value):
+        sep = b"{"
+        for key, item in value.items():
+            out += (sep, _json_str(key).encode(), b": ")
+            _json_write(item, out)
+            sep = b", "
+        out.append(b"}")
+    elif kind is list and value:
+        sep = b"["
+        for item in value:
+            out.append(sep)
+            _json_write(item, out)
+            sep = b", "
+        out.append(b"]")
+    else:
+        out.append(_JSON.encode(value).encode())
+
+
+# What json.dumps(ensure_ascii=False) writes: of a str, and of anything else.
+_json_str: Callable[[str], str] = json.encoder.encode_basestring
+_JSON = json.JSONEncoder(ensure_ascii=False)
 _LONG = 1024  # below this, json.dumps's own escaping costs no more
 
 

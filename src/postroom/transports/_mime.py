@@ -89,12 +89,25 @@ def _refuse(what: str, title: str) -> UnsupportedFeature:
 _SPECIALS = re.compile(r'[()<>@,;:\\".\[\]]')
 
 
-def _mailboxes(msg: EmailMessage, name: str) -> list[str]:
+# A message's header fields as stored (raw values), by lower-case name, in order: one pass
+# over them serves every field the mapping reads.
+_Fields = dict[str, list[tuple[str, str]]]
+
+
+def _by_name(items: list[tuple[str, str]]) -> _Fields:
+    fields: _Fields = {}
+    for name, value in items:
+        fields.setdefault(name.lower(), []).append((name, value))
+    return fields
+
+
+def _mailboxes(fields: _Fields, policy: email.policy.EmailPolicy[EmailMessage],
+               name: str) -> list[str]:
     """Mailboxes with their display names decoded (a JSON API takes Unicode; formataddr
     would write RFC 2047 encoded-words)."""
     values = [value if _PLAIN_ADDRESSES.fullmatch(value) and "=?" not in value
-              else str(msg.policy.header_fetch_parse(field, value))
-              for field, value in msg.raw_items() if field.lower() == name]
+              else str(policy.header_fetch_parse(field, value))
+              for field, value in fields.get(name, ())]
     if not values:
         return []
     out = []
@@ -137,14 +150,15 @@ def address_pairs(values: list[str]) -> list[tuple[str, str]]:
 _STRUCTURED = frozenset(HeaderRegistry().registry) - {"subject"}
 
 
-def _plain_value(msg: EmailMessage, name: str, raw_value: str) -> str:
+def _plain_value(policy: email.policy.EmailPolicy[EmailMessage], name: str,
+                 raw_value: str) -> str:
     """A header field's value as ``str(msg.get(name))`` reads it."""
     low = name.lower()
     if "=?" not in raw_value and (
             _PLAIN_ID.fullmatch(raw_value) if low == "message-id"
             else low not in _STRUCTURED and _PLAIN.fullmatch(raw_value)):
         return raw_value
-    return str(msg.policy.header_fetch_parse(name, raw_value))
+    return str(policy.header_fetch_parse(name, raw_value))
 
 
 # Content-Type / Content-Disposition written "type/subtype; name=value; ..." (printable ASCII,
@@ -224,18 +238,27 @@ def map_message(env: Envelope, raw: bytes, title: str, *,
     added any envelope recipient missing from To/Cc/Bcc as Bcc) read into a Mapped.
     ``forbidden_headers``: lower-case field names the provider refuses as custom headers."""
     policy = email.policy.default.clone(header_factory=_ParseOnce())
-    msg = _parse(raw, policy)
-    froms = _mailboxes(msg, "from")
+    simple = _simple(raw)
+    if simple is not None:
+        items, body = simple
+        msg = None
+    else:
+        msg = _parse(raw, policy)
+        items = list(msg.raw_items())
+    fields = _by_name(items)
+    froms = _mailboxes(fields, policy, "from")
     if len(froms) != 1:
         raise _refuse(f"a From field with {len(froms)} addresses", title)
-    out = Mapped(from_=froms[0], to=_mailboxes(msg, "to"), cc=_mailboxes(msg, "cc"),
-                 bcc=_mailboxes(msg, "bcc"), reply_to=_mailboxes(msg, "reply-to"),
-                 subject=_subject(msg), tags=list(env.tags),
-                 metadata=dict(env.metadata))
-    # raw_items(), then parsing only the fields kept: items() would parse every field with
+    out = Mapped(from_=froms[0], to=_mailboxes(fields, policy, "to"),
+                 cc=_mailboxes(fields, policy, "cc"), bcc=_mailboxes(fields, policy, "bcc"),
+                 reply_to=_mailboxes(fields, policy, "reply-to"),
+                 subject=next((_plain_value(policy, name, value)
+                               for name, value in fields.get("subject", ())), ""),
+                 tags=list(env.tags), metadata=dict(env.metadata))
+    # The raw items, then parsing only the fields kept: items() would parse every field with
     # the policy's header classes, Date and Content-Type too, and those dominated the
     # mapping of a small message (bench/https_bench.py).
-    for name, raw_value in msg.raw_items():
+    for name, raw_value in items:
         low = name.lower()
         if low in _OWN:
             continue
@@ -244,20 +267,21 @@ def map_message(env: Envelope, raw: bytes, title: str, *,
             continue
         if low in forbidden_headers:
             raise _refuse(f"the header field {name}", title)
-        value = _plain_value(msg, name, raw_value)
+        value = _plain_value(policy, name, raw_value)
         if low == "message-id":
             out.message_id = value.strip()
         out.headers.append((name, value))
-    _walk(msg, out, title, top=True)
+    if msg is None:
+        ctype, text = body
+        if ctype == "text/html":
+            out.html = text
+        else:
+            out.text = text
+    else:
+        _walk(msg, out, title, top=True)
     if out.text is None and out.html is None:
         out.text = ""  # an empty body: both APIs and readers take an empty text part
     return out
-
-
-def _subject(msg: EmailMessage) -> str:
-    """The first Subject, as ``str(msg.get("subject", ""))``."""
-    return next((_plain_value(msg, name, value) for name, value in msg.raw_items()
-                 if name.lower() == "subject"), "")
 
 
 def _parse(raw: bytes, policy: email.policy.EmailPolicy[EmailMessage]) -> EmailMessage:
@@ -293,13 +317,26 @@ _FIELD_START = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
 def _header_block(head: str, policy: email.policy.EmailPolicy[EmailMessage],
                   ) -> EmailMessage | None:
     """The header block ``head`` (up to the empty line) read into a message as the email
-    parser reads it, field by field through the policy's header_source_parse and set_raw:
-    the parser's generator machinery was half the mapping of a small message. None for
-    anything but CRLF lines of fields and their continuations (a bare CR or LF, a line
-    that is no field, a Unix "From " line), which the parser reads with its defects."""
-    if not head.count("\r") == head.count("\n") == head.count("\r\n"):
+    parser reads it (_raw_fields): the parser's generator machinery was half the mapping of
+    a small message. None where _raw_fields gives none."""
+    items = _raw_fields(head)
+    if items is None:
         return None
     msg = policy.message_factory(policy=policy)  # type: ignore[misc]
+    for name, value in items:
+        msg.set_raw(name, value)
+    return msg
+
+
+def _raw_fields(head: str) -> list[tuple[str, str]] | None:
+    """The header block ``head`` (up to the empty line) as the (name, raw value) pairs the
+    email parser stores, through the policy's header_source_parse. None for anything but
+    CRLF lines of fields and their continuations (a bare CR or LF, a line that is no field,
+    a Unix "From " line), which the parser reads with its defects."""
+    if not head.count("\r") == head.count("\n") == head.count("\r\n"):
+        return None
+    source_parse = email.policy.default.header_source_parse
+    items = []
     field: list[str] = []
     for line in head.split("\r\n"):
         if line[:1] in (" ", "\t") and field:
@@ -308,11 +345,72 @@ def _header_block(head: str, policy: email.policy.EmailPolicy[EmailMessage],
         if not _FIELD_START.match(line):
             return None
         if field:
-            msg.set_raw(*policy.header_source_parse(field))
+            items.append(source_parse(field))
         field = [line + "\r\n"]
     if field:
-        msg.set_raw(*policy.header_source_parse(field))
-    return msg
+        items.append(source_parse(field))
+    return items
+
+
+# What a single text body may say of itself for _simple to read it: its type (text/plain or
+# text/html) with only these parameters, a charset Python names so (a name the codecs do not
+# know raises in get_content), no encoding to undo, and nothing that makes it a file.
+_SIMPLE_PARAMS = frozenset({"charset", "format", "delsp"})
+_SIMPLE_CHARSETS = frozenset({"utf-8", "us-ascii", "ascii"})
+_SIMPLE_CTE = frozenset({"7bit", "8bit", "binary"})
+_MIME_NAMES = frozenset({"content-type", "content-disposition", "content-id",
+                         "content-transfer-encoding"})
+
+
+def _simple(raw: bytes) -> tuple[list[tuple[str, str]], tuple[str, str]] | None:
+    """A message of one text body read without an EmailMessage: its raw header fields and
+    (content type, text) as _walk would read them (get_content_type, get_content), for a
+    CRLF message whose Content-Type is absent or a plain text/plain or text/html
+    (_SIMPLE_PARAMS, _SIMPLE_CHARSETS), Content-Transfer-Encoding absent or _SIMPLE_CTE,
+    Content-Disposition absent or "inline", and no Content-ID. None for anything else, which
+    takes _parse: the accessors' parses and lookups were most of a small message's mapping.
+    """
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    items = _raw_fields(raw[:end].decode("ascii", "surrogateescape"))
+    if items is None:
+        return None
+    mime: dict[str, str] = {}
+    for name, value in items:
+        low = name.lower()
+        if low in _MIME_NAMES:
+            if low in mime:
+                return None
+            mime[low] = value
+    if "content-id" in mime:
+        return None
+    cte = mime.get("content-transfer-encoding")
+    if cte is not None and cte.lower() not in _SIMPLE_CTE:
+        return None
+    disposition = mime.get("content-disposition")
+    if disposition is not None and disposition.lower() != "inline":
+        return None
+    ctype, charset = "text/plain", "ascii"  # email.message's defaults
+    given = mime.get("content-type")
+    if given is not None:
+        found = _MIME_FIELD.fullmatch(given)
+        if found is None or "=?" in given:
+            return None
+        ctype = found[1].lower()
+        if ctype not in ("text/plain", "text/html"):
+            return None
+        seen = set()
+        for m in _PARAM.finditer(found[2]):
+            name = m[1].lower()
+            if name not in _SIMPLE_PARAMS or name in seen:
+                return None
+            seen.add(name)
+            if name == "charset":
+                charset = (m[2] or m[3] or "").lower()
+                if charset not in _SIMPLE_CHARSETS:
+                    return None
+    return items, (ctype, raw[end + 4:].decode(charset, "replace"))
 
 
 def _walk(part: EmailMessage, out: Mapped, title: str, *, top: bool = False) -> None:
@@ -352,7 +450,12 @@ def _walk(part: EmailMessage, out: Mapped, title: str, *, top: bool = False) -> 
 def mailbox_object(mailbox: str, email: str = "email", name: str = "name") -> dict[str, str]:
     """One RFC 5322 mailbox as Mapped holds it, as the {email, name} object of an API that
     takes them so (its own key names); no name key when there is no display name."""
-    display, addr = parseaddr(mailbox)
+    plain = _MAILBOX_PARTS.fullmatch(mailbox)
+    if plain is not None:  # read as parseaddr reads it (address_pairs): its parse was most
+        display = (plain[1] or "").strip()  # of a small message's build
+        addr = plain[2] or plain[3] or plain[4]
+    else:
+        display, addr = parseaddr(mailbox)
     return {email: addr, name: display} if display else {email: addr}
 
 

@@ -173,7 +173,7 @@ class BrevoTransport(_http.HttpTransport):
                 code="unsupported.reply_to")
         # No size check here: a message over Brevo's limit is refused by Brevo (413,
         # data.too_big), which is what its documentation promises.
-        body = json.dumps(self.payload(m), ensure_ascii=False).encode()
+        body = _http.json_bytes(self.payload(m))
         return _http.Request("POST", f"{self.base}/v3/smtp/email",
                              {"Content-Type": "application/json", "Accept": "application/json"},
                              body, f"JSON, {len(m.attachments)} attachment(s), {len(body)} bytes")

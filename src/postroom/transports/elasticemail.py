@@ -30,7 +30,6 @@ MessageAttachment, Options, EmailSend; "Statistics: Load Channels Stats").
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -91,7 +90,7 @@ class ElasticEmailTransport(_http.HttpTransport):
                 "several", code="unsupported.reply_to")
         # No size check here: the v4 reference states no limit; a message over Elastic
         # Email's is refused by it (413, data.too_big).
-        body = json.dumps(self.payload(m), ensure_ascii=False).encode()
+        body = _http.json_bytes(self.payload(m))
         return _http.Request("POST", f"{self.base}/v4/emails/transactional",
                              {"Content-Type": "application/json", "Accept": "application/json"},
                              body, f"JSON, {len(m.attachments)} attachment(s), {len(body)} bytes")

@@ -150,8 +150,7 @@ class MailerSendTransport(_http.HttpTransport):
                 raise UnsupportedFeature(
                     f"MailerSend takes at most {limit} {field} addresses; this message has "
                     f"{len(values)}: send it in parts", code="unsupported.recipients")
-        body = _http.refuse_over(json.dumps(self.payload(m), ensure_ascii=False)
-                                 .encode(), MAX_SIZE, self.title)
+        body = _http.refuse_over(_http.json_bytes(self.payload(m)), MAX_SIZE, self.title)
         return _http.Request("POST", f"{self.base}/email",
                              {"Content-Type": "application/json", "Accept": "application/json"},
                              body, m.summary(len(body)))

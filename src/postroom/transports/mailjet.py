@@ -157,7 +157,7 @@ class MailjetTransport(_http.HttpTransport):
         data: dict[str, Any] = {"Messages": [self.message(m)]}
         if self.settings.sandbox:
             data["SandboxMode"] = True
-        body = _http.refuse_over(json.dumps(data, ensure_ascii=False).encode(), MAX_SIZE,
+        body = _http.refuse_over(_http.json_bytes(data), MAX_SIZE,
                                  self.title)
         return _http.Request("POST", f"{self.base}/v3.1/send",
                              {"Content-Type": "application/json"}, body,

@@ -161,7 +161,7 @@ class MailtrapTransport(_http.HttpTransport):
     def build(self, env: Envelope) -> _http.Request:
         m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
         _mime.limit_recipients(m, MAX_RECIPIENTS, self.title)
-        body = json.dumps(self.payload(m), ensure_ascii=False).encode()
+        body = _http.json_bytes(self.payload(m))
         path = f"/api/send/{self.settings.inbox_id}" if self.settings.sandbox else "/api/send"
         return _http.Request("POST", f"{self.base}{path}",
                              {"Content-Type": "application/json", "Accept": "application/json"},

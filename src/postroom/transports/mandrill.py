@@ -194,7 +194,7 @@ class MandrillTransport(_http.HttpTransport):
                                 "to": list(env.recipients), "async": False}
         if self.settings.ip_pool:
             data["ip_pool"] = self.settings.ip_pool
-        body = _http.refuse_over(json.dumps(data, ensure_ascii=False).encode(), MAX_SIZE,
+        body = _http.refuse_over(_http.json_bytes(data), MAX_SIZE,
                                  self.title)
         return _http.Request("POST", f"{self.base}/messages/send-raw",
                              {"Content-Type": "application/json"}, body,

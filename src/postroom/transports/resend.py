@@ -27,7 +27,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
@@ -180,8 +179,7 @@ class ResendTransport(_http.HttpTransport):
     def build(self, env: Envelope) -> _http.Request:
         m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
         _mime.limit_recipients(m, MAX_RECIPIENTS, self.title)
-        body = _http.refuse_over(json.dumps(self.payload(m), ensure_ascii=False)
-                                 .encode(), MAX_SIZE, self.title)
+        body = _http.refuse_over(_http.json_bytes(self.payload(m)), MAX_SIZE, self.title)
         # One key per message and body: a retry of the same request is the same key.
         key = f"postroom-{env.id}-{hashlib.sha256(body).hexdigest()[:32]}"
         return _http.Request("POST", f"{self.base}/emails",

@@ -220,7 +220,7 @@ class ScalewayTransport(_http.HttpTransport):
         extra += _headers.tag_fields(env, self.title)
         if extra:
             data["additional_headers"] = [{"key": k, "value": v} for k, v in extra]
-        body = json.dumps(data, ensure_ascii=False).encode()
+        body = _http.json_bytes(data)
         return _http.Request("POST", f"{self.regional}/emails",
                              {"Content-Type": "application/json", "Accept": "application/json"},
                              body, f"JSON, {len(m.attachments)} attachment(s), {len(body)} bytes")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -192,8 +191,7 @@ class SendGridTransport(_http.HttpTransport):
                 f"SendGrid takes at most {MAX_CATEGORIES} categories (Postroom's tags) per "
                 f"message; this one has {len(m.tags)}: send it with fewer tags",
                 code="unsupported.tags")
-        body = _http.refuse_over(json.dumps(self.payload(m), ensure_ascii=False)
-                                 .encode(), MAX_SIZE, self.title)
+        body = _http.refuse_over(_http.json_bytes(self.payload(m)), MAX_SIZE, self.title)
         return _http.Request("POST", f"{self.base}/v3/mail/send",
                              {"Content-Type": "application/json"}, body,
                              f"JSON, {len(m.attachments)} attachment(s), {len(body)} bytes")

@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import socket
 import ssl
 import time
@@ -125,17 +124,19 @@ def _text(lines: list[str]) -> str:
     return " ".join(line.strip() for line in lines)
 
 
-# A dot at the start of the data or after any line break, CR or LF alone included: intake
-# refuses bare CR and LF, but a row stored before that rule (or written by other means) must
-# not put "\r.\r\n" on the wire, which some servers read as the end of the data (SMTP
-# smuggling: the rest would arrive as a second message, past our policy and DKIM).
-_LINE_START_DOT = re.compile(rb"(?:\A|(?<=[\r\n]))\.")
-
-
 def _dot_stuff(raw: bytes) -> bytes:
-    """RFC 5321 section 4.5.2 transparency, and the final CRLF before the ending dot."""
-    if raw.startswith(b".") or b"\n." in raw or b"\r." in raw:
-        raw = _LINE_START_DOT.sub(b"..", raw)
+    """RFC 5321 section 4.5.2 transparency, and the final CRLF before the ending dot.
+
+    A dot is doubled at the start of the data and after any line break, a CR or LF alone
+    included: intake refuses bare CR and LF, but a row stored before that rule (or written
+    by other means) must not put "\\r.\\r\\n" on the wire, which some servers read as the end
+    of the data (SMTP smuggling: the rest would arrive as a second message, past our policy
+    and DKIM). Two replaces, each one pass of C: a regular expression with a look-behind
+    tried every position and took forty times as long on a big message.
+    """
+    raw = raw.replace(b"\n.", b"\n..").replace(b"\r.", b"\r..")
+    if raw.startswith(b"."):
+        raw = b"." + raw
     return raw if raw.endswith(b"\r\n") else raw + b"\r\n"
 
 

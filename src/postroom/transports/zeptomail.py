@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -220,7 +219,7 @@ class ZeptoMailTransport(_http.HttpTransport):
             raise UnsupportedFeature(
                 f"ZeptoMail takes at most {MAX_ATTACHMENTS} attachments; this message has "
                 f"{len(m.attachments)}: send fewer", code="unsupported.attachments")
-        body = json.dumps(self.payload(m), ensure_ascii=False).encode()
+        body = _http.json_bytes(self.payload(m))
         return _http.Request("POST", f"{self.base}/email",
                              {"Content-Type": "application/json", "Accept": "application/json"},
                              body, m.summary(len(body)))
