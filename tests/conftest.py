@@ -122,17 +122,13 @@ def port_open(port: int, host: str = HOST, timeout: float = 1.0) -> bool:
 
 
 def _pid_alive(pidfile: Path) -> bool:
+    from postroom.queue.workers import pid_alive
+
     try:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _tail(path: Path, lines: int = 25) -> str:
