@@ -406,7 +406,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any
     a = extra["auth"]
     L += ["",
           f"`postroom serve` RSS with the HTTP listener on: {extra['rss_idle_kb'] / 1024:.1f} "
-          "MB 0.5 s after its SMTP port answers (target ≤ 60 MB; h11 and the listener's "
+          "MB 0.5 s after its SMTP port answers (target ≤ 60 MB; httptools and the listener's "
           "connection code are imported on the first HTTP connection, the API's modules on "
           f"the first API request); "
           f"{extra['rss_health_kb'] / 1024:.1f} MB after a /healthz; "
