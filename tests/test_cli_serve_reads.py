@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -253,3 +254,49 @@ def test_the_socket_is_found_as_settings_find_the_data_folder(tmp_path: Path) ->
         expected = settings.load(cfg, environ=env).data_dir / control.SOCKET_NAME
         assert control.socket_of(str(cfg), env) == (cfg.resolve(), expected), (text, env)
     assert control.socket_of(str(tmp_path / "missing.toml"), {}) is None
+
+
+def test_hostile_requests_get_no_rows(tmp_path: Path) -> None:
+    """Another user reaching the socket (its modes opened by mistake) is closed unanswered
+    (SO_PEERCRED); a request nested past json's depth is refused, no traceback."""
+    import pwd
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody").pw_uid  # the suite runs as root (scripts/test.sh)
+    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="postroom-cli-sock-"))
+    try:
+        root.chmod(0o711)
+        cfg = root / "postroom.toml"
+        cfg.write_text('[server]\ndata_dir = "data"\n', encoding="utf-8")
+        inst = Instance(settings.load(cfg))
+        client = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.settimeout(10)\n"
+                  "s.connect(sys.argv[1])\ns.sendall(b'{\"op\": \"log\"}\\n')\n"
+                  "try:\n    got = s.recv(65536)\n"
+                  "except ConnectionResetError:\n    got = b''\n"
+                  "sys.stdout.write(repr(got))\n")
+
+        async def scenario() -> tuple[bytes, bytes]:
+            reads = control.ReadSocket(inst)
+            assert await reads.start()
+            try:
+                (root / "data").chmod(0o711)
+                reads.path.chmod(0o666)
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-I", "-c", client, str(reads.path), user=nobody,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                out, err = await asyncio.wait_for(proc.communicate(), 30)
+                assert proc.returncode == 0, err
+                reader, writer = await asyncio.open_unix_connection(str(reads.path))
+                writer.write(b"[" * (control.MAX_REQUEST - 2) + b"\n")
+                nested = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+                return out, nested
+            finally:
+                reads.close()
+
+        out, nested = asyncio.run(scenario())
+        assert out == b"b''"  # closed (or reset), nothing said
+        assert json.loads(nested) == {"ok": False}
+        inst.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

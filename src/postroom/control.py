@@ -400,7 +400,7 @@ class ReadSocket:
     async def answer(self, line: bytes) -> dict[str, Any]:
         try:
             req = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a request nested past json's depth
             return {"ok": False}
         if (not isinstance(req, dict) or req.get("protocol") != PROTOCOL
                 or req.get("version") != __version__ or req.get("configfile") != self.configfile
