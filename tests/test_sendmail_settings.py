@@ -1,22 +1,30 @@
 """postroom-sendmail's pydantic-free configuration loader (ingress/sendmail_settings.py) holds
-to the models: its table has every field of each section it takes, with the models' defaults;
-whatever it accepts, the full loader (postroom.config_load) accepts too and reads the same;
-and what it cannot vouch for goes down the full path, which words the error."""
+to the models: its table (a block of that module, generated from them by scripts/docs_gen.py,
+which tests/test_docs.py holds current) has every field of each section it takes, with the
+models' defaults, and names only checks the loader implements; the generator refuses what it
+cannot describe; whatever the loader accepts, the full loader (postroom.config_load) accepts
+too and reads the same; and what it cannot vouch for goes down the full path, which words the
+error."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
+from pydantic import Field, field_validator, model_validator
 
 from postroom import settings as settings_mod
 from postroom.exceptions import ConfigError
 from postroom.ingress import sendmail_settings
 from postroom.ingress.sendmail_settings import SECTIONS, LightSettings, load_light
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from docsgen import sendmail_spec as generator  # scripts/ is not a package
 
 # Values tried for every key of every section: right and wrong types, in and out of bounds,
 # and the forms the models' own validators check.
@@ -65,14 +73,114 @@ def test_the_table_is_the_models() -> None:
     for name, specs in SECTIONS.items():
         model = settings_mod.SECTIONS[name]
         assert list(specs) == list(model.model_fields), name
-        defaults = model.model_construct()
-        for key, spec in specs.items():
-            if spec.default is sendmail_settings.HOSTNAME:
+        theirs = model.model_construct()
+        for key, mine in sendmail_settings.defaults(name).items():
+            if mine is sendmail_settings.HOSTNAME:
                 continue  # this machine's name, from the same call
-            value = getattr(defaults, key)
-            assert (spec.default, type(spec.default)) == (value, type(value)), (name, key)
+            value = getattr(theirs, key)
+            assert (mine, type(mine)) == (value, type(value)), (name, key)
     # Every section of the models is here but [policy], whose validators need its module.
     assert set(settings_mod.SECTIONS) - set(SECTIONS) == {"policy"}
+
+
+def test_every_check_the_table_names_is_implemented() -> None:
+    kinds = {"int", "float", "bool", "str", "size", "path", "strs", "paths"}
+    for name, specs in SECTIONS.items():
+        for key, (kind, _, checks) in specs.items():
+            assert kind in kinds, (name, key)
+            assert {c for c, _ in checks} <= set(sendmail_settings.FIELD_CHECKS), (name, key)
+        assert set(sendmail_settings.SECTION_CHECKS.get(name, ())) <= set(
+            sendmail_settings.MODEL_CHECKS), name
+        assert set(sendmail_settings.DEFAULT_FACTORIES.get(name, {}).values()) <= set(
+            sendmail_settings.FACTORIES), name
+
+
+class Plain(settings_mod.SectionModel):
+    count: int = Field(default=1, ge=1)
+
+
+class MultipleOf(settings_mod.SectionModel):
+    count: int = Field(default=5, multiple_of=5)
+
+
+class Strict(settings_mod.SectionModel):
+    count: int = Field(default=5, strict=True)
+
+
+class NoInfinity(settings_mod.SectionModel):
+    delay: float = Field(default=1.0, allow_inf_nan=False)
+
+
+class Pattern(settings_mod.SectionModel):
+    name: str = Field(default="a", pattern="^a")
+
+
+class Table(settings_mod.SectionModel):
+    headers: dict[str, str] = Field(default={})
+
+
+class Numbers(settings_mod.SectionModel):
+    level: Literal[1, 2] = 1
+
+
+class Aliased(settings_mod.SectionModel):
+    from_: str = Field(default="", alias="from")
+
+
+class Computed(settings_mod.SectionModel):
+    where: str = Field(default_factory=os.getcwd)
+
+
+class Validated(settings_mod.SectionModel):
+    name: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return v.strip()
+
+
+class CrossChecked(settings_mod.SectionModel):
+    low: int = 1
+    high: int = 2
+
+    @model_validator(mode="after")
+    def _order(self) -> CrossChecked:
+        return self
+
+
+class Stripped(settings_mod.SectionModel):
+    model_config = settings_mod.SectionModel.model_config | {"str_strip_whitespace": True}
+    name: str = ""
+
+
+def test_the_generator_describes_only_what_it_knows() -> None:
+    keys, checks, computed = generator.section("plain", Plain)
+    assert (keys, checks, computed) == ({"count": ("int", 1, (("ge", 1),))}, [], {})
+    for model in (MultipleOf, Strict, NoInfinity, Pattern, Table, Numbers, Aliased, Computed,
+                  Validated, CrossChecked, Stripped):
+        with pytest.raises(generator.Undescribed):
+            generator.section("x", model)
+
+
+def test_the_generator_rewrites_only_its_block() -> None:
+    path = Path(sendmail_settings.__file__)
+    text = path.read_text("utf-8")
+    assert generator.render(text) == text  # current (tests/test_docs.py checks it too)
+    edited = text.replace('"max_recipients": ("int", 1000,', '"max_recipients": ("int", 7,')
+    assert edited != text and generator.render(edited) == text
+    hand = text.replace("class _Refused(Exception):", "class _Refused(ValueError):")
+    assert generator.render(hand) == hand
+    with pytest.raises(generator.Undescribed, match="generated block"):
+        generator.render(text.replace(generator.END, "# the end"))
+
+
+def test_a_changed_validator_stops_the_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = "postroom.settings.ServerSettings._listen"
+    mode, check, _ = generator.FIELD_VALIDATORS[ref]
+    monkeypatch.setitem(generator.FIELD_VALIDATORS, ref, (mode, check, "0" * 12))
+    with pytest.raises(generator.Undescribed, match="_listen changed"):
+        generator.section("server", settings_mod.ServerSettings)
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
