@@ -359,7 +359,8 @@ def run_one(work: Path, label: str, target: str, size: int, n: int, smtp: Sink,
         time.sleep(0.3)
         rec["delivered"] = got
         rec["statuses"] = worker_bench.postroom_counts(url)
-        rec["provider_ids"] = provider_ids(url) if target != "smtp" else None
+        rec["provider_ids"] = (provider_ids(url) if target.removesuffix("@base") != "smtp"
+                               else None)
         rec["span"] = (done - first) if first is not None and done is not None else None
         rec["ok"] = (last is not None and got == n and sink.count() - base == n
                      and rec["statuses"] == {"sent": n}
@@ -466,6 +467,8 @@ def main() -> int:
     ap.add_argument("--quiet-wait", dest="quiet", type=float, default=5.0,
                     help="wait up to S seconds for the box to be <20%% busy before each run")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-target", metavar="TARGET",
+                    help="the target --profile runs (default: the first HTTPS one)")
     ap.add_argument("--base-src", metavar="DIR",
                     help="Postroom's src/ of a version to compare: targets '<target>@base'")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"),
@@ -519,7 +522,8 @@ def measure(args: argparse.Namespace) -> str:
                           f"{os.getloadavg()[0]:.1f})", flush=True)
         if args.profile:
             raw = work / "profile-https.txt"
-            target = next((t for t in targets if t != "smtp"), "postmark")
+            target = args.profile_target or next((t for t in targets if t != "smtp"),
+                                                 "postmark")
             r = run_one(work, "profile", target, sizes[0], n, smtp, https, args.quiet,
                         profile=raw)
             prof = {"msgs": n, "size": sizes[0], "target": target,

@@ -9,6 +9,7 @@ and HttpTransport picks it only when no proxy is set."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -328,14 +329,21 @@ def test_answers_as_servers_write_them(path: str, expected: tuple[object, ...]) 
     assert asyncio.run(go()) == expected
 
 
-@pytest.mark.parametrize("path", [*_RAW, "/charset"])
+_ZIPPED = gzip.compress(b'{"id": "z"}')
+
+
+@pytest.mark.parametrize("path", [*_RAW, "/charset", "/gzip"])
 def test_the_answer_reads_as_the_httpx_response_it_stands_for(path: str) -> None:
     """HttpTransport hands the providers' parsers a WireResponse: the same status, headers,
-    body, text and JSON as httpx.Response(content=...) with the request, made lazily."""
+    body, text and JSON as httpx.Response(content=...) with the request, made lazily; a
+    content-coded body decoded as httpx decodes it."""
     from postroom.transports._http import Request, WireResponse, answer_text
 
     raws = {**_RAW, "/charset": (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=latin-1"
-                                 b"\r\nContent-Length: 3\r\n\r\n\xe9t\xe9", False)}
+                                 b"\r\nContent-Length: 3\r\n\r\n\xe9t\xe9", False),
+            "/gzip": (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                      b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(_ZIPPED), _ZIPPED), False)}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -367,6 +375,9 @@ def test_the_answer_reads_as_the_httpx_response_it_stands_for(path: str) -> None
             got.reason_phrase, got.is_success) == (
         want.status_code, want.headers.raw, want.content, want.text, want.text,
         want.reason_phrase, want.is_success)
+    assert (got.is_closed, got.is_stream_consumed) == (True, True)
+    if path == "/gzip":
+        assert got.json() == {"id": "z"}
     assert (got.request.method, got.request.url, got.request.content, got.url) == (
         want.request.method, want.request.url, want.request.content, want.url)
     got.raise_for_status()  # the request it reads is there

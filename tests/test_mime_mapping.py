@@ -186,3 +186,45 @@ def test_mailbox_objects_read_as_parseaddr_reads_them() -> None:
         display, addr = parseaddr(v)
         assert mailbox_object(v, "e", "n") == ({"e": addr, "n": display} if display
                                                else {"e": addr}), v
+
+
+def _matched_outcomes(raw: bytes, fn: object) -> list[object]:
+    out: list[object] = []
+    for recipients in (["r1@example.org"], ["R1@Example.org", "r2@example.org"],
+                       ["r1@x", "r2@y", "extra@z"], ["someone@else"],
+                       ["a@b", "c@d", "r1@example.org", "r2@example.org"]):
+        env = Envelope("a@example.com", recipients, raw)
+        try:
+            out.append(vars(fn(env)))  # type: ignore[operator]
+        except UnsupportedFeature as err:
+            out.append((err.code, err.message))
+        except Exception as err:
+            out.append(type(err).__name__)
+    return out
+
+
+def test_map_envelope_is_match_headers_then_map_message() -> None:
+    """The providers' one-pass mapping reads To/Cc/Bcc as the two steps did: envelope
+    recipients missing there first in Bcc, a field recipient outside the delivery refused."""
+    from postroom.transports._http import match_headers
+    from postroom.transports._mime import map_envelope
+
+    raws = [*_cases()[::7], b"From: a@example.com\r\nTo: r1@example.org\r\n"
+            b"Cc: =?utf-8?q?R_Zw=C3=B6i?= <r2@example.org>\r\nBcc: old@example.net\r\n\r\nx"]
+    for raw in raws:
+        assert _matched_outcomes(raw, lambda env: map_envelope(env, TITLE)) == \
+            _matched_outcomes(raw, lambda env: map_message(env, match_headers(env, TITLE),
+                                                           TITLE)), raw
+
+
+def test_every_to_field_counts_for_the_match() -> None:
+    # A second To field's recipient outside this delivery would still be sent to by the API.
+    from postroom.transports._mime import map_envelope
+
+    raw = b"From: a@example.com\r\nTo: r1@example.org\r\nTo: r2@example.org\r\n\r\nx"
+    with pytest.raises(UnsupportedFeature) as info:
+        map_envelope(Envelope("a@example.com", ["r1@example.org"], raw), TITLE)
+    assert "r2@example.org" in info.value.message
+    m = map_envelope(Envelope("a@example.com", ["r2@example.org", "r1@example.org", "n@x"],
+                              raw), TITLE)
+    assert (m.to, m.bcc) == (["r1@example.org", "r2@example.org"], ["n@x"])

@@ -181,9 +181,11 @@ class WirePool:
         conn.writer.writelines((head, body))
         try:
             # asyncio.timeout rather than wait_for, which runs its awaitable as a Task of
-            # its own: two more tasks per request (3.11).
-            async with asyncio.timeout(self.timeout):
-                await conn.writer.drain()
+            # its own: two more tasks per request (3.11). Waiting for the write only when
+            # some of it is still buffered (the usual request leaves in one go).
+            if conn.writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(self.timeout):
+                    await conn.writer.drain()
             async with asyncio.timeout(self.timeout):
                 return await self._answer(conn)
         except TimeoutError as err:

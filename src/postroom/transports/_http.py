@@ -404,8 +404,9 @@ class WireResponse(httpx.Response):
     """An answer of the lean client as the httpx.Response the providers' parsers read, made
     without the two things they do not need: the body is handed over as read (not encoded
     anew as content), and the httpx.Request it answers is made only when something asks for
-    it (of the providers, only Mailtrap's parser does). Those two were most of the answer's
-    cost in a worker (docs/benchmarks.md, issue 14)."""
+    it (of the providers, only Mailtrap's parser does), and the body is not passed through
+    httpx's decoding generators when it is not content-coded. Those were most of the
+    answer's cost in a worker (docs/benchmarks.md, issue 14)."""
 
     def __init__(self, answer: Answer, req: Request) -> None:
         headers = answer.headers
@@ -413,8 +414,13 @@ class WireResponse(httpx.Response):
             # What httpx.Response(content=...) adds: the headers as they were with it.
             headers = [*headers, (b"Content-Length", str(len(answer.body)).encode())]
         super().__init__(answer.status, headers=headers, stream=httpx.ByteStream(answer.body))
-        self.read()
         self._asked = req
+        if "content-encoding" in self.headers:
+            self.read()  # httpx's decoders undo it
+            return
+        # What read() leaves, without its chain of generators over the one chunk there is.
+        self._content = answer.body
+        self.is_stream_consumed = self.is_closed = True
 
     @property
     def request(self) -> httpx.Request:
@@ -561,19 +567,14 @@ def header_recipients(raw: bytes) -> set[str]:
 
 
 def match_headers(env: Envelope, title: str) -> bytes:
-    """The message an API that reads its recipients from the header fields may send: every
-    envelope recipient not named there is added as Bcc (which the provider removes); a
-    header recipient outside this delivery cannot be left out, so that is refused."""
-    named = header_recipients(env.raw)
-    wanted = {r.lower() for r in env.recipients}
-    extra = sorted(named - wanted)
-    if extra:
-        raise UnsupportedFeature(
-            f"{title} sends to every address in To/Cc/Bcc, and this delivery is for only some "
-            f"of them ({', '.join(extra[:5])} are not part of it: a route split the "
-            "recipients, or they were delivered already). Route such mail to an SMTP "
-            "connection, which delivers to the envelope alone", code="unsupported.recipients")
-    missing = [r for r in env.recipients if r.lower() not in named]
+    """The message an API that reads its recipients from the header fields may send, for
+    the APIs that take it as MIME: every envelope recipient not named there is added as Bcc
+    (which the provider removes); a header recipient outside this delivery cannot be left
+    out, so that is refused (_mime.missing_recipients; the JSON APIs get the same from
+    _mime.map_envelope)."""
+    from postroom.transports._mime import missing_recipients
+
+    missing = missing_recipients(header_recipients(env.raw), env, title)
     if not missing:
         return env.raw
     return f"Bcc: {', '.join(missing)}\r\n".encode() + env.raw

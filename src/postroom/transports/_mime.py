@@ -101,23 +101,40 @@ def _by_name(items: list[tuple[str, str]]) -> _Fields:
     return fields
 
 
-def _mailboxes(fields: _Fields, policy: email.policy.EmailPolicy[EmailMessage],
-               name: str) -> list[str]:
-    """Mailboxes with their display names decoded (a JSON API takes Unicode; formataddr
-    would write RFC 2047 encoded-words)."""
+def _pairs(fields: _Fields, policy: email.policy.EmailPolicy[EmailMessage],
+           name: str) -> list[tuple[str, str]]:
+    """The (display name, address) pairs of every ``name`` field, display names decoded (a
+    JSON API takes Unicode; formataddr would write RFC 2047 encoded-words); no empty
+    addresses ("undisclosed-recipients:;")."""
     values = [value if _PLAIN_ADDRESSES.fullmatch(value) and "=?" not in value
               else str(policy.header_fetch_parse(field, value))
               for field, value in fields.get(name, ())]
-    if not values:
-        return []
+    return [pair for pair in address_pairs(values) if pair[1]] if values else []
+
+
+def _mailboxes(pairs: list[tuple[str, str]]) -> list[str]:
+    """The pairs as RFC 5322 mailboxes, a display name with specials quoted."""
     out = []
-    for display, addr in address_pairs(values):
-        if not addr:
-            continue
+    for display, addr in pairs:
         if display and _SPECIALS.search(display):
             display = f'"{quote(display)}"'
         out.append(f"{display} <{addr}>" if display else addr)
     return out
+
+
+def missing_recipients(named: set[str], env: Envelope, title: str) -> list[str]:
+    """The envelope recipients an API that sends to every address in To/Cc/Bcc must be given
+    as Bcc (those the fields do not name; ``named`` in lower case). A field recipient outside
+    this delivery cannot be left out there, so that message is refused."""
+    wanted = {r.lower() for r in env.recipients}
+    extra = sorted(named - wanted)
+    if extra:
+        raise UnsupportedFeature(
+            f"{title} sends to every address in To/Cc/Bcc, and this delivery is for only some "
+            f"of them ({', '.join(extra[:5])} are not part of it: a route split the "
+            "recipients, or they were delivered already). Route such mail to an SMTP "
+            "connection, which delivers to the envelope alone", code="unsupported.recipients")
+    return [r for r in env.recipients if r.lower() not in named]
 
 
 # Header values email.policy.default's header classes would give back unchanged (for
@@ -232,11 +249,25 @@ class _ParseOnce(HeaderRegistry):
         return found
 
 
+def map_envelope(env: Envelope, title: str, *,
+                 forbidden_headers: Collection[str] = ()) -> Mapped:
+    """The envelope's message as an API that sends to every address in To/Cc/Bcc must get it:
+    map_message of the message transports._http.match_headers makes (each envelope
+    recipient the fields do not name added as Bcc, a field recipient outside this delivery
+    refused), with the header read once for both."""
+    return _map(env, env.raw, title, forbidden_headers, match=True)
+
+
 def map_message(env: Envelope, raw: bytes, title: str, *,
                 forbidden_headers: Collection[str] = ()) -> Mapped:
-    """``raw`` (the message as the API should send it: transports._http.match_headers has
-    added any envelope recipient missing from To/Cc/Bcc as Bcc) read into a Mapped.
-    ``forbidden_headers``: lower-case field names the provider refuses as custom headers."""
+    """``raw`` read into a Mapped as it stands (To/Cc/Bcc as its fields say; the providers
+    use map_envelope). ``forbidden_headers``: lower-case field names the provider refuses
+    as custom headers."""
+    return _map(env, raw, title, forbidden_headers, match=False)
+
+
+def _map(env: Envelope, raw: bytes, title: str, forbidden_headers: Collection[str], *,
+         match: bool) -> Mapped:
     policy = email.policy.default.clone(header_factory=_ParseOnce())
     simple = _simple(raw)
     if simple is not None:
@@ -246,12 +277,15 @@ def map_message(env: Envelope, raw: bytes, title: str, *,
         msg = _parse(raw, policy)
         items = list(msg.raw_items())
     fields = _by_name(items)
-    froms = _mailboxes(fields, policy, "from")
+    to, cc, bcc = (_pairs(fields, policy, name) for name in ("to", "cc", "bcc"))
+    if match:
+        named = {addr.lower() for _, addr in (*to, *cc, *bcc)}
+        bcc[:0] = [("", r) for r in missing_recipients(named, env, title)]
+    froms = _mailboxes(_pairs(fields, policy, "from"))
     if len(froms) != 1:
         raise _refuse(f"a From field with {len(froms)} addresses", title)
-    out = Mapped(from_=froms[0], to=_mailboxes(fields, policy, "to"),
-                 cc=_mailboxes(fields, policy, "cc"), bcc=_mailboxes(fields, policy, "bcc"),
-                 reply_to=_mailboxes(fields, policy, "reply-to"),
+    out = Mapped(from_=froms[0], to=_mailboxes(to), cc=_mailboxes(cc), bcc=_mailboxes(bcc),
+                 reply_to=_mailboxes(_pairs(fields, policy, "reply-to")),
                  subject=next((_plain_value(policy, name, value)
                                for name, value in fields.get("subject", ())), ""),
                  tags=list(env.tags), metadata=dict(env.metadata))

@@ -159,8 +159,7 @@ class BrevoTransport(_http.HttpTransport):
         return _auth.ApiKeyHeader("api-key", self.api_key)
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title,
-                              forbidden_headers=RESERVED_HEADERS)
+        m = _mime.map_envelope(env, self.title, forbidden_headers=RESERVED_HEADERS)
         if any(a.inline for a in m.attachments):
             raise UnsupportedFeature(
                 "Brevo's API has no Content-ID for attachments, so this message's inline "

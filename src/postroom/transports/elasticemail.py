@@ -77,7 +77,7 @@ class ElasticEmailTransport(_http.HttpTransport):
         return _auth.ApiKeyHeader("X-ElasticEmail-ApiKey", self.api_key)
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
+        m = _mime.map_envelope(env, self.title)
         if any(a.inline for a in m.attachments):
             raise UnsupportedFeature(
                 "Elastic Email's API has no Content-ID for attachments, so this message's "

@@ -142,7 +142,7 @@ class MailerSendTransport(_http.HttpTransport):
         return _auth.ApiKeyHeader("Authorization", self.api_key, prefix="Bearer ")
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
+        m = _mime.map_envelope(env, self.title)
         _mime.limit_recipients(m, MAX_TO + MAX_CC + MAX_BCC, self.title)
         for field, values, limit in (("To", m.to, MAX_TO), ("Cc", m.cc, MAX_CC),
                                      ("Bcc", m.bcc, MAX_BCC)):

@@ -146,8 +146,7 @@ class MailjetTransport(_http.HttpTransport):
         return _auth.Basic(self.settings.api_key_public, self.api_key)
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title,
-                              forbidden_headers=RESERVED_HEADERS)
+        m = _mime.map_envelope(env, self.title, forbidden_headers=RESERVED_HEADERS)
         _mime.limit_recipients(m, MAX_RECIPIENTS, self.title)
         if len(m.reply_to) > 1:
             raise UnsupportedFeature(

@@ -159,7 +159,7 @@ class MailtrapTransport(_http.HttpTransport):
         return _auth.ApiKeyHeader("Authorization", self.api_key, prefix="Bearer ")
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
+        m = _mime.map_envelope(env, self.title)
         _mime.limit_recipients(m, MAX_RECIPIENTS, self.title)
         body = _http.json_bytes(self.payload(m))
         path = f"/api/send/{self.settings.inbox_id}" if self.settings.sandbox else "/api/send"

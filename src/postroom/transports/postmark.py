@@ -119,7 +119,7 @@ class PostmarkTransport(_http.HttpTransport):
         return _auth.ApiKeyHeader("X-Postmark-Server-Token", key)
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
+        m = _mime.map_envelope(env, self.title)
         if len(m.recipients) > MAX_RECIPIENTS:
             raise UnsupportedFeature(
                 f"Postmark sends one message to at most {MAX_RECIPIENTS} recipients (To, Cc "

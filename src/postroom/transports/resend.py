@@ -177,7 +177,7 @@ class ResendTransport(_http.HttpTransport):
         return _auth.ApiKeyHeader("Authorization", self.api_key, prefix="Bearer ")
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
+        m = _mime.map_envelope(env, self.title)
         _mime.limit_recipients(m, MAX_RECIPIENTS, self.title)
         body = _http.refuse_over(_http.json_bytes(self.payload(m)), MAX_SIZE, self.title)
         # One key per message and body: a retry of the same request is the same key.

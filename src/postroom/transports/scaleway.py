@@ -193,7 +193,7 @@ class ScalewayTransport(_http.HttpTransport):
         return _auth.ApiKeyHeader("X-Auth-Token", self.api_key)
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
+        m = _mime.map_envelope(env, self.title)
         inline = [a.filename for a in m.attachments if a.inline]
         if inline:
             raise UnsupportedFeature(

@@ -183,8 +183,7 @@ class SendGridTransport(_http.HttpTransport):
         return _auth.ApiKeyHeader("Authorization", self.api_key, prefix="Bearer ")
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title,
-                              forbidden_headers=RESERVED_HEADERS)
+        m = _mime.map_envelope(env, self.title, forbidden_headers=RESERVED_HEADERS)
         _mime.limit_recipients(m, MAX_RECIPIENTS, self.title)
         if len(m.tags) > MAX_CATEGORIES:
             raise UnsupportedFeature(

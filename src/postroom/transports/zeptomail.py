@@ -206,7 +206,7 @@ class ZeptoMailTransport(_http.HttpTransport):
         return key[len(PREFIX):].strip() if key.lower().startswith(PREFIX.lower()) else key
 
     def build(self, env: Envelope) -> _http.Request:
-        m = _mime.map_message(env, _http.match_headers(env, self.title), self.title)
+        m = _mime.map_envelope(env, self.title)
         _mime.limit_recipients(m, sum(LIMITS.values()), self.title)
         for field, values in (("to", m.to), ("cc", m.cc), ("bcc", m.bcc),
                               ("reply_to", m.reply_to)):
