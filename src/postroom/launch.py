@@ -87,13 +87,28 @@ def run(command: str, config: Path | None) -> None:
         if created:
             print(f"created {cfg} (commented; add your provider there)", file=sys.stderr,
                   flush=True)
+        settle_heap()
         asyncio.run(serve(settings))
     elif command == "worker":
         from postroom.server import work
 
-        asyncio.run(work(settings_mod.load(config)))
+        settings = settings_mod.load(config)
+        settle_heap()
+        asyncio.run(work(settings))
     else:
         raise ValueError(f"not a long-running command: {command!r}")
+
+
+def settle_heap() -> None:
+    """Collect once, then set what starting made aside from the cyclic collector
+    (gc.freeze): the modules, classes and settings live as long as the process, yet each
+    full collection, every few thousand messages under load, walked all of them again
+    (docs/benchmarks.md, issue 14: garbage collection). Here, in the process's entry,
+    not in serve(): a test process that runs many servers must not keep its garbage."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def print_error(err: PostroomError) -> None:
