@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serve_proc import Postroom
@@ -101,3 +102,30 @@ def test_serve_stops_on_sigterm_with_status_0(served: tuple[Postroom, Path]) -> 
     server, _ = served
     assert server.stop() == 0
     assert "shutting down" in server.log.read_text()
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_what_starting_made_is_set_aside_from_the_collector(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """serve and worker freeze their start-up heap (launch.settle_heap) before running, so
+    the full collections under load do not walk every module again."""
+    import asyncio
+    import gc
+
+    from postroom import launch
+
+    cfg = tmp_path / "postroom.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
+    frozen: list[int] = []
+
+    def run(coro: Any) -> None:
+        frozen.append(gc.get_freeze_count())
+        coro.close()
+
+    monkeypatch.setattr(asyncio, "run", run)
+    monkeypatch.chdir(tmp_path)
+    try:
+        launch.run(command, cfg)
+    finally:
+        gc.unfreeze()  # this test process keeps collecting its own garbage
+    assert frozen and frozen[0] > 1000
