@@ -135,7 +135,7 @@ def deliver(inst: Instance, n: int) -> tuple[float, float]:
         deadline = time.monotonic() + max(120.0, n / 20)
         try:
             while True:
-                counts = await asyncio.to_thread(queue.counts)
+                counts = await asyncio.to_thread(queue.log.counts)
                 if counts.get("sent", 0) >= n:
                     return time.perf_counter() - t0, time.process_time() - c0
                 bad = {k: v for k, v in counts.items() if k in ("failed", "deferred") and v}
