@@ -103,7 +103,7 @@ def settle_heap() -> None:
     """Collect once, then set what starting made aside from the cyclic collector
     (gc.freeze): the modules, classes and settings live as long as the process, yet each
     full collection, every few thousand messages under load, walked all of them again
-    (docs/benchmarks.md, issue 14: garbage collection). Here, in the process's entry,
+    (docs/benchmarks.md, session 11, "Garbage collection"). Here, in the process's entry,
     not in serve(): a test process that runs many servers must not keep its garbage."""
     import gc
 
