@@ -232,6 +232,10 @@ def test_revoked_grant_defers_explains_alerts_and_renewal_delivers(
     assert g.refresh_token
     revoke_at_provider(world.dot.base, g.refresh_token)  # the user withdraws access
     dead_before = len(world.events("oauth_grant_dead"))
+    # A session the previous test left in the pool is already logged in and would carry
+    # this message without an AUTH (it was sent, once, in CI): wait out the connection's
+    # idle_timeout (1 s), as the test above does.
+    time.sleep(1.2)
     msg_id = world.send("app@app.test", unique_subject)
     m = world.wait_status(msg_id, {"deferred", "failed", "sent"})
     assert m["status"] == "deferred", (m["status"], m["last_error"])  # kept, not failed
